@@ -1,0 +1,84 @@
+"""Argument checks shared by every public entry point.
+
+Each check raises a ``ValueError`` or ``TypeError`` that names the argument and says what was
+expected, so that a wrong call fails at the boundary instead of deep inside a compiled kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_rank(name: str, x: Tensor, min_rank: int, shape_doc: str) -> None:
+    if x.ndim < min_rank:
+        raise ValueError(
+            f"{name} must have shape {shape_doc} (at least {min_rank} dims), got {tuple(x.shape)}"
+        )
+
+
+def check_float(name: str, x: Tensor) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got dtype {x.dtype}")
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def check_even(name: str, value: int) -> int:
+    check_positive_int(name, value)
+    if value % 2:
+        raise ValueError(f"{name} must be even (sin/cos pairs), got {value}")
+    return value
+
+
+def check_divide(divide: object) -> float:
+    if isinstance(divide, bool) or not isinstance(divide, (int, float)):
+        raise TypeError(f"divide must be a positive float, got {type(divide).__name__}")
+    if not math.isfinite(divide) or divide <= 0:
+        raise ValueError(f"divide must be a finite positive number, got {divide}")
+    return float(divide)
+
+
+def check_positions(name: str, pos: Tensor, batch: Sequence[int], length: int) -> None:
+    """``pos`` must be ``(*batch, L')`` with ``L' <= length``, real-valued and finite."""
+    check_tensor(name, pos)
+    if pos.dtype == torch.bool or pos.is_complex():
+        raise TypeError(f"{name} must hold int or float positions, got dtype {pos.dtype}")
+    expected = f"({', '.join(map(str, batch))}, L') with L' <= {length}"
+    if pos.ndim != len(batch) + 1 or tuple(pos.shape[:-1]) != tuple(batch):
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(pos.shape)}")
+    if pos.shape[-1] > length:
+        raise ValueError(
+            f"{name} has {pos.shape[-1]} positions but the sequence has only {length} tokens; "
+            f"expected shape {expected}"
+        )
+    if pos.is_floating_point() and not bool(torch.isfinite(pos).all()):
+        raise ValueError(f"{name} must be finite, found NaN or inf")
+
+
+def check_bool_mask(name: str, mask: Tensor, shapes: Sequence[tuple[int, ...]]) -> None:
+    check_tensor(name, mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = keep), got dtype {mask.dtype}")
+    if tuple(mask.shape) not in [tuple(s) for s in shapes]:
+        options = " or ".join(str(tuple(s)) for s in shapes)
+        raise ValueError(f"{name} must have shape {options}, got {tuple(mask.shape)}")
+
+
+def optional_int(name: str, value: Optional[object]) -> Optional[int]:
+    return None if value is None else check_positive_int(name, value)

@@ -1,0 +1,46 @@
+"""Lazy ``torch.compile``: nothing compiles at import, each function compiles on first use.
+
+``set_compile(False)`` (or ``FLEXPOS_COMPILE=0``) runs the eager functions instead: the numbers
+are the same, and float64 reference checks do not pay for a compile per variant.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional
+
+import torch
+
+_enabled = os.environ.get("FLEXPOS_COMPILE", "1") != "0"
+
+
+def set_compile(enabled: bool) -> bool:
+    """Turn compiling of flexpos transforms on or off; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
+
+
+def compile_enabled() -> bool:
+    return _enabled
+
+
+class LazyCompiled:
+    """``fn`` compiled with ``dynamic=True`` on first call (so new lengths do not recompile)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self._compiled: Optional[Callable[..., Any]] = None
+        self.__name__ = getattr(fn, "__name__", "compiled")
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not _enabled or torch.compiler.is_compiling():
+            return self.fn(*args, **kwargs)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, dynamic=True)
+        return self._compiled(*args, **kwargs)
+
+
+def lazy_compile(fn: Callable[..., Any]) -> LazyCompiled:
+    return LazyCompiled(fn)

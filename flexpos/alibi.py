@@ -1,0 +1,93 @@
+"""ALiBi (Press et al. 2022) as a FlexAttention score_mod, at arbitrary positions."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._checks import check_positive_int
+from .base import Positional, ScoreMod
+from .positions import Positions
+
+
+def alibi_slopes(n_heads: int) -> list[float]:
+    """Geometric head slopes of the ALiBi paper, for any head count.
+
+    For a power of two ``n`` the slopes are ``r, r^2, ..., r^n`` with ``r = 2^(-8/n)``; other
+    counts take the slopes of the power of two below and every other slope of the one above.
+    """
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        return power_of_two(n_heads)
+    below = 2 ** math.floor(math.log2(n_heads))
+    return power_of_two(below) + power_of_two(2 * below)[0::2][: n_heads - below]
+
+
+def head_slopes(n_heads: int, use_n_heads: int, asymmetric: bool) -> Tensor:
+    """(n_heads, 1, 1) float32; heads past ``use_n_heads`` get slope 0 (no bias).
+
+    With ``asymmetric`` heads come in pairs sharing one slope: the even head of a pair looks
+    only at keys at or after the query, the odd head only at keys at or before it.
+    """
+    slopes = alibi_slopes(use_n_heads)
+    if asymmetric:
+        slopes = [slopes[(i // 2) * 2] for i in range(use_n_heads)]
+    padded = slopes + [0.0] * (n_heads - use_n_heads)
+    return torch.tensor(padded, dtype=torch.float32).view(n_heads, 1, 1)
+
+
+class ALiBi(Positional):
+    """Linear distance penalty ``score - |slope_h * (p_q - p_k) / divide|``.
+
+    Slopes follow the paper for any head count; ``use_n_heads`` applies them to the first heads
+    only; ``asymmetric`` splits head pairs into forward- and backward-looking heads (the other
+    direction is masked to -inf). Tokens without a position get no bias.
+
+    Example::
+
+        alibi = ALiBi(n_heads=8)
+        out = flexpos.attention(q, k, v, alibi, pos=pos)
+    """
+
+    modifies_scores = True
+
+    def __init__(
+        self,
+        n_heads: int,
+        use_n_heads: Optional[int] = None,
+        asymmetric: bool = False,
+        divide: float = 1.0,
+        learned_div: bool = False,
+    ) -> None:
+        super().__init__()
+        self.n_heads = check_positive_int("n_heads", n_heads)
+        use = n_heads if use_n_heads is None else check_positive_int("use_n_heads", use_n_heads)
+        if use > n_heads:
+            raise ValueError(f"use_n_heads must be <= n_heads={n_heads}, got {use}")
+        self.asymmetric = bool(asymmetric)
+        self._init_divisor(divide, learned_div)
+        self.register_buffer("slopes", head_slopes(n_heads, use, self.asymmetric))
+
+    def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:
+        rel = positions.relative(dtype)
+        slopes = self.slopes.reshape(-1).to(dtype)
+        div = self.divisor(dtype)
+        asymmetric = self.asymmetric
+
+        def alibi(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            delta, valid = rel(b, q_idx, kv_idx)
+            bias = slopes[h] * delta / div
+            out = score - torch.where(valid, bias.abs(), 0.0).to(score.dtype)
+            if asymmetric:
+                wrong_way = torch.where(h % 2 == 0, bias > 0, bias < 0) & valid
+                out = torch.where(wrong_way, float("-inf"), out)
+            return out
+
+        return alibi

@@ -1,0 +1,168 @@
+"""``flexpos.attention``: FlexAttention with positional modules, masks and irregular positions.
+
+Shape legend: B batch (any leading dims ``B, *`` are flattened and restored), H heads,
+Lq/Lk query/key tokens, D head dim, Dv value head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+
+from ._checks import check_float, check_rank, check_tensor
+from .backends import Backend, choose_backend, run_chunked, run_flex
+from .base import Positional, ScoreMod
+from .masks import and_masks, causal_mask, dense_mask, full_mask
+from .positions import Positions
+
+Mask = Union[BlockMask, Tensor, None]
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *positional: Positional,
+    pos: Optional[Tensor] = None,
+    pos_q: Optional[Tensor] = None,
+    pos_k: Optional[Tensor] = None,
+    mask: Mask = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    backend: Backend = "auto",
+) -> Tensor:
+    """Attention with any mix of Rotary, XL, ALiBi and DPB modules.
+
+    Args:
+        q: (B, *, H, Lq, D) queries. k: (B, *, H, Lk, D) keys. v: (B, *, H, Lk, Dv) values.
+        positional: Rotary/XL (query/key transforms, applied in the given order) and
+            ALiBi/DPB (score_mods, composed into one).
+        pos: (B, *, L') positions for self-attention; ``pos_q`` (B, *, Lq') and ``pos_k``
+            (B, *, Lk') for cross-attention. Ints or floats; default ``0 .. L-1``. With fewer
+            positions than tokens the first tokens have none and get no positional effect.
+        mask: a BlockMask, or a bool tensor (True = attend) of shape (B, *, Lk),
+            (B, *, Lq, Lk) or (B, *, H, Lq, Lk).
+        causal: also mask keys after the query (by index, top-left aligned).
+        scale: score scale, default ``1 / sqrt(D)``.
+        backend: 'auto' (fused flex unless CPU autograd or float64 needs 'chunked'), 'flex'
+            or 'chunked'.
+
+    Returns:
+        (B, *, H, Lq, Dv). Query rows with no key to attend to are zeros.
+
+    Example::
+
+        out = flexpos.attention(q, k, v, ALiBi(8), Rotary(64), pos=pos, mask=key_valid)
+    """
+    batch = _check_qkv(q, k, v)
+    heads, len_q, len_k, head_dim = q.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1]
+    modules = _check_positional(positional, heads, head_dim)
+    positions = Positions.resolve(batch, len_q, len_k, q.device, pos, pos_q, pos_k)
+    block_mask = _resolve_mask(mask, causal, batch, heads, len_q, len_k, q.device)
+    q, k, v = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    q, k, scale = _transform_qk(modules, q, k, positions, scale)
+    score_mod = _compose(modules, positions, torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+    needs_grad = torch.is_grad_enabled() and (
+        any(t.requires_grad for t in (q, k, v)) or any(p.requires_grad for m in modules for p in m.parameters())
+    )
+    run = run_flex if choose_backend(backend, q, needs_grad) == "flex" else run_chunked
+    out = run(q, k, v, score_mod, block_mask, scale)
+    return out.reshape(*batch, heads, len_q, v.shape[-1])
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t)
+        check_rank(name, t, 4, "(B, *, H, L, D)")
+        check_float(name, t)
+    batch = tuple(q.shape[:-3])
+    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
+        raise TypeError(f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype}")
+    if tuple(k.shape[:-1]) != (*batch, q.shape[-3], k.shape[-2]) or k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"k must have shape {(*batch, q.shape[-3], 'Lk', q.shape[-1])} to match q "
+            f"{tuple(q.shape)}, got {tuple(k.shape)}"
+        )
+    if tuple(v.shape[:-1]) != tuple(k.shape[:-1]):
+        raise ValueError(f"v must have shape {(*k.shape[:-1], 'Dv')} to match k, got {tuple(v.shape)}")
+    return batch
+
+
+def _check_positional(modules: Sequence[object], heads: int, head_dim: int) -> list[Positional]:
+    for m in modules:
+        if not isinstance(m, Positional):
+            raise TypeError(f"positional arguments must be flexpos positional modules, got {type(m).__name__}")
+        if m.transforms_input:
+            raise TypeError(
+                f"{type(m).__name__} transforms the input x, not q/k/scores: call it on x before "
+                "the projections (flexpos.AttentionLayer does this)"
+            )
+        n_heads = getattr(m, "n_heads", heads)
+        if n_heads != heads:
+            raise ValueError(f"{type(m).__name__} was built for n_heads={n_heads} but q has {heads} heads")
+        own_dim = getattr(m, "head_dim", head_dim)
+        if own_dim != head_dim:
+            raise ValueError(f"{type(m).__name__} was built for head_dim={own_dim} but q has head dim {head_dim}")
+    return list(modules)
+
+
+def _resolve_mask(
+    mask: Mask, causal: bool, batch: tuple[int, ...], heads: int, len_q: int, len_k: int, device: torch.device
+) -> BlockMask:
+    flat = int(torch.tensor(batch).prod())
+    if mask is None:
+        block_mask = full_mask(len_q, len_k, device)
+    elif isinstance(mask, BlockMask):
+        if tuple(mask.seq_lengths) != (len_q, len_k):
+            raise ValueError(f"block_mask is for (Lq, Lk)={tuple(mask.seq_lengths)}, inputs have {(len_q, len_k)}")
+        if mask.kv_num_blocks.shape[0] not in (1, flat) or mask.kv_num_blocks.shape[1] not in (1, heads):
+            raise ValueError(
+                f"block_mask must have batch 1 or {flat} and heads 1 or {heads}, "
+                f"got {tuple(mask.kv_num_blocks.shape[:2])}"
+            )
+        block_mask = mask
+    elif isinstance(mask, Tensor):
+        n = len(batch)
+        shapes = [(*batch, len_k), (*batch, len_q, len_k), (*batch, heads, len_q, len_k)]
+        if tuple(mask.shape) not in shapes:
+            raise ValueError(f"mask must have shape {' or '.join(map(str, shapes))}, got {tuple(mask.shape)}")
+        block_mask = dense_mask(mask.reshape(flat, *mask.shape[n:]), len_q, len_k)
+    else:
+        raise TypeError(f"mask must be a BlockMask, a bool tensor or None, got {type(mask).__name__}")
+    return and_masks(block_mask, causal_mask(len_q, len_k, device)) if causal else block_mask
+
+
+def _transform_qk(
+    modules: list[Positional], q: Tensor, k: Tensor, positions: Positions, scale: float
+) -> tuple[Tensor, Tensor, float]:
+    """Apply query/key transforms in order; append their features, folding ``scale`` into q."""
+    extra_q, extra_k = [], []
+    for m in modules:
+        if m.transforms_qk:
+            out = m.transform_qk(q, k, positions)
+            q, k = out.q, out.k
+            if out.extra_q is not None:
+                extra_q.append(out.extra_q)
+                extra_k.append(out.extra_k.expand(k.shape[0], k.shape[1], -1, -1))
+    if not extra_q:
+        return q, k, scale
+    return torch.cat([q * scale, *extra_q], -1), torch.cat([k, *extra_k], -1), 1.0
+
+
+def _compose(modules: list[Positional], positions: Positions, dtype: torch.dtype) -> Optional[ScoreMod]:
+    mods = [m.score_mod(positions, dtype) for m in modules if m.modifies_scores]
+    if len(mods) <= 1:
+        return mods[0] if mods else None
+
+    def composed(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        for mod in mods:
+            score = mod(score, b, h, q_idx, kv_idx)
+        return score
+
+    composed.__name__ = "_".join(m.__name__ for m in mods)
+    return composed

@@ -1,0 +1,69 @@
+"""The base class of every positional module, and the divisor they share.
+
+A positional module takes part in up to three stages of attention:
+
+1. input transform, ``forward(x, pos, mask)`` on ``(B, *, L, dim)`` (Sinusoidal, learned);
+2. query/key transform, ``transform_qk(q, k, positions)`` on ``(B, H, L, D)`` (Rotary, XL);
+3. score modification, ``score_mod(positions, dtype)`` returning a FlexAttention score_mod
+   (ALiBi, DPB).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_divide
+from .positions import Positions
+
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+class QK(NamedTuple):
+    """Result of a query/key transform.
+
+    q: (B, H, Lq, D), k: (B, H, Lk, D); extra_q (B, H, Lq, E) and extra_k (B, H|1, Lk, E) are
+    features appended to q and k so that ``extra_q @ extra_k.T`` adds to the scores unscaled.
+    """
+
+    q: Tensor
+    k: Tensor
+    extra_q: Optional[Tensor] = None
+    extra_k: Optional[Tensor] = None
+
+
+class Positional(nn.Module):
+    """Base of all flexpos positional modules.
+
+    ``divide`` scales positions down (``p / divide``); with ``learned_div`` its log is a
+    parameter named ``div`` (as in bio-attention), otherwise ``div`` is a non-persistent
+    buffer holding the divisor. Either way the divisor is a tensor, never a Python float, so
+    compiled graphs do not bake it in.
+    """
+
+    transforms_input = False
+    transforms_qk = False
+    modifies_scores = False
+
+    def _init_divisor(self, divide: float, learned_div: bool) -> None:
+        divide = check_divide(divide)
+        self.learned = bool(learned_div)
+        if self.learned:
+            self.div = nn.Parameter(torch.tensor(math.log(divide)))
+        else:
+            self.register_buffer("div", torch.tensor(divide, dtype=torch.float64), persistent=False)
+
+    def divisor(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """0-d tensor: the current divisor of positions, in ``dtype``."""
+        if self.learned:
+            return self.div.exp().clamp(min=1e-8).to(dtype)
+        return self.div.to(dtype)
+
+    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
+        raise NotImplementedError(f"{type(self).__name__} does not transform queries and keys")
+
+    def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:
+        raise NotImplementedError(f"{type(self).__name__} does not modify scores")

@@ -1,0 +1,110 @@
+"""Dynamic positional bias: a per-head MLP of the relative distance, as a score_mod.
+
+The MLP is never run per score element. It is evaluated once on a grid of distances and the
+score_mod reads a (value, slope) pair per head and grid cell, interpolating linearly:
+
+- integer positions whose distances fit the table (``2 * span + 1 <= table_size``): one grid
+  node per integer distance, interpolation weight 0, so the bias is exactly the MLP's value;
+- otherwise (float positions, or wider spans): ``table_size`` nodes evenly spread over
+  ``[-span, span]`` with step ``s`` (in position units). Linear interpolation of a twice
+  differentiable function is off by at most ``(s / divide)^2 / 8 * max|MLP''|`` (second
+  derivative taken over the MLP's input ``Delta / divide``).
+
+Values and slopes are two tensors, each read once per score element, which FlexAttention's
+backward requires of captured tensors that need gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._checks import check_positive_int
+from .base import Positional, ScoreMod
+from .learned import position_mlp, run_mlp
+from .positions import Positions
+
+
+@dataclass(frozen=True)
+class DistanceGrid:
+    """Evenly spaced distances ``start + step * i`` for ``i < size`` (position units)."""
+
+    start: float
+    step: float
+    size: int
+
+    @classmethod
+    def covering(cls, span: float, integer: bool, table_size: int) -> "DistanceGrid":
+        span = max(span, 1.0)
+        if integer and 2 * span + 1 <= table_size:
+            return cls(-span, 1.0, int(2 * span + 1))
+        return cls(-span, 2 * span / (table_size - 1), table_size)
+
+    def nodes(self, device: torch.device) -> Tensor:
+        """(size,) float64 grid distances."""
+        return self.start + self.step * torch.arange(self.size, device=device, dtype=torch.float64)
+
+
+class DPB(Positional):
+    """Subtracts ``MLP(Delta / divide)[h]`` from every score, ``Delta = p_q - p_k``.
+
+    The MLP has bio-attention's layout (``mlp.0`` ... ``mlp.depth``: Linear(1, dim) with
+    optional LayerNorm, then ``depth - 1`` SiLU/Linear blocks, then Linear(dim, n_heads)).
+    ``table_size`` bounds the grid the MLP is evaluated on (see the module docstring for when
+    the bias is exact and the error bound otherwise). Tokens without a position get no bias.
+
+    Example::
+
+        dpb = DPB(dim=32, n_heads=8, depth=2)
+        out = flexpos.attention(q, k, v, dpb, pos=pos)
+    """
+
+    modifies_scores = True
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        depth: int = 1,
+        norm: bool = False,
+        divide: float = 1.0,
+        learned_div: bool = False,
+        *,
+        table_size: int = 65537,
+    ) -> None:
+        super().__init__()
+        self.n_heads = check_positive_int("n_heads", n_heads)
+        if check_positive_int("table_size", table_size) < 2:
+            raise ValueError(f"table_size must be >= 2, got {table_size}")
+        self.table_size = table_size
+        self._init_divisor(divide, learned_div)
+        self.mlp = position_mlp(dim, depth, norm, out=n_heads)
+
+    def bias_at(self, distances: Tensor) -> Tensor:
+        """(...,) distances in position units -> (..., n_heads) MLP outputs."""
+        return run_mlp(self.mlp, (distances.double() / self.divisor(torch.float64))[..., None])
+
+    def tables(self, grid: DistanceGrid, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(n_heads, size) values at the grid nodes and slopes per position unit to the next."""
+        values = self.bias_at(grid.nodes(device)).to(dtype).t().contiguous()
+        slopes = torch.diff(values, dim=-1, append=values[:, -1:]) / grid.step
+        return values, slopes
+
+    def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:
+        grid = DistanceGrid.covering(positions.span(), positions.is_integer, self.table_size)
+        values, slopes = self.tables(grid, positions.q.device, dtype)
+        rel = positions.relative(dtype)
+        start = torch.tensor(grid.start, dtype=dtype, device=values.device)
+        step = torch.tensor(grid.step, dtype=dtype, device=values.device)
+        last = torch.tensor(grid.size - 1, device=values.device)
+
+        def dpb(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            delta, valid = rel(b, q_idx, kv_idx)
+            cell = torch.clamp(torch.floor((delta - start) / step), 0, last).to(torch.int64)
+            offset = delta - (start + cell.to(delta.dtype) * step)
+            bias = values[h, cell] + slopes[h, cell] * offset
+            return score - torch.where(valid, bias, 0.0).to(score.dtype)
+
+        return dpb

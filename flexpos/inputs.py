@@ -1,0 +1,55 @@
+"""Shared plumbing of the input transforms (stage 1): ``x (B, *, L, dim) -> x + enc``.
+
+A subclass only says how to encode positions; this base resolves positions and the mask:
+
+- ``pos`` (B, *, L') with L' <= L: the last L' tokens have these positions, the first L - L'
+  (CLS and the like) get nothing added. ``None`` means ``0 .. L-1``.
+- ``mask`` (B, *, L) or (B, *, L') bool, aligned to the end of the sequence: True = add the
+  encoding, False = leave the token as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import check_bool_mask, check_float, check_rank, check_tensor
+from .base import Positional
+from .positions import Positions
+
+
+class InputTransform(Positional):
+    """Base of Sinusoidal, LearnedVocab and LearnedContinuous."""
+
+    transforms_input = True
+    dim: int
+
+    def forward(self, x: Tensor, pos: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
+        """Add the positional encoding: x (B, *, L, dim) -> (B, *, L, dim)."""
+        check_tensor("x", x)
+        check_rank("x", x, 2, "(B, *, L, dim)")
+        check_float("x", x)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (B, *, L, {self.dim}), got {tuple(x.shape)}")
+        batch, length = tuple(x.shape[:-2]), x.shape[-2]
+        positions = Positions.resolve(batch, length, length, x.device, pos_q=pos)
+        keep = positions.has_position("q").expand(positions.batch, length)
+        if mask is not None:
+            keep = keep & _align_mask(mask, batch, length, positions.q.shape[-1])
+        flat = x.reshape(positions.batch, length, self.dim)
+        padded = F.pad(positions.q, (length - positions.q.shape[-1], 0))
+        return self.encode_add(flat, padded, keep).reshape(x.shape)
+
+    def encode_add(self, x: Tensor, pos: Tensor, keep: Tensor) -> Tensor:
+        """x (N, L, dim), pos (N, L) (0 where missing), keep (N, L) bool -> x + keep * enc."""
+        raise NotImplementedError
+
+
+def _align_mask(mask: Tensor, batch: tuple[int, ...], length: int, n_pos: int) -> Tensor:
+    shapes = [(*batch, length), (*batch, n_pos)]
+    check_bool_mask("mask", mask, shapes)
+    flat = mask.reshape(-1, mask.shape[-1])
+    return F.pad(flat, (length - flat.shape[-1], 0), value=True)

@@ -1,0 +1,92 @@
+"""Learned absolute encodings: a lookup table (BERT) and an MLP of continuous positions."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_positive_int
+from ._compile import lazy_compile
+from .inputs import InputTransform
+
+
+def position_mlp(dim: int, depth: int, norm: bool, out: int | None = None) -> nn.ModuleList:
+    """``Linear(1, dim) -> [Norm] { -> SiLU -> Linear -> [Norm] } * (depth-1) [-> Linear(dim, out)]``.
+
+    Module names match bio-attention's (``mlp.0.0.weight`` ...) so checkpoints load.
+    """
+    check_positive_int("dim", dim)
+    check_positive_int("depth", depth)
+    norm_layer = (lambda: nn.LayerNorm(dim)) if norm else nn.Identity
+    layers = nn.ModuleList([nn.Sequential(nn.Linear(1, dim), norm_layer())])
+    for _ in range(depth - 1):
+        layers.append(nn.Sequential(nn.SiLU(), nn.Linear(dim, dim), norm_layer()))
+    if out is not None:
+        layers.append(nn.Linear(dim, check_positive_int("n_heads", out)))
+    return layers
+
+
+def run_mlp(mlp: nn.ModuleList, x: Tensor) -> Tensor:
+    """x (..., 1) -> (..., features), in the MLP's dtype."""
+    x = x.to(mlp[0][0].weight.dtype)
+    for layer in mlp:
+        x = layer(x)
+    return x
+
+
+@lazy_compile
+def _mlp_add(mlp: nn.ModuleList, x: Tensor, pos: Tensor, keep: Tensor, div: Tensor) -> Tensor:
+    enc = run_mlp(mlp, (pos.double() / div)[..., None])
+    return x + (enc * keep[..., None]).to(x.dtype)
+
+
+@lazy_compile
+def _vocab_add(emb: nn.Embedding, x: Tensor, pos: Tensor, keep: Tensor) -> Tensor:
+    return x + (emb(pos) * keep[..., None]).to(x.dtype)
+
+
+class LearnedVocab(InputTransform):
+    """Adds a learned embedding of integer positions ``0 <= p < max_seq_len``.
+
+    Example::
+
+        enc = LearnedVocab(64, max_seq_len=512)
+        x = enc(torch.randn(2, 100, 64), pos=torch.randint(0, 512, (2, 100)))
+    """
+
+    def __init__(self, dim: int, max_seq_len: int) -> None:
+        super().__init__()
+        self.dim = check_positive_int("dim", dim)
+        self.emb = nn.Embedding(check_positive_int("max_seq_len", max_seq_len), dim)
+
+    def encode_add(self, x: Tensor, pos: Tensor, keep: Tensor) -> Tensor:
+        if pos.is_floating_point():
+            raise TypeError(f"LearnedVocab needs integer positions, got dtype {pos.dtype}")
+        n = self.emb.num_embeddings
+        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= n):
+            raise ValueError(
+                f"LearnedVocab positions must lie in [0, {n - 1}] (max_seq_len={n}), "
+                f"got range [{int(pos.min())}, {int(pos.max())}]"
+            )
+        return _vocab_add(self.emb, x, pos.long(), keep)
+
+
+class LearnedContinuous(InputTransform):
+    """Adds ``MLP(p / divide)``: a learned embedding that is continuous in the position.
+
+    Example::
+
+        enc = LearnedContinuous(64, depth=2)
+        x = enc(torch.randn(2, 100, 64), pos=torch.rand(2, 100) * 50)
+    """
+
+    def __init__(
+        self, dim: int, depth: int = 1, norm: bool = False, divide: float = 1.0, learned_div: bool = False
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self._init_divisor(divide, learned_div)
+        self.mlp = position_mlp(dim, depth, norm)
+
+    def encode_add(self, x: Tensor, pos: Tensor, keep: Tensor) -> Tensor:
+        return _mlp_add(self.mlp, x, pos, keep, self.divisor(torch.float64))

@@ -1,0 +1,293 @@
+"""BlockMask builders: padding, causal, windows by index or by position distance, segments.
+
+Every builder decides per (query block, key block) tile whether it is empty, full or partial
+from cheap per-block summaries (O(L/128) values per sequence, never an L x L tensor), and
+gives FlexAttention a ``mask_mod`` for the partial tiles. Empty tiles are skipped by the
+kernel, so compute falls with sparsity (a narrow window over sorted positions, say).
+
+Every ``mask_mod`` uses only tensor ops on its index arguments, so it can also be evaluated on
+broadcast index grids (the dense fallback and the tests do this).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+
+from ._checks import check_bool_mask, check_tensor
+from .positions import BLOCK, Positions
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+def _n_blocks(length: int) -> int:
+    return max(1, -(-length // BLOCK))
+
+
+def _named(fn: MaskMod, name: str) -> MaskMod:
+    fn.__name__ = name
+    return fn
+
+
+def from_states(states: Tensor, mask_mod: MaskMod, len_q: int, len_k: int) -> BlockMask:
+    """BlockMask from tile states (B|1, H|1, nq, nk) with values EMPTY/PARTIAL/FULL."""
+
+    def listing(value: int) -> tuple[Tensor, Tensor]:
+        chosen = states == value
+        count = chosen.sum(-1, dtype=torch.int32)
+        order = torch.argsort(chosen.to(torch.int8), dim=-1, descending=True, stable=True)
+        return count, order.to(torch.int32)
+
+    kv_num, kv_idx = listing(PARTIAL)
+    full_num, full_idx = listing(FULL)
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK, mask_mod, seq_lengths=(len_q, len_k)
+    )
+
+
+def states_of(block_mask: BlockMask) -> Tensor:
+    """Tile states (B|1, H|1, nq, nk) of any BlockMask with 128 x 128 tiles."""
+    if tuple(block_mask.BLOCK_SIZE) != (BLOCK, BLOCK):
+        raise ValueError(f"block_mask must use {BLOCK}x{BLOCK} blocks, got {block_mask.BLOCK_SIZE}")
+    len_q, len_k = block_mask.seq_lengths
+    nq, nk = _n_blocks(len_q), _n_blocks(len_k)
+
+    def scatter(num: Optional[Tensor], idx: Optional[Tensor], value: int, out: Tensor) -> None:
+        if num is None or idx is None:
+            return
+        idx, num = idx[..., :nq, :], num[..., :nq]
+        used = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+        target = torch.where(used, idx.long(), nk)
+        out.scatter_(-1, target, torch.full_like(target, value, dtype=out.dtype))
+
+    b, h = block_mask.kv_num_blocks.shape[:2]
+    out = torch.zeros(b, h, nq, nk + 1, dtype=torch.int8, device=block_mask.kv_num_blocks.device)
+    scatter(block_mask.kv_num_blocks, block_mask.kv_indices, PARTIAL, out)
+    scatter(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, FULL, out)
+    return out[..., :nk]
+
+
+def _blocks(values: Tensor, length: int, fill: float) -> Tensor:
+    """(B, L) -> (B, n_blocks, BLOCK), padding the tail with ``fill``."""
+    total = _n_blocks(length) * BLOCK
+    return F.pad(values, (0, total - values.shape[-1]), value=fill).unflatten(-1, (-1, BLOCK))
+
+
+def _ranges(values: Tensor, present: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Per-block min and max of ``values`` (B, L) over tokens where ``present``: (B, n) each."""
+    lo = _blocks(torch.where(present, values, torch.inf), length, torch.inf).amin(-1)
+    hi = _blocks(torch.where(present, values, -torch.inf), length, -torch.inf).amax(-1)
+    return lo, hi
+
+
+def _tile_states(full: Tensor, empty: Tensor) -> Tensor:
+    """(B, nq, nk) bool tiles -> (B, 1, nq, nk) int8 states; full wins over empty."""
+    partial = torch.full_like(full, PARTIAL, dtype=torch.int8)
+    states = torch.where(empty, torch.tensor(EMPTY, dtype=torch.int8), partial)
+    return torch.where(full, torch.tensor(FULL, dtype=torch.int8), states)[:, None]
+
+
+def full_mask(len_q: int, len_k: int, device: torch.device | str = "cpu") -> BlockMask:
+    """Every query attends to every key (a BlockMask still bounds FlexAttention's scratch)."""
+    states = torch.full((1, 1, _n_blocks(len_q), _n_blocks(len_k)), FULL, dtype=torch.int8, device=device)
+
+    def everything(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return q_idx >= 0
+
+    return from_states(states, everything, len_q, len_k)
+
+
+def padding_mask(key_valid: Tensor, len_q: int) -> BlockMask:
+    """Key padding: ``key_valid`` (B, Lk) bool, True = real token; any query length."""
+    check_tensor("key_valid", key_valid)
+    if key_valid.dtype != torch.bool or key_valid.ndim != 2:
+        raise ValueError(f"key_valid must be a (B, Lk) bool tensor, got {key_valid.dtype} {tuple(key_valid.shape)}")
+    len_k = key_valid.shape[-1]
+    tiles = _blocks(key_valid, len_k, True)
+    full = tiles.all(-1)[:, None, :].expand(-1, _n_blocks(len_q), -1)
+    empty = ~_blocks(key_valid, len_k, False).any(-1)[:, None, :].expand_as(full)
+    table = _blocks(key_valid, len_k, False).flatten(-2)
+
+    def key_padding(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return table[b, kv_idx]
+
+    return from_states(_tile_states(full, empty), key_padding, len_q, len_k)
+
+
+def _index_ranges(length: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    idx = torch.arange(length, device=device, dtype=torch.float64)[None]
+    return _ranges(idx, torch.ones_like(idx, dtype=torch.bool), length)
+
+
+def causal_mask(len_q: int, len_k: Optional[int] = None, device: torch.device | str = "cpu") -> BlockMask:
+    """Query i attends to keys j <= i (indices, top-left aligned like SDPA's ``is_causal``)."""
+    len_k = len_q if len_k is None else len_k
+    q_lo, q_hi = _index_ranges(len_q, device)
+    k_lo, k_hi = _index_ranges(len_k, device)
+    full = k_hi[:, None, :] <= q_lo[:, :, None]
+    empty = k_lo[:, None, :] > q_hi[:, :, None]
+
+    def causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return q_idx >= kv_idx
+
+    return from_states(_tile_states(full, empty), causal, len_q, len_k)
+
+
+def _window_states(
+    q: tuple[Tensor, Tensor], k: tuple[Tensor, Tensor], window: float
+) -> tuple[Tensor, Tensor]:
+    """Full/empty tiles for ``|x_q - x_k| <= window`` from per-block (min, max) of x."""
+    (q_lo, q_hi), (k_lo, k_hi) = q, k
+    q_lo, q_hi = q_lo[:, :, None], q_hi[:, :, None]
+    k_lo, k_hi = k_lo[:, None, :], k_hi[:, None, :]
+    farthest = torch.maximum(q_hi - k_lo, k_hi - q_lo)
+    nearest = torch.maximum(torch.maximum(k_lo - q_hi, q_lo - k_hi), torch.zeros_like(farthest))
+    return farthest <= window, nearest > window
+
+
+def _check_window(window: object) -> float:
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or window < 0:
+        raise ValueError(f"window must be a number >= 0, got {window!r}")
+    return float(window)
+
+
+def sliding_window_mask(
+    len_q: int, window: int, len_k: Optional[int] = None, device: torch.device | str = "cpu"
+) -> BlockMask:
+    """Query i attends to keys j with ``|i - j| <= window`` (token indices)."""
+    len_k = len_q if len_k is None else len_k
+    w = _check_window(window)
+    full, empty = _window_states(_index_ranges(len_q, device), _index_ranges(len_k, device), w)
+    w_t = torch.tensor(w, device=device)
+
+    def sliding_window(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (q_idx - kv_idx).abs() <= w_t
+
+    return from_states(_tile_states(full, empty), sliding_window, len_q, len_k)
+
+
+def distance_window_mask(
+    window: float,
+    pos: Optional[Tensor] = None,
+    pos_q: Optional[Tensor] = None,
+    pos_k: Optional[Tensor] = None,
+    len_q: Optional[int] = None,
+    len_k: Optional[int] = None,
+) -> BlockMask:
+    """Attend where ``|p_q - p_k| <= window`` in *position* units, not token indices.
+
+    ``pos`` (B, L) for self-attention or ``pos_q`` (B, Lq') / ``pos_k`` (B, Lk'). Sequences
+    may be longer than their positions (``len_q``/``len_k``); leading tokens without a
+    position are not windowed. Any positions work; sorted ones make the mask block-sparse.
+    """
+    w = _check_window(window)
+    given = pos if pos is not None else pos_q
+    if given is None:
+        raise ValueError("distance_window_mask needs pos, or pos_q and pos_k")
+    len_q = given.shape[-1] if len_q is None else len_q
+    len_k = (len_q if pos is not None else (pos_k.shape[-1] if pos_k is not None else len_q)) if len_k is None else len_k
+    positions = Positions.resolve(tuple(given.shape[:-1]), len_q, len_k, given.device, pos, pos_q, pos_k)
+    rel = positions.relative(torch.float32)
+    shift = torch.minimum(positions.q.double().amin(-1, keepdim=True), positions.k.double().amin(-1, keepdim=True))
+    has_q, has_k = positions.has_position("q")[None], positions.has_position("k")[None]
+    q_ranges = _ranges(positions.absolute("q") - shift, has_q, len_q)
+    k_ranges = _ranges(positions.absolute("k") - shift, has_k, len_k)
+    full, empty = _window_states(q_ranges, k_ranges, w)
+    unpositioned_q = _blocks(~has_q, len_q, False).any(-1)
+    unpositioned_k = _blocks(~has_k, len_k, False).any(-1)
+    empty = empty & ~(unpositioned_q[:, :, None] | unpositioned_k[:, None, :])
+    w_t = torch.tensor(w, dtype=torch.float32, device=given.device)
+
+    def distance_window(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        delta, valid = rel(b, q_idx, kv_idx)
+        return (delta.abs() <= w_t) | ~valid
+
+    return from_states(_tile_states(full, empty), distance_window, len_q, len_k)
+
+
+def segment_mask(segments_q: Tensor, segments_k: Optional[Tensor] = None) -> BlockMask:
+    """Packed sequences: attend only within the same segment/document id.
+
+    ``segments_q`` (B, Lq) and ``segments_k`` (B, Lk) integer ids (defaults to segments_q).
+    """
+    seg_k = segments_q if segments_k is None else segments_k
+    for name, s in (("segments_q", segments_q), ("segments_k", seg_k)):
+        check_tensor(name, s)
+        if s.ndim != 2 or s.is_floating_point() or s.dtype == torch.bool:
+            raise ValueError(f"{name} must be a (B, L) integer tensor, got {s.dtype} {tuple(s.shape)}")
+    if seg_k.shape[0] != segments_q.shape[0]:
+        raise ValueError(f"segments_k must have batch {segments_q.shape[0]}, got {tuple(seg_k.shape)}")
+    len_q, len_k = segments_q.shape[-1], seg_k.shape[-1]
+    q_lo, q_hi = _ranges(segments_q.double(), torch.ones_like(segments_q, dtype=torch.bool), len_q)
+    k_lo, k_hi = _ranges(seg_k.double(), torch.ones_like(seg_k, dtype=torch.bool), len_k)
+    q_lo, q_hi, k_lo, k_hi = q_lo[:, :, None], q_hi[:, :, None], k_lo[:, None, :], k_hi[:, None, :]
+    full = (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
+    empty = (k_lo > q_hi) | (k_hi < q_lo)
+    ids_q = _blocks(segments_q, len_q, -1).flatten(-2)
+    ids_k = _blocks(seg_k, len_k, -2).flatten(-2)
+
+    def same_segment(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return ids_q[b, q_idx] == ids_k[b, kv_idx]
+
+    return from_states(_tile_states(full, empty), same_segment, len_q, len_k)
+
+
+def dense_mask(mask: Tensor, len_q: int, len_k: int) -> BlockMask:
+    """BlockMask from a bool tensor (B, Lk), (B, Lq, Lk) or (B, H, Lq, Lk); True = attend."""
+    check_tensor("mask", mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = attend), got dtype {mask.dtype}")
+    if mask.ndim == 2:
+        return padding_mask(mask, len_q)
+    b = mask.shape[0]
+    if mask.ndim == 3:
+        mask = mask[:, None]
+    shapes = [(b, 1, len_q, len_k), (b, mask.shape[1], len_q, len_k)]
+    check_bool_mask("mask", mask, shapes)
+    nq, nk = _n_blocks(len_q), _n_blocks(len_k)
+    padded = F.pad(mask, (0, nk * BLOCK - len_k, 0, nq * BLOCK - len_q))
+    tiles = padded.unflatten(-1, (nk, BLOCK)).unflatten(-3, (nq, BLOCK))  # b h nq 128 nk 128
+    any_ = tiles.any(-1).any(-2)
+    in_range = F.pad(torch.ones_like(mask[:1, :1]), (0, nk * BLOCK - len_k, 0, nq * BLOCK - len_q))
+    out_of_range = ~in_range.unflatten(-1, (nk, BLOCK)).unflatten(-3, (nq, BLOCK))
+    all_ = (tiles | out_of_range).all(-1).all(-2)
+    states = torch.where(any_, PARTIAL, EMPTY)
+    states = torch.where(all_, FULL, states).to(torch.int8)
+    table = padded
+
+    def dense(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return table[b, h if table.shape[1] > 1 else 0 * h, q_idx, kv_idx]
+
+    return from_states(states, dense, len_q, len_k)
+
+
+def and_masks(*masks: BlockMask) -> BlockMask:
+    """Intersection of BlockMasks with the same sequence lengths (True where all are True)."""
+    if not masks:
+        raise ValueError("and_masks needs at least one BlockMask")
+    for m in masks:
+        if not isinstance(m, BlockMask):
+            raise TypeError(f"and_masks takes BlockMasks, got {type(m).__name__}")
+    lengths = {tuple(m.seq_lengths) for m in masks}
+    if len(lengths) != 1:
+        raise ValueError(f"and_masks needs masks of equal (Lq, Lk), got {sorted(lengths)}")
+    if len(masks) == 1:
+        return masks[0]
+    states = [states_of(m) for m in masks]
+    states = torch.broadcast_tensors(*states)
+    combined = torch.stack(states).amin(0)
+    mods = [m.mask_mod for m in masks]
+
+    def both(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        result = mods[0](b, h, q_idx, kv_idx)
+        for mod in mods[1:]:
+            result = result & mod(b, h, q_idx, kv_idx)
+        return result
+
+    len_q, len_k = lengths.pop()
+    return from_states(combined, _named(both, "and_" + "_".join(f.__name__ for f in mods)), len_q, len_k)

@@ -1,0 +1,175 @@
+"""Positions of queries and keys, and exact relative distances for score_mods.
+
+Positions may be ints or floats of any magnitude (genomic coordinates near 1e9, spectra in
+m/z), one row per sequence. When a sequence has ``x`` more tokens than positions, its first
+``x`` tokens (CLS and the like) have no position and receive no positional effect.
+
+Relative schemes need ``p_i - p_j``. Casting positions near 1.2e9 to float32 first would round
+them to multiples of 128, so distances are formed from a per-sequence offset in int64/float64
+and stored as a float32 pair ``hi + lo``: ``(hi_i - hi_j) + (lo_i - lo_j)`` equals the float64
+difference to float32 precision of the *difference itself*, whatever the magnitude of the
+positions. Integer distances below 2**24 are exact.
+
+Shape legend: B batch, Lq/Lk query/key tokens, Lq'/Lk' positions (<= tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._checks import check_positions
+
+BLOCK = 128  # FlexAttention's block size; per-token tables are padded to a multiple of it
+
+
+def _pad_len(length: int) -> int:
+    return max(BLOCK, -(-length // BLOCK) * BLOCK)
+
+
+@dataclass(frozen=True)
+class Relative:
+    """Float ``hi``/``lo`` parts of positions minus a per-sequence offset, padded per token.
+
+    q_hi, q_lo: (B, Lq padded); k_hi, k_lo: (B, Lk padded); off_q, off_k: 0-d int64 tensors,
+    the number of leading tokens without a position.
+    """
+
+    q_hi: Tensor
+    q_lo: Tensor
+    k_hi: Tensor
+    k_lo: Tensor
+    off_q: Tensor
+    off_k: Tensor
+
+    def __call__(self, b: Tensor, q_idx: Tensor, kv_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Distance ``p_q - p_k`` and whether both tokens have a position (broadcast shapes)."""
+        delta = (self.q_hi[b, q_idx] - self.k_hi[b, kv_idx]) + (
+            self.q_lo[b, q_idx] - self.k_lo[b, kv_idx]
+        )
+        valid = (q_idx >= self.off_q) & (kv_idx >= self.off_k)
+        return delta, valid
+
+
+class Positions:
+    """Positions of one attention call, resolved and checked.
+
+    q: (B, Lq') and k: (B, Lk') as given (int or float); len_q, len_k: token counts Lq, Lk.
+    Build one with :meth:`resolve`.
+    """
+
+    def __init__(self, q: Tensor, k: Tensor, len_q: int, len_k: int) -> None:
+        self.q, self.k, self.len_q, self.len_k = q, k, len_q, len_k
+
+    @classmethod
+    def resolve(
+        cls,
+        batch: Sequence[int],
+        len_q: int,
+        len_k: int,
+        device: torch.device,
+        pos: Optional[Tensor] = None,
+        pos_q: Optional[Tensor] = None,
+        pos_k: Optional[Tensor] = None,
+    ) -> "Positions":
+        """Check user positions and fill in defaults (``0 .. L-1``).
+
+        ``pos`` (*batch, L') serves both sides of self-attention; ``pos_q`` (*batch, Lq') and
+        ``pos_k`` (*batch, Lk') serve cross-attention. Leading batch dims are flattened.
+        """
+        if pos is not None:
+            if pos_q is not None or pos_k is not None:
+                raise ValueError("pass either pos (self-attention) or pos_q/pos_k, not both")
+            if len_q != len_k:
+                raise ValueError(
+                    f"pos is for self-attention but queries have {len_q} tokens and keys "
+                    f"{len_k}; pass pos_q and pos_k for cross-attention"
+                )
+            pos_q = pos_k = pos
+        check_pos = lambda name, p, n: check_positions(name, p, batch, n)  # noqa: E731
+        if pos_q is not None:
+            check_pos("pos" if pos is not None else "pos_q", pos_q, len_q)
+        if pos_k is not None and pos is None:
+            check_pos("pos_k", pos_k, len_k)
+        flat = int(torch.tensor(batch).prod()) if len(batch) else 1
+        q = _flat_or_default(pos_q, flat, len_q, device)
+        k = _flat_or_default(pos_k, flat, len_k, device)
+        return cls(q, k, len_q, len_k)
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def off_q(self) -> int:
+        return self.len_q - self.q.shape[-1]
+
+    @property
+    def off_k(self) -> int:
+        return self.len_k - self.k.shape[-1]
+
+    @property
+    def is_integer(self) -> bool:
+        return not (self.q.is_floating_point() or self.k.is_floating_point())
+
+    def absolute(self, side: str) -> Tensor:
+        """Float64 positions of ``side`` ('q' or 'k'), zero-padded on the left to (B, L)."""
+        p, length = (self.q, self.len_q) if side == "q" else (self.k, self.len_k)
+        p = p.to(torch.float64)
+        return torch.nn.functional.pad(p, (length - p.shape[-1], 0))
+
+    def has_position(self, side: str) -> Tensor:
+        """(L,) bool: which tokens of ``side`` have a position."""
+        n, length = (self.q.shape[-1], self.len_q) if side == "q" else (self.k.shape[-1], self.len_k)
+        return torch.arange(length, device=self.q.device) >= length - n
+
+    def _reference(self) -> Tensor:
+        """(B, 1) per-sequence offset: the smallest position of either side."""
+        lo_q = self.q.amin(-1, keepdim=True) if self.q.shape[-1] else None
+        lo_k = self.k.amin(-1, keepdim=True) if self.k.shape[-1] else None
+        if lo_q is None or lo_k is None:
+            ref = lo_q if lo_k is None else lo_k
+            zero = torch.zeros(self.batch, 1, dtype=self.q.dtype, device=self.q.device)
+            return zero if ref is None else ref
+        if lo_q.dtype != lo_k.dtype:
+            lo_q, lo_k = lo_q.double(), lo_k.double()
+        return torch.minimum(lo_q, lo_k)
+
+    def span(self) -> float:
+        """Largest possible ``|p_q - p_k|`` in this call (a host sync)."""
+        if not (self.q.shape[-1] and self.k.shape[-1]):
+            return 0.0
+        q, k = self.q.double(), self.k.double()
+        far = torch.maximum(q.amax(-1) - k.amin(-1), k.amax(-1) - q.amin(-1))
+        return float(far.clamp(min=0).max())
+
+    def relative(self, dtype: torch.dtype = torch.float32) -> Relative:
+        """Distances for score_mods; ``dtype`` is float32, or float64 for float64 references."""
+        ref = self._reference()
+        q_hi, q_lo = _split(self.q, ref, self.len_q, dtype)
+        k_hi, k_lo = _split(self.k, ref, self.len_k, dtype)
+        device = self.q.device
+        off_q = torch.tensor(self.off_q, device=device)
+        off_k = torch.tensor(self.off_k, device=device)
+        return Relative(q_hi, q_lo, k_hi, k_lo, off_q, off_k)
+
+
+def _flat_or_default(p: Optional[Tensor], flat: int, length: int, device: torch.device) -> Tensor:
+    if p is None:
+        return torch.arange(length, device=device).expand(flat, length)
+    return p.reshape(flat, p.shape[-1]).to(device)
+
+
+def _split(p: Tensor, ref: Tensor, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(B, L') positions -> hi/lo parts of ``p - ref`` in ``dtype``, padded to (B, pad(L))."""
+    if p.dtype != ref.dtype:
+        p, ref = p.double(), ref.double()
+    rel = (p - ref).double()  # exact for int64; one rounding for floats
+    hi = rel.to(dtype)
+    lo = (rel - hi.double()).to(dtype)
+    total = _pad_len(length)
+    pad = (length - p.shape[-1], total - length)
+    return torch.nn.functional.pad(hi, pad), torch.nn.functional.pad(lo, pad)

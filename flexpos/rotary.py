@@ -1,0 +1,90 @@
+"""Rotary position embedding (RoFormer) at arbitrary positions, as a query/key transform."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import check_even, check_float, check_rank, check_tensor
+from ._compile import lazy_compile
+from .base import QK, Positional
+from .positions import Positions
+
+
+def rotary_frequencies(head_dim: int, n_dims: Optional[int]) -> Tensor:
+    """(head_dim // 2,) float32 rotation frequencies; pairs past ``n_dims`` get 0 (no rotation)."""
+    thetas = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    if n_dims is not None:
+        thetas[check_even("n_dims", n_dims) // 2 :] = 0
+    return thetas
+
+
+@lazy_compile
+def _rotate(x: Tensor, pos: Tensor, keep: Tensor, thetas: Tensor, div: Tensor) -> Tensor:
+    """x (N, H, L, D) rotated pairwise by ``pos / div * thetas``; pos (N, L), keep (L,)."""
+    angles = (pos.double() / div)[:, None, :, None] * thetas.double()  # (N, 1, L, D/2)
+    angles = angles * keep[:, None]  # tokens without a position: angle 0, identity
+    work = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = angles.cos().to(work), angles.sin().to(work)
+    x0, x1 = x.to(work).unflatten(-1, (-1, 2)).unbind(-1)  # (N, H, L, D/2) each
+    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class Rotary(Positional):
+    """Rotates query/key pairs ``(x_2m, x_2m+1)`` by angle ``p * theta_m / divide``.
+
+    ``n_dims`` limits rotation to the first ``n_dims`` features of each head. Angles are formed
+    in float64 from absolute positions. Tokens without a position are left unrotated.
+
+    Example::
+
+        rot = Rotary(head_dim=64)
+        q, k = rot(q, k, pos=pos)  # q, k: (B, H, L, 64), pos: (B, L)
+    """
+
+    transforms_qk = True
+
+    def __init__(
+        self, head_dim: int, n_dims: Optional[int] = None, divide: float = 1.0, learned_div: bool = False
+    ) -> None:
+        super().__init__()
+        self.head_dim = check_even("head_dim", head_dim)
+        if n_dims is not None and n_dims > head_dim:
+            raise ValueError(f"n_dims must be <= head_dim={head_dim}, got {n_dims}")
+        self._init_divisor(divide, learned_div)
+        self.register_buffer("thetas", rotary_frequencies(head_dim, n_dims))
+
+    def rotate(self, x: Tensor, positions: Positions, side: str) -> Tensor:
+        """x (B, H, L, head_dim) with ``side``'s positions ('q' or 'k') -> rotated x."""
+        if x.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"Rotary(head_dim={self.head_dim}) got q/k with head dim {x.shape[-1]}"
+            )
+        keep = positions.has_position(side)
+        return _rotate(x, positions.absolute(side), keep, self.thetas, self.divisor(torch.float64))
+
+    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
+        return QK(self.rotate(q, positions, "q"), self.rotate(k, positions, "k"))
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        pos: Optional[Tensor] = None,
+        pos_q: Optional[Tensor] = None,
+        pos_k: Optional[Tensor] = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Rotate q (B, *, H, Lq, D) and k (B, *, H, Lk, D); pos (B, *, L') or pos_q/pos_k."""
+        for name, t in (("q", q), ("k", k)):
+            check_tensor(name, t)
+            check_rank(name, t, 4, "(B, *, H, L, D)")
+            check_float(name, t)
+        batch = tuple(q.shape[:-3])
+        positions = Positions.resolve(batch, q.shape[-2], k.shape[-2], q.device, pos, pos_q, pos_k)
+        flat_q, flat_k = q.flatten(0, -4), k.flatten(0, -4)
+        out = self.transform_qk(flat_q, flat_k, positions)
+        return out.q.reshape(q.shape), out.k.reshape(k.shape)

@@ -1,0 +1,47 @@
+"""Sinusoidal absolute encoding (Vaswani et al. 2017) at arbitrary positions."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_even
+from ._compile import lazy_compile
+from .inputs import InputTransform
+
+
+def inverse_frequencies(dim: int) -> Tensor:
+    """(dim // 2,) float32: ``10000 ** (-2m / dim)``, the frequencies of sin/cos pairs."""
+    return 1 / (10000 ** (torch.arange(0.0, dim, 2) / dim))
+
+
+def sinusoid(angles: Tensor) -> Tensor:
+    """(..., n) angles -> (..., 2n) interleaved ``[sin a0, cos a0, sin a1, cos a1, ...]``."""
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
+
+
+@lazy_compile
+def _sinusoidal_add(x: Tensor, pos: Tensor, keep: Tensor, inv_freq: Tensor, div: Tensor) -> Tensor:
+    # Angles in float64: absolute positions near 1e9 would be meaningless in float32.
+    angles = (pos.double() / div)[..., None] * inv_freq.double()
+    enc = sinusoid(angles) * keep[..., None]
+    return x + enc.to(x.dtype)
+
+
+class Sinusoidal(InputTransform):
+    """Adds ``[sin(p w_m / divide), cos(p w_m / divide)]`` pairs to x (B, *, L, dim).
+
+    Example::
+
+        enc = Sinusoidal(64)
+        x = enc(torch.randn(2, 100, 64), pos=torch.rand(2, 100).cumsum(-1) * 1e3)
+    """
+
+    def __init__(self, dim: int, divide: float = 1.0, learned_div: bool = False) -> None:
+        super().__init__()
+        self.dim = check_even("dim", dim)
+        self._init_divisor(divide, learned_div)
+        self.register_buffer("inv_freq", inverse_frequencies(dim))
+
+    def encode_add(self, x: Tensor, pos: Tensor, keep: Tensor) -> Tensor:
+        return _sinusoidal_add(x, pos, keep, self.inv_freq, self.divisor(torch.float64))

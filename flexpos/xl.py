@@ -1,0 +1,100 @@
+"""Transformer-XL relative position bias (Dai et al. 2019) without an (Lq, Lk, dim) tensor.
+
+Scores are ``(q + u) . k / sqrt(D) + (q + v) . r_ij`` with ``r_ij`` head h's slice of
+``embed_lin(sinusoid((p_i - p_j) / divide))``. Since ``sinusoid`` is made of ``sin`` and
+``cos`` of ``w_m (p_i - p_j)``, the angle-difference identities split the bias into a dot
+product of a query-side and a key-side feature vector::
+
+    (q_i + v) . r_ij = sum_m  a_i,2m   (S_i C_j - C_i S_j) + a_i,2m+1 (C_i C_j + S_i S_j) + c_i
+                     = f_i . g_j
+
+with ``a_i = W_h^T (q_i + v)``, ``c_i = (q_i + v) . b_h``, ``S_i, C_i = sin, cos(w_m p_i / div)``,
+``f_i = [a_2m S_i + a_2m+1 C_i, a_2m+1 S_i - a_2m C_i, c_i]`` and ``g_j = [C_j, S_j, 1]``.
+Appending ``f`` to q and ``g`` to k lets FlexAttention compute the bias exactly at the cost
+of ``dim + 1`` extra features per head; angles are taken in float64 from absolute positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_even, check_positive_int
+from .base import QK, Positional
+from .positions import Positions
+from .sinusoidal import inverse_frequencies
+
+
+class XL(Positional):
+    """Transformer-XL relative bias; ``dim`` is the model width, ``dim // n_heads`` the head dim.
+
+    Parameters keep bio-attention's names: ``embed_lin``, ``bias_r_w`` (u, content bias) and
+    ``bias_r_r`` (v, position bias), buffer ``inv_freq``. Tokens without a position get no
+    relative term.
+
+    Example::
+
+        xl = XL(dim=512, n_heads=8)
+        out = flexpos.attention(q, k, v, xl, pos=pos)  # q: (B, 8, L, 64)
+    """
+
+    transforms_qk = True
+
+    def __init__(self, dim: int, n_heads: int, divide: float = 1.0, learned_div: bool = False) -> None:
+        super().__init__()
+        self.dim = check_even("dim", dim)
+        self.n_heads = check_positive_int("n_heads", n_heads)
+        if dim % n_heads:
+            raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads}")
+        self._init_divisor(divide, learned_div)
+        head_dim = dim // n_heads
+        bound = head_dim**-0.5
+        self.embed_lin = nn.Linear(dim, dim)
+        self.bias_r_w = nn.Parameter(torch.empty(n_heads, head_dim).uniform_(-bound, bound))
+        self.bias_r_r = nn.Parameter(torch.empty(n_heads, head_dim).uniform_(-bound, bound))
+        self.register_buffer("inv_freq", inverse_frequencies(dim))
+
+    def _angles(self, positions: Positions, side: str) -> tuple[Tensor, Tensor]:
+        """sin and cos of ``w_m p / div``: (B, 1, L, dim / 2) float64 each."""
+        angles = (positions.absolute(side) / self.divisor(torch.float64))[..., None]
+        angles = angles * self.inv_freq.double()
+        return angles.sin()[:, None], angles.cos()[:, None]
+
+    def query_features(self, qv: Tensor, positions: Positions) -> Tensor:
+        """qv (B, H, Lq, D), the queries plus v -> f (B, H, Lq, dim + 1) in qv's dtype."""
+        work = torch.promote_types(qv.dtype, torch.float32)
+        weight = self.embed_lin.weight.to(work).view(self.n_heads, -1, self.dim)  # (H, D, dim)
+        a = torch.einsum("bhld,hde->bhle", qv.to(work), weight)
+        c = torch.einsum("bhld,hd->bhl", qv.to(work), self.embed_lin.bias.to(work).view(self.n_heads, -1))
+        sin, cos = (t.to(work) for t in self._angles(positions, "q"))
+        a0, a1 = a[..., 0::2], a[..., 1::2]
+        f = torch.cat((a0 * sin + a1 * cos, a1 * sin - a0 * cos, c[..., None]), dim=-1)
+        keep = positions.has_position("q")[:, None].to(work)  # (Lq, 1)
+        return (f * keep).to(qv.dtype)
+
+    def key_features(self, positions: Positions, dtype: torch.dtype) -> Tensor:
+        """g (B, 1, Lk, dim + 1) in ``dtype``: ``[cos, sin, 1]``, zero for keys without a position."""
+        sin, cos = self._angles(positions, "k")
+        g = torch.cat((cos, sin, torch.ones_like(cos[..., :1])), dim=-1)
+        keep = positions.has_position("k")[:, None].to(g.dtype)
+        return (g * keep).to(dtype)
+
+    def check_heads(self, q: Tensor) -> None:
+        if q.shape[1] != self.n_heads or q.shape[-1] * self.n_heads != self.dim:
+            raise ValueError(
+                f"XL(dim={self.dim}, n_heads={self.n_heads}) expects q of shape "
+                f"(B, {self.n_heads}, L, {self.dim // self.n_heads}), got {tuple(q.shape)}"
+            )
+
+    def relative_bias(self, qv: Tensor, positions: Positions) -> Tensor:
+        """Dense ``qv_i . r_ij``: (B, H, Lq, Lk) from qv (B, H, Lq, D)."""
+        self.check_heads(qv)
+        f = self.query_features(qv, positions)
+        return f @ self.key_features(positions, f.dtype).transpose(-1, -2)
+
+    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
+        self.check_heads(q)
+        u = self.bias_r_w.to(q.dtype)[None, :, None]
+        v = self.bias_r_r.to(q.dtype)[None, :, None]
+        f = self.query_features(q + v, positions)
+        return QK(q + u, k, f, self.key_features(positions, f.dtype))
