@@ -56,7 +56,12 @@ def run_flex(
         # Inductor's CPU flex kernel fails to build for view inputs combined with a score_mod
         # (torch 2.13: 'cur_kvSplitSize1' was not declared); fresh tensors build fine.
         q, k, v = (t.clone(memory_format=torch.contiguous_format) if t._base is not None else t for t in (q, k, v))
-    return _flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    default = q.shape[-1] ** -0.5
+    if scale != default:
+        # A Python float scale becomes a symbolic float under dynamic=True, which the CPU
+        # kernel cannot lower; fold it into q and let flex apply its default 1/sqrt(E).
+        q = q * (scale / default)
+    return _flex()(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
 def _tile_mask(states: Tensor, mask_mod, q_idx: Tensor, len_k: int) -> Tensor:
