@@ -18,6 +18,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.fx.experimental import _config as fx_config
 from torch.utils.checkpoint import checkpoint
 
 from .base import ScoreMod
@@ -52,6 +53,9 @@ def run_flex(
     q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[ScoreMod], block_mask: BlockMask, scale: float
 ) -> Tensor:
     """q (B, H, Lq, E), k (B, H, Lk, E), v (B, H, Lk, Dv) -> (B, H, Lq, Dv)."""
+    if not torch.is_grad_enabled():
+        # CPU flex refuses inputs that require grad even under no_grad; nothing flows back here.
+        q, k, v = q.detach(), k.detach(), v.detach()
     if q.device.type == "cpu":
         # Inductor's CPU flex kernel fails to build for view inputs combined with a score_mod
         # (torch 2.13: 'cur_kvSplitSize1' was not declared); fresh tensors build fine.
@@ -61,7 +65,10 @@ def run_flex(
         # A Python float scale becomes a symbolic float under dynamic=True, which the CPU
         # kernel cannot lower; fold it into q and let flex apply its default 1/sqrt(E).
         q = q * (scale / default)
-    return _flex()(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    # Without duck sizing, equal sizes (batch 2 and 2 query blocks, say) do not become one
+    # symbol, so a later call where they differ does not recompile.
+    with fx_config.patch(use_duck_shape=False):
+        return _flex()(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
 def _tile_mask(states: Tensor, mask_mod, q_idx: Tensor, len_k: int) -> Tensor:

@@ -59,7 +59,8 @@ class Positional(nn.Module):
     def divisor(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """0-d tensor: the current divisor of positions, in ``dtype``."""
         if self.learned:
-            return self.div.exp().clamp(min=1e-8).to(dtype)
+            # exp in float64: absolute angles at positions ~1e9 amplify any rounding of it
+            return self.div.double().exp().clamp(min=1e-8).to(dtype)
         return self.div.to(dtype)
 
     def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:

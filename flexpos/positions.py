@@ -63,6 +63,7 @@ class Positions:
 
     def __init__(self, q: Tensor, k: Tensor, len_q: int, len_k: int) -> None:
         self.q, self.k, self.len_q, self.len_k = q, k, len_q, len_k
+        self._relative: dict[torch.dtype, Relative] = {}  # shared by the score_mods of one call
 
     @classmethod
     def resolve(
@@ -148,6 +149,11 @@ class Positions:
 
     def relative(self, dtype: torch.dtype = torch.float32) -> Relative:
         """Distances for score_mods; ``dtype`` is float32, or float64 for float64 references."""
+        if dtype not in self._relative:
+            self._relative[dtype] = self._split_relative(dtype)
+        return self._relative[dtype]
+
+    def _split_relative(self, dtype: torch.dtype) -> Relative:
         ref = self._reference()
         q_hi, q_lo = _split(self.q, ref, self.len_q, dtype)
         k_hi, k_lo = _split(self.k, ref, self.len_k, dtype)

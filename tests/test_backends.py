@@ -1,0 +1,131 @@
+"""Compiled flex vs chunked fallback vs float64 reference; gradients; no recompiles.
+
+Compiled variants are few on purpose: each costs ~15 s on a 2-core CPU.
+"""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.func import functional_call
+
+import flexpos
+import reference as R
+from conftest import TOLERANCE
+from flexpos import ALiBi, DPB, XL
+from flexpos.backends import choose_backend
+
+H, D = 4, 16
+
+
+def inputs(b, length, dtype=torch.float32):
+    return [torch.randn(b, H, length, D, dtype=dtype) for _ in range(3)]
+
+
+def positions(b, length):
+    return 1_200_000_000 + torch.randint(0, 30 * length, (b, length)).sort(-1).values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_with_composed_mods_and_masks(dtype):
+    """ALiBi + DPB, key padding + causal, a CLS token, a sequence with no valid key."""
+    b, length = 3, 200
+    q, k, v = inputs(b, length)
+    pos = positions(b, length - 1)
+    valid = torch.rand(b, length) > 0.25
+    valid[2] = False
+    alibi, dpb = ALiBi(H, divide=50.0), DPB(16, H, depth=2, divide=500.0)
+    with torch.no_grad():
+        out = flexpos.attention(*(t.to(dtype) for t in (q, k, v)), alibi, dpb, pos=pos, mask=valid, causal=True)
+        chunked = flexpos.attention(q, k, v, alibi, dpb, pos=pos, mask=valid, causal=True, backend="chunked")
+    p, has = R.padded_positions(pos, b, length)
+    bias = R.alibi_bias(H, p, p, has, has, divide=50.0) + R.dpb_bias(dpb, p, p, has, has, 500.0)
+    keep = valid[:, None, None, :] & torch.ones(length, length, dtype=torch.bool).tril()
+    ref = R.attend(q, k, v, bias, keep)
+    assert (out.double() - ref).abs().max() <= TOLERANCE[dtype]
+    assert (chunked.double() - ref).abs().max() <= TOLERANCE[torch.float32]
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+def test_flex_xl_appended_features():
+    q, k, v = inputs(2, 150)
+    pos = torch.rand(2, 150, dtype=torch.float64).cumsum(-1) * 20
+    xl = XL(H * D, H, divide=4.0)
+    with torch.no_grad():
+        out = flexpos.attention(q, k, v, xl, pos=pos)
+    p, has = R.padded_positions(pos, 2, 150)
+    u, w = (t.double()[None, :, None] for t in (xl.bias_r_w, xl.bias_r_r))
+    ref = R.attend(q.double() + u, k, v, R.xl_bias(xl, q.double() + w, p, p, has, has, 4.0))
+    assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32] * 5  # dim + 1 extra terms
+
+
+def test_changing_length_and_batch_does_not_recompile():
+    alibi = ALiBi(H)
+    shapes = [(2, 200), (3, 333), (2, 517), (4, 1000)]  # size-1 dims specialise once, by design
+    with torch.no_grad():
+        for i, (b, length) in enumerate(shapes):
+            q, k, v = inputs(b, length)
+            pos = positions(b, length)
+            out = flexpos.attention(q, k, v, alibi, pos=pos)
+            if i == 0:
+                graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert sum(counters["graph_break"].values()) == 0
+    p, has = R.padded_positions(pos, b, length)
+    ref = R.attend(q, k, v, R.alibi_bias(H, p, p, has, has))
+    assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
+
+
+def test_backend_choice_is_made_before_running():
+    q = torch.randn(1, 1, 4, 4)
+    assert choose_backend("auto", q, needs_grad=False) == "flex"
+    assert choose_backend("auto", q, needs_grad=True) == "chunked"
+    assert choose_backend("auto", q.double(), needs_grad=False) == "chunked"
+    with pytest.raises(ValueError, match="gradients"):
+        choose_backend("flex", q, needs_grad=True)
+    with pytest.raises(ValueError, match="backend"):
+        choose_backend("fast", q, needs_grad=False)
+
+
+class Heads(torch.nn.Module):
+    def __init__(self, *mods):
+        super().__init__()
+        self.mods = torch.nn.ModuleList(mods)
+
+    def forward(self, q, k, v, pos, mask):
+        return flexpos.attention(q, k, v, *self.mods, pos=pos, mask=mask)
+
+
+def test_chunked_gradcheck_float64_all_parameters():
+    """Gradients into q, k, v, learned divisors, DPB's MLP and XL's weights; a fully masked row."""
+    b, length, heads, dim = 1, 9, 2, 4
+    model = Heads(
+        ALiBi(heads, divide=2.0, learned_div=True),
+        DPB(3, heads, depth=2, divide=3.0, learned_div=True),
+        XL(heads * dim, heads, divide=1.5, learned_div=True),
+    ).double()
+    pos = torch.tensor([[0, 3, 4, 9, 12, 13, 20, 21]])  # one token without a position
+    mask = torch.ones(b, length, length, dtype=torch.bool)
+    mask[:, 4] = False  # query 4 sees nothing
+    q, k, v = (torch.randn(b, heads, length, dim, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    names, params = zip(*model.named_parameters())
+
+    def f(q, k, v, *values):
+        return functional_call(model, dict(zip(names, values)), (q, k, v, pos, mask))
+
+    assert torch.autograd.gradcheck(f, (q, k, v, *params), atol=1e-6)
+    out = f(q, k, v, *params)
+    assert torch.equal(out[:, :, 4], torch.zeros_like(out[:, :, 4]))
+
+
+def test_chunked_gradients_match_dense_autograd():
+    b, length = 2, 300
+    q, k, v = (t.double().requires_grad_() for t in inputs(b, length))
+    pos = positions(b, length)
+    flexpos.attention(q, k, v, ALiBi(H), pos=pos).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    p, has = R.padded_positions(pos, b, length)
+    for t in (q, k, v):
+        t.grad = None
+    R.attend(q, k, v, R.alibi_bias(H, p, p, has, has)).sum().backward()
+    for got, want in zip(grads, (q.grad, k.grad, v.grad)):
+        assert torch.allclose(got, want, atol=1e-10, rtol=0)

@@ -1,0 +1,75 @@
+"""CUDA: compiled flex forward and backward against the float64 chunked path on the same GPU.
+
+Skipped without a GPU; benchmarks/gpu.sh runs it on a lent H100/H200.
+"""
+
+import pytest
+import torch
+
+import flexpos
+from flexpos import ALiBi, DPB, XL, Rotary
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEV = "cuda"
+H, D = 4, 64
+FUDGE = {torch.float32: 10.0, torch.bfloat16: 2.0}  # compiled error <= FUDGE * eager error
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def modules():
+    return [
+        Rotary(D, divide=3.0, learned_div=True),
+        ALiBi(H, divide=40.0, learned_div=True),
+        DPB(16, H, depth=2, divide=300.0, learned_div=True),
+        XL(H * D, H, divide=10.0, learned_div=True),
+    ]
+
+
+def run(mods, dtype, backend, q, k, v, grad, **kwargs):
+    """Output and gradients (q, k, v, then every parameter) of one path, in float64."""
+    for m in mods:
+        m.zero_grad()
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = flexpos.attention(*leaves, *mods, backend=backend, **kwargs)
+    out.backward(grad.to(dtype))
+    grads = [t.grad for t in leaves] + [p.grad for m in mods for p in m.parameters()]
+    return [out.double()] + [g.double() for g in grads]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_forward_backward_against_golden(dtype):
+    """PyTorch's policy: golden float64, eager (chunked) and compiled flex in the test dtype."""
+    b, length = 2, 1000  # not a multiple of 128, a CLS token, padding, a row with no keys
+    pos = torch.randint(0, 20_000, (b, length - 1), device=DEV).sort(-1).values
+    valid = torch.rand(b, length, device=DEV) > 0.2
+    valid[1] = False
+    q, k, v = (torch.randn(b, H, length, D, device=DEV) for _ in range(3))
+    grad = torch.randn(b, H, length, D, device=DEV, dtype=torch.float64)
+    mods = [m.to(DEV) for m in modules()]
+    golden_mods = modules()
+    for ours, ref in zip(mods, golden_mods):
+        ref.load_state_dict(ours.state_dict())
+        ref.double().to(DEV)
+    kwargs = dict(pos=pos, mask=valid)
+    golden = run(golden_mods, torch.float64, "chunked", q, k, v, grad, **kwargs)
+    eager = run(mods, dtype, "chunked", q, k, v, grad, **kwargs)
+    compiled = run(mods, dtype, "flex", q, k, v, grad, **kwargs)
+    names = ["out", "dq", "dk", "dv"] + [n for m in mods for n, _ in m.named_parameters()]
+    for name, g, e, c in zip(names, golden, eager, compiled):
+        eager_err = (e - g).abs().max().item()
+        compiled_err = (c - g).abs().max().item()
+        assert compiled_err <= FUDGE[dtype] * eager_err + ATOL[dtype] * max(1.0, g.abs().max().item()), name
+    assert torch.equal(compiled[0][1], torch.zeros_like(compiled[0][1]))
+
+
+def test_no_recompile_when_length_changes():
+    from torch._dynamo.utils import counters
+
+    alibi = ALiBi(H).to(DEV)
+    for i, length in enumerate((1000, 1500, 2048, 4000)):
+        q, k, v = (torch.randn(2, H, length, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+        with torch.no_grad():
+            flexpos.attention(q, k, v, alibi, pos=torch.rand(2, length, device=DEV).cumsum(-1))
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -1,0 +1,73 @@
+"""Every wrong call fails at the boundary with a ValueError/TypeError naming the argument."""
+
+import pytest
+import torch
+
+import flexpos
+from flexpos import DPB, XL, ALiBi, AttentionLayer, LearnedVocab, Rotary, Sinusoidal
+
+q = torch.randn(2, 4, 10, 8)
+k = torch.randn(2, 4, 12, 8)
+v = torch.randn(2, 4, 12, 8)
+sq = torch.randn(2, 4, 10, 8)  # self-attention
+
+
+def attn(*args, **kwargs):
+    with torch.no_grad():
+        return flexpos.attention(*args, backend="chunked", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: attn(q.numpy(), k, v), TypeError, "q must be a torch.Tensor"),
+        (lambda: attn(q[0], k, v), ValueError, r"q must have shape \(B, \*, H, L, D\)"),
+        (lambda: attn(q.long(), k.long(), v.long()), TypeError, "q must be a floating point"),
+        (lambda: attn(q, k[..., :4], v), ValueError, "k must have shape"),
+        (lambda: attn(q, k[:, :2], v[:, :2]), ValueError, "k must have shape"),
+        (lambda: attn(q, k, v[..., :5, :]), ValueError, "v must have shape"),
+        (lambda: attn(q, k.double(), v), TypeError, "share dtype"),
+        (lambda: attn(q, k, v, "alibi"), TypeError, "flexpos positional modules"),
+        (lambda: attn(q, k, v, Sinusoidal(8)), TypeError, "transforms the input x"),
+        (lambda: attn(q, k, v, ALiBi(8)), ValueError, "n_heads=8 but q has 4 heads"),
+        (lambda: attn(q, k, v, Rotary(16)), ValueError, "head_dim=16"),
+        (lambda: attn(q, k, v, XL(64, 4)), ValueError, r"XL\(dim=64, n_heads=4\) expects q"),
+        (lambda: attn(sq, sq, sq, pos=torch.zeros(3, 10)), ValueError, r"pos must have shape \(2, L'\)"),
+        (lambda: attn(sq, sq, sq, pos=torch.zeros(2, 11)), ValueError, "11 positions but the sequence has only 10"),
+        (lambda: attn(sq, sq, sq, pos=torch.zeros(2, 1, 10)), ValueError, "pos must have shape"),
+        (lambda: attn(sq, sq, sq, pos=torch.full((2, 10), float("nan"))), ValueError, "pos must be finite"),
+        (lambda: attn(sq, sq, sq, pos=torch.ones(2, 10, dtype=torch.bool)), TypeError, "int or float positions"),
+        (lambda: attn(q, k, v, pos=torch.zeros(2, 10)), ValueError, "pass pos_q and pos_k"),
+        (lambda: attn(sq, sq, sq, pos=torch.zeros(2, 10), pos_q=torch.zeros(2, 10)), ValueError, "not both"),
+        (lambda: attn(q, k, v, pos_k=torch.zeros(2, 13)), ValueError, "pos_k has 13 positions"),
+        (lambda: attn(q, k, v, mask=torch.ones(2, 10, dtype=torch.bool)), ValueError, "mask must have shape"),
+        (lambda: attn(q, k, v, mask=torch.ones(2, 12)), TypeError, "mask must be a bool tensor"),
+        (lambda: attn(q, k, v, mask=[1, 2]), TypeError, "mask must be a BlockMask"),
+        (lambda: attn(q, k, v, mask=flexpos.full_mask(10, 10)), ValueError, r"block_mask is for \(Lq, Lk\)"),
+        (lambda: flexpos.attention(q, k, v, backend="fast"), ValueError, "backend must be"),
+        (lambda: Sinusoidal(7), ValueError, "dim must be even"),
+        (lambda: Rotary(8, n_dims=3), ValueError, "n_dims must be even"),
+        (lambda: Rotary(8, n_dims=10), ValueError, "n_dims must be <= head_dim"),
+        (lambda: ALiBi(4, divide=0.0), ValueError, "divide must be a finite positive"),
+        (lambda: ALiBi(4, divide=float("nan")), ValueError, "divide must be a finite positive"),
+        (lambda: ALiBi(4, divide="2"), TypeError, "divide must be a positive float"),
+        (lambda: ALiBi(4, use_n_heads=5), ValueError, "use_n_heads must be <= n_heads=4"),
+        (lambda: ALiBi(0), ValueError, "n_heads must be positive"),
+        (lambda: ALiBi(2.5), TypeError, "n_heads must be an int"),
+        (lambda: XL(30, 4), ValueError, "divisible by n_heads"),
+        (lambda: DPB(8, 4, table_size=1), ValueError, "table_size must be >= 2"),
+        (lambda: DPB(8, 4, depth=0), ValueError, "depth must be positive"),
+        (lambda: LearnedVocab(8, 5)(torch.randn(1, 3, 8), pos=torch.rand(1, 3)), TypeError, "integer positions"),
+        (lambda: LearnedVocab(8, 5)(torch.randn(1, 3, 8), pos=torch.tensor([[0, 2, 5]])), ValueError, r"\[0, 4\]"),
+        (lambda: Sinusoidal(8)(torch.randn(1, 3, 6)), ValueError, r"x must have shape \(B, \*, L, 8\)"),
+        (lambda: Sinusoidal(8)(torch.randn(3, 8).long()), TypeError, "x must be a floating point"),
+        (lambda: Sinusoidal(8)(torch.randn(1, 3, 8), mask=torch.ones(1, 3)), TypeError, "mask must be a bool"),
+        (lambda: Sinusoidal(8)(torch.randn(1, 3, 8), mask=torch.ones(1, 4, dtype=torch.bool)), ValueError, "mask must have shape"),
+        (lambda: AttentionLayer(30, 4), ValueError, "divisible by n_heads"),
+        (lambda: AttentionLayer(32, 4, positional=[torch.nn.Linear(2, 2)]), TypeError, "positional must hold"),
+        (lambda: flexpos.distance_window_mask(5.0), ValueError, "needs pos"),
+    ],
+)
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -1,0 +1,52 @@
+"""Relative distances: exact for large integer coordinates, float32-accurate for floats."""
+
+import torch
+
+from flexpos.positions import Positions
+
+
+def _grid_delta(positions: Positions, dtype=torch.float32):
+    rel = positions.relative(dtype)
+    b = torch.arange(positions.batch).view(-1, 1, 1)
+    qi = torch.arange(positions.len_q).view(1, -1, 1)
+    ki = torch.arange(positions.len_k).view(1, 1, -1)
+    return rel(b, qi, ki)
+
+
+def test_genomic_int64_distances_are_exact():
+    start = 1_200_000_000
+    pos = start + torch.randint(0, 3_000_000, (2, 300)).sort(-1).values
+    delta, valid = _grid_delta(Positions.resolve((2,), 300, 300, "cpu", pos=pos))
+    expected = (pos[:, :, None] - pos[:, None, :]).double()
+    assert valid.all()
+    assert torch.equal(delta.double(), expected)
+    # the naive float32 route rounds positions to multiples of 128 and is far off
+    naive = pos.float()[:, :, None] - pos.float()[:, None, :]
+    assert (naive.double() - expected).abs().max() >= 64
+
+
+def test_float_distances_have_float32_accuracy_of_the_difference():
+    pos = 5e8 + torch.rand(1, 200, dtype=torch.float64).cumsum(-1) * 3.7
+    delta, _ = _grid_delta(Positions.resolve((1,), 200, 200, "cpu", pos=pos))
+    expected = pos[:, :, None] - pos[:, None, :]
+    error = (delta.double() - expected).abs()
+    assert (error <= 4e-7 * expected.abs() + 1e-6).all()
+
+
+def test_missing_positions_are_invalid_and_cross_lengths():
+    pos_q = torch.tensor([[5.0, 7.0]])
+    pos_k = torch.tensor([[1, 2, 3]])
+    positions = Positions.resolve((1,), 4, 5, "cpu", pos_q=pos_q, pos_k=pos_k)
+    assert (positions.off_q, positions.off_k) == (2, 2)
+    delta, valid = _grid_delta(positions)
+    assert valid.sum() == 6 and not valid[0, :2].any() and not valid[0, :, :2].any()
+    assert torch.equal(delta[0, 2:, 2:], torch.tensor([[4.0, 3.0, 2.0], [6.0, 5.0, 4.0]]))
+    assert positions.span() == 6.0
+
+
+def test_extra_batch_dims_are_flattened_and_float64_relative():
+    pos = torch.randn(2, 3, 10, dtype=torch.float64)
+    positions = Positions.resolve((2, 3), 10, 10, "cpu", pos=pos)
+    delta, _ = _grid_delta(positions, torch.float64)
+    flat = pos.reshape(6, 10)
+    assert torch.allclose(delta, flat[:, :, None] - flat[:, None, :], atol=1e-12, rtol=0)

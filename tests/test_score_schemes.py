@@ -1,0 +1,143 @@
+"""ALiBi, DPB and XL inside flexpos.attention vs float64 dense references (chunked backend)."""
+
+import pytest
+import torch
+
+import flexpos
+import reference as R
+from conftest import TOLERANCE
+from flexpos import ALiBi, DPB, XL
+
+B, H, L, D = 2, 4, 150, 8
+F64 = torch.float64
+
+
+def qkv(lq=L, lk=L, dtype=F64, batch=(B,), heads=H, dim=D):
+    q = torch.randn(*batch, heads, lq, dim, dtype=dtype)
+    k = torch.randn(*batch, heads, lk, dim, dtype=dtype)
+    v = torch.randn(*batch, heads, lk, dim, dtype=dtype)
+    return q, k, v
+
+
+def irregular(n, length, start=0, integer=True):
+    if integer:
+        return start + torch.randint(0, 40 * length, (n, length)).sort(-1).values
+    return start + torch.rand(n, length, dtype=F64).cumsum(-1) * 13.7
+
+
+def assert_close(out, ref, dtype=F64):
+    err = (out.double() - ref).abs().max().item()
+    assert err <= TOLERANCE[dtype], f"max |difference| {err} > {TOLERANCE[dtype]}"
+
+
+@pytest.mark.parametrize("n_heads", [4, 6])
+@pytest.mark.parametrize("use_n_heads", [None, 3])
+@pytest.mark.parametrize("asymmetric", [False, True])
+@pytest.mark.parametrize("divide", [1.0, 7.5])
+def test_alibi_matches_dense_reference(n_heads, use_n_heads, asymmetric, divide):
+    q, k, v = qkv(heads=n_heads)
+    pos = irregular(B, L - 2, start=1_200_000_000)
+    pq, hq = R.padded_positions(pos, B, L)
+    alibi = ALiBi(n_heads, use_n_heads=use_n_heads, asymmetric=asymmetric, divide=divide)
+    out = flexpos.attention(q, k, v, alibi, pos=pos)
+    bias = R.alibi_bias(n_heads, pq, pq, hq, hq, use_n_heads, asymmetric, divide)
+    assert_close(out, R.attend(q, k, v, bias))
+
+
+def test_alibi_slopes_follow_the_paper():
+    for n in (1, 2, 3, 5, 8, 12, 16, 24):
+        slopes = ALiBi(n).slopes.flatten().double()
+        assert torch.allclose(slopes, torch.tensor(R.reference_slopes(n), dtype=F64), rtol=1e-6)
+
+
+@pytest.mark.parametrize("depth, norm", [(1, False), (2, True), (3, False)])
+@pytest.mark.parametrize("divide", [1.0, 4.0])
+def test_dpb_integer_positions_are_exact(depth, norm, divide):
+    q, k, v = qkv()
+    pos = irregular(B, L, start=3_000_000_000)
+    pq, hq = R.padded_positions(pos, B, L)
+    dpb = DPB(16, H, depth=depth, norm=norm, divide=divide).double()
+    out = flexpos.attention(q, k, v, dpb, pos=pos)
+    assert_close(out, R.attend(q, k, v, R.dpb_bias(dpb, pq, pq, hq, hq, divide)))
+
+
+def test_dpb_continuous_positions_within_stated_bound():
+    """Linear interpolation error <= (step/div)^2 / 8 * max|MLP''| (estimated on a fine grid)."""
+    dpb = DPB(16, H, depth=3, divide=5.0, table_size=257).double()
+    pos = irregular(1, 120, integer=False)
+    positions = flexpos.Positions.resolve((1,), 120, 120, "cpu", pos=pos)
+    span = positions.span()
+    step = 2 * span / 256
+    fine = torch.linspace(-span, span, 20001, dtype=F64)
+    values = R.mlp64(dpb.mlp, (fine / 5.0)[:, None])
+    h = (fine[1] - fine[0]).item() / 5.0
+    second = ((values[2:] - 2 * values[1:-1] + values[:-2]) / h**2).abs().max().item()
+    bound = (step / 5.0) ** 2 / 8 * second
+    mod = dpb.score_mod(positions, F64)
+    grid = torch.arange(120)
+    bias = -mod(torch.zeros(()), torch.zeros(1, 1, 1, 1, dtype=torch.long),
+                torch.arange(H).view(1, -1, 1, 1), grid.view(1, 1, -1, 1), grid.view(1, 1, 1, -1))
+    pq, hq = R.padded_positions(pos, 1, 120)
+    exact = -R.dpb_bias(dpb, pq, pq, hq, hq, 5.0)
+    error = (bias - exact).abs().max().item()
+    assert 0 < error <= bound * 1.01 + 1e-12
+
+
+@pytest.mark.parametrize("divide", [1.0, 3.0])
+def test_xl_follows_dai_et_al(divide):
+    q, k, v = qkv()
+    pos = irregular(B, L - 3, start=10_000)
+    pq, hq = R.padded_positions(pos, B, L)
+    xl = XL(H * D, H, divide=divide).double()
+    out = flexpos.attention(q, k, v, xl, pos=pos)
+    u = xl.bias_r_w.double()[None, :, None]
+    w = xl.bias_r_r.double()[None, :, None]
+    bias = R.xl_bias(xl, q + w, pq, pq, hq, hq, divide)
+    assert_close(out, R.attend(q + u, k, v, bias))
+
+
+def test_xl_factorised_bias_equals_dense_form():
+    xl = XL(H * D, H, divide=2.0).double()
+    pos = irregular(B, L, integer=False)
+    qv = torch.randn(B, H, L, D, dtype=F64)
+    positions = flexpos.Positions.resolve((B,), L, L, "cpu", pos=pos)
+    pq, hq = R.padded_positions(pos, B, L)
+    dense = R.xl_bias(xl, qv, pq, pq, hq, hq, 2.0)
+    assert torch.allclose(xl.relative_bias(qv, positions), dense, atol=1e-10, rtol=0)
+
+
+def test_cross_attention_with_separate_positions():
+    lq, lk = 90, 170
+    q, k, v = qkv(lq, lk)
+    pos_q = irregular(B, lq - 1, integer=False)
+    pos_k = irregular(B, lk - 4, integer=False)
+    pq, hq = R.padded_positions(pos_q, B, lq)
+    pk, hk = R.padded_positions(pos_k, B, lk)
+    alibi, dpb = ALiBi(H, divide=3.0), DPB(8, H).double()
+    out = flexpos.attention(q, k, v, alibi, dpb, pos_q=pos_q, pos_k=pos_k)
+    bias = R.alibi_bias(H, pq, pk, hq, hk, divide=3.0) + R.dpb_bias(dpb, pq, pk, hq, hk, 1.0)
+    # DPB interpolates on float positions: allow its (tested) table error, nothing more
+    err = (out - R.attend(q, k, v, bias)).abs().max().item()
+    assert err < 1e-4
+
+
+def test_extra_batch_dims_and_masks():
+    q, k, v = qkv(batch=(2, 3))
+    pos = irregular(6, L).view(2, 3, L)
+    keep = torch.rand(2, 3, L) > 0.3
+    out = flexpos.attention(q, k, v, ALiBi(H), pos=pos, mask=keep)
+    flat = [t.reshape(6, H, L, D) for t in (q, k, v)]
+    pq, hq = R.padded_positions(pos.reshape(6, L), 6, L)
+    ref = R.attend(*flat, R.alibi_bias(H, pq, pq, hq, hq), keep.reshape(6, 1, 1, L))
+    assert_close(out.reshape(6, H, L, D), ref)
+
+
+@pytest.mark.parametrize("module", ["alibi", "dpb", "xl"])
+def test_learned_div_receives_gradients(module):
+    q, k, v = qkv(lq=40, lk=40)
+    pos = irregular(B, 40)
+    m = {"alibi": ALiBi(H, divide=2.0, learned_div=True),
+         "dpb": DPB(8, H, divide=2.0, learned_div=True),
+         "xl": XL(H * D, H, divide=2.0, learned_div=True)}[module].double()
+    flexpos.attention(q, k, v, m, pos=pos).square().sum().backward()
+    assert m.div.grad is not None and m.div.grad.abs().item() > 0

@@ -1,0 +1,91 @@
+"""Rotary and the input transforms vs float64 formulas."""
+
+import math
+
+import pytest
+import torch
+
+import flexpos
+import reference as R
+from flexpos import LearnedContinuous, LearnedVocab, Rotary, Sinusoidal
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("n_dims", [None, 4])
+@pytest.mark.parametrize("divide", [1.0, 2.5])
+def test_rotary_is_a_complex_rotation(n_dims, divide):
+    q, k = torch.randn(2, 3, 50, 8, dtype=F64), torch.randn(2, 3, 50, 8, dtype=F64)
+    pos = torch.randint(0, 10**6, (2, 47)) + 2_000_000_000
+    rot = Rotary(8, n_dims=n_dims, divide=divide)
+    rq, rk = rot(q, k, pos=pos)
+    p, has = R.padded_positions(pos, 2, 50)
+    assert torch.allclose(rq, R.rotate(q, p, has, rot.thetas, divide), atol=1e-12, rtol=0)
+    assert torch.allclose(rk, R.rotate(k, p, has, rot.thetas, divide), atol=1e-12, rtol=0)
+    assert torch.equal(rq[:, :, :3], q[:, :, :3])  # no position: identity
+    if n_dims is not None:
+        assert torch.equal(rq[..., n_dims:][:, :, 3:], q[..., n_dims:][:, :, 3:])
+
+
+def test_rotary_scores_depend_only_on_distance():
+    q, k = torch.randn(1, 1, 2, 16, dtype=F64), torch.randn(1, 1, 2, 16, dtype=F64)
+    rot = Rotary(16)
+    near = rot(q, k, pos=torch.tensor([[10.5, 3.25]], dtype=F64))
+    far = rot(q, k, pos=torch.tensor([[1e9 + 10.5, 1e9 + 3.25]], dtype=F64))
+    score = lambda qk: qk[0][0, 0, 0] @ qk[1][0, 0, 1]  # noqa: E731
+    assert math.isclose(score(near), score(far), abs_tol=1e-6)
+
+
+def test_rotary_cross_positions_and_extra_batch_dims():
+    q, k = torch.randn(2, 2, 4, 30, 8, dtype=F64), torch.randn(2, 2, 4, 45, 8, dtype=F64)
+    pos_q, pos_k = torch.rand(2, 2, 30, dtype=F64) * 100, torch.rand(2, 2, 40, dtype=F64) * 100
+    rot = Rotary(8)
+    rq, rk = rot(q, k, pos_q=pos_q, pos_k=pos_k)
+    pk, hk = R.padded_positions(pos_k.reshape(4, 40), 4, 45)
+    expected = R.rotate(k.reshape(4, 4, 45, 8), pk, hk, rot.thetas, 1.0)
+    assert torch.allclose(rk.reshape(4, 4, 45, 8), expected, atol=1e-12, rtol=0)
+
+
+def test_sinusoidal_mask_and_missing_positions():
+    x = torch.randn(2, 3, 20, 16, dtype=F64)
+    pos = torch.rand(2, 3, 18, dtype=F64) * 1e3
+    mask = torch.rand(2, 3, 18) > 0.4
+    enc = Sinusoidal(16, divide=3.0)
+    out = enc(x, pos=pos, mask=mask)
+    expected = R.sinusoid64(pos / 3.0, enc.inv_freq) * mask[..., None]
+    assert torch.allclose(out[..., 2:, :], x[..., 2:, :] + expected, atol=1e-12, rtol=0)
+    assert torch.equal(out[..., :2, :], x[..., :2, :])
+
+
+def test_learned_vocab_and_continuous():
+    x = torch.randn(2, 12, 8, dtype=F64)
+    pos = torch.randint(0, 30, (2, 10))
+    vocab = LearnedVocab(8, 30).double()
+    out = vocab(x, pos=pos)
+    assert torch.equal(out[:, 2:], x[:, 2:] + vocab.emb.weight[pos])
+    assert torch.equal(out[:, :2], x[:, :2])
+    cont = LearnedContinuous(8, depth=2, norm=True, divide=4.0).double()
+    fpos = torch.rand(2, 12, dtype=F64) * 100
+    expected = x + R.mlp64(cont.mlp, (fpos / 4.0)[..., None])
+    assert torch.allclose(cont(x, pos=fpos), expected, atol=1e-12, rtol=0)
+
+
+def test_default_positions_are_indices():
+    x = torch.randn(1, 6, 8, dtype=F64)
+    enc = Sinusoidal(8)
+    assert torch.equal(enc(x), enc(x, pos=torch.arange(6)[None]))
+
+
+def test_compiled_transforms_match_eager(compiled):
+    """One compiled call per transform, float32, against the eager numbers."""
+    q, k = torch.randn(2, 4, 70, 16), torch.randn(2, 4, 70, 16)
+    pos = torch.rand(2, 70) * 500
+    x = torch.randn(2, 70, 16)
+    rot, sin, cont = Rotary(16), Sinusoidal(16), LearnedContinuous(16, depth=2)
+    vocab = LearnedVocab(16, 100)
+    ipos = torch.randint(0, 100, (2, 70))
+    got = [*rot(q, k, pos=pos), sin(x, pos=pos), cont(x, pos=pos), vocab(x, pos=ipos)]
+    flexpos.set_compile(False)
+    want = [*rot(q, k, pos=pos), sin(x, pos=pos), cont(x, pos=pos), vocab(x, pos=ipos)]
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
