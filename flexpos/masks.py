@@ -187,10 +187,12 @@ def distance_window_mask(
     """
     w = _check_window(window)
     given = pos if pos is not None else pos_q
-    if given is None:
+    if given is None or (pos is None and pos_k is None):
         raise ValueError("distance_window_mask needs pos, or pos_q and pos_k")
-    len_q = given.shape[-1] if len_q is None else len_q
-    len_k = (len_q if pos is not None else (pos_k.shape[-1] if pos_k is not None else len_q)) if len_k is None else len_k
+    if len_q is None:
+        len_q = given.shape[-1]
+    if len_k is None:
+        len_k = len_q if pos is not None else pos_k.shape[-1]
     positions = Positions.resolve(tuple(given.shape[:-1]), len_q, len_k, given.device, pos, pos_q, pos_k)
     rel = positions.relative(torch.float32)
     shift = torch.minimum(positions.q.double().amin(-1, keepdim=True), positions.k.double().amin(-1, keepdim=True))
