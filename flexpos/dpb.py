@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_positive_int
@@ -87,10 +88,12 @@ class DPB(Positional):
         return run_mlp(self.mlp, (distances.double() / self.divisor(torch.float64))[..., None])
 
     def tables(self, grid: DistanceGrid, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(n_heads, size) values at the grid nodes and slopes per position unit to the next."""
+        """(n_heads, size + 2) values at the grid nodes and slopes per position unit to the next."""
         values = self.bias_at(grid.nodes(device)).to(dtype).t().contiguous()
         slopes = torch.diff(values, dim=-1, append=values[:, -1:]) / grid.step
-        return values, slopes
+        # One guard cell at each end: a distance rounded just past the grid still reads a
+        # valid cell, so the score_mod needs no clamp.
+        return F.pad(values, (1, 1), mode="replicate"), F.pad(slopes, (1, 1))
 
     def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:
         grid = DistanceGrid.covering(positions.span(), positions.is_integer, self.table_size)
@@ -98,12 +101,12 @@ class DPB(Positional):
         rel = positions.relative(dtype)
         start = torch.tensor(grid.start, dtype=dtype, device=values.device)
         step = torch.tensor(grid.step, dtype=dtype, device=values.device)
-        last = torch.tensor(grid.size - 1, device=values.device)
 
         def dpb(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             delta, valid = rel(b, q_idx, kv_idx)
-            cell = torch.clamp(torch.floor((delta - start) / step), 0, last).to(torch.int64)
-            offset = delta - (start + cell.to(delta.dtype) * step)
+            cell = torch.floor((delta - start) / step)
+            offset = delta - (start + cell * step)
+            cell = cell.to(torch.int64) + 1  # past the guard cell
             bias = values[h, cell] + slopes[h, cell] * offset
             return score - torch.where(valid, bias, 0.0).to(score.dtype)
 

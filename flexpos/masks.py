@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from ._checks import check_bool_mask, check_tensor
-from .positions import BLOCK, Positions
+from .positions import BLOCK, Positions, table_len
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -32,6 +32,19 @@ def _n_blocks(length: int) -> int:
 def _named(fn: MaskMod, name: str) -> MaskMod:
     fn.__name__ = name
     return fn
+
+
+def _cpu_safe(fn: MaskMod) -> MaskMod:
+    """Mark a mask_mod that Inductor's CPU flex kernel is known to build (see backends)."""
+    fn.cpu_flex_safe = True  # type: ignore[attr-defined]
+    return fn
+
+
+def cpu_flex_safe(block_mask: BlockMask) -> bool:
+    """Whether compiled flex on CPU can run this mask: mask_mods of indices only (full, causal,
+    sliding window). Ones that read a captured table (padding, dense, windows by position,
+    segments) are mis-indexed or fail to build in Inductor's CPU flex kernel (torch 2.13)."""
+    return bool(getattr(block_mask.mask_mod, "cpu_flex_safe", False))
 
 
 def from_states(states: Tensor, mask_mod: MaskMod, len_q: int, len_k: int) -> BlockMask:
@@ -96,6 +109,7 @@ def full_mask(len_q: int, len_k: int, device: torch.device | str = "cpu") -> Blo
     """Every query attends to every key (a BlockMask still bounds FlexAttention's scratch)."""
     states = torch.full((1, 1, _n_blocks(len_q), _n_blocks(len_k)), FULL, dtype=torch.int8, device=device)
 
+    @_cpu_safe
     def everything(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return q_idx >= 0
 
@@ -111,7 +125,7 @@ def padding_mask(key_valid: Tensor, len_q: int) -> BlockMask:
     tiles = _blocks(key_valid, len_k, True)
     full = tiles.all(-1)[:, None, :].expand(-1, _n_blocks(len_q), -1)
     empty = ~_blocks(key_valid, len_k, False).any(-1)[:, None, :].expand_as(full)
-    table = _blocks(key_valid, len_k, False).flatten(-2)
+    table = F.pad(key_valid, (0, table_len(len_k) - len_k))
 
     def key_padding(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return table[b, kv_idx]
@@ -132,6 +146,7 @@ def causal_mask(len_q: int, len_k: Optional[int] = None, device: torch.device | 
     full = k_hi[:, None, :] <= q_lo[:, :, None]
     empty = k_lo[:, None, :] > q_hi[:, :, None]
 
+    @_cpu_safe
     def causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return q_idx >= kv_idx
 
@@ -165,6 +180,7 @@ def sliding_window_mask(
     full, empty = _window_states(_index_ranges(len_q, device), _index_ranges(len_k, device), w)
     w_t = torch.tensor(w, device=device)
 
+    @_cpu_safe
     def sliding_window(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return (q_idx - kv_idx).abs() <= w_t
 
@@ -230,8 +246,8 @@ def segment_mask(segments_q: Tensor, segments_k: Optional[Tensor] = None) -> Blo
     q_lo, q_hi, k_lo, k_hi = q_lo[:, :, None], q_hi[:, :, None], k_lo[:, None, :], k_hi[:, None, :]
     full = (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
     empty = (k_lo > q_hi) | (k_hi < q_lo)
-    ids_q = _blocks(segments_q, len_q, -1).flatten(-2)
-    ids_k = _blocks(seg_k, len_k, -2).flatten(-2)
+    ids_q = F.pad(segments_q, (0, table_len(len_q) - len_q), value=-1)
+    ids_k = F.pad(seg_k, (0, table_len(len_k) - len_k), value=-2)
 
     def same_segment(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return ids_q[b, q_idx] == ids_k[b, kv_idx]
@@ -260,7 +276,7 @@ def dense_mask(mask: Tensor, len_q: int, len_k: int) -> BlockMask:
     all_ = (tiles | out_of_range).all(-1).all(-2)
     states = torch.where(any_, PARTIAL, EMPTY)
     states = torch.where(all_, FULL, states).to(torch.int8)
-    table = padded
+    table = F.pad(mask, (0, table_len(len_k) - len_k, 0, table_len(len_q) - len_q))
 
     def dense(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return table[b, h if table.shape[1] > 1 else 0 * h, q_idx, kv_idx]
@@ -292,4 +308,7 @@ def and_masks(*masks: BlockMask) -> BlockMask:
         return result
 
     len_q, len_k = lengths.pop()
-    return from_states(combined, _named(both, "and_" + "_".join(f.__name__ for f in mods)), len_q, len_k)
+    both = _named(both, "and_" + "_".join(f.__name__ for f in mods))
+    if all(getattr(f, "cpu_flex_safe", False) for f in mods):
+        both = _cpu_safe(both)
+    return from_states(combined, both, len_q, len_k)

@@ -26,8 +26,14 @@ from ._checks import check_positions
 BLOCK = 128  # FlexAttention's block size; per-token tables are padded to a multiple of it
 
 
-def _pad_len(length: int) -> int:
-    return max(BLOCK, -(-length // BLOCK) * BLOCK)
+def table_len(length: int) -> int:
+    """Length of a per-token table read by a score_mod or mask_mod: whole blocks plus one.
+
+    Whole blocks keep indices of padded tiles in range. The extra element keeps the table's
+    length odd, never a power of two nor equal to the sequence length: Inductor's CPU flex
+    kernel (torch 2.13) confuses such sizes with its own tile sizes and mis-indexes the table.
+    """
+    return -(-max(length, 1) // BLOCK) * BLOCK + 1
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,6 @@ def _split(p: Tensor, ref: Tensor, length: int, dtype: torch.dtype) -> tuple[Ten
     rel = (p - ref).double()  # exact for int64; one rounding for floats
     hi = rel.to(dtype)
     lo = (rel - hi.double()).to(dtype)
-    total = _pad_len(length)
+    total = table_len(length)
     pad = (length - p.shape[-1], total - length)
     return torch.nn.functional.pad(hi, pad), torch.nn.functional.pad(lo, pad)

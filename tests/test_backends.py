@@ -27,23 +27,25 @@ def positions(b, length):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_flex_with_composed_mods_and_masks(dtype):
-    """ALiBi + DPB, key padding + causal, a CLS token, a sequence with no valid key."""
+    """ALiBi + DPB with a CLS token: causal on compiled flex; key padding (incl. a sequence with
+    no valid key) on the path 'auto' picks for it."""
     b, length = 3, 200
     q, k, v = inputs(b, length)
     pos = positions(b, length - 1)
     valid = torch.rand(b, length) > 0.25
     valid[2] = False
     alibi, dpb = ALiBi(H, divide=50.0), DPB(16, H, depth=2, divide=500.0)
+    low = [t.to(dtype) for t in (q, k, v)]
     with torch.no_grad():
-        out = flexpos.attention(*(t.to(dtype) for t in (q, k, v)), alibi, dpb, pos=pos, mask=valid, causal=True)
-        chunked = flexpos.attention(q, k, v, alibi, dpb, pos=pos, mask=valid, causal=True, backend="chunked")
+        causal = flexpos.attention(*low, alibi, dpb, pos=pos, causal=True, backend="flex")
+        padded = flexpos.attention(*low, alibi, dpb, pos=pos, mask=valid, causal=True)
     p, has = R.padded_positions(pos, b, length)
     bias = R.alibi_bias(H, p, p, has, has, divide=50.0) + R.dpb_bias(dpb, p, p, has, has, 500.0)
-    keep = valid[:, None, None, :] & torch.ones(length, length, dtype=torch.bool).tril()
-    ref = R.attend(q, k, v, bias, keep)
-    assert (out.double() - ref).abs().max() <= TOLERANCE[dtype]
-    assert (chunked.double() - ref).abs().max() <= TOLERANCE[torch.float32]
-    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    tril = torch.ones(length, length, dtype=torch.bool).tril()
+    assert (causal.double() - R.attend(q, k, v, bias, tril)).abs().max() <= TOLERANCE[dtype]
+    ref = R.attend(q, k, v, bias, valid[:, None, None, :] & tril)
+    assert (padded.double() - ref).abs().max() <= TOLERANCE[dtype]
+    assert torch.equal(padded[2], torch.zeros_like(padded[2]))
 
 
 def test_flex_xl_appended_features():
@@ -129,3 +131,30 @@ def test_chunked_gradients_match_dense_autograd():
     R.attend(q, k, v, R.alibi_bias(H, p, p, has, has)).sum().backward()
     for got, want in zip(grads, (q.grad, k.grad, v.grad)):
         assert torch.allclose(got, want, atol=1e-10, rtol=0)
+
+
+def test_cpu_small_head_dims_and_short_sequences():
+    """Head dims 8 and 16 at lengths < 128 (wrong rows from the raw CPU kernel) are exact here."""
+    with torch.no_grad():
+        for dim, length in ((8, 24), (16, 56)):
+            q, k, v = (torch.randn(2, 2, length, dim) for _ in range(3))
+            valid = torch.rand(2, length) > 0.2
+            out = flexpos.attention(q, k, v, mask=valid)
+            ref = R.attend(q, k, v, 0.0, valid[:, None, None, :])
+            assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
+
+
+def test_cpu_routes_table_masks_to_chunked_and_skips_empty_tiles():
+    q = torch.randn(1, 1, 4, 4)
+    pos = torch.rand(1, 600, dtype=torch.float64).cumsum(-1) * 10
+    window = flexpos.distance_window_mask(100.0, pos=pos)
+    assert choose_backend("auto", q, False, flexpos.causal_mask(600)) == "flex"
+    assert choose_backend("auto", q, False, flexpos.padding_mask(torch.ones(1, 600, dtype=torch.bool), 600)) == "chunked"
+    assert choose_backend("auto", q, False, window) == "chunked"
+    q, k, v = (torch.randn(1, H, 600, D) for _ in range(3))
+    with torch.no_grad():
+        out = flexpos.attention(q, k, v, ALiBi(H), pos=pos, mask=window)
+    p, has = R.padded_positions(pos, 1, 600)
+    keep = (p[:, :, None] - p[:, None, :]).abs()[:, None] <= 100
+    ref = R.attend(q, k, v, R.alibi_bias(H, p, p, has, has), keep)
+    assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]

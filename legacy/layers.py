@@ -1,0 +1,247 @@
+"""bio-attention's ``AttnLayer`` and ``TransformerLayer`` on FlexAttention.
+
+Same constructor and call signatures, same submodule names (an original layer's state_dict
+loads with ``strict=True``), same outputs for the same weights: plugins from
+:mod:`legacy.positional` run inside :func:`flexpos.attention` as query/key transforms and
+score_mods, masks become BlockMasks, and no (L, L) tensor is built unless the caller passes
+one. On CPU with autograd flexpos picks its chunked backend (FlexAttention has no CPU backward).
+
+Behaviour that differs from bio-attention 0.1.15 on purpose (docs/legacy.md): ``causal`` with
+a mask (or with an ALiBi/DPB/XL plugin) keeps the diagonal; a (B, *, L') key mask shorter than
+x keeps its padded keys masked for the CLS queries too; a query with nothing to attend to
+returns zeros whatever the kernel; attention dropout is not applied.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+import flexpos
+from flexpos.backends import Backend
+from flexpos.base import Positional
+
+from ._hint import hint_once
+from ._layout import expand_batch
+from ._masks import AdditiveMask, LayerMask, layer_mask
+from .positional import Base
+
+Plugins = Union[Base, Sequence[Base], nn.ModuleList, None]
+_dropout_warned = False
+
+
+class Residual(nn.Module):
+    """``fn(x) + x`` (bio-attention's module name ``fn`` kept for checkpoints)."""
+
+    def __init__(self, fn: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x) + x
+
+
+class GLU(nn.Module):
+    """Gated linear unit: (..., dim) -> (..., ff_dim), ``a * act(gate)`` from one projection."""
+
+    def __init__(self, dim: int, ff_dim: int, activation: nn.Module) -> None:
+        super().__init__()
+        self.act = activation
+        self.proj = nn.Linear(dim, ff_dim * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * self.act(gate)
+
+
+def attention_dropout(attn: Any) -> float:
+    """The dropout rate of a bio-attention ``Attention`` (0 for None)."""
+    if attn is None:
+        return 0.0
+    if type(attn).__name__ in ("RandomAttention", "WindowAttention"):
+        raise TypeError(
+            f"{type(attn).__name__} is not full attention; the flex-backed layers replace "
+            "bio_attention.attention.Attention only"
+        )
+    return float(getattr(attn, "dropout", 0.0))
+
+
+def plugin_list(plugin: Plugins) -> nn.ModuleList:
+    """None -> [Base()]; a plugin -> [plugin]; a ModuleList is shared, a list wrapped."""
+    if plugin is None:
+        plugins = nn.ModuleList([Base()])
+    elif isinstance(plugin, nn.ModuleList):
+        plugins = plugin
+    elif isinstance(plugin, (list, tuple)):
+        plugins = nn.ModuleList(plugin)
+    else:
+        plugins = nn.ModuleList([plugin])
+    for p in plugins:
+        if not isinstance(p, Base):
+            raise TypeError(
+                f"plugins must come from legacy.positional, got {type(p).__module__}.{type(p).__name__}; "
+                "use flexpos.AttentionLayer for native flexpos modules"
+            )
+    return plugins
+
+
+def activation_module(name: str) -> nn.Module:
+    choices = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU}
+    if name.lower() not in choices:
+        raise ValueError(f"activation must be 'relu', 'gelu' or 'swish', got {name!r}")
+    return choices[name.lower()]()
+
+
+def _no_mod_kwargs(mod_kwargs: dict[str, Any]) -> None:
+    if mod_kwargs:
+        raise TypeError(f"extra plugin keyword arguments are not supported here: {sorted(mod_kwargs)}")
+
+
+class AttnLayer(nn.Module):
+    """Self-attention over x (B, *, L, dim): projection to q, k, v, attention, output projection.
+
+    Args:
+        dim: model width, divisible by ``nh``.
+        attn: a bio-attention ``Attention`` (only its dropout is read) or None.
+        nh: number of heads.
+        plugin: ``nn.ModuleList`` of :mod:`legacy.positional` plugins (default ``[Base()]``).
+        backend: flexpos backend ('auto', 'flex' or 'chunked').
+    """
+
+    def __init__(
+        self, dim: int, attn: Any = None, nh: int = 4, plugin: Plugins = None, *, backend: Backend = "auto"
+    ) -> None:
+        super().__init__()
+        if dim % nh:
+            raise ValueError(f"dim={dim} must be divisible by nh={nh}")
+        self.lin = nn.Linear(dim, 3 * dim)
+        self.dropout = attention_dropout(attn)
+        self.nh = nh
+        self.to_out = nn.Linear(dim, dim)
+        self.plugin = plugin_list(plugin)
+        self.backend = backend
+        hint_once("layers.AttnLayer")
+
+    def forward(
+        self,
+        x: Tensor,
+        pos: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+        causal: bool = False,
+        **mod_kwargs: Any,
+    ) -> Tensor:
+        """x (B, *, L, dim) -> (B, *, L, dim).
+
+        ``pos`` (B, *, L'), L' <= L: the first L - L' tokens have no position. ``mask``: bool or
+        float, (B, *, L') key padding, (B, *, L', L') or (B, *, NH, L', L'); bool True = attend,
+        float is added to the scores; tokens before the mask's L' are not masked. ``causal``:
+        query i attends keys j <= i (combined with ``mask``).
+        """
+        _no_mod_kwargs(mod_kwargs)
+        self._warn_dropout()
+        batch, length = tuple(x.shape[:-2]), x.shape[-2]
+        q, k, v = (
+            rearrange(t, "... l (n h) -> ... n l h", n=self.nh) for t in self.lin(x).split(x.size(-1), dim=-1)
+        )
+        masks = layer_mask(mask, batch, self.nh, length)
+        modules = self.flex_modules(batch, pos)
+        if masks.bias is not None:
+            modules.append(AdditiveMask(masks.bias))
+        out = flexpos.attention(
+            q, k, v, *modules, pos=expand_batch(pos, batch), mask=masks.keep, causal=causal,
+            backend=self._backend(masks, x.device),
+        )
+        return self.to_out(rearrange(out, "... n l h -> ... l (n h)"))
+
+    def flex_modules(self, batch: tuple[int, ...], pos: Optional[Tensor]) -> list[Positional]:
+        """The plugins as flexpos modules for one call (identity plugins dropped)."""
+        modules = (p.flex_module(batch, pos) for p in self.plugin)
+        return [m for m in modules if m is not None]
+
+    def _backend(self, masks: LayerMask, device: torch.device) -> Backend:
+        """'auto' becomes 'chunked' for (L, L) masks on CPU (torch 2.13's compiled CPU flex kernel
+        fails to build for many mask/score tables read by query index) and for float masks that
+        need gradients (flexpos only looks at q, k, v and module parameters to decide)."""
+        if self.backend != "auto":
+            return self.backend
+        if masks.pairwise and device.type == "cpu":
+            return "chunked"
+        if masks.bias is not None and masks.bias.requires_grad and torch.is_grad_enabled():
+            return "chunked"
+        return "auto"
+
+    def _warn_dropout(self) -> None:
+        global _dropout_warned
+        if self.training and self.dropout > 0 and not _dropout_warned:
+            _dropout_warned = True
+            warnings.warn(
+                f"attention dropout ({self.dropout}) is not applied by the flex-backed "
+                "legacy.layers.AttnLayer",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm transformer layer: x + attn(norm(x)), then x + ff(norm(x)).
+
+    Args:
+        attn: a bio-attention ``Attention`` (only its dropout is read) or None.
+        dim: model width. nh: number of heads.
+        plugin: a :mod:`legacy.positional` plugin or a list of them (default ``Base()``).
+        dropout: feed-forward dropout. glu_ff: gated feed-forward. activation: 'relu', 'gelu'
+            or 'swish'.
+        backend: flexpos backend ('auto', 'flex' or 'chunked').
+    """
+
+    def __init__(
+        self,
+        attn: Any,
+        dim: int,
+        nh: int,
+        plugin: Plugins = None,
+        dropout: float = 0.2,
+        glu_ff: bool = True,
+        activation: str = "swish",
+        *,
+        backend: Backend = "auto",
+    ) -> None:
+        super().__init__()
+        hint_once("layers.TransformerLayer")
+        act = activation_module(activation)
+        self.norm = nn.LayerNorm(dim)
+        plugin = Base() if plugin is None else plugin
+        self.plugin = nn.ModuleList(plugin if isinstance(plugin, (list, tuple, nn.ModuleList)) else [plugin])
+        self.attn = AttnLayer(dim, attn, nh=nh, plugin=self.plugin, backend=backend)
+        project_in = GLU(dim, 4 * dim, act) if glu_ff else nn.Sequential(nn.Linear(dim, 4 * dim), act)
+        self.ff = Residual(nn.Sequential(nn.LayerNorm(dim), project_in, nn.Dropout(dropout), nn.Linear(4 * dim, dim)))
+
+    def forward(
+        self,
+        x: Tensor,
+        pos: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+        causal: bool = False,
+        **mod_kwargs: Any,
+    ) -> Tensor:
+        """x (B, *, L, dim) -> (B, *, L, dim); arguments as in :meth:`AttnLayer.forward`.
+
+        A (B, *, L') key mask must be bool; it is also passed to the input encodings (False =
+        no encoding added), as in bio-attention.
+        """
+        _no_mod_kwargs(mod_kwargs)
+        key_mask = None
+        if mask is not None and mask.ndim == x.ndim - 1:
+            if mask.dtype != torch.bool:
+                raise TypeError(f"a (B, *, L) mask must be bool, got {mask.dtype}")
+            mask = F.pad(mask, (max(x.shape[-2] - mask.shape[-1], 0), 0), value=True)
+            key_mask = mask
+        for plug in self.plugin:
+            x = plug.mod_x(x, pos=pos, mask=key_mask)
+        x = self.attn(self.norm(x), pos=pos, mask=mask, causal=causal) + x
+        return self.ff(x)

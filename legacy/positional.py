@@ -1,0 +1,337 @@
+"""bio-attention 0.1.15's ``positional`` module, backed by flexpos.
+
+Each class is the flexpos module of the same name (same parameters, buffers and state_dict
+keys, so bio-attention checkpoints load with ``strict=True``) plus bio-attention's interface:
+
+- ``mod_x(x, pos=None, mask=None)`` on x (B, *, L, H); ``forward`` is ``mod_x``;
+- ``mod_qkv(q, k, v, pos_q_k=None, pos_q=None, pos_k=None, self_attn_mode=True)`` on
+  q (B, *, L1, NH, H) and k, v (B, *, L2, NH, H);
+- ``mod_mask(mask, q, k, v, pos_q_k=None, pos_q=None, pos_k=None)`` returning the additive
+  mask (B, *, NH, L1, L2).
+
+They give bio-attention's numbers, quirks included (docs/legacy.md), and plug into code written
+for bio-attention as well as into :class:`legacy.layers.TransformerLayer`, which runs them
+through FlexAttention without materialising (L1, L2) tensors.
+
+Migration: ``from bio_attention import positional`` -> ``from legacy import positional``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import flexpos
+from flexpos.alibi import alibi_slopes
+from flexpos.base import QK, Positional, ScoreMod
+from flexpos.inputs import InputTransform
+from flexpos.positions import Positions
+
+from ._bias import Parity, dense_bias, dpb_dense_bias, head_parity, legacy_alibi, legacy_parity
+from ._hint import hint_once
+from ._layout import add_to_mask, bias_batch_shape, expand_batch, heads_first, heads_last, positions_for
+
+__all__ = ["ALiBi", "Base", "DPB", "LearnedContinuous", "LearnedVocab", "Rotary", "Sinusoidal", "XL"]
+
+QKV = tuple[Tensor, Tensor, Tensor]
+
+
+class Base(Positional):
+    """bio-attention's plugin base: every stage is the identity.
+
+    ``divide`` scales positions down; with ``learned`` its log is the parameter ``div``.
+    """
+
+    def __init__(self, divide: float = 1.0, learned: bool = False) -> None:
+        super().__init__()
+        self._init_divisor(divide, learned)
+        hint_once(f"positional.{type(self).__name__}")
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Same as :meth:`mod_x`."""
+        return self.mod_x(x, *args, **kwargs)
+
+    def mod_x(self, x: Tensor, pos: Optional[Tensor] = None, mask: Optional[Tensor] = None, **kwargs) -> Tensor:
+        """x (B, *, L, H) -> (B, *, L, H)."""
+        return x
+
+    def mod_qkv(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        pos_q_k: Optional[Tensor] = None,
+        pos_q: Optional[Tensor] = None,
+        pos_k: Optional[Tensor] = None,
+        self_attn_mode: bool = True,
+        **kwargs,
+    ) -> QKV:
+        """q (B, *, L1, NH, H), k and v (B, *, L2, NH, H) -> the same shapes."""
+        return q, k, v
+
+    def mod_mask(
+        self,
+        mask: Optional[Tensor],
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        pos_q_k: Optional[Tensor] = None,
+        pos_q: Optional[Tensor] = None,
+        pos_k: Optional[Tensor] = None,
+        **kwargs,
+    ) -> Optional[Tensor]:
+        """mask (B, *, NH, L1, L2) or None -> (B, *, NH, L1, L2) or None."""
+        return mask
+
+    def flex_module(self, batch: tuple[int, ...], pos: Optional[Tensor]) -> Optional[Positional]:
+        """The flexpos module that reproduces this plugin inside flexpos.attention, or None if the
+        plugin does nothing there. ``batch``: leading dims of x; ``pos``: positions as given."""
+        return self if (self.transforms_qk or self.modifies_scores) else None
+
+    def apply_pos_division(self, x: Tensor) -> Tensor:
+        """Positions divided by the (possibly learned) divisor."""
+        return x / self.divisor(torch.promote_types(x.dtype, torch.float32))
+
+    @staticmethod
+    def default_pos_x(x: Tensor) -> Tensor:
+        """(B, *, L, H) -> (B, *, L) positions ``0 .. L-1``."""
+        return torch.arange(x.size(-2), device=x.device).expand(*x.shape[:-1])
+
+
+class _InputMixin(Base):
+    """mod_x of the input encodings: flexpos' forward with bio-attention's broadcasting."""
+
+    def mod_x(self, x: Tensor, pos: Optional[Tensor] = None, mask: Optional[Tensor] = None, **kwargs) -> Tensor:
+        """x (B, *, L, H) plus the encoding of ``pos`` (B, *, L'), L' <= L (the first L - L' tokens,
+        e.g. CLS, get nothing). ``mask`` bool (B, *, M), False = add nothing, aligned to the end
+        of the positions: if M is shorter, the first positioned tokens get their encoding."""
+        batch = tuple(x.shape[:-2])
+        if mask is not None:
+            covered = x.shape[-2] if pos is None else pos.shape[-1]
+            mask = F.pad(mask, (covered - mask.shape[-1], 0), value=True)  # pads or crops
+        return InputTransform.forward(self, x, expand_batch(pos, batch), expand_batch(mask, batch))
+
+
+class Sinusoidal(_InputMixin, flexpos.Sinusoidal):
+    """Sinusoidal encoding added to x; see :class:`flexpos.Sinusoidal`."""
+
+    def __init__(self, dim: int, divide: float = 1.0, learned_div: bool = False) -> None:
+        flexpos.Sinusoidal.__init__(self, dim, divide, learned_div)
+        hint_once("positional.Sinusoidal")
+
+
+class LearnedVocab(_InputMixin, flexpos.LearnedVocab):
+    """Learned lookup table of integer positions; see :class:`flexpos.LearnedVocab`."""
+
+    def __init__(self, dim: int, max_seq_len: int) -> None:
+        flexpos.LearnedVocab.__init__(self, dim, max_seq_len)
+        self._init_divisor(1.0, False)
+        hint_once("positional.LearnedVocab")
+
+
+class LearnedContinuous(_InputMixin, flexpos.LearnedContinuous):
+    """MLP of continuous positions added to x; see :class:`flexpos.LearnedContinuous`."""
+
+    def __init__(
+        self, dim: int, depth: int = 1, norm: bool = False, divide: float = 1.0, learned_div: bool = False
+    ) -> None:
+        flexpos.LearnedContinuous.__init__(self, dim, depth, norm, divide, learned_div)
+        hint_once("positional.LearnedContinuous")
+
+
+class Rotary(Base, flexpos.Rotary):
+    """Rotary embedding of q and k; see :class:`flexpos.Rotary`.
+
+    As in bio-attention 0.1.15, tokens without a position (when positions are shorter than the
+    sequence) get q and k set to zero, where flexpos leaves them unrotated.
+    """
+
+    def __init__(
+        self, head_dim: int, n_dims: Optional[int] = None, divide: float = 1.0, learned_div: bool = False
+    ) -> None:
+        flexpos.Rotary.__init__(self, head_dim, n_dims, divide, learned_div)
+        hint_once("positional.Rotary")
+
+    def _rotate_or_zero(self, x: Tensor, positions: Positions, side: str) -> Tensor:
+        keep = positions.has_position(side).to(x.dtype)[:, None]  # (L, 1)
+        return self.rotate(x, positions, side) * keep
+
+    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
+        return QK(self._rotate_or_zero(q, positions, "q"), self._rotate_or_zero(k, positions, "k"))
+
+    def mod_qkv(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        pos_q_k: Optional[Tensor] = None,
+        pos_q: Optional[Tensor] = None,
+        pos_k: Optional[Tensor] = None,
+        self_attn_mode: bool = True,
+        **kwargs,
+    ) -> QKV:
+        """Rotate q (B, *, L1, NH, H) and k (B, *, L2, NH, H); v is returned as is.
+
+        ``self_attn_mode``: positions ``pos_q_k`` (B, *, L') for both; otherwise ``pos_q`` and
+        ``pos_k``. Missing positions count ``0 .. L-1``.
+        """
+        if self_attn_mode:
+            positions = positions_for(q, k, pos_q_k=pos_q_k)
+        else:
+            positions = positions_for(q, k, pos_q=pos_q, pos_k=pos_k)
+        out = self.transform_qk(heads_first(q), heads_first(k), positions)
+        batch = tuple(q.shape[:-3])
+        return heads_last(out.q, batch), heads_last(out.k, batch), v
+
+
+class _BiasMixin(Base):
+    """mod_mask of the score biases: bio-attention's ``mask + bias`` with flexpos' bias."""
+
+    def dense(self, q: Tensor, positions: Positions, bias_batch: tuple[int, ...]) -> Tensor:
+        """(N, NH, L1, L2) bias for q (B, *, L1, NH, H)."""
+        raise NotImplementedError
+
+    def mod_mask(
+        self,
+        mask: Optional[Tensor],
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        pos_q_k: Optional[Tensor] = None,
+        pos_q: Optional[Tensor] = None,
+        pos_k: Optional[Tensor] = None,
+        **kwargs,
+    ) -> Tensor:
+        """Add the bias to ``mask`` (B, *, NH, L1', L2') (left-padded with 0 to (L1, L2)) or None.
+
+        Positions: ``pos_q_k`` (B, *, L') for self-attention, else ``pos_q`` (B, *, L1') and
+        ``pos_k`` (B, *, L2'); a missing side counts ``0 .. L-1``; tokens without a position get
+        no bias. Returns (B, *, NH, L1, L2).
+        """
+        batch = tuple(q.shape[:-3])
+        positions = positions_for(q, k, pos_q_k, pos_q, pos_k)
+        bias = self.dense(q, positions, bias_batch_shape(batch, pos_q_k, pos_q, pos_k))
+        return add_to_mask(mask, bias, batch)
+
+
+def _work_dtype(q: Tensor) -> torch.dtype:
+    return torch.promote_types(q.dtype, torch.float32)
+
+
+class ALiBi(_BiasMixin, flexpos.ALiBi):
+    """ALiBi; see :class:`flexpos.ALiBi`. ``learned_div`` works (it crashes in bio-attention).
+
+    Asymmetric heads block the wrong direction with ``-finfo.max`` (bio-attention's number)
+    rather than -inf; see docs/legacy.md for the head alternation with extra batch dims.
+    """
+
+    _get_slopes = staticmethod(alibi_slopes)
+
+    def __init__(
+        self,
+        n_heads: int,
+        use_n_heads: Optional[int] = None,
+        asymmetric: bool = False,
+        divide: float = 1.0,
+        learned_div: bool = False,
+    ) -> None:
+        flexpos.ALiBi.__init__(self, n_heads, use_n_heads, asymmetric, divide, learned_div)
+        hint_once("positional.ALiBi")
+
+    def legacy_score_mod(self, positions: Positions, dtype: torch.dtype, parity: Parity, penalty: float) -> ScoreMod:
+        return legacy_alibi(self, positions, dtype, parity, penalty)
+
+    def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:
+        # A quarter of finfo.max: as absorbing as finfo.max, but safe from overflow in kernels
+        # that rescale scores (exp2).
+        return self.legacy_score_mod(positions, dtype, head_parity, torch.finfo(dtype).max / 4)
+
+    def dense(self, q: Tensor, positions: Positions, bias_batch: tuple[int, ...]) -> Tensor:
+        dtype = _work_dtype(q)
+        parity = legacy_parity(tuple(q.shape[:-3]), bias_batch, q.device)
+        score_mod = self.legacy_score_mod(positions, dtype, parity, torch.finfo(dtype).max)
+        return dense_bias(score_mod, positions, self.n_heads, dtype)
+
+    def flex_module(self, batch: tuple[int, ...], pos: Optional[Tensor]) -> Optional[Positional]:
+        bias_batch = batch if pos is None else tuple(pos.shape[:-1])
+        parity = legacy_parity(batch, bias_batch, self.slopes.device)
+        if not self.asymmetric or parity is head_parity:
+            return self
+        return _BoundALiBi(self, parity)
+
+
+class _BoundALiBi(Positional):
+    """A legacy ALiBi with the head alternation of one layer call (see legacy._bias)."""
+
+    modifies_scores = True
+
+    def __init__(self, alibi: ALiBi, parity: Parity) -> None:
+        super().__init__()
+        self.alibi, self.parity, self.n_heads = alibi, parity, alibi.n_heads
+
+    def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:
+        return self.alibi.legacy_score_mod(positions, dtype, self.parity, torch.finfo(dtype).max / 4)
+
+
+class DPB(_BiasMixin, flexpos.DPB):
+    """Dynamic positional bias; see :class:`flexpos.DPB`. ``learned_div`` works (it crashes in
+    bio-attention). ``mod_mask`` runs the MLP on every distance like bio-attention; inside
+    flexpos.attention the MLP is tabulated (exact for integer positions, see flexpos.dpb)."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        depth: int = 1,
+        norm: bool = False,
+        divide: float = 1.0,
+        learned_div: bool = False,
+        *,
+        table_size: int = 65537,
+    ) -> None:
+        flexpos.DPB.__init__(self, dim, n_heads, depth, norm, divide, learned_div, table_size=table_size)
+        hint_once("positional.DPB")
+
+    def dense(self, q: Tensor, positions: Positions, bias_batch: tuple[int, ...]) -> Tensor:
+        return dpb_dense_bias(self, positions).to(q.dtype)
+
+
+class XL(_BiasMixin, flexpos.XL):
+    """Transformer-XL relative bias; see :class:`flexpos.XL`. ``learned_div`` works (it crashes
+    in bio-attention).
+
+    bio-attention 0.1.15's numbers: ``mod_qkv`` adds ``bias_r_w`` (u) to q and ``mod_mask`` adds
+    it again before the relative term, so scores are ``(q + u).k / sqrt(H) + (q + 2u).r`` and
+    ``bias_r_r`` is never used; flexpos.XL computes ``(q + u).k / sqrt(H) + (q + v).r``.
+    """
+
+    def __init__(self, dim: int, n_heads: int, divide: float = 1.0, learned_div: bool = False) -> None:
+        flexpos.XL.__init__(self, dim, n_heads, divide, learned_div)
+        hint_once("positional.XL")
+
+    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
+        self.check_heads(q)
+        u = self.bias_r_w.to(q.dtype)[None, :, None]
+        q_u = q + u
+        f = self.query_features(q_u + u, positions)
+        return QK(q_u, k, f, self.key_features(positions, f.dtype))
+
+    def mod_qkv(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        pos_q_k: Optional[Tensor] = None,
+        pos_q: Optional[Tensor] = None,
+        pos_k: Optional[Tensor] = None,
+        self_attn_mode: bool = True,
+        **kwargs,
+    ) -> QKV:
+        """q (B, *, L1, NH, H) -> q + bias_r_w; k and v unchanged."""
+        return q + self.bias_r_w, k, v
+
+    def dense(self, q: Tensor, positions: Positions, bias_batch: tuple[int, ...]) -> Tensor:
+        return self.relative_bias(heads_first(q + self.bias_r_w), positions)
