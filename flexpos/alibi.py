@@ -75,11 +75,14 @@ class ALiBi(Positional):
         self._init_divisor(divide, learned_div)
         self.register_buffer("slopes", head_slopes(n_heads, use, self.asymmetric))
 
-    def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:
+    def score_mod(
+        self, positions: Positions, dtype: torch.dtype = torch.float32, asymmetric: Optional[bool] = None
+    ) -> ScoreMod:
+        """The score_mod for ``positions``; ``asymmetric`` overrides the module's setting."""
         rel = positions.relative(dtype)
         slopes = self.slopes.reshape(-1).to(dtype)
         div = self.divisor(dtype)
-        asymmetric = self.asymmetric
+        asymmetric = self.asymmetric if asymmetric is None else asymmetric
 
         def alibi(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             delta, valid = rel(b, q_idx, kv_idx)

@@ -80,11 +80,7 @@ def legacy_parity(batch: Batch, bias_batch: Batch, device: torch.device) -> Pari
 
 def symmetric_alibi(alibi: NativeALiBi, positions: Positions, dtype: torch.dtype) -> ScoreMod:
     """flexpos' ALiBi score_mod without the asymmetric masking: ``score - |bias|``."""
-    asymmetric, alibi.asymmetric = alibi.asymmetric, False
-    try:
-        return NativeALiBi.score_mod(alibi, positions, dtype)
-    finally:
-        alibi.asymmetric = asymmetric
+    return NativeALiBi.score_mod(alibi, positions, dtype, asymmetric=False)
 
 
 def legacy_alibi(
