@@ -66,6 +66,7 @@ def run_flex(
         q, k, v = q.detach(), k.detach(), v.detach()
     dv = v.shape[-1]
     if q.device.type == "cpu":
+        q, k, v, score_mod, restore = _cpu_batch_of_one(q, k, v, score_mod)
         q, k, v = _cpu_safe(q, k, v)
     default = q.shape[-1] ** -0.5
     if scale != default:
@@ -76,10 +77,40 @@ def run_flex(
     # symbol, so a later call where they differ does not recompile.
     with fx_config.patch(use_duck_shape=False):
         out = _flex()(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    if q.device.type == "cpu":
+        out = restore(out)
     return out[..., :dv]
 
 
 MIN_CPU_HEAD_DIM = 32
+
+
+def _cpu_batch_of_one(q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[ScoreMod]):
+    """Inductor's CPU flex kernel fails to build for batch 1 (torch 2.13, 'cur_qSplitSize7' was
+    not declared): run the heads as the batch (or a lone head twice) and map indices back.
+
+    Only reached with masks that ignore b and h (see ``cpu_flex_safe``). Returns q, k, v, the
+    score_mod to use and a function that restores the output's (B, H, Lq, Dv) layout.
+    """
+    if q.shape[0] != 1:
+        return q, k, v, score_mod, lambda out: out
+    heads = q.shape[1]
+    if heads > 1:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        restore = lambda out: out.transpose(0, 1)  # noqa: E731
+    else:
+        q, k, v = (torch.cat((t, t)) for t in (q, k, v))
+        restore = lambda out: out[:1]  # noqa: E731
+    if score_mod is None:
+        return q, k, v, None, restore
+    inner = score_mod
+
+    def batch_of_one(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        zero = torch.zeros_like(b)
+        return inner(score, zero, b if heads > 1 else h, q_idx, kv_idx)
+
+    batch_of_one.__name__ = f"{getattr(inner, '__name__', 'score_mod')}_batch_of_one"
+    return q, k, v, batch_of_one, restore
 
 
 def _cpu_safe(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:

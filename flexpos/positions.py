@@ -163,6 +163,10 @@ class Positions:
         ref = self._reference()
         q_hi, q_lo = _split(self.q, ref, self.len_q, dtype)
         k_hi, k_lo = _split(self.k, ref, self.len_k, dtype)
+        if q_hi.shape[0] == 1:
+            # A batch-1 table gets a static stride that Inductor's CPU flex kernel mis-indexes
+            # (torch 2.13); a second, unused row keeps the batch dim symbolic.
+            q_hi, q_lo, k_hi, k_lo = (t.expand(2, -1).contiguous() for t in (q_hi, q_lo, k_hi, k_lo))
         device = self.q.device
         off_q = torch.tensor(self.off_q, device=device)
         off_k = torch.tensor(self.off_k, device=device)

@@ -158,3 +158,17 @@ def test_cpu_routes_table_masks_to_chunked_and_skips_empty_tiles():
     keep = (p[:, :, None] - p[:, None, :]).abs()[:, None] <= 100
     ref = R.attend(q, k, v, R.alibi_bias(H, p, p, has, has), keep)
     assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("heads", [1, H])
+def test_flex_batch_of_one(heads):
+    """Batch 1 (which the raw CPU kernel cannot build) with ALiBi + DPB and a causal mask."""
+    q, k, v = (torch.randn(1, heads, 300, D) for _ in range(3))
+    pos = positions(1, 299)
+    alibi, dpb = ALiBi(heads, divide=20.0), DPB(16, heads, divide=300.0)
+    with torch.no_grad():
+        out = flexpos.attention(q, k, v, alibi, dpb, pos=pos, causal=True, backend="flex")
+    p, has = R.padded_positions(pos, 1, 300)
+    bias = R.alibi_bias(heads, p, p, has, has, divide=20.0) + R.dpb_bias(dpb, p, p, has, has, 300.0)
+    ref = R.attend(q, k, v, bias, torch.ones(300, 300, dtype=torch.bool).tril())
+    assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
