@@ -22,14 +22,19 @@ def rotary_frequencies(head_dim: int, n_dims: Optional[int]) -> Tensor:
     return thetas
 
 
+def rotation(pos: Tensor, keep: Tensor, thetas: Tensor, div: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin (N, 1, L, D/2) in ``dtype`` of angles ``pos / div * thetas`` formed in float64.
+
+    pos (N, L); keep (L,): tokens without a position get angle 0 (identity).
+    """
+    angles = (pos.double() / div)[:, None, :, None] * thetas.double() * keep[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 @lazy_compile
-def _rotate(x: Tensor, pos: Tensor, keep: Tensor, thetas: Tensor, div: Tensor) -> Tensor:
-    """x (N, H, L, D) rotated pairwise by ``pos / div * thetas``; pos (N, L), keep (L,)."""
-    angles = (pos.double() / div)[:, None, :, None] * thetas.double()  # (N, 1, L, D/2)
-    angles = angles * keep[:, None]  # tokens without a position: angle 0, identity
-    work = torch.promote_types(x.dtype, torch.float32)
-    cos, sin = angles.cos().to(work), angles.sin().to(work)
-    x0, x1 = x.to(work).unflatten(-1, (-1, 2)).unbind(-1)  # (N, H, L, D/2) each
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (N, H, L, D) rotated pairwise by the angles behind cos/sin (N, 1, L, D/2)."""
+    x0, x1 = x.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)  # (N, H, L, D/2) each
     out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
     return out.flatten(-2).to(x.dtype)
 
@@ -58,16 +63,25 @@ class Rotary(Positional):
         self._init_divisor(divide, learned_div)
         self.register_buffer("thetas", rotary_frequencies(head_dim, n_dims))
 
+    def _cos_sin(self, positions: Positions, side: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        work = torch.promote_types(dtype, torch.float32)
+        keep = positions.has_position(side)
+        return rotation(positions.absolute(side), keep, self.thetas, self.divisor(torch.float64), work)
+
+    def _check_dim(self, x: Tensor) -> None:
+        if x.shape[-1] != self.head_dim:
+            raise ValueError(f"Rotary(head_dim={self.head_dim}) got q/k with head dim {x.shape[-1]}")
+
     def rotate(self, x: Tensor, positions: Positions, side: str) -> Tensor:
         """x (B, H, L, head_dim) with ``side``'s positions ('q' or 'k') -> rotated x."""
-        if x.shape[-1] != self.head_dim:
-            raise ValueError(
-                f"Rotary(head_dim={self.head_dim}) got q/k with head dim {x.shape[-1]}"
-            )
-        keep = positions.has_position(side)
-        return _rotate(x, positions.absolute(side), keep, self.thetas, self.divisor(torch.float64))
+        self._check_dim(x)
+        return _rotate(x, *self._cos_sin(positions, side, x.dtype))
 
     def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
+        if positions.q is positions.k and q.shape[-2] == k.shape[-2]:  # self-attention: share angles
+            self._check_dim(q)
+            cos, sin = self._cos_sin(positions, "q", q.dtype)
+            return QK(_rotate(q, cos, sin), _rotate(k, cos, sin))
         return QK(self.rotate(q, positions, "q"), self.rotate(k, positions, "k"))
 
     def forward(
