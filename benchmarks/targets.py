@@ -1,0 +1,379 @@
+"""Measure flexpos' performance targets as ratios in one process and print them.
+
+    python benchmarks/targets.py            # CPU targets (and GPU targets when CUDA is present)
+    python benchmarks/targets.py --gpu-only # GPU targets only (benchmarks/gpu.sh)
+
+CPU (float32):
+  1. ALiBi forward, B=1 H=8 D=64, L=4096: flexpos >= 2x faster than the dense path.
+  2. ALiBi forward, L=8192: flexpos' peak memory growth <= 1/10 of the dense path's;
+     L=32768 runs.
+  3. Rotary on (4, 4096, 8, 64): the compiled transform >= 4x faster than the original's
+     ``mod_qkv`` (bio-attention when installed, else the eager formula of flexpos.bench).
+GPU (bfloat16, B=4 H=16 D=64):
+  4. L=8192 forward+backward: ALiBi and DPB >= 0.85x the throughput of flex with no
+     score_mod, and >= 3x faster than the dense path.
+  5. L=32768 forward+backward: the dense path runs out of memory or is >= 5x slower; flexpos runs.
+  6. Rotary transform >= 70% of the GPU's memory bandwidth.
+
+Timings are medians of interleaved runs (min in brackets: on a shared machine the fastest
+run is the least disturbed one); torch.compile is reset between cases and compile time is
+excluded. Exit status 0 even when a target is missed: the printout is the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+try:
+    import flexpos
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import flexpos
+
+import torch  # noqa: E402
+
+from flexpos.bench import (  # noqa: E402
+    GIB,
+    PeakMemory,
+    Runner,
+    Setup,
+    available_bytes,
+    bio_available,
+    build_case,
+    dense_rotate,
+    fix_malloc_threshold,
+    irregular_positions,
+    machine_facts,
+)
+
+RESULTS: list[tuple[str, str, bool]] = []
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def verdict(name: str, measured: str, ok: Optional[bool]) -> None:
+    mark = "n/a" if ok is None else ("MET" if ok else "MISSED")
+    RESULTS.append((name, measured, bool(ok)))
+    say(f"  -> {name}: {measured}  [{mark}]")
+
+
+def interleaved(fns: dict[str, Callable[[], object]], sync: Callable[[], None], repeat: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def fmt(t: Sequence[float]) -> str:
+    return f"{statistics.median(t) * 1e3:,.1f} ms (min {min(t) * 1e3:,.1f})"
+
+
+def ratio(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """(median a / median b, min a / min b)."""
+    return statistics.median(a) / statistics.median(b), min(a) / min(b)
+
+
+def fresh() -> None:
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def first_call(label: str, runner: Runner, fn: Callable[[], object]) -> Optional[float]:
+    """Compile/warm one path; None (and a printed reason) if it fails."""
+    try:
+        start = time.perf_counter()
+        runner.call(fn)
+        runner.sync()
+        return time.perf_counter() - start
+    except Exception as err:
+        say(f"  {label} failed: {type(err).__name__}: {str(err).splitlines()[0][:150]}")
+        fresh()
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# CPU
+
+
+def cpu_alibi_speed(repeat: int) -> None:
+    say("\n[1] CPU ALiBi forward, float32, B=1 H=8 D=64, L=4096: flexpos vs dense")
+    fresh()
+    s = Setup("alibi", 4096, batch=1, heads=8, head_dim=64)
+    case = build_case(s)
+    runner = Runner(torch.device("cpu"), False, case.leaves)
+    say(f"  dense = {case.dense_label}")
+    compile_s = first_call("flexpos", runner, case.flexpos)
+    if compile_s is None:
+        verdict("CPU ALiBi L=4096 speed-up >= 2x", "flexpos did not run", False)
+        return
+    say(f"  flexpos first call (compile + run): {compile_s:.1f} s")
+    out_f, out_d = runner.call(case.flexpos)[0], runner.call(case.dense)[0]
+    say(f"  max |flexpos - dense| = {float((out_f - out_d).abs().max()):.1e}")
+    runner.call(case.floor)
+    times = interleaved({"dense": lambda: runner.call(case.dense), "flexpos": lambda: runner.call(case.flexpos),
+                         "floor": lambda: runner.call(case.floor)}, runner.sync, repeat)
+    for name, t in times.items():
+        say(f"  {name:8s} {fmt(t)}")
+    med, best = ratio(times["dense"], times["flexpos"])
+    verdict("CPU ALiBi L=4096 speed-up >= 2x", f"{med:.2f}x median ({best:.2f}x min)", med >= 2.0)
+
+
+def cpu_alibi_memory() -> None:
+    say("\n[2] CPU ALiBi forward, float32, B=1 H=8 D=64: peak memory growth at L=8192; L=32768 runs")
+    memory = PeakMemory(torch.device("cpu"))
+    say(f"  memory: {memory.method}")
+    peaks: dict[str, float] = {}
+    fresh()
+    s = Setup("alibi", 8192, batch=1, heads=8, head_dim=64)
+    case = build_case(s)
+    runner = Runner(torch.device("cpu"), False, case.leaves)
+    say(f"  dense path estimated at {case.dense_bytes / GIB:.1f} GiB; its (1, 8, 8192, 8192) float32 bias alone is 2 GiB")
+    if first_call("flexpos", runner, case.flexpos) is not None:
+        t, peaks["flexpos"] = memory.measure(lambda: runner.timed(case.flexpos))
+        say(f"  flexpos  L=8192: {t * 1e3:,.0f} ms, peak growth {peaks['flexpos']:,.1f} MiB")
+    runner.call(case.dense)
+    t, peaks["dense"] = memory.measure(lambda: runner.timed(case.dense))
+    say(f"  dense    L=8192: {t * 1e3:,.0f} ms, peak growth {peaks['dense']:,.1f} MiB")
+    if "flexpos" in peaks and peaks["dense"]:
+        share = peaks["flexpos"] / peaks["dense"]
+        verdict("CPU L=8192 flexpos memory <= 1/10 of dense", f"{share:.4f} of dense (1/{1 / max(share, 1e-9):,.0f})",
+                share <= 0.1)
+    else:
+        verdict("CPU L=8192 flexpos memory <= 1/10 of dense", "flexpos did not run", False)
+    del case, runner
+    fresh()
+    s = Setup("alibi", 32768, batch=1, heads=8, head_dim=64)
+    case = build_case(s)
+    runner = Runner(torch.device("cpu"), False, case.leaves)
+    free = available_bytes(torch.device("cpu")) or 0
+    say(f"  dense    L=32768: not run, would need {case.dense_bytes / GIB:.0f} GiB ({free / GIB:.1f} GiB free)")
+    say("  flexpos  L=32768: compiling and running (about a minute or two on 2 cores) ...")
+    if first_call("flexpos", runner, case.flexpos) is None:
+        verdict("CPU L=32768 runs", "flexpos failed", False)
+        return
+    t, peak = memory.measure(lambda: runner.timed(case.flexpos))
+    say(f"  flexpos  L=32768: {t:,.1f} s, peak growth {peak:,.1f} MiB")
+    verdict("CPU L=32768 runs", f"flexpos {t:.1f} s, {peak:,.0f} MiB peak growth", True)
+
+
+def cpu_rotary(repeat: int) -> None:
+    say("\n[3] CPU Rotary on (4, 4096, 8, 64) float32: compiled flexpos transform vs the original's mod_qkv")
+    fresh()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 4096, 8, 64, generator=gen) for _ in range(3))  # bio layout (B, L, NH, H)
+    pos = irregular_positions(4, 4096, gen)
+    qh, kh = (t.transpose(1, 2).contiguous() for t in (q, k))  # flexpos layout (B, H, L, D)
+    rot = flexpos.Rotary(64)
+    fns: dict[str, Callable[[], object]] = {}
+    if bio_available():
+        from bio_attention import positional as bio
+
+        original = bio.Rotary(64)
+        fns["bio-attention mod_qkv"] = lambda: original.mod_qkv(q, k, v, pos_q_k=pos)
+        reference = "bio-attention mod_qkv"
+    else:
+        fns["eager formula"] = lambda: (dense_rotate(rot, qh, pos), dense_rotate(rot, kh, pos))
+        reference = "eager formula"
+    start = time.perf_counter()
+    out = rot(qh, kh, pos=pos)
+    say(f"  flexpos transform first call (compile + run): {time.perf_counter() - start:.1f} s")
+    fns["flexpos compiled"] = lambda: rot(qh, kh, pos=pos)
+    want = fns[reference]()
+    want_q = want[0] if reference.startswith("bio") else want[0].transpose(1, 2)
+    say(f"  max |flexpos - {reference}| = {float((out[0].transpose(1, 2) - want_q).abs().max()):.1e}")
+
+    def run_eager() -> object:
+        previous = flexpos.set_compile(False)
+        try:
+            return rot(qh, kh, pos=pos)
+        finally:
+            flexpos.set_compile(previous)
+
+    run_eager()
+    fns["flexpos eager"] = run_eager
+    times = interleaved(fns, lambda: None, repeat)
+    for name, t in times.items():
+        say(f"  {name:22s} {fmt(t)}")
+    med, best = ratio(times[reference], times["flexpos compiled"])
+    verdict("CPU Rotary compiled >= 4x the original", f"{med:.2f}x median ({best:.2f}x min) vs {reference}", med >= 4.0)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU
+
+
+def gpu_peak_bandwidth(device: torch.device) -> tuple[Optional[float], str]:
+    """Theoretical DRAM bandwidth in bytes/s, and where the number came from."""
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_bits = getattr(props, "memory_bus_width", None)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8, f"2 x {clock_khz / 1e3:.0f} MHz x {bus_bits} bit (device properties)"
+    table = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12,
+             "H100 NVL": 3.9e12, "A100-SXM4-80GB": 2.039e12, "A100-SXM4-40GB": 1.555e12, "A100 80GB PCIe": 1.935e12}
+    for name, bw in table.items():
+        if name in props.name:
+            return bw, f"datasheet value for {name}"
+    return None, "unknown"
+
+
+def measured_copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a device-to-device copy of 1 GiB (it reads 1 GiB and writes 1 GiB)."""
+    x = torch.empty(GIB, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize(device)
+    n = 10
+    start = time.perf_counter()
+    for _ in range(n):
+        y.copy_(x)
+    torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - start) / n
+    del x, y
+    return 2 * GIB / seconds
+
+
+def gpu_score_mods(repeat: int) -> None:
+    for length in (8192, 32768):
+        for scheme in ("alibi", "dpb"):
+            say(f"\n[{4 if length == 8192 else 5}] GPU {scheme} forward+backward, bfloat16, B=4 H=16 D=64, L={length}")
+            fresh()
+            gpu_score_mod_case(scheme, length, repeat)
+            fresh()
+
+
+def gpu_score_mod_case(scheme: str, length: int, repeat: int) -> None:
+    device = torch.device("cuda")
+    s = Setup(scheme, length, batch=4, heads=16, head_dim=64, dtype="bfloat16", device="cuda",
+              backward=True, dense="formula")
+    case = build_case(s)
+    runner = Runner(device, True, case.leaves)
+    fns: dict[str, Callable[[], object]] = {}
+    paths = [("flexpos", case.flexpos)]
+    if length == 8192:  # the references for the throughput target; at 32768 only "does it run"
+        paths += [("flex no score_mod", case.flex_floor), ("sdpa floor", case.floor)]
+    for name, fn in paths:
+        t0 = first_call(name, runner, fn)
+        if t0 is not None:
+            say(f"  {name}: first call (compile + run) {t0:.1f} s")
+            fns[name] = lambda fn=fn: runner.call(fn)
+    free = available_bytes(device) or 0
+    dense_note = ""
+    if case.dense_bytes > 0.9 * free:
+        dense_note = f"estimated {case.dense_bytes / GIB:.0f} GiB ({free / GIB:.0f} GiB free)"
+    try:  # run even when the estimate says no: a CUDA out-of-memory error is harmless
+        runner.call(case.dense)
+        fns["dense"] = lambda: runner.call(case.dense)
+    except torch.cuda.OutOfMemoryError:
+        dense_note = (dense_note + "; " if dense_note else "") + "CUDA out of memory when run"
+        say(f"  dense: {dense_note}")
+        fresh()
+    times = interleaved(fns, lambda: torch.cuda.synchronize(device), repeat)
+    for name, t in times.items():
+        say(f"  {name:18s} {fmt(t)}")
+    if "flexpos" not in times:
+        verdict(f"GPU {scheme} L={length}", "flexpos did not run", False)
+        return
+    if length == 8192:
+        if "flex no score_mod" in times:
+            med, best = ratio(times["flex no score_mod"], times["flexpos"])
+            verdict(f"GPU {scheme} L=8192 throughput >= 0.85x flex no score_mod",
+                    f"{med:.2f}x median ({best:.2f}x min)", med >= 0.85)
+        if "dense" in times:
+            med, best = ratio(times["dense"], times["flexpos"])
+            verdict(f"GPU {scheme} L=8192 >= 3x faster than dense", f"{med:.2f}x median ({best:.2f}x min)", med >= 3.0)
+        else:
+            verdict(f"GPU {scheme} L=8192 >= 3x faster than dense", f"dense did not run: {dense_note}", True)
+    elif "dense" in times:
+        med, _ = ratio(times["dense"], times["flexpos"])
+        verdict(f"GPU {scheme} L=32768 dense OOM or >= 5x slower", f"dense ran, {med:.2f}x slower", med >= 5)
+    else:
+        verdict(f"GPU {scheme} L=32768 dense OOM or >= 5x slower", f"dense: {dense_note}; flexpos ran", True)
+
+
+def gpu_rotary(repeat: int) -> None:
+    say("\n[6] GPU Rotary transform, bfloat16, q and k of (4, 16, 8192, 64): achieved memory bandwidth")
+    device = torch.device("cuda")
+    fresh()
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(4, 16, 8192, 64, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+    pos = irregular_positions(4, 8192, gen).to(device)
+    rot = flexpos.Rotary(64).to(device)
+    start = time.perf_counter()
+    rot(q, k, pos=pos)
+    torch.cuda.synchronize(device)
+    say(f"  first call (compile + run): {time.perf_counter() - start:.1f} s")
+    times = interleaved({"flexpos compiled": lambda: rot(q, k, pos=pos),
+                         "eager formula": lambda: (dense_rotate(rot, q, pos), dense_rotate(rot, k, pos))},
+                        lambda: torch.cuda.synchronize(device), repeat)
+    moved = 2 * 2 * q.numel() * q.element_size() + 2 * pos.numel() * pos.element_size()  # read + write q, k
+    for name, t in times.items():
+        say(f"  {name:18s} {fmt(t)}  -> {moved / statistics.median(t) / 1e9:,.0f} GB/s")
+    achieved = moved / statistics.median(times["flexpos compiled"])
+    peak, source = gpu_peak_bandwidth(device)
+    copy = measured_copy_bandwidth(device)
+    say(f"  device-to-device copy: {copy / 1e9:,.0f} GB/s; theoretical peak: "
+        f"{'unknown' if peak is None else f'{peak / 1e9:,.0f} GB/s'} ({source})")
+    reference = peak or copy
+    verdict("GPU Rotary >= 70% of memory bandwidth",
+            f"{achieved / 1e9:,.0f} GB/s = {achieved / reference:.0%} of {'peak' if peak else 'copy'} "
+            f"({achieved / copy:.0%} of measured copy)", achieved / reference >= 0.7)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu-only", action="store_true", help="skip the CPU targets")
+    p.add_argument("--cpu-only", action="store_true", help="skip the GPU targets")
+    p.add_argument("--repeat", type=int, default=7, help="interleaved timed runs per path")
+    p.add_argument("--skip-32k", action="store_true", help="skip the CPU L=32768 run (minutes)")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.cpu_only
+    device = torch.device("cuda" if cuda else "cpu")
+    facts = machine_facts(device)
+    say("flexpos targets")
+    say(f"command: {' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}")
+    say(f"date: {facts['date']}; python {facts['python']}; torch {facts['torch']}; {facts['platform']}")
+    say(f"cpu: {facts['cpu']}; {facts['cpu_count']} cores; torch threads {facts['torch_threads']}")
+    if cuda:
+        say(f"gpu: {facts['gpu']} ({facts['gpu_memory_gib']} GiB), CUDA {facts['cuda']}")
+    say(f"flexpos {facts.get('flexpos', '?')}; bio-attention {facts.get('bio_attention', 'not installed')}; "
+        f"FLEXPOS_COMPILE={os.environ.get('FLEXPOS_COMPILE', '1')}")
+    if not args.gpu_only:
+        fix_malloc_threshold()
+        cpu_alibi_speed(args.repeat)
+        cpu_alibi_memory() if not args.skip_32k else say("\n[2] skipped (--skip-32k)")
+        cpu_rotary(args.repeat)
+    if cuda:  # quickest first: gpu.sh gives this script a time limit
+        gpu_rotary(args.repeat)
+        gpu_score_mods(args.repeat)
+    elif not args.cpu_only:
+        say("\nGPU targets: no CUDA device here (run benchmarks/gpu.sh on a GPU machine)")
+    say("\nsummary")
+    for name, measured, ok in RESULTS:
+        say(f"  {'MET   ' if ok else 'MISSED'}  {name}: {measured}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

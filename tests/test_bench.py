@@ -1,0 +1,105 @@
+"""``python -m flexpos.bench``: its JSON, its agreement with the dense path, its memory guard."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flexpos import bench
+
+FIELDS = {
+    "scheme", "length", "batch", "heads", "head_dim", "dtype", "mode", "device", "dense_ms", "flexpos_ms",
+    "floor_ms", "speedup", "dense_peak_mb", "flexpos_peak_mb", "max_abs_diff", "compile_s", "dense_status",
+    "flexpos_status",
+}
+@pytest.fixture(autouse=True)
+def _keep_malloc_adaptive(monkeypatch):
+    """main() pins glibc's mmap threshold for clean RSS peaks; not for the rest of this session."""
+    monkeypatch.setattr(bench, "fix_malloc_threshold", lambda: False)
+
+
+SMALL = ["--lengths", "256", "--batch", "2", "--heads", "4", "--head-dim", "16", "--repeat", "1", "--quiet"]
+
+
+def run(tmp_path, *args: str) -> dict:
+    path = tmp_path / "bench.json"
+    assert bench.main([*SMALL, *args, "--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def test_compiled_flexpos_matches_the_dense_path(tmp_path, capsys):
+    """The default (compiled flex) path against bio-attention's plugins, or the dense formulas."""
+    dense = "bio" if bench.bio_available() else "formula"
+    data = run(tmp_path, "--schemes", "alibi", "window", "--window", "40", "--dense", dense)
+    assert data["settings"]["dense"] == dense
+    assert {"torch", "cpu_count", "date"} <= set(data["machine"])
+    rows = data["results"]
+    assert [r["scheme"] for r in rows] == ["alibi", "window"]
+    for r in rows:
+        assert FIELDS <= set(r)
+        assert r["flexpos_status"] == "ok" and r["dense_status"] == "ok", r
+        assert r["max_abs_diff"] < 1e-4, r
+        assert r["dense_ms"] > 0 and r["flexpos_ms"] > 0 and r["speedup"] == pytest.approx(
+            r["dense_ms"] / r["flexpos_ms"], rel=0.02)
+        assert r["compile_s"] >= 0
+    table = capsys.readouterr().out
+    assert "dense peak MB" in table and "max |diff|" in table and "alibi" in table
+
+
+@pytest.mark.parametrize("dense", ["formula", "bio"])
+def test_every_scheme_forward_and_backward_agrees(tmp_path, dense):
+    """Chunked backend (no compile): outputs and input gradients match the dense path."""
+    if dense == "bio" and not bench.bio_available():
+        pytest.skip("bio-attention is not installed")
+    data = run(tmp_path, "--schemes", *bench.SCHEMES, "--backend", "chunked", "--mode", "fwdbwd", "--dense", dense)
+    assert [r["scheme"] for r in data["results"]] == list(bench.SCHEMES)
+    for r in data["results"]:
+        assert r["mode"] == "fwd+bwd" and r["dense_status"] == "ok" and r["flexpos_status"] == "ok", r
+        assert r["max_abs_diff"] < 2e-4, r
+
+
+def test_dense_path_that_would_not_fit_is_reported_not_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "available_bytes", lambda device: 64 * 2**20)
+    data = run(tmp_path, "--schemes", "xl", "--backend", "chunked")
+    row = data["results"][0]
+    assert row["dense_status"].startswith("skipped: would need")
+    assert row["dense_ms"] is None and row["flexpos_ms"] > 0
+    assert "would need" in capsys.readouterr().out
+
+
+def test_dense_estimate_covers_the_measured_peak():
+    """The guard's estimate is an upper bound of what the dense path really takes."""
+    memory = bench.PeakMemory(torch.device("cpu"))
+    if memory.method == "unavailable":
+        pytest.skip("no way to measure memory here")
+    for scheme in ("alibi", "dpb"):
+        setup = bench.Setup(scheme, 1024, batch=1, heads=4, head_dim=16, dense="formula")
+        case = bench.build_case(setup)
+        with torch.no_grad():
+            case.dense()
+            _, peak = memory.measure(case.dense)
+        assert peak * 2**20 <= case.dense_bytes, (scheme, peak, case.dense_bytes / 2**20)
+        assert peak * 2**20 >= case.dense_bytes / 4, (scheme, peak, case.dense_bytes / 2**20)  # not absurdly loose
+
+
+def test_peak_memory_sees_a_buffer():
+    memory = bench.PeakMemory(torch.device("cpu"))
+    if memory.method == "unavailable":
+        pytest.skip("no way to measure memory here")
+    _, peak = memory.measure(lambda: torch.ones(64 * 2**20 // 4).sum())
+    assert 60 <= peak <= 100
+
+
+def test_arguments_are_checked():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--schemes", "nope"])
+    args = bench.parse_args(["--schemes", "alibi,dpb", "--lengths", "128", "256", "--device", "cpu"])
+    assert args.schemes == ["alibi", "dpb"] and args.lengths == [128, 256] and args.dtype == "float32"
+
+
+def test_flexpos_memory_is_foreseen_from_smaller_lengths():
+    assert bench.foresee([], 4096) is None
+    assert bench.foresee([(1024, 8.0)], 4096) == pytest.approx(128 * 2**20)  # as L**2 from one length
+    assert bench.foresee([(1024, 8.0), (4096, 32.0)], 32768) == pytest.approx(256 * 2**20)  # measured: linear
