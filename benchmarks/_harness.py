@@ -17,7 +17,7 @@ from typing import Optional
 import pytest
 import torch
 
-from flexpos.bench import GIB, Case, PeakMemory, Runner, Setup, available_bytes, build_case, fix_malloc_threshold
+from flexpos.bench import GIB, Case, PeakMemory, Runner, Setup, available_bytes, build_case
 
 PATHS = ("flexpos", "dense", "floor")
 # group -> path -> median seconds, filled by `run` and printed by conftest's terminal summary
@@ -51,8 +51,6 @@ def live_case(setup: Setup) -> Live:
         torch.cuda.empty_cache()
     torch._dynamo.reset()
     device = torch.device(setup.device)
-    if device.type == "cpu":
-        fix_malloc_threshold()
     case = build_case(setup)
     live = Live(key, setup, case, Runner(device, setup.backward, case.leaves), PeakMemory(device))
     flexpos_guard(live)

@@ -49,7 +49,6 @@ from flexpos.bench import (  # noqa: E402
     bio_available,
     build_case,
     dense_rotate,
-    fix_malloc_threshold,
     irregular_positions,
     machine_facts,
 )
@@ -360,7 +359,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     say(f"flexpos {facts.get('flexpos', '?')}; bio-attention {facts.get('bio_attention', 'not installed')}; "
         f"FLEXPOS_COMPILE={os.environ.get('FLEXPOS_COMPILE', '1')}")
     if not args.gpu_only:
-        fix_malloc_threshold()
         cpu_alibi_speed(args.repeat)
         cpu_alibi_memory() if not args.skip_32k else say("\n[2] skipped (--skip-32k)")
         cpu_rotary(args.repeat)

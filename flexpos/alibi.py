@@ -80,13 +80,12 @@ class ALiBi(Positional):
     ) -> ScoreMod:
         """The score_mod for ``positions``; ``asymmetric`` overrides the module's setting."""
         rel = positions.relative(dtype)
-        slopes = self.slopes.reshape(-1).to(dtype)
-        div = self.divisor(dtype)
+        rates = (self.slopes.reshape(-1).double() / self.divisor(torch.float64)).to(dtype)  # (H,) per unit
         asymmetric = self.asymmetric if asymmetric is None else asymmetric
 
         def alibi(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             delta, valid = rel(b, q_idx, kv_idx)
-            bias = slopes[h] * delta / div
+            bias = rates[h] * delta
             out = score - torch.where(valid, bias.abs(), 0.0).to(score.dtype)
             if asymmetric:
                 wrong_way = torch.where(h % 2 == 0, bias > 0, bias < 0) & valid

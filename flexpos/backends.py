@@ -1,11 +1,12 @@
 """The two ways flexpos runs attention, and the rule that picks one *before* running.
 
-- ``flex``: ``torch.compile(flex_attention, dynamic=True)``; fused, forward and backward on
-  CUDA, forward only on CPU.
-- ``chunked``: the same ``score_mod`` and ``BlockMask`` evaluated on index grids, one block of
-  128 queries at a time under activation checkpointing: O(128 * Lk) memory per head, autograd
-  for everything, float64 included. FlexAttention has no CPU backward, so this is the CPU
-  training path.
+- ``flex``: ``torch.compile(flex_attention, dynamic=True)``; fused, forward and backward.
+  The default on CUDA.
+- ``chunked``: queries in chunks; per chunk one compiled kernel evaluates the same score_mod
+  and mask_mod on the chunk's grid, and SDPA attends with that bias. O(chunk * Lk) memory,
+  autograd for everything (chunks are recomputed in the backward pass), float64 included.
+  The default on CPU, where Inductor's flex kernel has no backward and its forward is slower
+  than SDPA plus a fused bias (see benchmarks/README.md).
 
 The choice is made up front because a compiled flex call that fails leaves later compiled
 calls in the process on a slow path.
@@ -22,8 +23,9 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.fx.experimental import _config as fx_config
 from torch.utils.checkpoint import checkpoint
 
+from ._compile import lazy_compile
 from .base import ScoreMod
-from .masks import EMPTY, FULL, PARTIAL, cpu_flex_safe, states_of
+from .masks import EMPTY, FULL, MaskMod, cpu_flex_safe, states_of
 from .positions import BLOCK
 
 Backend = Literal["auto", "flex", "chunked"]
@@ -40,21 +42,24 @@ def _flex():
 def choose_backend(requested: Backend, q: Tensor, needs_grad: bool, block_mask: Optional[BlockMask] = None) -> str:
     """'flex' or 'chunked' for inputs like ``q``; ``needs_grad`` if autograd must flow.
 
-    On CPU, 'auto' also takes 'chunked' for masks whose mask_mod reads a captured table
-    (padding, dense, distance-window, segment masks): Inductor's CPU flex kernel (torch 2.13)
-    fails to build them ("'cur_kvSplitSize2' was not declared") or indexes them with a wrong
-    stride. On CUDA every mask runs on flex.
+    'auto' is 'chunked' on CPU and 'flex' elsewhere. 'flex' on CPU is refused where Inductor's
+    CPU flex kernel (torch 2.13) cannot run: gradients, float64, and masks whose mask_mod reads
+    a captured table (padding, dense, distance-window, segment masks), which it fails to build
+    ("'cur_kvSplitSize2' was not declared") or indexes with a wrong stride.
     """
     if requested not in ("auto", "flex", "chunked"):
         raise ValueError(f"backend must be 'auto', 'flex' or 'chunked', got {requested!r}")
-    cpu_only = q.device.type == "cpu" and (needs_grad or q.dtype == torch.float64)
-    if requested == "flex" and cpu_only:
-        why = "gradients" if needs_grad else "float64"
-        raise ValueError(f"backend='flex' cannot run {why} on CPU; use backend='auto' or 'chunked'")
-    if requested != "auto":
-        return requested
-    cpu_unsafe_mask = q.device.type == "cpu" and block_mask is not None and not cpu_flex_safe(block_mask)
-    return "chunked" if cpu_only or cpu_unsafe_mask else "flex"
+    if requested == "auto":
+        return "chunked" if q.device.type == "cpu" else "flex"
+    if requested == "flex" and q.device.type == "cpu":
+        why = None
+        if needs_grad or q.dtype == torch.float64:
+            why = "gradients" if needs_grad else "float64"
+        elif block_mask is not None and not cpu_flex_safe(block_mask):
+            why = f"the mask {getattr(block_mask.mask_mod, '__name__', 'mask_mod')!r}"
+        if why is not None:
+            raise ValueError(f"backend='flex' cannot run {why} on CPU; use backend='auto' or 'chunked'")
+    return requested
 
 
 def run_flex(
@@ -127,38 +132,70 @@ def _cpu_safe(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q, k, v
 
 
-def _tile_mask(states: Tensor, mask_mod, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-    """Dense keep-mask (B|1, H|1, C, n) of one query block at keys ``kv_idx`` (n,).
-
-    ``states`` (B|1, H|1, nk) are the block's tile states; tiles are 128 keys wide.
-    """
-    tile = states[..., kv_idx // BLOCK][..., None, :]  # (B, H, 1, n)
-    b = torch.arange(states.shape[0], device=q_idx.device).view(-1, 1, 1, 1)
-    h = torch.arange(states.shape[1], device=q_idx.device).view(1, -1, 1, 1)
-    inside = mask_mod(b, h, q_idx.view(1, 1, -1, 1), kv_idx.view(1, 1, 1, -1))
-    return (tile == FULL) | ((tile == PARTIAL) & inside)
+CHUNK_BYTES = 16 * 2**20
+"""Bias buffer per chunk of queries. Below glibc's 32 MiB mmap ceiling, so freed chunks are
+reused from the heap instead of page-faulted in anew for every chunk."""
 
 
-def _attend_block(
-    q: Tensor, k: Tensor, v: Tensor, q_idx: Tensor, kv_idx: Tensor, score_mod, keep: Tensor, scale: float
+def chunk_rows(batch_heads: int, len_k: int) -> int:
+    """Queries per chunk: a power of two in [16, 1024] whose float32 bias (B*H, rows, Lk) fits
+    :data:`CHUNK_BYTES` where it can. Powers of two up to 128 tile FlexAttention's 128-blocks."""
+    fit = CHUNK_BYTES // (4 * max(batch_heads * len_k, 1))
+    return 1 << min(max(fit, 16).bit_length() - 1, 10)
+
+
+def _chunk_bias(
+    score_mod: Optional[ScoreMod],
+    mask_mod: Optional[MaskMod],
+    batch: int,
+    heads: int,
+    q_start: int,
+    rows: int,
+    k_start: int,
+    cols: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> Tensor:
-    """Attention of one query block over keys ``kv_idx``: q (B, H, C, E) -> (B, H, C, Dv).
+    """Additive bias (B|1, H|1, rows, cols) of queries ``q_start + i`` over keys
+    ``k_start + j``: the score_mod's bias where the mask keeps a pair, -inf elsewhere.
 
-    k (B, H, n, E) and v (B, H, n, Dv) hold only those keys; fully masked rows give 0.
+    Indices are built from the starts (never passed as index tensors) so that Inductor sees
+    affine indices and emits contiguous vector loads from the score_mod's tables.
     """
-    work = torch.promote_types(q.dtype, torch.float32)
-    scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * scale
+    torch._check(q_start >= 0)
+    torch._check(k_start >= 0)
+    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(heads, device=device).view(1, -1, 1, 1)
+    q_idx = (torch.arange(rows, device=device) + q_start).view(1, 1, -1, 1)
+    kv_idx = (torch.arange(cols, device=device) + k_start).view(1, 1, 1, -1)
+    bias = torch.zeros((), dtype=dtype, device=device)
     if score_mod is not None:
-        b = torch.arange(scores.shape[0], device=q.device).view(-1, 1, 1, 1)
-        h = torch.arange(scores.shape[1], device=q.device).view(1, -1, 1, 1)
-        scores = score_mod(scores, b, h, q_idx.view(1, 1, -1, 1), kv_idx.view(1, 1, 1, -1)).to(work)
-    scores = scores.masked_fill(~keep, float("-inf"))
-    top = scores.amax(-1, keepdim=True).detach()
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    weights = torch.exp(scores - top)
-    total = weights.sum(-1, keepdim=True)
-    out = (weights @ v.to(work)) / torch.where(total > 0, total, torch.ones_like(total))
-    return out.to(v.dtype)
+        bias = score_mod(bias, b, h, q_idx, kv_idx)
+    if mask_mod is not None:
+        bias = torch.where(mask_mod(b, h, q_idx, kv_idx), bias, float("-inf"))
+    return bias.expand(*bias.shape[:2], rows, cols)
+
+
+_compiled_bias = lazy_compile(_chunk_bias)
+
+
+def _attend_chunk(
+    q: Tensor, k: Tensor, v: Tensor, q_start: int, k_start: int, score_mod, mask_mod, scale: float
+) -> Tensor:
+    """Attention of queries ``q_start ..`` (B, H, C, E) over keys ``k_start ..`` (B, H, n, E)."""
+    work = torch.promote_types(q.dtype, torch.float32)
+    q, k, v_work = q.to(work), k.to(work), v.to(work)
+    if score_mod is None and mask_mod is None:
+        return F.scaled_dot_product_attention(q, k, v_work, scale=scale).to(v.dtype)
+    shape = (q.shape[0], q.shape[1], q_start, q.shape[2], k_start, k.shape[2], work, q.device)
+    with fx_config.patch(use_duck_shape=False):
+        bias = _compiled_bias(score_mod, mask_mod, *shape)
+    alive = bias.amax(-1, keepdim=True) > float("-inf")
+    dead = not bool(alive.all())
+    if dead:  # rows with no key: give SDPA finite rows (no NaN in forward or backward), then zero them
+        bias = torch.where(alive, bias, 0.0)
+    out = F.scaled_dot_product_attention(q, k, v_work, attn_mask=bias, scale=scale)
+    return (torch.where(alive, out, 0.0) if dead else out).to(v.dtype)
 
 
 def run_chunked(
@@ -166,26 +203,31 @@ def run_chunked(
 ) -> Tensor:
     """Same contract as :func:`run_flex`, on any device and dtype, with autograd.
 
-    Key tiles that the BlockMask marks empty for every batch and head of a query block are
-    skipped, so block-sparse masks (windows, segments) save compute here too.
+    Queries go in chunks of :func:`chunk_rows`; each chunk attends, with SDPA, to the span of
+    key tiles that the BlockMask leaves non-empty for it, under a bias that one compiled kernel
+    evaluates from the score_mod and mask_mod (score_mods add a bias to the score, which every
+    flexpos score_mod does). Memory is O(rows * Lk) per head; under autograd each chunk is
+    recomputed in the backward pass rather than stored.
     """
     states = states_of(block_mask)
     len_q, len_k = q.shape[-2], k.shape[-2]
-    offsets = torch.arange(BLOCK, device=q.device)
-    outputs = []
-    for block, start in enumerate(range(0, len_q, BLOCK)):
-        q_idx = torch.arange(start, min(start + BLOCK, len_q), device=q.device)
-        tiles = states[:, :, block].ne(EMPTY).flatten(0, 1).any(0).nonzero().flatten()
-        kv_idx = (tiles[:, None] * BLOCK + offsets).flatten()
-        kv_idx = kv_idx[kv_idx < len_k]
-        if kv_idx.numel() == 0:
-            outputs.append(q.new_zeros(*q.shape[:2], q_idx.numel(), v.shape[-1]).to(v.dtype))
+    rows = chunk_rows(q.shape[0] * q.shape[1], len_k)
+    # One output buffer, filled chunk by chunk: a list of chunk outputs would interleave small
+    # long-lived blocks with the freed bias buffers and fragment the heap.
+    out = v.new_zeros(*q.shape[:2], len_q, v.shape[-1])
+    for start in range(0, len_q, rows):
+        stop = min(start + rows, len_q)
+        tiles = states[:, :, start // BLOCK : -(-stop // BLOCK)]
+        used = tiles.ne(EMPTY).flatten(0, 2).any(0).nonzero().flatten().tolist()
+        if not used:
             continue
-        keep = _tile_mask(states[:, :, block], block_mask.mask_mod, q_idx, kv_idx)
-        k_used, v_used = (t if kv_idx.numel() == len_k else t[:, :, kv_idx] for t in (k, v))
-        args = (q[:, :, q_idx[0] : q_idx[-1] + 1], k_used, v_used, q_idx, kv_idx, score_mod, keep, scale)
+        first, last = used[0], used[-1] + 1
+        k0, k1 = first * BLOCK, min(last * BLOCK, len_k)
+        partial = not bool(tiles[..., first:last].eq(FULL).all())
+        args = (q[:, :, start:stop], k[:, :, k0:k1], v[:, :, k0:k1], start, k0, score_mod,
+                block_mask.mask_mod if partial else None, scale)
         if torch.is_grad_enabled():
-            outputs.append(checkpoint(_attend_block, *args, use_reentrant=False))
+            out[:, :, start:stop] = checkpoint(_attend_chunk, *args, use_reentrant=False)
         else:
-            outputs.append(_attend_block(*args))
-    return torch.cat(outputs, dim=-2)
+            out[:, :, start:stop] = _attend_chunk(*args)
+    return out

@@ -41,7 +41,7 @@ class Relative:
     """Float ``hi``/``lo`` parts of positions minus a per-sequence offset, padded per token.
 
     q_hi, q_lo: (B, Lq padded); k_hi, k_lo: (B, Lk padded); off_q, off_k: 0-d int64 tensors,
-    the number of leading tokens without a position.
+    the number of leading tokens without a position; ``complete`` when both are zero.
     """
 
     q_hi: Tensor
@@ -50,14 +50,16 @@ class Relative:
     k_lo: Tensor
     off_q: Tensor
     off_k: Tensor
+    complete: bool = False
 
     def __call__(self, b: Tensor, q_idx: Tensor, kv_idx: Tensor) -> tuple[Tensor, Tensor]:
         """Distance ``p_q - p_k`` and whether both tokens have a position (broadcast shapes)."""
         delta = (self.q_hi[b, q_idx] - self.k_hi[b, kv_idx]) + (
             self.q_lo[b, q_idx] - self.k_lo[b, kv_idx]
         )
-        valid = (q_idx >= self.off_q) & (kv_idx >= self.off_k)
-        return delta, valid
+        if self.complete:  # a constant, which the compiled kernel folds away
+            return delta, torch.ones((), dtype=torch.bool, device=delta.device)
+        return delta, (q_idx >= self.off_q) & (kv_idx >= self.off_k)
 
 
 class Positions:
@@ -103,7 +105,8 @@ class Positions:
             check_pos("pos_k", pos_k, len_k)
         flat = int(torch.tensor(batch).prod()) if len(batch) else 1
         q = _flat_or_default(pos_q, flat, len_q, device)
-        k = _flat_or_default(pos_k, flat, len_k, device)
+        shared = pos_k is pos_q and len_q == len_k  # self-attention: one tensor for both sides
+        k = q if shared else _flat_or_default(pos_k, flat, len_k, device)
         return cls(q, k, len_q, len_k)
 
     @property
@@ -170,7 +173,8 @@ class Positions:
         device = self.q.device
         off_q = torch.tensor(self.off_q, device=device)
         off_k = torch.tensor(self.off_k, device=device)
-        return Relative(q_hi, q_lo, k_hi, k_lo, off_q, off_k)
+        complete = self.off_q == 0 and self.off_k == 0
+        return Relative(q_hi, q_lo, k_hi, k_lo, off_q, off_k, complete)
 
 
 def _flat_or_default(p: Optional[Tensor], flat: int, length: int, device: torch.device) -> Tensor:

@@ -22,21 +22,29 @@ def rotary_frequencies(head_dim: int, n_dims: Optional[int]) -> Tensor:
     return thetas
 
 
-def rotation(pos: Tensor, keep: Tensor, thetas: Tensor, div: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin (N, 1, L, D/2) in ``dtype`` of angles ``pos / div * thetas`` formed in float64.
+def rotation(pos: Tensor, keep: Tensor, thetas: Tensor, div: Tensor, dtype: torch.dtype) -> Tensor:
+    """Unit complex numbers ``e^(i * pos / div * theta)`` (N, 1, L, D/2), angles in float64.
 
-    pos (N, L); keep (L,): tokens without a position get angle 0 (identity).
+    pos (N, L); keep (L,): tokens without a position get angle 0 (identity). ``dtype`` is the
+    real work dtype (float32 or float64) of the result's parts.
     """
-    angles = (pos.double() / div)[:, None, :, None] * thetas.double() * keep[:, None]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return torch.view_as_complex(_cos_sin(pos, keep, thetas, div, dtype))
 
 
 @lazy_compile
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (N, H, L, D) rotated pairwise by the angles behind cos/sin (N, 1, L, D/2)."""
-    x0, x1 = x.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)  # (N, H, L, D/2) each
-    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+def _cos_sin(pos: Tensor, keep: Tensor, thetas: Tensor, div: Tensor, dtype: torch.dtype) -> Tensor:
+    """(N, 1, L, D/2, 2): cos and sin of the angles, formed and evaluated in float64."""
+    angles = (pos.double() / div)[:, None, :, None] * thetas.double() * keep[:, None]
+    return torch.stack((angles.cos(), angles.sin()), -1).to(dtype)
+
+
+@lazy_compile
+def _rotate(x: Tensor, turn: Tensor) -> Tensor:
+    """x (N, H, L, D) with pairs ``(x_2m, x_2m+1)`` multiplied, as complex numbers, by turn
+    (N, 1, L, D/2): one vectorised complex product instead of strided real arithmetic."""
+    work = turn.real.dtype
+    pairs = torch.view_as_complex(x.to(work).contiguous().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
 
 
 class Rotary(Positional):
@@ -63,7 +71,7 @@ class Rotary(Positional):
         self._init_divisor(divide, learned_div)
         self.register_buffer("thetas", rotary_frequencies(head_dim, n_dims))
 
-    def _cos_sin(self, positions: Positions, side: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def _turn(self, positions: Positions, side: str, dtype: torch.dtype) -> Tensor:
         work = torch.promote_types(dtype, torch.float32)
         keep = positions.has_position(side)
         return rotation(positions.absolute(side), keep, self.thetas, self.divisor(torch.float64), work)
@@ -75,13 +83,13 @@ class Rotary(Positional):
     def rotate(self, x: Tensor, positions: Positions, side: str) -> Tensor:
         """x (B, H, L, head_dim) with ``side``'s positions ('q' or 'k') -> rotated x."""
         self._check_dim(x)
-        return _rotate(x, *self._cos_sin(positions, side, x.dtype))
+        return _rotate(x, self._turn(positions, side, x.dtype))
 
     def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
         if positions.q is positions.k and q.shape[-2] == k.shape[-2]:  # self-attention: share angles
             self._check_dim(q)
-            cos, sin = self._cos_sin(positions, "q", q.dtype)
-            return QK(_rotate(q, cos, sin), _rotate(k, cos, sin))
+            turn = self._turn(positions, "q", q.dtype)
+            return QK(_rotate(q, turn), _rotate(k, turn))
         return QK(self.rotate(q, positions, "q"), self.rotate(k, positions, "k"))
 
     def forward(

@@ -60,30 +60,39 @@ def test_flex_xl_appended_features():
     assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32] * 5  # dim + 1 extra terms
 
 
-def test_changing_length_and_batch_does_not_recompile():
+@pytest.mark.parametrize("backend", ["chunked", "flex"])
+def test_changing_length_and_batch_does_not_recompile(backend, compiled):
+    """New lengths, batch sizes and chunk offsets reuse the compiled kernels. Batch 1 compiles
+    once more, by design (size-1 dims specialise), and is warmed up first where it runs."""
     alibi = ALiBi(H)
-    shapes = [(2, 200), (3, 333), (2, 517), (4, 1000)]  # size-1 dims specialise once, by design
+    warm, later = [(2, 200), (1, 150)], [(3, 333), (1, 700), (2, 517), (4, 1000)]
+    if backend == "flex":  # batch 1 runs there as heads-as-batch, another score_mod
+        warm, later = warm[:1], [s for s in later if s[0] > 1]
+    shapes = warm + later
     with torch.no_grad():
         for i, (b, length) in enumerate(shapes):
             q, k, v = inputs(b, length)
             pos = positions(b, length)
-            out = flexpos.attention(q, k, v, alibi, pos=pos)
-            if i == 0:
+            out = flexpos.attention(q, k, v, alibi, pos=pos, causal=True, backend=backend)
+            if i == len(warm) - 1:
                 graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs
     assert sum(counters["graph_break"].values()) == 0
     p, has = R.padded_positions(pos, b, length)
-    ref = R.attend(q, k, v, R.alibi_bias(H, p, p, has, has))
+    tril = torch.ones(length, length, dtype=torch.bool).tril()
+    ref = R.attend(q, k, v, R.alibi_bias(H, p, p, has, has), tril)
     assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
 
 
 def test_backend_choice_is_made_before_running():
     q = torch.randn(1, 1, 4, 4)
-    assert choose_backend("auto", q, needs_grad=False) == "flex"
-    assert choose_backend("auto", q, needs_grad=True) == "chunked"
-    assert choose_backend("auto", q.double(), needs_grad=False) == "chunked"
+    assert choose_backend("auto", q, needs_grad=False) == "chunked"
+    assert choose_backend("auto", q.to("meta"), needs_grad=True) == "flex"
+    assert choose_backend("flex", q, needs_grad=False) == "flex"
     with pytest.raises(ValueError, match="gradients"):
         choose_backend("flex", q, needs_grad=True)
+    with pytest.raises(ValueError, match="float64"):
+        choose_backend("flex", q.double(), needs_grad=False)
     with pytest.raises(ValueError, match="backend"):
         choose_backend("fast", q, needs_grad=False)
 
@@ -133,6 +142,40 @@ def test_chunked_gradients_match_dense_autograd():
         assert torch.allclose(got, want, atol=1e-10, rtol=0)
 
 
+def test_compiled_chunked_training_step(compiled):
+    """The CPU training path compiled: ALiBi (learned divisor) + DPB with a CLS token, padding and
+    causal masks. q/k/v gradients against the float64 dense reference; parameter gradients
+    against the eager path (which gradcheck verifies above)."""
+    b, length = 2, 300
+    q, k, v = (t.requires_grad_() for t in inputs(b, length))
+    pos = positions(b, length - 1)
+    valid = torch.rand(b, length) > 0.2
+    alibi, dpb = ALiBi(H, divide=30.0, learned_div=True), DPB(16, H, depth=2, divide=500.0)
+    params = [alibi.div, *dpb.parameters()]
+
+    def step():
+        out = flexpos.attention(q, k, v, alibi, dpb, pos=pos, mask=valid, causal=True)
+        return out, torch.autograd.grad(out.square().sum(), [q, k, v, *params])
+
+    out, grads = step()
+    previous = flexpos.set_compile(False)
+    try:
+        _, eager = step()
+    finally:
+        flexpos.set_compile(previous)
+    p, has = R.padded_positions(pos, b, length)
+    bias = R.alibi_bias(H, p, p, has, has, divide=30.0) + R.dpb_bias(dpb, p, p, has, has, 500.0)
+    keep = valid[:, None, None, :] & torch.ones(length, length, dtype=torch.bool).tril()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = R.attend(*leaves, bias, keep)
+    want = torch.autograd.grad(ref.square().sum(), leaves)
+    assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
+    for got, w in zip(grads[:3], want):
+        assert (got.double() - w).abs().max() <= 10 * TOLERANCE[torch.float32]
+    for got, e in zip(grads[3:], eager[3:]):
+        assert torch.allclose(got, e, rtol=1e-4, atol=1e-6)
+
+
 def test_cpu_small_head_dims_and_short_sequences():
     """Head dims 8 and 16 at lengths < 128 (wrong rows from the raw CPU kernel) are exact here."""
     with torch.no_grad():
@@ -144,13 +187,14 @@ def test_cpu_small_head_dims_and_short_sequences():
             assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
 
 
-def test_cpu_routes_table_masks_to_chunked_and_skips_empty_tiles():
+def test_cpu_flex_refuses_table_masks_and_chunked_runs_them():
     q = torch.randn(1, 1, 4, 4)
     pos = torch.rand(1, 600, dtype=torch.float64).cumsum(-1) * 10
     window = flexpos.distance_window_mask(100.0, pos=pos)
-    assert choose_backend("auto", q, False, flexpos.causal_mask(600)) == "flex"
-    assert choose_backend("auto", q, False, flexpos.padding_mask(torch.ones(1, 600, dtype=torch.bool), 600)) == "chunked"
-    assert choose_backend("auto", q, False, window) == "chunked"
+    assert choose_backend("flex", q, False, flexpos.causal_mask(600)) == "flex"
+    for table_mask in (flexpos.padding_mask(torch.ones(1, 600, dtype=torch.bool), 600), window):
+        with pytest.raises(ValueError, match="mask"):
+            choose_backend("flex", q, False, table_mask)
     q, k, v = (torch.randn(1, H, 600, D) for _ in range(3))
     with torch.no_grad():
         out = flexpos.attention(q, k, v, ALiBi(H), pos=pos, mask=window)

@@ -14,11 +14,6 @@ FIELDS = {
     "floor_ms", "speedup", "dense_peak_mb", "flexpos_peak_mb", "max_abs_diff", "compile_s", "dense_status",
     "flexpos_status",
 }
-@pytest.fixture(autouse=True)
-def _keep_malloc_adaptive(monkeypatch):
-    """main() pins glibc's mmap threshold for clean RSS peaks; not for the rest of this session."""
-    monkeypatch.setattr(bench, "fix_malloc_threshold", lambda: False)
-
 
 SMALL = ["--lengths", "256", "--batch", "2", "--heads", "4", "--head-dim", "16", "--repeat", "1", "--quiet"]
 
