@@ -47,8 +47,8 @@ def attention(
             (B, *, Lq, Lk) or (B, *, H, Lq, Lk).
         causal: also mask keys after the query (by index, top-left aligned).
         scale: score scale, default ``1 / sqrt(D)``.
-        backend: 'auto' (fused flex unless CPU autograd or float64 needs 'chunked'), 'flex'
-            or 'chunked'.
+        backend: 'auto' ('chunked' on CPU, fused 'flex' elsewhere), 'flex' or 'chunked'
+            (see :mod:`flexpos.backends`).
 
     Returns:
         (B, *, H, Lq, Dv). Query rows with no key to attend to are zeros.

@@ -67,4 +67,10 @@ class Positional(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not transform queries and keys")
 
     def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:
+        """A FlexAttention score_mod for ``positions``, computing in ``dtype``.
+
+        It must return ``score + bias(b, h, q_idx, kv_idx)``, with ``bias`` independent of
+        ``score`` (``-inf`` allowed): the chunked backend evaluates it once at ``score = 0`` per
+        chunk of queries and adds the result to the scores inside SDPA.
+        """
         raise NotImplementedError(f"{type(self).__name__} does not modify scores")

@@ -10,9 +10,6 @@ padding mask. Here a mask becomes
   attended to freely;
 - ``bias``: the finite part of a float mask, added by a score_mod (the caller materialised it).
 
-On CPU the layers run pair and float masks through flexpos' chunked backend: in torch 2.13 the
-compiled CPU flex kernel fails to build (``cur_qSplitSize``/``cur_kvSplitSize`` not declared)
-for many mask_mods and score_mods that read a captured table by query index.
 """
 
 from __future__ import annotations
@@ -31,11 +28,10 @@ from flexpos.positions import BLOCK, Positions
 @dataclass(frozen=True)
 class LayerMask:
     """keep: bool (B, *, L), (B, *, L, L) or (B, *, NH, L, L) or None (True = attend);
-    bias: float (N, NH|1, L|1, L) or None; pairwise: the mask was given per (query, key) pair."""
+    bias: float (N, NH|1, L|1, L) or None."""
 
     keep: Optional[Tensor] = None
     bias: Optional[Tensor] = None
-    pairwise: bool = False
 
 
 def _whole_blocks(length: int) -> int:
@@ -77,16 +73,15 @@ def layer_mask(mask: Optional[Tensor], batch: tuple[int, ...], heads: int, lengt
             f"batch {batch}, got {tuple(mask.shape)}"
         )
     mask = mask.expand(*batch, *mask.shape[len(batch):])
-    pairwise = extra > 1
     if mask.dtype == torch.bool:
-        return LayerMask(keep=_keep(mask, extra, length), pairwise=pairwise)
+        return LayerMask(keep=_keep(mask, extra, length))
     blocked = mask == float("-inf")
     keep = _keep(~blocked, extra, length) if bool(blocked.any()) else None
     finite = torch.where(blocked, torch.zeros_like(mask), mask)
     if not bool((finite != 0).any()):
-        return LayerMask(keep=keep, pairwise=pairwise)
+        return LayerMask(keep=keep)
     bias = _as_4d(_pad_tokens(finite, min(extra, 2), length, 0.0), extra)
-    return LayerMask(keep=keep, bias=bias, pairwise=True)
+    return LayerMask(keep=keep, bias=bias)
 
 
 class AdditiveMask(Positional):

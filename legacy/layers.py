@@ -4,7 +4,7 @@ Same constructor and call signatures, same submodule names (an original layer's 
 loads with ``strict=True``), same outputs for the same weights: plugins from
 :mod:`legacy.positional` run inside :func:`flexpos.attention` as query/key transforms and
 score_mods, masks become BlockMasks, and no (L, L) tensor is built unless the caller passes
-one. On CPU with autograd flexpos picks its chunked backend (FlexAttention has no CPU backward).
+one. On CPU flexpos runs its chunked backend (SDPA per query chunk), on CUDA FlexAttention.
 
 Behaviour that differs from bio-attention 0.1.15 on purpose (docs/legacy.md): ``causal`` with
 a mask (or with an ALiBi/DPB/XL plugin) keeps the diagonal; a (B, *, L') key mask shorter than
@@ -154,7 +154,7 @@ class AttnLayer(nn.Module):
             modules.append(AdditiveMask(masks.bias))
         out = flexpos.attention(
             q, k, v, *modules, pos=expand_batch(pos, batch), mask=masks.keep, causal=causal,
-            backend=self._backend(masks, x.device),
+            backend=self._backend(masks),
         )
         return self.to_out(rearrange(out, "... n l h -> ... l (n h)"))
 
@@ -163,14 +163,11 @@ class AttnLayer(nn.Module):
         modules = (p.flex_module(batch, pos) for p in self.plugin)
         return [m for m in modules if m is not None]
 
-    def _backend(self, masks: LayerMask, device: torch.device) -> Backend:
-        """'auto' becomes 'chunked' for (L, L) masks on CPU (torch 2.13's compiled CPU flex kernel
-        fails to build for many mask/score tables read by query index) and for float masks that
-        need gradients (flexpos only looks at q, k, v and module parameters to decide)."""
+    def _backend(self, masks: LayerMask) -> Backend:
+        """'auto' becomes 'chunked' for float masks that need gradients (flexpos only looks at
+        q, k, v and module parameters to decide)."""
         if self.backend != "auto":
             return self.backend
-        if masks.pairwise and device.type == "cpu":
-            return "chunked"
         if masks.bias is not None and masks.bias.requires_grad and torch.is_grad_enabled():
             return "chunked"
         return "auto"

@@ -24,8 +24,8 @@ def run(tmp_path, *args: str) -> dict:
     return json.loads(path.read_text())
 
 
-def test_compiled_flexpos_matches_the_dense_path(tmp_path, capsys):
-    """The default (compiled flex) path against bio-attention's plugins, or the dense formulas."""
+def test_default_path_matches_the_dense_path(tmp_path, capsys):
+    """The default path against bio-attention's plugins, or the dense formulas."""
     dense = "bio" if bench.bio_available() else "formula"
     data = run(tmp_path, "--schemes", "alibi", "window", "--window", "40", "--dense", dense)
     assert data["settings"]["dense"] == dense

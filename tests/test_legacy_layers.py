@@ -280,7 +280,7 @@ def test_flex_layer_never_builds_the_dense_mask(monkeypatch):
 
 
 @pytest.mark.usefixtures("compiled")
-def test_compiled_flex_matches_the_original_with_key_mask_and_extra_dims():
+def test_compiled_layer_matches_the_original_with_key_mask_and_extra_dims():
     orig, new = layer_pair([PLUGINS[1], PLUGINS[4], PLUGINS[5]])
     batch = (2, 3)
     with torch.no_grad():
@@ -288,28 +288,25 @@ def test_compiled_flex_matches_the_original_with_key_mask_and_extra_dims():
 
 
 @pytest.mark.usefixtures("compiled")
-def test_compiled_flex_matches_the_original_with_xl_cls_tokens_and_causal():
+def test_compiled_layer_matches_the_original_with_xl_cls_tokens_and_causal():
     orig, new = layer_pair([PLUGINS[8], PLUGINS[2]])
     call = {"pos": positions_for([PLUGINS[2]], (2,), L - 2), "causal": True}
     with torch.no_grad():
         compare(orig, new, torch.randn(2, L, DIM), grads=False, **call)
 
 
-def test_pair_and_float_masks_use_the_chunked_backend_on_cpu():
+def test_float_masks_that_need_gradients_use_the_chunked_backend():
     layer = AttnLayer(DIM, None, nh=NH)
-    masks = {
-        "key": layer_mask(torch.rand(2, L) > 0.5, (2,), NH, L),
-        "pair": layer_mask(pair_mask(2, L, L), (2,), NH, L),
-        "float": layer_mask(torch.randn(2, L), (2,), NH, L),
-    }
-    cpu = torch.device("cpu")
-    assert layer._backend(masks["key"], cpu) == "auto"
-    assert layer._backend(masks["pair"], cpu) == "chunked"
-    assert layer._backend(masks["float"], cpu) == "chunked"
-    assert layer._backend(masks["pair"], torch.device("cuda")) == "auto"
+    learned = torch.randn(2, L, requires_grad=True)
+    assert layer._backend(layer_mask(torch.rand(2, L) > 0.5, (2,), NH, L)) == "auto"
+    assert layer._backend(layer_mask(pair_mask(2, L, L), (2,), NH, L)) == "auto"
+    assert layer._backend(layer_mask(learned.detach(), (2,), NH, L)) == "auto"
+    assert layer._backend(layer_mask(learned, (2,), NH, L)) == "chunked"
+    with torch.no_grad():
+        assert layer._backend(layer_mask(learned, (2,), NH, L)) == "auto"
 
 
-def test_compiled_flex_matches_the_dense_path_for_short_alibi_positions():
+def test_layer_matches_the_dense_path_for_short_alibi_positions():
     dense, flex = dense_and_flex([PLUGINS[6]])
     call = {"pos": irregular(2, L - 3), "mask": torch.rand(2, L - 3) > 0.3, "causal": True}
     with torch.no_grad():

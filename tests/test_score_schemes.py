@@ -141,3 +141,21 @@ def test_learned_div_receives_gradients(module):
          "xl": XL(H * D, H, divide=2.0, learned_div=True)}[module].double()
     flexpos.attention(q, k, v, m, pos=pos).square().sum().backward()
     assert m.div.grad is not None and m.div.grad.abs().item() > 0
+
+
+@pytest.mark.parametrize(
+    "module",
+    [ALiBi(H, divide=3.0), ALiBi(H, asymmetric=True), DPB(8, H, depth=2, divide=40.0)],
+    ids=["alibi", "alibi-asymmetric", "dpb"],
+)
+def test_score_mods_add_a_bias_independent_of_the_score(module):
+    """The chunked backend relies on ``score_mod(s) == s + score_mod(0)`` (Positional.score_mod)."""
+    pos = irregular(B, L - 1)
+    positions = flexpos.Positions.resolve((B,), L, L, torch.device("cpu"), pos)
+    mod = module.score_mod(positions)
+    b, h = torch.arange(B).view(-1, 1, 1, 1), torch.arange(H).view(1, -1, 1, 1)
+    q_idx, kv_idx = torch.arange(L).view(1, 1, -1, 1), torch.arange(L).view(1, 1, 1, -1)
+    score = torch.randn(B, H, L, L) * 4
+    bias = mod(torch.zeros(()), b, h, q_idx, kv_idx)
+    assert bias.ne(0).any()
+    assert torch.equal(mod(score, b, h, q_idx, kv_idx), score + bias)
