@@ -209,6 +209,11 @@ def run_chunked(
     flexpos score_mod does). Memory is O(rows * Lk) per head; under autograd each chunk is
     recomputed in the backward pass rather than stored. Without a score_mod and with every tile
     full there is no bias to build: one SDPA call over all queries.
+
+    A chunk whose key span is not entirely FULL evaluates the mask_mod on all of it, where
+    FlexAttention would trust FULL tiles without calling it: the two agree for masks whose
+    FULL tiles are all-True under their mask_mod, as for every flexpos builder and for
+    ``create_block_mask``.
     """
     states = states_of(block_mask)
     if score_mod is None and bool(states.eq(FULL).all()):  # no bias at all: one plain SDPA call

@@ -12,6 +12,7 @@ import flexpos
 import reference as R
 from conftest import TOLERANCE
 from flexpos import ALiBi, DPB, XL
+from flexpos import backends
 from flexpos.backends import choose_backend
 
 H, D = 4, 16
@@ -202,6 +203,39 @@ def test_cpu_flex_refuses_table_masks_and_chunked_runs_them():
     keep = (p[:, :, None] - p[:, None, :]).abs()[:, None] <= 100
     ref = R.attend(q, k, v, R.alibi_bias(H, p, p, has, has), keep)
     assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
+
+
+def test_chunk_rows_keep_the_bias_within_budget():
+    for batch_heads, len_k in ((8, 4096), (8, 8192), (64, 512), (1, 100), (8, 32768), (512, 65536)):
+        rows = backends.chunk_rows(batch_heads, len_k)
+        assert rows & (rows - 1) == 0 and 16 <= rows <= 1024
+        assert rows == 16 or 4 * batch_heads * len_k * rows <= backends.CHUNK_BYTES
+
+
+def test_chunked_attends_only_to_the_key_span_the_mask_leaves(monkeypatch):
+    """A 100-token sliding window over 2000 tokens: each chunk's SDPA sees at most the tiles
+    its window touches, and the output still matches the dense reference."""
+    length, window = 2000, 100
+    spans = []
+    attend = backends._attend_chunk
+
+    def spy(q, k, v, q_start, k_start, *rest):
+        spans.append((q_start, q.shape[-2], k_start, k.shape[-2]))
+        return attend(q, k, v, q_start, k_start, *rest)
+
+    monkeypatch.setattr(backends, "_attend_chunk", spy)
+    q, k, v = inputs(2, length)
+    with torch.no_grad():
+        out = flexpos.attention(q, k, v, ALiBi(H), mask=flexpos.sliding_window_mask(length, window))
+    rows = spans[0][1]
+    for q_start, n_q, k_start, n_k in spans:
+        first = max(0, q_start - window) // 128 * 128
+        assert k_start == first and k_start + n_k <= -(-(q_start + n_q + window) // 128) * 128
+    assert max(n_k for *_, n_k in spans) <= rows + 2 * window + 256 < length
+    idx = torch.arange(length)
+    keep = (idx[:, None] - idx[None, :]).abs() <= window
+    p, has = R.padded_positions(None, 2, length)
+    assert (out.double() - R.attend(q, k, v, R.alibi_bias(H, p, p, has, has), keep)).abs().max() <= TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("heads", [1, H])
