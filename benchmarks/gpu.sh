@@ -51,16 +51,16 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 }
 
 # 1. correctness on the GPU: compiled flex forward/backward against float64 references
-step "CUDA tests" 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step "CUDA tests" 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 
 # 2. the side-by-side table at the target lengths, forward+backward, bfloat16, B=4 H=16 D=64
-step "bench table" 100 "$PY" -m flexpos.bench --device cuda --dtype bfloat16 --mode fwdbwd \
+step "bench table" 90 "$PY" -m flexpos.bench --device cuda --dtype bfloat16 --mode fwdbwd \
     --batch 4 --heads 16 --head-dim 64 --schemes alibi dpb --lengths 8192 32768 \
     --dense formula --repeat 3 --json "$json"
 
 # 3. targets: Rotary bandwidth; ALiBi/DPB vs flex with no score_mod and vs dense at L=8192;
 #    L=32768 (prints each verdict as it goes, so a time-out still leaves the finished ones)
-step "GPU targets" 140 "$PY" benchmarks/targets.py --gpu-only --repeat 5
+step "GPU targets" 120 "$PY" benchmarks/targets.py --gpu-only --repeat 5
 
 echo
 echo "# total $((SECONDS - start_all)) s; log: $log"

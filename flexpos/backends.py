@@ -39,10 +39,17 @@ def _flex():
     return _compiled_flex
 
 
+MAX_FLEX_HEAD_DIM = 256
+"""Largest q/k head dim 'auto' sends to flex: its Triton kernels round head dims up to a power of
+two, and at 512 their tiles no longer fit a GPU's shared memory."""
+
+
 def choose_backend(requested: Backend, q: Tensor, needs_grad: bool, block_mask: Optional[BlockMask] = None) -> str:
     """'flex' or 'chunked' for inputs like ``q``; ``needs_grad`` if autograd must flow.
 
-    'auto' is 'chunked' on CPU and 'flex' elsewhere. 'flex' on CPU is refused where Inductor's
+    'auto' is 'chunked' on CPU and 'flex' elsewhere, except for q/k head dims above
+    :data:`MAX_FLEX_HEAD_DIM` (XL appends ``dim + 1`` features), which take 'chunked' too.
+    'flex' on CPU is refused where Inductor's
     CPU flex kernel (torch 2.13) cannot run: gradients, float64, and masks whose mask_mod reads
     a captured table (padding, dense, distance-window, segment masks), which it fails to build
     ("'cur_kvSplitSize2' was not declared") or indexes with a wrong stride.
@@ -50,7 +57,7 @@ def choose_backend(requested: Backend, q: Tensor, needs_grad: bool, block_mask: 
     if requested not in ("auto", "flex", "chunked"):
         raise ValueError(f"backend must be 'auto', 'flex' or 'chunked', got {requested!r}")
     if requested == "auto":
-        return "chunked" if q.device.type == "cpu" else "flex"
+        return "chunked" if q.device.type == "cpu" or q.shape[-1] > MAX_FLEX_HEAD_DIM else "flex"
     if requested == "flex" and q.device.type == "cpu":
         why = None
         if needs_grad or q.dtype == torch.float64:

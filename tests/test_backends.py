@@ -89,6 +89,9 @@ def test_backend_choice_is_made_before_running():
     q = torch.randn(1, 1, 4, 4)
     assert choose_backend("auto", q, needs_grad=False) == "chunked"
     assert choose_backend("auto", q.to("meta"), needs_grad=True) == "flex"
+    wide = torch.empty(1, 1, 4, backends.MAX_FLEX_HEAD_DIM + 1, device="meta")  # XL's appended features
+    assert choose_backend("auto", wide[..., :-1], needs_grad=True) == "flex"
+    assert choose_backend("auto", wide, needs_grad=True) == "chunked"
     assert choose_backend("flex", q, needs_grad=False) == "flex"
     with pytest.raises(ValueError, match="gradients"):
         choose_backend("flex", q, needs_grad=True)
