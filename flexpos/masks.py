@@ -6,7 +6,7 @@ gives FlexAttention a ``mask_mod`` for the partial tiles. Empty tiles are skippe
 kernel, so compute falls with sparsity (a narrow window over sorted positions, say).
 
 Every ``mask_mod`` uses only tensor ops on its index arguments, so it can also be evaluated on
-broadcast index grids (the dense fallback and the tests do this).
+broadcast index grids (the chunked backend and the tests do this).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Compiled flex vs chunked fallback vs float64 reference; gradients; no recompiles.
+"""Compiled flex vs the chunked backend vs float64 references; gradients; no recompiles.
 
 Compiled variants are few on purpose: each costs ~15 s on a 2-core CPU.
 """

@@ -1,8 +1,7 @@
 """legacy.layers (flex-backed AttnLayer / TransformerLayer) vs bio-attention 0.1.15's layers.
 
-With autograd on CPU flexpos runs its chunked backend (FlexAttention has no CPU backward), so
-gradient tests are eager and cheap; a few no_grad tests run the compiled FlexAttention kernel
-(each distinct score_mod/mask_mod combination costs one compile).
+On CPU flexpos runs its chunked backend; most tests run it eagerly (cheap), a few with the
+``compiled`` fixture (each distinct score_mod/mask_mod combination costs one compile).
 """
 
 from __future__ import annotations
