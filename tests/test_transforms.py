@@ -7,6 +7,7 @@ import torch
 
 import flexpos
 import reference as R
+from conftest import TOLERANCE
 from flexpos import LearnedContinuous, LearnedVocab, Rotary, Sinusoidal
 
 F64 = torch.float64
@@ -25,6 +26,24 @@ def test_rotary_is_a_complex_rotation(n_dims, divide):
     assert torch.equal(rq[:, :, :3], q[:, :, :3])  # no position: identity
     if n_dims is not None:
         assert torch.equal(rq[..., n_dims:][:, :, 3:], q[..., n_dims:][:, :, 3:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_real_form_equals_the_complex_form(dtype):
+    """CPU runs the complex product, CUDA the real form: the same numbers, both near float64."""
+    from flexpos.rotary import rotate_complex, rotate_real, rotation
+
+    x = torch.randn(2, 3, 40, 16, dtype=F64)
+    pos = torch.randint(0, 10**6, (2, 38)) + 2_000_000_000
+    rot = Rotary(16, divide=7.0)
+    p, has = R.padded_positions(pos, 2, 40)
+    cos_sin = rotation(p, has, rot.thetas, rot.divisor(F64), torch.promote_types(dtype, torch.float32))
+    low = x.to(dtype)
+    real, complex_ = rotate_real(low, cos_sin), rotate_complex(low, cos_sin)
+    assert real.dtype == complex_.dtype == dtype
+    assert (real.double() - complex_.double()).abs().max() <= TOLERANCE[dtype] / 100
+    want = R.rotate(low.double(), p, has, rot.thetas, 7.0)
+    assert (real.double() - want).abs().max() <= TOLERANCE[dtype]
 
 
 def test_rotary_scores_depend_only_on_distance():
