@@ -139,15 +139,17 @@ def _cpu_safe(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q, k, v
 
 
-CHUNK_BYTES = 16 * 2**20
-"""Bias buffer per chunk of queries. Below glibc's 32 MiB mmap ceiling, so freed chunks are
-reused from the heap instead of page-faulted in anew for every chunk."""
+CHUNK_BYTES = {"cpu": 16 * 2**20, "default": 128 * 2**20}
+"""Bias buffer per chunk of queries. On CPU below glibc's 32 MiB mmap ceiling, so freed chunks
+are reused from the heap instead of page-faulted in anew for every chunk; on accelerators
+(caching allocators) larger, for fewer launches and host syncs."""
 
 
-def chunk_rows(batch_heads: int, len_k: int) -> int:
+def chunk_rows(batch_heads: int, len_k: int, device: torch.device = torch.device("cpu")) -> int:
     """Queries per chunk: a power of two in [16, 1024] whose float32 bias (B*H, rows, Lk) fits
     :data:`CHUNK_BYTES` where it can. Powers of two up to 128 tile FlexAttention's 128-blocks."""
-    fit = CHUNK_BYTES // (4 * max(batch_heads * len_k, 1))
+    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["default"])
+    fit = budget // (4 * max(batch_heads * len_k, 1))
     return 1 << min(max(fit, 16).bit_length() - 1, 10)
 
 
@@ -226,7 +228,7 @@ def run_chunked(
     if score_mod is None and bool(states.eq(FULL).all()):  # no bias at all: one plain SDPA call
         return _attend_chunk(q, k, v, 0, 0, None, None, scale)
     len_q, len_k = q.shape[-2], k.shape[-2]
-    rows = chunk_rows(q.shape[0] * q.shape[1], len_k)
+    rows = chunk_rows(q.shape[0] * q.shape[1], len_k, q.device)
     # One output buffer, filled chunk by chunk: a list of chunk outputs would interleave small
     # long-lived blocks with the freed bias buffers and fragment the heap.
     out = v.new_zeros(*q.shape[:2], len_q, v.shape[-1])

@@ -209,10 +209,12 @@ def test_cpu_flex_refuses_table_masks_and_chunked_runs_them():
 
 
 def test_chunk_rows_keep_the_bias_within_budget():
-    for batch_heads, len_k in ((8, 4096), (8, 8192), (64, 512), (1, 100), (8, 32768), (512, 65536)):
-        rows = backends.chunk_rows(batch_heads, len_k)
-        assert rows & (rows - 1) == 0 and 16 <= rows <= 1024
-        assert rows == 16 or 4 * batch_heads * len_k * rows <= backends.CHUNK_BYTES
+    for device, budget in (("cpu", backends.CHUNK_BYTES["cpu"]), ("cuda", backends.CHUNK_BYTES["default"])):
+        for batch_heads, len_k in ((8, 4096), (8, 8192), (64, 512), (1, 100), (8, 32768), (512, 65536)):
+            rows = backends.chunk_rows(batch_heads, len_k, torch.device(device))
+            assert rows & (rows - 1) == 0 and 16 <= rows <= 1024
+            assert rows == 16 or 4 * batch_heads * len_k * rows <= budget
+            assert rows == 1024 or 4 * batch_heads * len_k * rows * 2 > budget  # the largest that fits
 
 
 def test_chunked_attends_only_to_the_key_span_the_mask_leaves(monkeypatch):
