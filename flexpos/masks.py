@@ -11,6 +11,7 @@ broadcast index grids (the chunked backend and the tests do this).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -106,7 +107,15 @@ def _tile_states(full: Tensor, empty: Tensor) -> Tensor:
 
 
 def full_mask(len_q: int, len_k: int, device: torch.device | str = "cpu") -> BlockMask:
-    """Every query attends to every key (a BlockMask still bounds FlexAttention's scratch)."""
+    """Every query attends to every key (a BlockMask still bounds FlexAttention's scratch).
+
+    Built once per (Lq, Lk, device) and shared: it is what every unmasked call uses.
+    """
+    return _full_mask(len_q, len_k, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _full_mask(len_q: int, len_k: int, device: torch.device) -> BlockMask:
     states = torch.full((1, 1, _n_blocks(len_q), _n_blocks(len_k)), FULL, dtype=torch.int8, device=device)
 
     @_cpu_safe
@@ -139,8 +148,15 @@ def _index_ranges(length: int, device: torch.device | str) -> tuple[Tensor, Tens
 
 
 def causal_mask(len_q: int, len_k: Optional[int] = None, device: torch.device | str = "cpu") -> BlockMask:
-    """Query i attends to keys j <= i (indices, top-left aligned like SDPA's ``is_causal``)."""
-    len_k = len_q if len_k is None else len_k
+    """Query i attends to keys j <= i (indices, top-left aligned like SDPA's ``is_causal``).
+
+    Built once per (Lq, Lk, device) and shared.
+    """
+    return _causal_mask(len_q, len_q if len_k is None else len_k, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_mask(len_q: int, len_k: int, device: torch.device) -> BlockMask:
     q_lo, q_hi = _index_ranges(len_q, device)
     k_lo, k_hi = _index_ranges(len_k, device)
     full = k_hi[:, None, :] <= q_lo[:, :, None]
