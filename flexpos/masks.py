@@ -106,6 +106,17 @@ def _tile_states(full: Tensor, empty: Tensor) -> Tensor:
     return torch.where(full, torch.tensor(FULL, dtype=torch.int8), states)[:, None]
 
 
+def _memoised(build: Callable[..., BlockMask]) -> Callable[..., BlockMask]:
+    """``build`` memoised on its (hashable) arguments, except while torch.compile traces a
+    caller's code (Dynamo traces through caches, and warns about them)."""
+    cached = functools.lru_cache(maxsize=64)(build)
+
+    def get(*args: object) -> BlockMask:
+        return build(*args) if torch.compiler.is_compiling() else cached(*args)
+
+    return get
+
+
 def full_mask(len_q: int, len_k: int, device: torch.device | str = "cpu") -> BlockMask:
     """Every query attends to every key (a BlockMask still bounds FlexAttention's scratch).
 
@@ -114,7 +125,7 @@ def full_mask(len_q: int, len_k: int, device: torch.device | str = "cpu") -> Blo
     return _full_mask(len_q, len_k, torch.device(device))
 
 
-@functools.lru_cache(maxsize=64)
+@_memoised
 def _full_mask(len_q: int, len_k: int, device: torch.device) -> BlockMask:
     states = torch.full((1, 1, _n_blocks(len_q), _n_blocks(len_k)), FULL, dtype=torch.int8, device=device)
 
@@ -155,7 +166,7 @@ def causal_mask(len_q: int, len_k: Optional[int] = None, device: torch.device | 
     return _causal_mask(len_q, len_q if len_k is None else len_k, torch.device(device))
 
 
-@functools.lru_cache(maxsize=64)
+@_memoised
 def _causal_mask(len_q: int, len_k: int, device: torch.device) -> BlockMask:
     q_lo, q_hi = _index_ranges(len_q, device)
     k_lo, k_hi = _index_ranges(len_k, device)

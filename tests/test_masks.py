@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
+import flexpos
 import flexpos.masks as M
 
 LQ, LK = 300, 420
@@ -112,3 +113,10 @@ def test_errors():
         M.dense_mask(torch.ones(1, 4, 4), 4, 4)
     with pytest.raises(ValueError, match="segments_q"):
         M.segment_mask(torch.rand(1, 5))
+
+
+def test_full_and_causal_masks_are_built_once_per_shape():
+    assert flexpos.full_mask(300, 300) is flexpos.full_mask(300, 300, torch.device("cpu"))
+    assert flexpos.full_mask(300, 301) is not flexpos.full_mask(300, 300)
+    assert flexpos.causal_mask(300) is flexpos.causal_mask(300, 300, "cpu")
+    assert flexpos.causal_mask(300, 400) is not flexpos.causal_mask(300)
