@@ -58,3 +58,19 @@ def test_layer_trains_on_cpu():
     x = torch.randn(2, 50, DIM)
     layer(x, pos=torch.rand(2, 50) * 30, causal=True).square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_a_layer_inside_the_callers_torch_compile():
+    """A model compiled by its user: same outputs and gradients as eager (graph breaks allowed)."""
+    torch.manual_seed(0)
+    layer = AttentionLayer(DIM, H, positional=[Rotary(DIM // H), ALiBi(H)])
+    x = torch.randn(2, 300, DIM, requires_grad=True)
+    pos = torch.rand(2, 300).cumsum(-1) * 10
+    valid = torch.rand(2, 300) > 0.2
+    compiled = torch.compile(layer)
+    got = compiled(x, pos=pos, mask=valid)
+    (got_grad,) = torch.autograd.grad(got.square().sum(), x)
+    want = layer(x, pos=pos, mask=valid)
+    (want_grad,) = torch.autograd.grad(want.square().sum(), x)
+    assert (got - want).abs().max() <= TOLERANCE[torch.float32]
+    assert (got_grad - want_grad).abs().max() <= 10 * TOLERANCE[torch.float32]
