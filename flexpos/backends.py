@@ -49,10 +49,10 @@ def choose_backend(requested: Backend, q: Tensor, needs_grad: bool, block_mask: 
 
     'auto' is 'chunked' on CPU and 'flex' elsewhere, except for q/k head dims above
     :data:`MAX_FLEX_HEAD_DIM` (XL appends ``dim + 1`` features), which take 'chunked' too.
-    'flex' on CPU is refused where Inductor's
-    CPU flex kernel (torch 2.13) cannot run: gradients, float64, and masks whose mask_mod reads
-    a captured table (padding, dense, distance-window, segment masks), which it fails to build
-    ("'cur_kvSplitSize2' was not declared") or indexes with a wrong stride.
+    'flex' on CPU is refused where Inductor's CPU flex kernel (torch 2.13) cannot run:
+    gradients, float64, and masks whose mask_mod reads a captured table (padding, dense,
+    distance-window, segment masks), which it fails to build ("'cur_kvSplitSize2' was not
+    declared") or indexes with a wrong stride.
     """
     if requested not in ("auto", "flex", "chunked"):
         raise ValueError(f"backend must be 'auto', 'flex' or 'chunked', got {requested!r}")
@@ -189,7 +189,14 @@ _compiled_bias = lazy_compile(_chunk_bias)
 
 
 def _attend_chunk(
-    q: Tensor, k: Tensor, v: Tensor, q_start: int, k_start: int, score_mod, mask_mod, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_start: int,
+    k_start: int,
+    score_mod: Optional[ScoreMod],
+    mask_mod: Optional[MaskMod],
+    scale: float,
 ) -> Tensor:
     """Attention of queries ``q_start ..`` (B, H, C, E) over keys ``k_start ..`` (B, H, n, E)."""
     work = torch.promote_types(q.dtype, torch.float32)

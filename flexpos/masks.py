@@ -35,7 +35,7 @@ def _named(fn: MaskMod, name: str) -> MaskMod:
     return fn
 
 
-def _cpu_safe(fn: MaskMod) -> MaskMod:
+def _flex_cpu_ok(fn: MaskMod) -> MaskMod:
     """Mark a mask_mod that Inductor's CPU flex kernel is known to build (see backends)."""
     fn.cpu_flex_safe = True  # type: ignore[attr-defined]
     return fn
@@ -129,7 +129,7 @@ def full_mask(len_q: int, len_k: int, device: torch.device | str = "cpu") -> Blo
 def _full_mask(len_q: int, len_k: int, device: torch.device) -> BlockMask:
     states = torch.full((1, 1, _n_blocks(len_q), _n_blocks(len_k)), FULL, dtype=torch.int8, device=device)
 
-    @_cpu_safe
+    @_flex_cpu_ok
     def everything(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return q_idx >= 0
 
@@ -173,7 +173,7 @@ def _causal_mask(len_q: int, len_k: int, device: torch.device) -> BlockMask:
     full = k_hi[:, None, :] <= q_lo[:, :, None]
     empty = k_lo[:, None, :] > q_hi[:, :, None]
 
-    @_cpu_safe
+    @_flex_cpu_ok
     def causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return q_idx >= kv_idx
 
@@ -207,7 +207,7 @@ def sliding_window_mask(
     full, empty = _window_states(_index_ranges(len_q, device), _index_ranges(len_k, device), w)
     w_t = torch.tensor(w, device=device)
 
-    @_cpu_safe
+    @_flex_cpu_ok
     def sliding_window(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return (q_idx - kv_idx).abs() <= w_t
 
@@ -337,5 +337,5 @@ def and_masks(*masks: BlockMask) -> BlockMask:
     len_q, len_k = lengths.pop()
     both = _named(both, "and_" + "_".join(f.__name__ for f in mods))
     if all(getattr(f, "cpu_flex_safe", False) for f in mods):
-        both = _cpu_safe(both)
+        both = _flex_cpu_ok(both)
     return from_states(combined, both, len_q, len_k)

@@ -46,11 +46,14 @@ def rotate_real(x: Tensor, cos_sin: Tensor) -> Tensor:
     return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), -1).flatten(-2).to(x.dtype)
 
 
-@lazy_compile
+_rotate_real = lazy_compile(rotate_real)
+
+
 def _rotate(x: Tensor, cos_sin: Tensor) -> Tensor:
-    # Inductor's CPU code for interleaved pairs is scalar while ATen's complex product is
-    # vectorised; on GPUs the real form fuses into one kernel (no float32 round trip).
-    return (rotate_complex if x.device.type == "cpu" else rotate_real)(x, cos_sin)
+    # Inductor's CPU code for interleaved pairs is scalar, while ATen's complex product is one
+    # vectorised kernel already (compiling it gains nothing); on GPUs the compiled real form
+    # fuses into one kernel with no float32 round trip.
+    return rotate_complex(x, cos_sin) if x.device.type == "cpu" else _rotate_real(x, cos_sin)
 
 
 class Rotary(Positional):
