@@ -26,10 +26,12 @@ def compile_enabled() -> bool:
 
 
 class LazyCompiled:
-    """``fn`` compiled with ``dynamic=True`` on first call (so new lengths do not recompile)."""
+    """``fn`` compiled with ``dynamic=True`` on first call (so new lengths do not recompile);
+    ``options`` are Inductor settings for this function only."""
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], options: Optional[dict[str, Any]] = None) -> None:
         self.fn = fn
+        self.options = options
         self._compiled: Optional[Callable[..., Any]] = None
         self.__name__ = getattr(fn, "__name__", "compiled")
         self.__doc__ = fn.__doc__
@@ -38,9 +40,9 @@ class LazyCompiled:
         if not _enabled or torch.compiler.is_compiling():
             return self.fn(*args, **kwargs)
         if self._compiled is None:
-            self._compiled = torch.compile(self.fn, dynamic=True)
+            self._compiled = torch.compile(self.fn, dynamic=True, options=self.options)
         return self._compiled(*args, **kwargs)
 
 
-def lazy_compile(fn: Callable[..., Any]) -> LazyCompiled:
-    return LazyCompiled(fn)
+def lazy_compile(fn: Callable[..., Any], options: Optional[dict[str, Any]] = None) -> LazyCompiled:
+    return LazyCompiled(fn, options)

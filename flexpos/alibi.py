@@ -84,7 +84,7 @@ class ALiBi(Positional):
         asymmetric = self.asymmetric if asymmetric is None else asymmetric
 
         def alibi(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            delta, valid = rel(b, q_idx, kv_idx)
+            delta, valid = rel.distance(b, q_idx, kv_idx)
             bias = rates[h] * delta
             out = score - torch.where(valid, bias.abs(), 0.0).to(score.dtype)
             if asymmetric:

@@ -39,6 +39,17 @@ def _flex():
     return _compiled_flex
 
 
+CPU_FLEX_MIN_TORCH = (2, 9)
+"""Oldest torch whose Inductor builds the CPU flex kernel with dynamic shapes (2.6 fails to lower
+it, 2.7 and 2.8 fail to compile its C++)."""
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the running torch."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 MAX_FLEX_HEAD_DIM = 256
 """Largest q/k head dim 'auto' sends to flex: its Triton kernels round head dims up to a power of
 two, and at 512 their tiles no longer fit a GPU's shared memory."""
@@ -49,24 +60,32 @@ def choose_backend(requested: Backend, q: Tensor, needs_grad: bool, block_mask: 
 
     'auto' is 'chunked' on CPU and 'flex' elsewhere, except for q/k head dims above
     :data:`MAX_FLEX_HEAD_DIM` (XL appends ``dim + 1`` features), which take 'chunked' too.
-    'flex' on CPU is refused where Inductor's CPU flex kernel (torch 2.13) cannot run:
-    gradients, float64, and masks whose mask_mod reads a captured table (padding, dense,
-    distance-window, segment masks), which it fails to build ("'cur_kvSplitSize2' was not
-    declared") or indexes with a wrong stride.
+    'flex' on CPU is refused where Inductor's CPU flex kernel cannot run (see
+    :func:`_cpu_flex_refusal`).
     """
     if requested not in ("auto", "flex", "chunked"):
         raise ValueError(f"backend must be 'auto', 'flex' or 'chunked', got {requested!r}")
     if requested == "auto":
         return "chunked" if q.device.type == "cpu" or q.shape[-1] > MAX_FLEX_HEAD_DIM else "flex"
     if requested == "flex" and q.device.type == "cpu":
-        why = None
-        if needs_grad or q.dtype == torch.float64:
-            why = "gradients" if needs_grad else "float64"
-        elif block_mask is not None and not cpu_flex_safe(block_mask):
-            why = f"the mask {getattr(block_mask.mask_mod, '__name__', 'mask_mod')!r}"
+        why = _cpu_flex_refusal(q, needs_grad, block_mask)
         if why is not None:
-            raise ValueError(f"backend='flex' cannot run {why} on CPU; use backend='auto' or 'chunked'")
+            raise ValueError(f"backend='flex' {why}; use backend='auto' or 'chunked'")
     return requested
+
+
+def _cpu_flex_refusal(q: Tensor, needs_grad: bool, block_mask: Optional[BlockMask]) -> Optional[str]:
+    """Why the CPU flex kernel cannot run this call, or None: torch before
+    :data:`CPU_FLEX_MIN_TORCH`; gradients (it has no backward); float64; masks whose mask_mod
+    reads a captured table (padding, dense, distance-window, segment masks), which torch 2.13
+    fails to build ("'cur_kvSplitSize2' was not declared") or indexes with a wrong stride."""
+    if torch_version() < CPU_FLEX_MIN_TORCH:
+        return f"needs torch >= {'.'.join(map(str, CPU_FLEX_MIN_TORCH))} on CPU (found {torch.__version__})"
+    if needs_grad or q.dtype == torch.float64:
+        return f"cannot run {'gradients' if needs_grad else 'float64'} on CPU"
+    if block_mask is not None and not cpu_flex_safe(block_mask):
+        return f"cannot run the mask {getattr(block_mask.mask_mod, '__name__', 'mask_mod')!r} on CPU"
+    return None
 
 
 def run_flex(
@@ -185,7 +204,11 @@ def _chunk_bias(
     return bias.expand(*bias.shape[:2], rows, cols)
 
 
-_compiled_bias = lazy_compile(_chunk_bias)
+# Inductor's CPU code generator in torch 2.11 places its bounds checks of gathered indices
+# before the indices are declared ("'tmp1' was not declared in this scope"). The indices here
+# lie in range by construction (aranges within the sequence lengths the tables were built for),
+# and the eager path keeps PyTorch's own checks.
+_compiled_bias = lazy_compile(_chunk_bias, options={"assert_indirect_indexing": False})
 
 
 def _attend_chunk(

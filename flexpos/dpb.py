@@ -103,7 +103,7 @@ class DPB(Positional):
         step = torch.tensor(grid.step, dtype=dtype, device=values.device)
 
         def dpb(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            delta, valid = rel(b, q_idx, kv_idx)
+            delta, valid = rel.distance(b, q_idx, kv_idx)
             cell = torch.floor((delta - start) / step)
             offset = delta - (start + cell * step)
             cell = cell.to(torch.int64) + 1  # past the guard cell

@@ -249,7 +249,7 @@ def distance_window_mask(
     w_t = torch.tensor(w, dtype=torch.float32, device=given.device)
 
     def distance_window(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        delta, valid = rel(b, q_idx, kv_idx)
+        delta, valid = rel.distance(b, q_idx, kv_idx)
         return (delta.abs() <= w_t) | ~valid
 
     return from_states(_tile_states(full, empty), distance_window, len_q, len_k)

@@ -52,8 +52,12 @@ class Relative:
     off_k: Tensor
     complete: bool = False
 
-    def __call__(self, b: Tensor, q_idx: Tensor, kv_idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Distance ``p_q - p_k`` and whether both tokens have a position (broadcast shapes)."""
+    def distance(self, b: Tensor, q_idx: Tensor, kv_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Distance ``p_q - p_k`` and whether both tokens have a position (broadcast shapes).
+
+        A method rather than ``__call__``: torch 2.6's Dynamo guards the identity of a called
+        object, so a new ``Relative`` per attention call recompiled every time.
+        """
         delta = (self.q_hi[b, q_idx] - self.k_hi[b, kv_idx]) + (
             self.q_lo[b, q_idx] - self.k_lo[b, kv_idx]
         )

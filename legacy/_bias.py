@@ -51,7 +51,7 @@ def dense_bias(score_mod: ScoreMod, positions: Positions, heads: int, dtype: tor
 def dpb_dense_bias(dpb: NativeDPB, positions: Positions) -> Tensor:
     """(N, NH, L1, L2) ``-MLP(Delta / divide)`` per element (no table), 0 without a position."""
     b, _, q, kv = index_grids(positions.batch, 1, positions.len_q, positions.len_k, positions.q.device)
-    delta, valid = positions.relative(torch.float64)(b[:, 0], q[:, 0], kv[:, 0])  # (N, L1, L2)
+    delta, valid = positions.relative(torch.float64).distance(b[:, 0], q[:, 0], kv[:, 0])  # (N, L1, L2)
     bias = dpb.bias_at(delta)  # (N, L1, L2, NH)
     return -torch.where(valid[..., None], bias, torch.zeros_like(bias)).permute(0, 3, 1, 2)
 
@@ -100,7 +100,7 @@ def legacy_alibi(
     big = torch.tensor(penalty, dtype=dtype, device=slopes.device)
 
     def alibi_legacy(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        delta, valid = rel(b, q_idx, kv_idx)
+        delta, valid = rel.distance(b, q_idx, kv_idx)
         signed = slopes[h] * delta
         wrong = torch.where(parity(b, h, q_idx) % 2 == 0, signed > 0, signed < 0) & valid
         # The blocked score is the constant -penalty: bio-attention's ``s - finfo.max`` rounds to

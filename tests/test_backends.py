@@ -16,6 +16,9 @@ from flexpos import backends
 from flexpos.backends import choose_backend
 
 H, D = 4, 16
+needs_cpu_flex = pytest.mark.skipif(
+    backends.torch_version() < backends.CPU_FLEX_MIN_TORCH, reason="no CPU flex kernel in this torch"
+)
 
 
 def inputs(b, length, dtype=torch.float32):
@@ -26,6 +29,7 @@ def positions(b, length):
     return 1_200_000_000 + torch.randint(0, 30 * length, (b, length)).sort(-1).values
 
 
+@needs_cpu_flex
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_flex_with_composed_mods_and_masks(dtype):
     """ALiBi + DPB with a CLS token: causal on compiled flex; key padding (incl. a sequence with
@@ -61,7 +65,7 @@ def test_flex_xl_appended_features():
     assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32] * 5  # dim + 1 extra terms
 
 
-@pytest.mark.parametrize("backend", ["chunked", "flex"])
+@pytest.mark.parametrize("backend", ["chunked", pytest.param("flex", marks=needs_cpu_flex)])
 def test_changing_length_and_batch_does_not_recompile(backend, compiled):
     """New lengths, batch sizes and chunk offsets reuse the compiled kernels. Batch 1 compiles
     once more, by design (size-1 dims specialise), and is warmed up first where it runs."""
@@ -85,7 +89,8 @@ def test_changing_length_and_batch_does_not_recompile(backend, compiled):
     assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
 
 
-def test_backend_choice_is_made_before_running():
+def test_backend_choice_is_made_before_running(monkeypatch):
+    monkeypatch.setattr(backends, "torch_version", lambda: (2, 13))
     q = torch.randn(1, 1, 4, 4)
     assert choose_backend("auto", q, needs_grad=False) == "chunked"
     assert choose_backend("auto", q.to("meta"), needs_grad=True) == "flex"
@@ -191,7 +196,17 @@ def test_cpu_small_head_dims_and_short_sequences():
             assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
 
 
-def test_cpu_flex_refuses_table_masks_and_chunked_runs_them():
+def test_cpu_flex_is_refused_before_its_first_working_torch(monkeypatch):
+    q = torch.randn(1, 1, 4, 4)
+    monkeypatch.setattr(backends, "torch_version", lambda: (2, 8))
+    with pytest.raises(ValueError, match=r"needs torch >= 2\.9"):
+        choose_backend("flex", q, needs_grad=False)
+    assert choose_backend("auto", q, needs_grad=False) == "chunked"
+    assert choose_backend("flex", q.to("meta"), needs_grad=False) == "flex"
+
+
+def test_cpu_flex_refuses_table_masks_and_chunked_runs_them(monkeypatch):
+    monkeypatch.setattr(backends, "torch_version", lambda: (2, 13))
     q = torch.randn(1, 1, 4, 4)
     pos = torch.rand(1, 600, dtype=torch.float64).cumsum(-1) * 10
     window = flexpos.distance_window_mask(100.0, pos=pos)
@@ -243,6 +258,7 @@ def test_chunked_attends_only_to_the_key_span_the_mask_leaves(monkeypatch):
     assert (out.double() - R.attend(q, k, v, R.alibi_bias(H, p, p, has, has), keep)).abs().max() <= TOLERANCE[torch.float32]
 
 
+@needs_cpu_flex
 @pytest.mark.parametrize("heads", [1, H])
 def test_flex_batch_of_one(heads):
     """Batch 1 (which the raw CPU kernel cannot build) with ALiBi + DPB and a causal mask."""

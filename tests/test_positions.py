@@ -10,7 +10,7 @@ def _grid_delta(positions: Positions, dtype=torch.float32):
     b = torch.arange(positions.batch).view(-1, 1, 1)
     qi = torch.arange(positions.len_q).view(1, -1, 1)
     ki = torch.arange(positions.len_k).view(1, 1, -1)
-    return rel(b, qi, ki)
+    return rel.distance(b, qi, ki)
 
 
 def test_genomic_int64_distances_are_exact():
