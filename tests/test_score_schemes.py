@@ -1,7 +1,10 @@
 """ALiBi, DPB and XL inside flexpos.attention vs float64 dense references (chunked backend)."""
 
+from collections import Counter
+
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import flexpos
 import reference as R
@@ -143,6 +146,15 @@ def test_learned_div_receives_gradients(module):
     assert m.div.grad is not None and m.div.grad.abs().item() > 0
 
 
+def score_mod_on_grids(module):
+    """``module``'s score_mod at irregular positions, and broadcast (b, h, q_idx, kv_idx) grids."""
+    pos = irregular(B, L - 1)
+    positions = flexpos.Positions.resolve((B,), L, L, torch.device("cpu"), pos)
+    grids = (torch.arange(B).view(-1, 1, 1, 1), torch.arange(H).view(1, -1, 1, 1),
+             torch.arange(L).view(1, 1, -1, 1), torch.arange(L).view(1, 1, 1, -1))
+    return module.score_mod(positions), grids
+
+
 @pytest.mark.parametrize(
     "module",
     [ALiBi(H, divide=3.0), ALiBi(H, asymmetric=True), DPB(8, H, depth=2, divide=40.0)],
@@ -150,12 +162,28 @@ def test_learned_div_receives_gradients(module):
 )
 def test_score_mods_add_a_bias_independent_of_the_score(module):
     """The chunked backend relies on ``score_mod(s) == s + score_mod(0)`` (Positional.score_mod)."""
-    pos = irregular(B, L - 1)
-    positions = flexpos.Positions.resolve((B,), L, L, torch.device("cpu"), pos)
-    mod = module.score_mod(positions)
-    b, h = torch.arange(B).view(-1, 1, 1, 1), torch.arange(H).view(1, -1, 1, 1)
-    q_idx, kv_idx = torch.arange(L).view(1, 1, -1, 1), torch.arange(L).view(1, 1, 1, -1)
+    mod, (b, h, q_idx, kv_idx) = score_mod_on_grids(module)
     score = torch.randn(B, H, L, L) * 4
     bias = mod(torch.zeros(()), b, h, q_idx, kv_idx)
     assert bias.ne(0).any()
     assert torch.equal(mod(score, b, h, q_idx, kv_idx), score + bias)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [ALiBi(H, learned_div=True), ALiBi(H, asymmetric=True, learned_div=True), DPB(8, H, learned_div=True)],
+    ids=["alibi", "alibi-asymmetric", "dpb"],
+)
+def test_score_mods_index_each_trainable_tensor_once(module):
+    """FlexAttention's GPU backward accumulates gradients of captured tensors with one scatter per
+    tensor: a score_mod may index each tensor that requires grad only once per score element."""
+    mod, grids = score_mod_on_grids(module)
+    graph = make_fx(mod)(torch.zeros(()), *grids)
+    reads = Counter(
+        node.args[0].target
+        for node in graph.graph.nodes
+        if node.target is torch.ops.aten.index.Tensor and node.args[0].op == "get_attr"
+    )
+    trainable = [name for name in reads if getattr(graph, name).requires_grad]
+    assert trainable, "the score_mod reads no trainable tensor"
+    assert all(reads[name] == 1 for name in trainable), reads
