@@ -6,6 +6,7 @@ Lq/Lk query/key tokens, D head dim, Dv value head dim.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -114,7 +115,7 @@ def _check_positional(modules: Sequence[object], heads: int, head_dim: int) -> l
 def _resolve_mask(
     mask: Mask, causal: bool, batch: tuple[int, ...], heads: int, len_q: int, len_k: int, device: torch.device
 ) -> BlockMask:
-    flat = int(torch.tensor(batch).prod())
+    flat = math.prod(batch)
     if mask is None:
         block_mask = full_mask(len_q, len_k, device)
     elif isinstance(mask, BlockMask):

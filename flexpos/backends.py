@@ -14,6 +14,7 @@ calls in the process on a slow path.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal, Optional
 
 import torch
@@ -33,10 +34,21 @@ _compiled_flex = None
 
 
 def _flex():
+    """flex_attention compiled on first use; inside a caller's torch.compile, flex_attention
+    itself, which the caller's compile fuses into its graph."""
     global _compiled_flex
+    if torch.compiler.is_compiling():
+        return flex_attention
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=True)
     return _compiled_flex
+
+
+def _sizes_apart():
+    """Without duck sizing, equal sizes (batch 2 and 2 query blocks, say) do not become one
+    symbol, so a later call where they differ does not recompile. A caller's torch.compile keeps
+    its own settings."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else fx_config.patch(use_duck_shape=False)
 
 
 CPU_FLEX_MIN_TORCH = (2, 9)
@@ -104,9 +116,7 @@ def run_flex(
         # A Python float scale becomes a symbolic float under dynamic=True, which the CPU
         # kernel cannot lower; fold it into q and let flex apply its default 1/sqrt(E).
         q = q * (scale / default)
-    # Without duck sizing, equal sizes (batch 2 and 2 query blocks, say) do not become one
-    # symbol, so a later call where they differ does not recompile.
-    with fx_config.patch(use_duck_shape=False):
+    with _sizes_apart():
         out = _flex()(q, k, v, score_mod=score_mod, block_mask=block_mask)
     if q.device.type == "cpu":
         out = restore(out)
@@ -227,7 +237,7 @@ def _attend_chunk(
     if score_mod is None and mask_mod is None:
         return F.scaled_dot_product_attention(q, k, v_work, scale=scale).to(v.dtype)
     shape = (q.shape[0], q.shape[1], q_start, q.shape[2], k_start, k.shape[2], work, q.device)
-    with fx_config.patch(use_duck_shape=False):
+    with _sizes_apart():
         bias = _compiled_bias(score_mod, mask_mod, *shape)
     alive = bias.amax(-1, keepdim=True) > float("-inf")
     dead = not bool(alive.all())

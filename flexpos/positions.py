@@ -15,6 +15,7 @@ Shape legend: B batch, Lq/Lk query/key tokens, Lq'/Lk' positions (<= tokens).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -107,7 +108,7 @@ class Positions:
             check_pos("pos" if pos is not None else "pos_q", pos_q, len_q)
         if pos_k is not None and pos is None:
             check_pos("pos_k", pos_k, len_k)
-        flat = int(torch.tensor(batch).prod()) if len(batch) else 1
+        flat = math.prod(batch)
         q = _flat_or_default(pos_q, flat, len_q, device)
         shared = pos_k is pos_q and len_q == len_k  # self-attention: one tensor for both sides
         k = q if shared else _flat_or_default(pos_k, flat, len_k, device)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import flexpos
+from flexpos import backends
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -26,6 +27,10 @@ TOLERANCE = {
 }
 
 flexpos.set_compile(False)
+
+needs_cpu_flex = pytest.mark.skipif(
+    backends.torch_version() < backends.CPU_FLEX_MIN_TORCH, reason="no CPU flex kernel in this torch"
+)
 
 
 @pytest.fixture
