@@ -61,11 +61,16 @@ def golden_eager_candidate(make_modules, dtype, candidate):
     return names, golden, eager, other
 
 
-def assert_within_policy(dtype, names, golden, eager, other):
+def assert_errors_within_policy(dtype, names, golden, eager, other):
+    assert len(names) == len(golden) == len(eager) == len(other)
     for name, g, e, c in zip(names, golden, eager, other):
         eager_err = (e - g).abs().max().item()
         other_err = (c - g).abs().max().item()
         assert other_err <= FUDGE[dtype] * eager_err + ATOL[dtype] * max(1.0, g.abs().max().item()), name
+
+
+def assert_within_policy(dtype, names, golden, eager, other):
+    assert_errors_within_policy(dtype, names, golden, eager, other)
     assert torch.equal(other[0][1], torch.zeros_like(other[0][1]))
 
 
@@ -92,3 +97,29 @@ def test_no_recompile_when_length_changes():
         if i == 0:
             graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+
+def test_layer_inside_the_callers_torch_compile_trains():
+    """A model compiled by its user (flex fused into the user's graph), against the float64
+    chunked golden, with the eager chunked layer in float32 as the yardstick."""
+    from flexpos import AttentionLayer
+
+    torch.manual_seed(0)
+    layers = {}
+    for name, backend in (("golden", "chunked"), ("eager", "chunked"), ("compiled", "auto")):
+        layers[name] = AttentionLayer(H * D, H, positional=modules(), backend=backend).to(DEV)
+        layers[name].load_state_dict(layers["golden"].state_dict())
+    layers["golden"].double()
+    x = torch.randn(2, 1000, H * D, device=DEV)
+    pos = torch.randint(0, 20_000, (2, 999), device=DEV).sort(-1).values
+    valid = torch.rand(2, 1000, device=DEV) > 0.2
+    compiled = torch.compile(layers["compiled"])
+    results = []
+    for model, name in ((layers["golden"], "golden"), (layers["eager"], "eager"), (compiled, "compiled")):
+        xin = x.to(torch.float64 if name == "golden" else torch.float32).requires_grad_()
+        out = model(xin, pos=pos, mask=valid)
+        out.square().mean().backward()
+        results.append([out.double(), xin.grad.double()] + [p.grad.double() for p in layers[name].parameters()])
+    names = ["out", "dx"] + [n for n, _ in layers["golden"].named_parameters()]
+    assert_errors_within_policy(torch.float32, names, *results)
