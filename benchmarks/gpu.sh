@@ -51,7 +51,7 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 }
 
 # 1. correctness on the GPU: compiled flex forward/backward against float64 references
-step "CUDA tests" 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step "CUDA tests" 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 
 # 2. the side-by-side table at the target lengths, forward+backward, bfloat16, B=4 H=16 D=64
 step "bench table" 90 "$PY" -m flexpos.bench --device cuda --dtype bfloat16 --mode fwdbwd \
