@@ -10,8 +10,10 @@ score_mod reads a (value, slope) pair per head and grid cell, interpolating line
   differentiable function is off by at most ``(s / divide)^2 / 8 * max|MLP''|`` (second
   derivative taken over the MLP's input ``Delta / divide``).
 
-Values and slopes are two tensors, each read once per score element, which FlexAttention's
-backward requires of captured tensors that need gradients.
+On CPU the exact grid has just ``2 * span + 1`` nodes; on accelerators (and inside a caller's
+torch.compile) every grid has ``table_size`` nodes, chosen on the device, so that nothing is read
+back to the host. Values and slopes are two tensors, each read once per score element, which
+FlexAttention's backward requires of captured tensors that need gradients.
 """
 
 from __future__ import annotations
@@ -30,22 +32,44 @@ from .positions import Positions
 
 @dataclass(frozen=True)
 class DistanceGrid:
-    """Evenly spaced distances ``start + step * i`` for ``i < size`` (position units)."""
+    """Evenly spaced distances ``start + step * i`` for ``i < size`` (position units); start and
+    step are 0-d float64 tensors."""
 
-    start: float
-    step: float
+    start: Tensor
+    step: Tensor
     size: int
 
     @classmethod
-    def covering(cls, span: float, integer: bool, table_size: int) -> "DistanceGrid":
-        span = max(span, 1.0)
-        if integer and 2 * span + 1 <= table_size:
-            return cls(-span, 1.0, int(2 * span + 1))
-        return cls(-span, 2 * span / (table_size - 1), table_size)
+    def covering(cls, span: Tensor, integer: bool, table_size: int, adaptive: bool) -> "DistanceGrid":
+        """A grid over ``[-span, span]`` (``span`` a 0-d float64 tensor, at least 1 is used):
+        one node per integer distance for ``integer`` positions whose distances fit
+        ``table_size``, else ``table_size`` nodes from ``-span`` to ``span``.
 
-    def nodes(self, device: torch.device) -> Tensor:
+        ``adaptive``: the exact grid has just ``2 * span + 1`` nodes, which reads ``span``
+        back to the host. Otherwise every grid has ``table_size`` nodes and ``start``/``step``
+        are chosen on the device (no sync, no graph break), the exact one centred on 0.
+        """
+        span = span.clamp(min=1.0)
+        spread = 2 * span / (table_size - 1)
+        if adaptive:
+            nodes = 2 * float(span) + 1
+            if integer and nodes <= table_size:
+                return cls(-span, torch.ones_like(span), int(nodes))
+            return cls(-span, spread, table_size)
+        exact = (2 * span + 1 <= table_size) & integer
+        centred = torch.full_like(span, -((table_size - 1) // 2))
+        return cls(torch.where(exact, centred, -span), torch.where(exact, 1.0, spread), table_size)
+
+    def nodes(self) -> Tensor:
         """(size,) float64 grid distances."""
-        return self.start + self.step * torch.arange(self.size, device=device, dtype=torch.float64)
+        return self.start + self.step * torch.arange(self.size, device=self.start.device, dtype=torch.float64)
+
+
+def adaptive_grid(device: torch.device) -> bool:
+    """Size DPB's grid to the span (a host read) on CPU, where that costs nothing and saves MLP
+    work on short sequences; keep it at ``table_size`` on accelerators and inside a caller's
+    torch.compile."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 class DPB(Positional):
@@ -87,20 +111,22 @@ class DPB(Positional):
         """(...,) distances in position units -> (..., n_heads) MLP outputs."""
         return run_mlp(self.mlp, (distances.double() / self.divisor(torch.float64))[..., None])
 
-    def tables(self, grid: DistanceGrid, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def tables(self, grid: DistanceGrid, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(n_heads, size + 2) values at the grid nodes and slopes per position unit to the next."""
-        values = self.bias_at(grid.nodes(device)).to(dtype).t().contiguous()
-        slopes = torch.diff(values, dim=-1, append=values[:, -1:]) / grid.step
+        values = self.bias_at(grid.nodes()).to(dtype).t().contiguous()
+        slopes = torch.diff(values, dim=-1, append=values[:, -1:]) / grid.step.to(dtype)
         # One guard cell at each end: a distance rounded just past the grid still reads a
         # valid cell, so the score_mod needs no clamp.
         return F.pad(values, (1, 1), mode="replicate"), F.pad(slopes, (1, 1))
 
     def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:
-        grid = DistanceGrid.covering(positions.span(), positions.is_integer, self.table_size)
-        values, slopes = self.tables(grid, positions.q.device, dtype)
+        device = positions.q.device
+        grid = DistanceGrid.covering(
+            positions.span_tensor(), positions.is_integer, self.table_size, adaptive_grid(device)
+        )
+        values, slopes = self.tables(grid, dtype)
         rel = positions.relative(dtype)
-        start = torch.tensor(grid.start, dtype=dtype, device=values.device)
-        step = torch.tensor(grid.step, dtype=dtype, device=values.device)
+        start, step = grid.start.to(dtype), grid.step.to(dtype)
 
         def dpb(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             delta, valid = rel.distance(b, q_idx, kv_idx)

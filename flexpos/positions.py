@@ -153,13 +153,18 @@ class Positions:
             lo_q, lo_k = lo_q.double(), lo_k.double()
         return torch.minimum(lo_q, lo_k)
 
-    def span(self) -> float:
-        """Largest possible ``|p_q - p_k|`` in this call (a host sync)."""
+    def span_tensor(self) -> Tensor:
+        """Largest possible ``|p_q - p_k|`` in this call: a 0-d float64 tensor on the positions'
+        device (no host sync)."""
         if not (self.q.shape[-1] and self.k.shape[-1]):
-            return 0.0
+            return torch.zeros((), dtype=torch.float64, device=self.q.device)
         q, k = self.q.double(), self.k.double()
         far = torch.maximum(q.amax(-1) - k.amin(-1), k.amax(-1) - q.amin(-1))
-        return float(far.clamp(min=0).max())
+        return far.clamp(min=0).max()
+
+    def span(self) -> float:
+        """:meth:`span_tensor` as a Python float (a host sync)."""
+        return float(self.span_tensor())
 
     def relative(self, dtype: torch.dtype = torch.float32) -> Relative:
         """Distances for score_mods; ``dtype`` is float32, or float64 for float64 references."""

@@ -6,7 +6,7 @@ from torch._dynamo.utils import counters
 
 import reference as R
 from conftest import TOLERANCE, needs_cpu_flex
-from flexpos import ALiBi, AttentionLayer, Rotary, Sinusoidal
+from flexpos import DPB, ALiBi, AttentionLayer, Rotary, Sinusoidal
 
 F64 = torch.float64
 DIM, H = 32, 4
@@ -79,12 +79,13 @@ def test_a_layer_inside_the_callers_torch_compile():
 
 @needs_cpu_flex
 def test_flex_inside_the_callers_torch_compile_is_one_graph():
-    """With backend='flex', a caller's torch.compile captures Rotary + ALiBi attention as one
-    graph, with no graph break: flexpos' value checks and its own compiled flex step aside.
+    """With backend='flex', a caller's torch.compile captures Rotary + ALiBi + DPB attention as
+    one graph, with no graph break: flexpos' value checks, DPB's span read and its own compiled
+    flex step aside.
     Traced by Dynamo and AOTAutograd without Inductor, whose CPU flex kernel (torch 2.13)
     cannot take the rotated q and k as they come out of Rotary."""
     torch.manual_seed(0)
-    layer = AttentionLayer(128, H, positional=[Rotary(128 // H), ALiBi(H)], backend="flex")
+    layer = AttentionLayer(128, H, positional=[Rotary(128 // H), ALiBi(H), DPB(16, H, divide=50.0)], backend="flex")
     x = torch.randn(2, 300, 128)
     pos = torch.rand(2, 300).cumsum(-1) * 10
     breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]

@@ -10,6 +10,7 @@ import flexpos
 import reference as R
 from conftest import TOLERANCE
 from flexpos import ALiBi, DPB, XL
+from flexpos.dpb import DistanceGrid
 
 B, H, L, D = 2, 4, 150, 8
 F64 = torch.float64
@@ -53,9 +54,17 @@ def test_alibi_slopes_follow_the_paper():
         assert torch.allclose(slopes, torch.tensor(R.reference_slopes(n), dtype=F64), rtol=1e-6)
 
 
+@pytest.fixture(params=["adaptive grid", "fixed grid"])
+def dpb_grid(request, monkeypatch):
+    """DPB's grid sized to the span (CPU) or always table_size (accelerators, compiled callers)."""
+    adaptive = request.param == "adaptive grid"
+    monkeypatch.setattr(flexpos.dpb, "adaptive_grid", lambda device: adaptive)
+    return adaptive
+
+
 @pytest.mark.parametrize("depth, norm", [(1, False), (2, True), (3, False)])
 @pytest.mark.parametrize("divide", [1.0, 4.0])
-def test_dpb_integer_positions_are_exact(depth, norm, divide):
+def test_dpb_integer_positions_are_exact(depth, norm, divide, dpb_grid):
     q, k, v = qkv()
     pos = irregular(B, L, start=3_000_000_000)
     pq, hq = R.padded_positions(pos, B, L)
@@ -64,7 +73,18 @@ def test_dpb_integer_positions_are_exact(depth, norm, divide):
     assert_close(out, R.attend(q, k, v, R.dpb_bias(dpb, pq, pq, hq, hq, divide)))
 
 
-def test_dpb_continuous_positions_within_stated_bound():
+def test_dpb_grid_covers_the_span_in_both_modes():
+    span = torch.tensor(40.0, dtype=F64)
+    for adaptive in (True, False):
+        exact = DistanceGrid.covering(span, True, 101, adaptive).nodes()
+        assert exact.diff().eq(1).all() and exact[0] <= -40 and exact[-1] >= 40
+        spread = DistanceGrid.covering(span, True, 51, adaptive).nodes()  # 81 distances > 51 nodes
+        assert len(spread) == 51 and torch.allclose(spread[[0, -1]], torch.tensor([-40.0, 40.0], dtype=F64))
+    assert len(DistanceGrid.covering(span, True, 101, True).nodes()) == 81
+    assert len(DistanceGrid.covering(span, True, 101, False).nodes()) == 101
+
+
+def test_dpb_continuous_positions_within_stated_bound(dpb_grid):
     """Linear interpolation error <= (step/div)^2 / 8 * max|MLP''| (estimated on a fine grid)."""
     dpb = DPB(16, H, depth=3, divide=5.0, table_size=257).double()
     pos = irregular(1, 120, integer=False)
