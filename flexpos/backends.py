@@ -25,7 +25,7 @@ from torch.fx.experimental import _config as fx_config
 from torch.utils.checkpoint import checkpoint
 
 from ._compile import lazy_compile
-from .base import ScoreMod
+from .base import ScoreMod, index_grids
 from .masks import EMPTY, FULL, MaskMod, cpu_flex_safe, states_of
 from .positions import BLOCK
 
@@ -202,10 +202,8 @@ def _chunk_bias(
     """
     torch._check(q_start >= 0)
     torch._check(k_start >= 0)
-    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
-    h = torch.arange(heads, device=device).view(1, -1, 1, 1)
-    q_idx = (torch.arange(rows, device=device) + q_start).view(1, 1, -1, 1)
-    kv_idx = (torch.arange(cols, device=device) + k_start).view(1, 1, 1, -1)
+    b, h, q_idx, kv_idx = index_grids(batch, heads, rows, cols, device)
+    q_idx, kv_idx = q_idx + q_start, kv_idx + k_start
     bias = torch.zeros((), dtype=dtype, device=device)
     if score_mod is not None:
         bias = score_mod(bias, b, h, q_idx, kv_idx)

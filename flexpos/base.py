@@ -22,6 +22,18 @@ from .positions import Positions
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
+def index_grids(
+    batch: int, heads: int, len_q: int, len_k: int, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Broadcastable b (B,1,1,1), h (1,H,1,1), q_idx (1,1,Lq,1), kv_idx (1,1,1,Lk) index
+    tensors: a score_mod or mask_mod called on them gives its value for every element."""
+    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(heads, device=device).view(1, -1, 1, 1)
+    q_idx = torch.arange(len_q, device=device).view(1, 1, -1, 1)
+    kv_idx = torch.arange(len_k, device=device).view(1, 1, 1, -1)
+    return b, h, q_idx, kv_idx
+
+
 class QK(NamedTuple):
     """Result of a query/key transform.
 

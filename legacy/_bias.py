@@ -23,21 +23,12 @@ from torch import Tensor
 
 from flexpos import ALiBi as NativeALiBi
 from flexpos import DPB as NativeDPB
-from flexpos.base import ScoreMod
+from flexpos.base import ScoreMod, index_grids
 from flexpos.positions import Positions
 
 from ._layout import Batch
 
 Parity = Callable[[Tensor, Tensor, Tensor], Tensor]
-
-
-def index_grids(n: int, heads: int, len_q: int, len_k: int, device: torch.device) -> tuple[Tensor, ...]:
-    """Broadcastable b (N,1,1,1), h (1,NH,1,1), q (1,1,L1,1), kv (1,1,1,L2) index tensors."""
-    b = torch.arange(n, device=device).view(-1, 1, 1, 1)
-    h = torch.arange(heads, device=device).view(1, -1, 1, 1)
-    q = torch.arange(len_q, device=device).view(1, 1, -1, 1)
-    kv = torch.arange(len_k, device=device).view(1, 1, 1, -1)
-    return b, h, q, kv
 
 
 def dense_bias(score_mod: ScoreMod, positions: Positions, heads: int, dtype: torch.dtype) -> Tensor:

@@ -9,7 +9,6 @@ padding mask. Here a mask becomes
   (B, *, L), so its BlockMask is built in O(L)); tokens not covered by the mask attend and are
   attended to freely;
 - ``bias``: the finite part of a float mask, added by a score_mod (the caller materialised it).
-
 """
 
 from __future__ import annotations

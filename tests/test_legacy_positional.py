@@ -16,6 +16,7 @@ from bio_attention.attention import Attention
 from bio_attention.attention import TransformerLayer as OriginalTransformerLayer
 
 import flexpos
+from flexpos.base import index_grids
 from legacy import _hint
 from legacy import positional as legacy
 from legacy_support import SCHEMES, assert_same, atol_for, irregular, pair, scheme_id
@@ -284,9 +285,7 @@ def test_asymmetric_alternation_over_heads_is_the_native_pattern():
     legacy_bias = new.mod_mask(None, q, k, v, pos_q_k=pos)
     native = flexpos.ALiBi(NH, asymmetric=True, divide=1.5)
     positions = flexpos.Positions.resolve((2,), L, L, q.device, pos=pos)
-    grids = (torch.arange(2).view(-1, 1, 1, 1), torch.arange(NH).view(1, -1, 1, 1),
-             torch.arange(L).view(1, 1, -1, 1), torch.arange(L).view(1, 1, 1, -1))
-    native_bias = native.score_mod(positions)(torch.zeros(()), *grids)
+    native_bias = native.score_mod(positions)(torch.zeros(()), *index_grids(2, NH, L, L))
     blocked = torch.isinf(native_bias)
     assert torch.equal(legacy_bias == -torch.finfo(torch.float32).max, blocked)
     assert_same(legacy_bias[~blocked], native_bias[~blocked])

@@ -10,6 +10,7 @@ import flexpos
 import reference as R
 from conftest import TOLERANCE
 from flexpos import ALiBi, DPB, XL
+from flexpos.base import index_grids
 from flexpos.dpb import DistanceGrid
 
 B, H, L, D = 2, 4, 150, 8
@@ -97,9 +98,7 @@ def test_dpb_continuous_positions_within_stated_bound(dpb_grid):
     second = ((values[2:] - 2 * values[1:-1] + values[:-2]) / h**2).abs().max().item()
     bound = (step / 5.0) ** 2 / 8 * second
     mod = dpb.score_mod(positions, F64)
-    grid = torch.arange(120)
-    bias = -mod(torch.zeros(()), torch.zeros(1, 1, 1, 1, dtype=torch.long),
-                torch.arange(H).view(1, -1, 1, 1), grid.view(1, 1, -1, 1), grid.view(1, 1, 1, -1))
+    bias = -mod(torch.zeros(()), *index_grids(1, H, 120, 120))
     pq, hq = R.padded_positions(pos, 1, 120)
     exact = -R.dpb_bias(dpb, pq, pq, hq, hq, 5.0)
     error = (bias - exact).abs().max().item()
@@ -170,9 +169,7 @@ def score_mod_on_grids(module):
     """``module``'s score_mod at irregular positions, and broadcast (b, h, q_idx, kv_idx) grids."""
     pos = irregular(B, L - 1)
     positions = flexpos.Positions.resolve((B,), L, L, torch.device("cpu"), pos)
-    grids = (torch.arange(B).view(-1, 1, 1, 1), torch.arange(H).view(1, -1, 1, 1),
-             torch.arange(L).view(1, 1, -1, 1), torch.arange(L).view(1, 1, 1, -1))
-    return module.score_mod(positions), grids
+    return module.score_mod(positions), index_grids(B, H, L, L)
 
 
 @pytest.mark.parametrize(
