@@ -71,17 +71,21 @@ class ALiBi(Positional):
         use = n_heads if use_n_heads is None else check_positive_int("use_n_heads", use_n_heads)
         if use > n_heads:
             raise ValueError(f"use_n_heads must be <= n_heads={n_heads}, got {use}")
+        self.use_n_heads = use
         self.asymmetric = bool(asymmetric)
         self._init_divisor(divide, learned_div)
-        self.register_buffer("slopes", head_slopes(n_heads, use, self.asymmetric))
+        self._register_constants()
 
-    def score_mod(
-        self, positions: Positions, dtype: torch.dtype = torch.float32, asymmetric: Optional[bool] = None
-    ) -> ScoreMod:
-        """The score_mod for ``positions``; ``asymmetric`` overrides the module's setting."""
+    def constants(self) -> dict[str, Tensor]:
+        return {"slopes": head_slopes(self.n_heads, self.use_n_heads, self.asymmetric)}
+
+    def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:
+        return self.penalty_mod(positions, dtype, self.asymmetric)
+
+    def penalty_mod(self, positions: Positions, dtype: torch.dtype, asymmetric: bool) -> ScoreMod:
+        """The score_mod for ``positions``, with or without the asymmetric heads' masking."""
         rel = positions.relative(dtype)
         rates = (self.slopes.reshape(-1).double() / self.divisor(torch.float64)).to(dtype)  # (H,) per unit
-        asymmetric = self.asymmetric if asymmetric is None else asymmetric
 
         def alibi(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             delta, valid = rel.distance(b, q_idx, kv_idx)

@@ -95,6 +95,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
 
 
 def _check_positional(modules: Sequence[object], heads: int, head_dim: int) -> list[Positional]:
+    checked: list[Positional] = []
     for m in modules:
         if not isinstance(m, Positional):
             raise TypeError(f"positional arguments must be flexpos positional modules, got {type(m).__name__}")
@@ -109,7 +110,8 @@ def _check_positional(modules: Sequence[object], heads: int, head_dim: int) -> l
         own_dim = getattr(m, "head_dim", head_dim)
         if own_dim != head_dim:
             raise ValueError(f"{type(m).__name__} was built for head_dim={own_dim} but q has head dim {head_dim}")
-    return list(modules)
+        checked.append(m)
+    return checked
 
 
 def _resolve_mask(
@@ -148,6 +150,8 @@ def _transform_qk(
             out = m.transform_qk(q, k, positions)
             q, k = out.q, out.k
             if out.extra_q is not None:
+                if out.extra_k is None:
+                    raise ValueError(f"{type(m).__name__}.transform_qk returned extra_q without extra_k")
                 extra_q.append(out.extra_q)
                 extra_k.append(out.extra_k.expand(k.shape[0], k.shape[1], -1, -1))
     if not extra_q:

@@ -15,7 +15,7 @@ calls in the process on a slow path.
 from __future__ import annotations
 
 import contextlib
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -126,7 +126,9 @@ def run_flex(
 MIN_CPU_HEAD_DIM = 32
 
 
-def _cpu_batch_of_one(q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[ScoreMod]):
+def _cpu_batch_of_one(
+    q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[ScoreMod]
+) -> tuple[Tensor, Tensor, Tensor, Optional[ScoreMod], Callable[[Tensor], Tensor]]:
     """Inductor's CPU flex kernel fails to build for batch 1 (torch 2.13, 'cur_qSplitSize7' was
     not declared): run the heads as the batch (or a lone head twice) and map indices back.
 

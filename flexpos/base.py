@@ -54,19 +54,69 @@ class Positional(nn.Module):
     parameter named ``div`` (as in bio-attention), otherwise ``div`` is a non-persistent
     buffer holding the divisor. Either way the divisor is a tensor, never a Python float, so
     compiled graphs do not bake it in.
+
+    Constant buffers (frequencies, slopes, a fixed divisor; see :meth:`constants`) keep their
+    dtype when the module is cast (``.half()``, ``.to(torch.bfloat16)``): a rounded frequency
+    rounds every angle, by whole turns at large positions. :meth:`reset_parameters` rebuilds
+    them and the divisor, e.g. after ``to_empty`` when a model was built on the meta device.
     """
 
     transforms_input = False
     transforms_qk = False
     modifies_scores = False
+    divide: Optional[float] = None
+    learned = False
 
     def _init_divisor(self, divide: float, learned_div: bool) -> None:
-        divide = check_divide(divide)
+        self.divide = check_divide(divide)
         self.learned = bool(learned_div)
         if self.learned:
-            self.div = nn.Parameter(torch.tensor(math.log(divide)))
+            self.div = nn.Parameter(torch.empty(()))
         else:
-            self.register_buffer("div", torch.tensor(divide, dtype=torch.float64), persistent=False)
+            self.register_buffer("div", torch.empty((), dtype=torch.float64), persistent=False)
+        self._reset_divisor()
+
+    def _reset_divisor(self) -> None:
+        if self.divide is not None:
+            with torch.no_grad():
+                self.div.fill_(math.log(self.divide) if self.learned else self.divide)
+
+    def constants(self) -> dict[str, Tensor]:
+        """Buffers that are functions of the constructor arguments alone, by name, freshly built
+        on the default device (none here; Rotary's ``thetas``, ALiBi's ``slopes`` ...)."""
+        return {}
+
+    def _register_constants(self) -> None:
+        for name, value in self.constants().items():
+            self.register_buffer(name, value)
+
+    def _fixed_dtype_buffers(self) -> list[str]:
+        names = [name for name in self.constants() if name in self._buffers]
+        return names + ["div"] if "div" in self._buffers else names
+
+    def reset_parameters(self) -> None:
+        """Re-initialise this module's own parameters and buffers as its constructor did; child
+        modules (MLPs, embeddings) have their own ``reset_parameters``.
+
+        Meta-device initialisation: build the model under ``torch.device("meta")``, call
+        ``model.to_empty(device=...)``, then ``reset_parameters()`` on every module that has it
+        (non-persistent buffers such as ``div`` are not in a checkpoint), then load the checkpoint.
+        """
+        self._reset_divisor()
+        with torch.no_grad():
+            for name, value in self.constants().items():
+                getattr(self, name).copy_(value)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # Every device move and dtype cast of nn.Module (.to, .half, .cuda, to_empty) goes
+        # through _apply: let it run, then put back the constant buffers' dtype (and values).
+        kept = {name: self._buffers[name] for name in self._fixed_dtype_buffers()}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
 
     def divisor(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """0-d tensor: the current divisor of positions, in ``dtype``."""

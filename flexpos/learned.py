@@ -63,7 +63,8 @@ class LearnedVocab(InputTransform):
         if pos.is_floating_point():
             raise TypeError(f"LearnedVocab needs integer positions, got dtype {pos.dtype}")
         n = self.emb.num_embeddings
-        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= n):
+        # A host read, as check_positions: eager calls only, not inside a caller's compile.
+        if pos.numel() and not torch.compiler.is_compiling() and (int(pos.min()) < 0 or int(pos.max()) >= n):
             raise ValueError(
                 f"LearnedVocab positions must lie in [0, {n - 1}] (max_seq_len={n}), "
                 f"got range [{int(pos.min())}, {int(pos.max())}]"

@@ -199,7 +199,7 @@ def _check_window(window: object) -> float:
 
 
 def sliding_window_mask(
-    len_q: int, window: int, len_k: Optional[int] = None, device: torch.device | str = "cpu"
+    len_q: int, window: float, len_k: Optional[int] = None, device: torch.device | str = "cpu"
 ) -> BlockMask:
     """Query i attends to keys j with ``|i - j| <= window`` (token indices)."""
     len_k = len_q if len_k is None else len_k

@@ -77,8 +77,12 @@ class Rotary(Positional):
         self.head_dim = check_even("head_dim", head_dim)
         if n_dims is not None and n_dims > head_dim:
             raise ValueError(f"n_dims must be <= head_dim={head_dim}, got {n_dims}")
+        self.n_dims = n_dims
         self._init_divisor(divide, learned_div)
-        self.register_buffer("thetas", rotary_frequencies(head_dim, n_dims))
+        self._register_constants()
+
+    def constants(self) -> dict[str, Tensor]:
+        return {"thetas": rotary_frequencies(self.head_dim, self.n_dims)}
 
     def _cos_sin(self, positions: Positions, side: str, dtype: torch.dtype) -> Tensor:
         work = torch.promote_types(dtype, torch.float32)
@@ -114,6 +118,10 @@ class Rotary(Positional):
             check_tensor(name, t)
             check_rank(name, t, 4, "(B, *, H, L, D)")
             check_float(name, t)
+        if k.shape[:-2] != q.shape[:-2]:
+            raise ValueError(
+                f"k must have shape (*{tuple(q.shape[:-2])}, Lk, D) like q {tuple(q.shape)}, got {tuple(k.shape)}"
+            )
         batch = tuple(q.shape[:-3])
         positions = Positions.resolve(batch, q.shape[-2], k.shape[-2], q.device, pos, pos_q, pos_k)
         flat_q, flat_k = q.flatten(0, -4), k.flatten(0, -4)

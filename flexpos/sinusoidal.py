@@ -41,7 +41,10 @@ class Sinusoidal(InputTransform):
         super().__init__()
         self.dim = check_even("dim", dim)
         self._init_divisor(divide, learned_div)
-        self.register_buffer("inv_freq", inverse_frequencies(dim))
+        self._register_constants()
+
+    def constants(self) -> dict[str, Tensor]:
+        return {"inv_freq": inverse_frequencies(self.dim)}
 
     def encode_add(self, x: Tensor, pos: Tensor, keep: Tensor) -> Tensor:
         return _sinusoidal_add(x, pos, keep, self.inv_freq, self.divisor(torch.float64))

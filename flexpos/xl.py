@@ -48,11 +48,21 @@ class XL(Positional):
             raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads}")
         self._init_divisor(divide, learned_div)
         head_dim = dim // n_heads
-        bound = head_dim**-0.5
         self.embed_lin = nn.Linear(dim, dim)
-        self.bias_r_w = nn.Parameter(torch.empty(n_heads, head_dim).uniform_(-bound, bound))
-        self.bias_r_r = nn.Parameter(torch.empty(n_heads, head_dim).uniform_(-bound, bound))
-        self.register_buffer("inv_freq", inverse_frequencies(dim))
+        self.bias_r_w = nn.Parameter(torch.empty(n_heads, head_dim))
+        self.bias_r_r = nn.Parameter(torch.empty(n_heads, head_dim))
+        self._register_constants()
+        self.reset_parameters()
+
+    def constants(self) -> dict[str, Tensor]:
+        return {"inv_freq": inverse_frequencies(self.dim)}
+
+    def reset_parameters(self) -> None:
+        """u and v ~ U(-1/sqrt(head_dim), 1/sqrt(head_dim)); ``embed_lin`` resets itself."""
+        super().reset_parameters()
+        bound = (self.dim // self.n_heads) ** -0.5
+        nn.init.uniform_(self.bias_r_w, -bound, bound)
+        nn.init.uniform_(self.bias_r_r, -bound, bound)
 
     def _angles(self, positions: Positions, side: str) -> tuple[Tensor, Tensor]:
         """sin and cos of ``w_m p / div``: (B, 1, L, dim / 2) float64 each."""

@@ -69,11 +69,6 @@ def legacy_parity(batch: Batch, bias_batch: Batch, device: torch.device) -> Pari
     return lambda b, h, q_idx: (b // stride) % size
 
 
-def symmetric_alibi(alibi: NativeALiBi, positions: Positions, dtype: torch.dtype) -> ScoreMod:
-    """flexpos' ALiBi score_mod without the asymmetric masking: ``score - |bias|``."""
-    return NativeALiBi.score_mod(alibi, positions, dtype, asymmetric=False)
-
-
 def legacy_alibi(
     alibi: NativeALiBi, positions: Positions, dtype: torch.dtype, parity: Parity, penalty: float
 ) -> ScoreMod:
@@ -83,7 +78,7 @@ def legacy_alibi(
     the parity of ``parity(b, h, q_idx)`` (even: keys before the query, odd: keys after it),
     the score becomes the finite ``-penalty`` instead of -inf.
     """
-    symmetric = symmetric_alibi(alibi, positions, dtype)
+    symmetric = alibi.penalty_mod(positions, dtype, asymmetric=False)  # score - |bias|
     if not alibi.asymmetric:
         return symmetric
     rel = positions.relative(dtype)
