@@ -49,8 +49,8 @@ def check_even(name: str, value: int) -> int:
 def check_divide(divide: object) -> float:
     if isinstance(divide, bool) or not isinstance(divide, (int, float)):
         raise TypeError(f"divide must be a positive float, got {type(divide).__name__}")
-    if not math.isfinite(divide) or divide <= 0:
-        raise ValueError(f"divide must be a finite positive number, got {divide}")
+    if not math.isfinite(divide) or divide <= 0 or not math.isfinite(1 / divide):
+        raise ValueError(f"divide must be a finite positive number (with a finite inverse), got {divide}")
     return float(divide)
 
 

@@ -61,10 +61,12 @@ def attention(
     batch = _check_qkv(q, k, v)
     heads, len_q, len_k, head_dim = q.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1]
     modules = _check_positional(positional, heads, head_dim)
+    scale = head_dim**-0.5 if scale is None else _check_scale(scale)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     positions = Positions.resolve(batch, len_q, len_k, q.device, pos, pos_q, pos_k)
     block_mask = _resolve_mask(mask, causal, batch, heads, len_q, len_k, q.device)
     q, k, v = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
-    scale = head_dim**-0.5 if scale is None else float(scale)
     q, k, scale = _transform_qk(modules, q, k, positions, scale)
     score_mod = _compose(modules, positions, torch.float64 if q.dtype == torch.float64 else torch.float32)
 
@@ -83,7 +85,14 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
         check_float(name, t)
     batch = tuple(q.shape[:-3])
     if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
-        raise TypeError(f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype}")
+        raise TypeError(
+            f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
+            f"{q.device}/{k.device}/{v.device}"
+        )
+    if 0 in (*batch, q.shape[-2], k.shape[-2]):
+        raise ValueError(
+            f"q and k need at least one sequence and one token each, got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
     if tuple(k.shape[:-1]) != (*batch, q.shape[-3], k.shape[-2]) or k.shape[-1] != q.shape[-1]:
         raise ValueError(
             f"k must have shape {(*batch, q.shape[-3], 'Lk', q.shape[-1])} to match q "
@@ -92,6 +101,14 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
     if tuple(v.shape[:-1]) != tuple(k.shape[:-1]):
         raise ValueError(f"v must have shape {(*k.shape[:-1], 'Dv')} to match k, got {tuple(v.shape)}")
     return batch
+
+
+def _check_scale(scale: object) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite positive number, got {scale}")
+    return float(scale)
 
 
 def _check_positional(modules: Sequence[object], heads: int, head_dim: int) -> list[Positional]:
@@ -122,18 +139,22 @@ def _resolve_mask(
         block_mask = full_mask(len_q, len_k, device)
     elif isinstance(mask, BlockMask):
         if tuple(mask.seq_lengths) != (len_q, len_k):
-            raise ValueError(f"block_mask is for (Lq, Lk)={tuple(mask.seq_lengths)}, inputs have {(len_q, len_k)}")
+            raise ValueError(f"mask (a BlockMask) is for (Lq, Lk)={tuple(mask.seq_lengths)}, inputs have {(len_q, len_k)}")
         if mask.kv_num_blocks.shape[0] not in (1, flat) or mask.kv_num_blocks.shape[1] not in (1, heads):
             raise ValueError(
-                f"block_mask must have batch 1 or {flat} and heads 1 or {heads}, "
+                f"mask (a BlockMask) must have batch 1 or {flat} and heads 1 or {heads}, "
                 f"got {tuple(mask.kv_num_blocks.shape[:2])}"
             )
+        if mask.kv_num_blocks.device != device:
+            raise ValueError(f"mask (a BlockMask) is on {mask.kv_num_blocks.device}, q on {device}")
         block_mask = mask
     elif isinstance(mask, Tensor):
         n = len(batch)
         shapes = [(*batch, len_k), (*batch, len_q, len_k), (*batch, heads, len_q, len_k)]
         if tuple(mask.shape) not in shapes:
             raise ValueError(f"mask must have shape {' or '.join(map(str, shapes))}, got {tuple(mask.shape)}")
+        if mask.device != device:
+            raise ValueError(f"mask is on {mask.device}, q on {device}")
         block_mask = dense_mask(mask.reshape(flat, *mask.shape[n:]), len_q, len_k)
     else:
         raise TypeError(f"mask must be a BlockMask, a bool tensor or None, got {type(mask).__name__}")

@@ -67,6 +67,11 @@ MAX_FLEX_HEAD_DIM = 256
 two, and at 512 their tiles no longer fit a GPU's shared memory."""
 
 
+def check_backend(requested: object) -> None:
+    if requested not in ("auto", "flex", "chunked"):
+        raise ValueError(f"backend must be 'auto', 'flex' or 'chunked', got {requested!r}")
+
+
 def choose_backend(requested: Backend, q: Tensor, needs_grad: bool, block_mask: Optional[BlockMask] = None) -> str:
     """'flex' or 'chunked' for inputs like ``q``; ``needs_grad`` if autograd must flow.
 
@@ -75,8 +80,7 @@ def choose_backend(requested: Backend, q: Tensor, needs_grad: bool, block_mask: 
     'flex' on CPU is refused where Inductor's CPU flex kernel cannot run (see
     :func:`_cpu_flex_refusal`).
     """
-    if requested not in ("auto", "flex", "chunked"):
-        raise ValueError(f"backend must be 'auto', 'flex' or 'chunked', got {requested!r}")
+    check_backend(requested)
     if requested == "auto":
         return "chunked" if q.device.type == "cpu" or q.shape[-1] > MAX_FLEX_HEAD_DIM else "flex"
     if requested == "flex" and q.device.type == "cpu":
@@ -239,7 +243,7 @@ def _attend_chunk(
     shape = (q.shape[0], q.shape[1], q_start, q.shape[2], k_start, k.shape[2], work, q.device)
     with _sizes_apart():
         bias = _compiled_bias(score_mod, mask_mod, *shape)
-    alive = bias.amax(-1, keepdim=True) > float("-inf")
+    alive = bias.amax(-1, keepdim=True) != float("-inf")  # a NaN row stays alive: NaN, not 0
     dead = not bool(alive.all())
     if dead:  # rows with no key: give SDPA finite rows (no NaN in forward or backward), then zero them
         bias = torch.where(alive, bias, 0.0)

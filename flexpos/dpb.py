@@ -130,6 +130,8 @@ class DPB(Positional):
 
         def dpb(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             delta, valid = rel.distance(b, q_idx, kv_idx)
+            # A token without a position has no distance inside the grid: read at 0 instead.
+            delta = torch.where(valid, delta, 0.0)
             cell = torch.floor((delta - start) / step)
             offset = delta - (start + cell * step)
             cell = cell.to(torch.int64) + 1  # past the guard cell

@@ -34,7 +34,7 @@ class InputTransform(Positional):
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, *, L, {self.dim}), got {tuple(x.shape)}")
         batch, length = tuple(x.shape[:-2]), x.shape[-2]
-        positions = Positions.resolve(batch, length, length, x.device, pos_q=pos)
+        positions = Positions.resolve(batch, length, length, x.device, pos=pos)
         keep = positions.has_position("q").expand(positions.batch, length)
         if mask is not None:
             keep = keep & _align_mask(mask, batch, length, positions.q.shape[-1])

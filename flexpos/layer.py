@@ -7,9 +7,9 @@ from typing import Optional, Sequence
 from einops import rearrange
 from torch import Tensor, nn
 
-from ._checks import check_positive_int, check_rank, check_tensor
+from ._checks import check_float, check_positive_int, check_rank, check_tensor
 from .attention import Mask, attention
-from .backends import Backend
+from .backends import Backend, check_backend
 from .base import Positional
 
 
@@ -30,7 +30,7 @@ class AttentionLayer(nn.Module):
         self,
         dim: int,
         n_heads: int,
-        positional: Sequence[Positional] = (),
+        positional: Optional[Sequence[Positional]] = (),
         bias: bool = True,
         backend: Backend = "auto",
     ) -> None:
@@ -38,9 +38,14 @@ class AttentionLayer(nn.Module):
         check_positive_int("dim", dim)
         if dim % check_positive_int("n_heads", n_heads):
             raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads}")
+        if isinstance(positional, nn.Module) and not isinstance(positional, nn.ModuleList):
+            raise TypeError(f"positional must be a sequence of modules, got a single {type(positional).__name__}")
+        positional = [] if positional is None else list(positional)  # a generator is read once
         for m in positional:
             if not isinstance(m, Positional):
                 raise TypeError(f"positional must hold flexpos positional modules, got {type(m).__name__}")
+        check_backend(backend)
+        self.dim = dim
         self.n_heads = n_heads
         self.to_q = nn.Linear(dim, dim, bias=bias)
         self.to_kv = nn.Linear(dim, 2 * dim, bias=bias)
@@ -63,15 +68,16 @@ class AttentionLayer(nn.Module):
         as in :func:`flexpos.attention` (bool (B, *, Lk), (B, *, L, Lk), (B, *, H, L, Lk) or a
         BlockMask), True = attend.
         """
-        check_tensor("x", x)
-        check_rank("x", x, 2, "(B, *, L, dim)")
+        self._check_input("x", x, tuple(x.shape[:-2]) if isinstance(x, Tensor) else ())
         inputs = [m for m in self.positional if m.transforms_input]
         for m in inputs:
             x = m(x, pos=pos)
         if context is None:
+            if pos_context is not None:
+                raise ValueError("pos_context is for cross-attention: pass context too")
             context, positions = x, {"pos": pos}
         else:
-            check_tensor("context", context)
+            self._check_input("context", context, tuple(x.shape[:-2]))
             if pos_context is not None:
                 for m in inputs:
                     context = m(context, pos=pos_context)
@@ -82,3 +88,11 @@ class AttentionLayer(nn.Module):
         others = [m for m in self.positional if not m.transforms_input]
         out = attention(q, k, v, *others, mask=mask, causal=causal, backend=self.backend, **positions)
         return self.to_out(rearrange(out, "... h l d -> ... l (h d)"))
+
+    def _check_input(self, name: str, t: object, batch: tuple[int, ...]) -> None:
+        """``t`` must be a float (*batch, L, dim) tensor with at least one batch dim."""
+        check_tensor(name, t)
+        check_rank(name, t, 3, "(B, *, L, dim)")
+        check_float(name, t)
+        if t.shape[-1] != self.dim or tuple(t.shape[:-2]) != batch:
+            raise ValueError(f"{name} must have shape {(*batch, 'L', self.dim)}, got {tuple(t.shape)}")

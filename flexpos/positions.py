@@ -188,9 +188,12 @@ class Positions:
 
 
 def _flat_or_default(p: Optional[Tensor], flat: int, length: int, device: torch.device) -> Tensor:
+    """(B, L') int64 or float64 positions: offsets are subtracted exactly (ints) or with one
+    rounding (floats), never in a narrow dtype that would overflow or round the difference."""
     if p is None:
         return torch.arange(length, device=device).expand(flat, length)
-    return p.reshape(flat, p.shape[-1]).to(device)
+    wide = torch.float64 if p.is_floating_point() else torch.int64
+    return p.reshape(flat, p.shape[-1]).to(device=device, dtype=wide)
 
 
 def _split(p: Tensor, ref: Tensor, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

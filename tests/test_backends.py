@@ -269,3 +269,19 @@ def test_flex_batch_of_one(heads):
     bias = R.alibi_bias(heads, p, p, has, has, divide=20.0) + R.dpb_bias(dpb, p, p, has, has, 300.0)
     ref = R.attend(q, k, v, bias, torch.ones(300, 300, dtype=torch.bool).tril())
     assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
+
+
+def test_chunked_backend_propagates_nan_biases():
+    """A bias gone NaN (a diverged DPB) gives NaN rows, as dense attention does, not the zeros
+    of rows with no key; rows that are really dead still give zeros."""
+    q, k, v = inputs(1, 40)
+    dpb = DPB(8, H)
+    with torch.no_grad():
+        dpb.mlp[-1].bias[1] = float("nan")
+    valid = torch.ones(1, 40, 40, dtype=torch.bool)
+    valid[0, 3] = False  # query 3 attends to nothing
+    with torch.no_grad():
+        out = flexpos.attention(q, k, v, dpb, mask=valid, backend="chunked")
+    live = [i for i in range(40) if i != 3]
+    assert out[:, 1, live].isnan().all() and not out[:, [0, 2, 3]].isnan().any()
+    assert out[:, :, 3].eq(0).all()

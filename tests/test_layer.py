@@ -96,3 +96,13 @@ def test_flex_inside_the_callers_torch_compile_is_one_graph():
         layer.backend = "chunked"
         want = layer(x, pos=pos, causal=True)
     assert (got - want).abs().max() <= TOLERANCE[torch.float32]
+
+
+def test_positional_modules_from_a_generator_are_all_kept():
+    modules = [Rotary(DIM // H), ALiBi(H)]
+    from_list = AttentionLayer(DIM, H, positional=modules)
+    from_generator = AttentionLayer(DIM, H, positional=(m for m in modules))
+    from_generator.load_state_dict(from_list.state_dict())
+    assert len(from_generator.positional) == 2
+    x, pos = torch.randn(2, 30, DIM), torch.rand(2, 30) * 50
+    assert torch.equal(from_generator(x, pos=pos), from_list(x, pos=pos))

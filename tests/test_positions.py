@@ -1,5 +1,6 @@
 """Relative distances: exact for large integer coordinates, float32-accurate for floats."""
 
+import pytest
 import torch
 
 from flexpos.positions import Positions
@@ -50,3 +51,21 @@ def test_extra_batch_dims_are_flattened_and_float64_relative():
     delta, _ = _grid_delta(positions, torch.float64)
     flat = pos.reshape(6, 10)
     assert torch.allclose(delta, flat[:, :, None] - flat[:, None, :], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "pos",
+    [
+        torch.tensor([[-128, 0, 127]], dtype=torch.int8),
+        torch.tensor([[-32768, 5, 32767]], dtype=torch.int16),
+        torch.tensor([[-(2**31), 2**31 - 9, 2**31 - 1]], dtype=torch.int32),
+        torch.tensor([[4.0, 1e8, 1e8 + 8]], dtype=torch.float32),  # float32 spacing at 1e8 is 8
+        torch.tensor([[0.5, 2048.0, 2049.0]], dtype=torch.float16),
+    ],
+    ids=["int8", "int16", "int32", "float32", "float16"],
+)
+def test_narrow_dtypes_give_the_distances_of_their_values(pos):
+    """Offsets are subtracted in int64/float64: no overflow, no rounding of the difference."""
+    wide = pos.long() if not pos.is_floating_point() else pos.double()
+    delta, _ = _grid_delta(Positions.resolve((1,), 3, 3, "cpu", pos=pos), torch.float64)
+    assert torch.equal(delta, (wide[:, :, None] - wide[:, None, :]).double())

@@ -204,3 +204,15 @@ def test_score_mods_index_each_trainable_tensor_once(module):
     trainable = [name for name in reads if getattr(graph, name).requires_grad]
     assert trainable, "the score_mod reads no trainable tensor"
     assert all(reads[name] == 1 for name in trainable), reads
+
+
+def test_dpb_reads_its_table_only_inside_the_grid(dpb_grid):
+    """A key without a position lies outside the positioned span: queries at 0 and 100 over one
+    positioned key at 50 (span 50); the eager score_mod would raise on an index past the table."""
+    q, k, v = qkv(2, 2, batch=(1,))
+    dpb = DPB(8, H).double()
+    pos_q, pos_k = torch.tensor([[0, 100]]), torch.tensor([[50]])
+    out = flexpos.attention(q, k, v, dpb, pos_q=pos_q, pos_k=pos_k)
+    pq, hq = R.padded_positions(pos_q, 1, 2)
+    pk, hk = R.padded_positions(pos_k, 1, 2)
+    assert_close(out, R.attend(q, k, v, R.dpb_bias(dpb, pq, pk, hq, hk, 1.0)))
