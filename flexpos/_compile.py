@@ -1,7 +1,9 @@
 """Lazy ``torch.compile``: nothing compiles at import, each function compiles on first use.
 
 ``set_compile(False)`` (or ``FLEXPOS_COMPILE=0``) runs the eager functions instead: the numbers
-are the same, and float64 reference checks do not pay for a compile per variant.
+are the same, and float64 reference checks do not pay for a compile per variant. It covers the
+transforms and the chunked backend's bias kernel; the flex backend always compiles
+``flex_attention`` (its eager form materialises the scores, which is what flexpos avoids).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ _enabled = os.environ.get("FLEXPOS_COMPILE", "1") != "0"
 
 
 def set_compile(enabled: bool) -> bool:
-    """Turn compiling of flexpos transforms on or off; returns the previous setting."""
+    """Turn compiling of flexpos transforms and the chunked bias kernel on or off; returns the
+    previous setting."""
     global _enabled
     previous, _enabled = _enabled, bool(enabled)
     return previous

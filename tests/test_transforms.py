@@ -60,9 +60,12 @@ def test_rotary_cross_positions_and_extra_batch_dims():
     pos_q, pos_k = torch.rand(2, 2, 30, dtype=F64) * 100, torch.rand(2, 2, 40, dtype=F64) * 100
     rot = Rotary(8)
     rq, rk = rot(q, k, pos_q=pos_q, pos_k=pos_k)
+    pq, hq = R.padded_positions(pos_q.reshape(4, 30), 4, 30)
     pk, hk = R.padded_positions(pos_k.reshape(4, 40), 4, 45)
-    expected = R.rotate(k.reshape(4, 4, 45, 8), pk, hk, rot.thetas, 1.0)
-    assert torch.allclose(rk.reshape(4, 4, 45, 8), expected, atol=1e-12, rtol=0)
+    expected_q = R.rotate(q.reshape(4, 4, 30, 8), pq, hq, rot.thetas, 1.0)
+    expected_k = R.rotate(k.reshape(4, 4, 45, 8), pk, hk, rot.thetas, 1.0)
+    assert torch.allclose(rq.reshape(4, 4, 30, 8), expected_q, atol=1e-12, rtol=0)
+    assert torch.allclose(rk.reshape(4, 4, 45, 8), expected_k, atol=1e-12, rtol=0)
 
 
 def test_sinusoidal_mask_and_missing_positions():
