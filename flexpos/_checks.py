@@ -39,6 +39,14 @@ def check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def check_length(name: str, value: object) -> int:
+    """A sequence length: a positive int. A length read from a tensor's shape while tracing with
+    symbolic shapes is a ``torch.SymInt``; it is taken as it is (a value check would add a guard)."""
+    if isinstance(value, torch.SymInt):
+        return value  # type: ignore[return-value]
+    return check_positive_int(name, value)
+
+
 def check_even(name: str, value: int) -> int:
     check_positive_int(name, value)
     if value % 2:

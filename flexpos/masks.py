@@ -12,14 +12,15 @@ broadcast index grids (the chunked backend and the tests do this).
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+import math
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._checks import check_bool_mask, check_tensor
+from ._checks import check_length, check_rank, check_tensor
 from .positions import BLOCK, Positions, table_len
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -86,6 +87,12 @@ def states_of(block_mask: BlockMask) -> Tensor:
     return out[..., :nk]
 
 
+def _row(b: Tensor, table: Tensor) -> Tensor:
+    """Index into dim 0 of a mask_mod's table: ``b``, or 0 for a table of one sequence, which
+    a BlockMask of batch 1 shares across any batch."""
+    return b if table.shape[0] != 1 else 0 * b
+
+
 def _blocks(values: Tensor, length: int, fill: float) -> Tensor:
     """(B, L) -> (B, n_blocks, BLOCK), padding the tail with ``fill``."""
     total = _n_blocks(length) * BLOCK
@@ -108,11 +115,13 @@ def _tile_states(full: Tensor, empty: Tensor) -> Tensor:
 
 def _memoised(build: Callable[..., BlockMask]) -> Callable[..., BlockMask]:
     """``build`` memoised on its (hashable) arguments, except while torch.compile traces a
-    caller's code (Dynamo traces through caches, and warns about them)."""
+    caller's code (Dynamo traces through caches, and warns about them) and for symbolic
+    lengths (``torch.SymInt``, unhashable)."""
     cached = functools.lru_cache(maxsize=64)(build)
 
     def get(*args: object) -> BlockMask:
-        return build(*args) if torch.compiler.is_compiling() else cached(*args)
+        symbolic = any(isinstance(a, torch.SymInt) for a in args)
+        return build(*args) if symbolic or torch.compiler.is_compiling() else cached(*args)
 
     return get
 
@@ -122,7 +131,7 @@ def full_mask(len_q: int, len_k: int, device: torch.device | str = "cpu") -> Blo
 
     Built once per (Lq, Lk, device) and shared: it is what every unmasked call uses.
     """
-    return _full_mask(len_q, len_k, torch.device(device))
+    return _full_mask(check_length("len_q", len_q), check_length("len_k", len_k), torch.device(device))
 
 
 @_memoised
@@ -136,11 +145,21 @@ def _full_mask(len_q: int, len_k: int, device: torch.device) -> BlockMask:
     return from_states(states, everything, len_q, len_k)
 
 
+def _check_per_token(name: str, x: object, shape_doc: str) -> Tensor:
+    """``x`` must be a 2-D tensor (B, L) with L >= 1 (its dtype is checked by the caller)."""
+    x = check_tensor(name, x)
+    if x.ndim != 2 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape {shape_doc} with at least one token, got {tuple(x.shape)}")
+    return x
+
+
 def padding_mask(key_valid: Tensor, len_q: int) -> BlockMask:
-    """Key padding: ``key_valid`` (B, Lk) bool, True = real token; any query length."""
+    """Key padding: ``key_valid`` (B, Lk) bool, True = real token; any query length Lq >= 1."""
     check_tensor("key_valid", key_valid)
-    if key_valid.dtype != torch.bool or key_valid.ndim != 2:
-        raise ValueError(f"key_valid must be a (B, Lk) bool tensor, got {key_valid.dtype} {tuple(key_valid.shape)}")
+    if key_valid.dtype != torch.bool:
+        raise TypeError(f"key_valid must be a bool tensor (True = real token), got dtype {key_valid.dtype}")
+    _check_per_token("key_valid", key_valid, "(B, Lk)")
+    len_q = check_length("len_q", len_q)
     len_k = key_valid.shape[-1]
     tiles = _blocks(key_valid, len_k, True)
     full = tiles.all(-1)[:, None, :].expand(-1, _n_blocks(len_q), -1)
@@ -148,7 +167,7 @@ def padding_mask(key_valid: Tensor, len_q: int) -> BlockMask:
     table = F.pad(key_valid, (0, table_len(len_k) - len_k))
 
     def key_padding(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return table[b, kv_idx]
+        return table[_row(b, table), kv_idx]
 
     return from_states(_tile_states(full, empty), key_padding, len_q, len_k)
 
@@ -163,7 +182,9 @@ def causal_mask(len_q: int, len_k: Optional[int] = None, device: torch.device | 
 
     Built once per (Lq, Lk, device) and shared.
     """
-    return _causal_mask(len_q, len_q if len_k is None else len_k, torch.device(device))
+    len_q = check_length("len_q", len_q)
+    len_k = len_q if len_k is None else check_length("len_k", len_k)
+    return _causal_mask(len_q, len_k, torch.device(device))
 
 
 @_memoised
@@ -193,8 +214,11 @@ def _window_states(
 
 
 def _check_window(window: object) -> float:
-    if isinstance(window, bool) or not isinstance(window, (int, float)) or window < 0:
-        raise ValueError(f"window must be a number >= 0, got {window!r}")
+    """A window half-width: an int or float >= 0; ``inf`` keeps every pair (no window)."""
+    if isinstance(window, bool) or not isinstance(window, (int, float)):
+        raise TypeError(f"window must be a number >= 0, got {type(window).__name__}")
+    if math.isnan(window) or window < 0:
+        raise ValueError(f"window must be a number >= 0 (inf for no window), got {window}")
     return float(window)
 
 
@@ -202,7 +226,8 @@ def sliding_window_mask(
     len_q: int, window: float, len_k: Optional[int] = None, device: torch.device | str = "cpu"
 ) -> BlockMask:
     """Query i attends to keys j with ``|i - j| <= window`` (token indices)."""
-    len_k = len_q if len_k is None else len_k
+    len_q = check_length("len_q", len_q)
+    len_k = len_q if len_k is None else check_length("len_k", len_k)
     w = _check_window(window)
     full, empty = _window_states(_index_ranges(len_q, device), _index_ranges(len_k, device), w)
     w_t = torch.tensor(w, device=device)
@@ -212,6 +237,23 @@ def sliding_window_mask(
         return (q_idx - kv_idx).abs() <= w_t
 
     return from_states(_tile_states(full, empty), sliding_window, len_q, len_k)
+
+
+def _length(name: str, value: Optional[int], source: str, count: int) -> int:
+    """``value`` checked, or by default ``count``, the number of positions in ``source``."""
+    if value is not None:
+        return check_length(name, value)
+    if count == 0:
+        raise ValueError(f"{source} holds no positions: pass {name}, the number of tokens (>= 1)")
+    return count
+
+
+def _common_offset(positions: Positions) -> Tensor:
+    """(B, 1) float64: the smallest position of either side, 0 where neither side has one."""
+    lows = [p.double().amin(-1, keepdim=True) for p in (positions.q, positions.k) if p.shape[-1]]
+    if not lows:
+        return torch.zeros(positions.batch, 1, dtype=torch.float64, device=positions.q.device)
+    return lows[0] if len(lows) == 1 else torch.minimum(lows[0], lows[1])
 
 
 def distance_window_mask(
@@ -232,13 +274,16 @@ def distance_window_mask(
     given = pos if pos is not None else pos_q
     if given is None or (pos is None and pos_k is None):
         raise ValueError("distance_window_mask needs pos, or pos_q and pos_k")
-    if len_q is None:
-        len_q = given.shape[-1]
-    if len_k is None:
-        len_k = len_q if pos is not None else pos_k.shape[-1]
+    for name, p in (("pos", pos), ("pos_q", pos_q), ("pos_k", pos_k)):
+        if p is not None:
+            check_rank(name, check_tensor(name, p), 2, "(B, L')")
+    len_q = _length("len_q", len_q, "pos" if pos is not None else "pos_q", given.shape[-1])
+    if len_k is None and pos is not None:
+        len_k = len_q
+    len_k = _length("len_k", len_k, "pos_k", 0 if pos_k is None else pos_k.shape[-1])
     positions = Positions.resolve(tuple(given.shape[:-1]), len_q, len_k, given.device, pos, pos_q, pos_k)
     rel = positions.relative(torch.float32)
-    shift = torch.minimum(positions.q.double().amin(-1, keepdim=True), positions.k.double().amin(-1, keepdim=True))
+    shift = _common_offset(positions)
     has_q, has_k = positions.has_position("q")[None], positions.has_position("k")[None]
     q_ranges = _ranges(positions.absolute("q") - shift, has_q, len_q)
     k_ranges = _ranges(positions.absolute("k") - shift, has_k, len_k)
@@ -261,12 +306,15 @@ def segment_mask(segments_q: Tensor, segments_k: Optional[Tensor] = None) -> Blo
     ``segments_q`` (B, Lq) and ``segments_k`` (B, Lk) integer ids (defaults to segments_q).
     """
     seg_k = segments_q if segments_k is None else segments_k
-    for name, s in (("segments_q", segments_q), ("segments_k", seg_k)):
+    for name, s, shape_doc in (("segments_q", segments_q, "(B, Lq)"), ("segments_k", seg_k, "(B, Lk)")):
         check_tensor(name, s)
-        if s.ndim != 2 or s.is_floating_point() or s.dtype == torch.bool:
-            raise ValueError(f"{name} must be a (B, L) integer tensor, got {s.dtype} {tuple(s.shape)}")
+        if s.is_floating_point() or s.is_complex() or s.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor of segment ids, got dtype {s.dtype}")
+        _check_per_token(name, s, shape_doc)
     if seg_k.shape[0] != segments_q.shape[0]:
-        raise ValueError(f"segments_k must have batch {segments_q.shape[0]}, got {tuple(seg_k.shape)}")
+        raise ValueError(
+            f"segments_k must have shape ({segments_q.shape[0]}, Lk) to match segments_q, got {tuple(seg_k.shape)}"
+        )
     len_q, len_k = segments_q.shape[-1], seg_k.shape[-1]
     q_lo, q_hi = _ranges(segments_q.double(), torch.ones_like(segments_q, dtype=torch.bool), len_q)
     k_lo, k_hi = _ranges(seg_k.double(), torch.ones_like(seg_k, dtype=torch.bool), len_k)
@@ -277,9 +325,19 @@ def segment_mask(segments_q: Tensor, segments_k: Optional[Tensor] = None) -> Blo
     ids_k = F.pad(seg_k, (0, table_len(len_k) - len_k), value=-2)
 
     def same_segment(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return ids_q[b, q_idx] == ids_k[b, kv_idx]
+        return ids_q[_row(b, ids_q), q_idx] == ids_k[_row(b, ids_k), kv_idx]
 
     return from_states(_tile_states(full, empty), same_segment, len_q, len_k)
+
+
+def _check_dense_shape(mask: Tensor, len_q: int, len_k: int) -> None:
+    """``mask`` must be (B, Lk), (B, Lq, Lk) or (B, H, Lq, Lk) for these lengths."""
+    trailing = {2: (len_k,), 3: (len_q, len_k), 4: (len_q, len_k)}.get(mask.ndim)
+    if trailing is None or tuple(mask.shape[-len(trailing) :]) != trailing:
+        raise ValueError(
+            f"mask must have shape (B, Lk), (B, Lq, Lk) or (B, H, Lq, Lk) with Lq={len_q}, "
+            f"Lk={len_k}, got {tuple(mask.shape)}"
+        )
 
 
 def dense_mask(mask: Tensor, len_q: int, len_k: int) -> BlockMask:
@@ -287,13 +345,12 @@ def dense_mask(mask: Tensor, len_q: int, len_k: int) -> BlockMask:
     check_tensor("mask", mask)
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = attend), got dtype {mask.dtype}")
+    len_q, len_k = check_length("len_q", len_q), check_length("len_k", len_k)
+    _check_dense_shape(mask, len_q, len_k)
     if mask.ndim == 2:
         return padding_mask(mask, len_q)
-    b = mask.shape[0]
     if mask.ndim == 3:
         mask = mask[:, None]
-    shapes = [(b, 1, len_q, len_k), (b, mask.shape[1], len_q, len_k)]
-    check_bool_mask("mask", mask, shapes)
     nq, nk = _n_blocks(len_q), _n_blocks(len_k)
     padded = F.pad(mask, (0, nk * BLOCK - len_k, 0, nq * BLOCK - len_q))
     tiles = padded.unflatten(-1, (nk, BLOCK)).unflatten(-3, (nq, BLOCK))  # b h nq 128 nk 128
@@ -306,9 +363,24 @@ def dense_mask(mask: Tensor, len_q: int, len_k: int) -> BlockMask:
     table = F.pad(mask, (0, table_len(len_k) - len_k, 0, table_len(len_q) - len_q))
 
     def dense(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return table[b, h if table.shape[1] > 1 else 0 * h, q_idx, kv_idx]
+        return table[_row(b, table), h if table.shape[1] > 1 else 0 * h, q_idx, kv_idx]
 
     return from_states(states, dense, len_q, len_k)
+
+
+def _check_combinable(masks: Sequence[BlockMask]) -> None:
+    """Masks to intersect must use 128x128 blocks, and batch and head counts that broadcast:
+    each count either 1 or the same as the other masks'."""
+    sizes = [tuple(m.BLOCK_SIZE) for m in masks]
+    if any(size != (BLOCK, BLOCK) for size in sizes):
+        raise ValueError(f"and_masks needs masks with {BLOCK}x{BLOCK} blocks, got block sizes {sizes}")
+    shapes = [tuple(m.kv_num_blocks.shape[:2]) for m in masks]
+    for dim, what in ((0, "batch"), (1, "head")):
+        if len({shape[dim] for shape in shapes} - {1}) > 1:
+            raise ValueError(
+                f"and_masks needs {what} counts that are equal or 1, got (batch, heads) "
+                f"{' and '.join(map(str, shapes))}"
+            )
 
 
 def and_masks(*masks: BlockMask) -> BlockMask:
@@ -323,8 +395,8 @@ def and_masks(*masks: BlockMask) -> BlockMask:
         raise ValueError(f"and_masks needs masks of equal (Lq, Lk), got {sorted(lengths)}")
     if len(masks) == 1:
         return masks[0]
-    states = [states_of(m) for m in masks]
-    states = torch.broadcast_tensors(*states)
+    _check_combinable(masks)
+    states = torch.broadcast_tensors(*[states_of(m) for m in masks])
     combined = torch.stack(states).amin(0)
     mods = [m.mask_mod for m in masks]
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 import flexpos
@@ -102,17 +103,167 @@ def test_dense_and_combination():
     check(both, valid[:, None, None, :] & (i >= j))
 
 
-def test_errors():
-    with pytest.raises(ValueError, match="window"):
-        M.sliding_window_mask(10, -1)
-    with pytest.raises(ValueError, match="key_valid"):
-        M.padding_mask(torch.ones(3), 5)
-    with pytest.raises(ValueError, match="equal"):
-        M.and_masks(M.full_mask(10, 10), M.full_mask(10, 11))
-    with pytest.raises(TypeError, match="bool"):
-        M.dense_mask(torch.ones(1, 4, 4), 4, 4)
-    with pytest.raises(ValueError, match="segments_q"):
-        M.segment_mask(torch.rand(1, 5))
+KV = torch.ones(2, 10, dtype=torch.bool)
+MASK_SHAPES = r"mask must have shape \(B, Lk\), \(B, Lq, Lk\) or \(B, H, Lq, Lk\) with Lq=10, Lk=10, got "
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        # lengths: positive ints, named
+        (lambda: M.full_mask(-1, 5), ValueError, "len_q must be positive, got -1"),
+        (lambda: M.full_mask(5, 0), ValueError, "len_k must be positive, got 0"),
+        (lambda: M.causal_mask(10.5), TypeError, "len_q must be an int, got float"),
+        (lambda: M.causal_mask("10"), TypeError, "len_q must be an int, got str"),
+        (lambda: M.causal_mask(10, -2), ValueError, "len_k must be positive"),
+        (lambda: M.sliding_window_mask(-10, 3), ValueError, "len_q must be positive"),
+        (lambda: M.sliding_window_mask(10, 3, len_k=2.0), TypeError, "len_k must be an int"),
+        (lambda: M.padding_mask(KV, -5), ValueError, "len_q must be positive, got -5"),
+        (lambda: M.padding_mask(KV, 10.0), TypeError, "len_q must be an int"),
+        (lambda: M.dense_mask(KV, 0, 10), ValueError, "len_q must be positive"),
+        (lambda: M.dense_mask(KV, True, 10), TypeError, "len_q must be an int, got bool"),
+        (lambda: M.distance_window_mask(1.0, pos=torch.rand(2, 10), len_q=12.0), TypeError, "len_q must be an int"),
+        (lambda: M.distance_window_mask(1.0, pos_q=torch.rand(2, 3), pos_k=torch.rand(2, 4), len_k=0), ValueError, "len_k must be positive"),
+        # empty sequences and tensors of the wrong kind
+        (lambda: M.padding_mask(torch.ones(2, 0, dtype=torch.bool), 5), ValueError, r"key_valid must have shape \(B, Lk\) with at least one token, got \(2, 0\)"),
+        (lambda: M.segment_mask(torch.zeros(2, 0, dtype=torch.long)), ValueError, r"segments_q must have shape \(B, Lq\)"),
+        (lambda: M.distance_window_mask(1.0, pos=torch.rand(2, 0)), ValueError, "pos holds no positions: pass len_q"),
+        (lambda: M.distance_window_mask(1.0, pos_q=torch.rand(2, 3), pos_k=torch.rand(2, 0)), ValueError, "pos_k holds no positions: pass len_k"),
+        (lambda: M.distance_window_mask(1.0, pos=[1.0, 2.0]), TypeError, "pos must be a torch.Tensor, got list"),
+        (lambda: M.distance_window_mask(1.0, pos=torch.rand(10)), ValueError, r"pos must have shape \(B, L'\)"),
+        (lambda: M.distance_window_mask(1.0, pos_q=torch.rand(2, 3), pos_k=torch.rand(3)), ValueError, "pos_k must have shape"),
+        # dense_mask: every accepted shape checked against len_q and len_k
+        (lambda: M.dense_mask(torch.ones(10, dtype=torch.bool), 10, 10), ValueError, MASK_SHAPES + r"\(10,\)$"),
+        (lambda: M.dense_mask(torch.ones(2, 9, dtype=torch.bool), 10, 10), ValueError, MASK_SHAPES + r"\(2, 9\)$"),
+        (lambda: M.dense_mask(torch.ones(2, 9, 10, dtype=torch.bool), 10, 10), ValueError, MASK_SHAPES + r"\(2, 9, 10\)$"),
+        (lambda: M.dense_mask(torch.ones(2, 3, 10, 9, dtype=torch.bool), 10, 10), ValueError, MASK_SHAPES + r"\(2, 3, 10, 9\)$"),
+        (lambda: M.dense_mask(torch.ones(1, 2, 3, 10, 10, dtype=torch.bool), 10, 10), ValueError, MASK_SHAPES),
+        (lambda: M.dense_mask(torch.ones(1, 4, 4), 4, 4), TypeError, "mask must be a bool tensor"),
+        # and_masks: lengths, batch, heads and block sizes
+        (lambda: M.and_masks(M.full_mask(10, 10), M.full_mask(10, 11)), ValueError, "equal"),
+        (
+            lambda: M.and_masks(M.padding_mask(KV, 10), M.padding_mask(torch.ones(3, 10, dtype=torch.bool), 10)),
+            ValueError,
+            r"and_masks needs batch counts that are equal or 1, got \(batch, heads\) \(2, 1\) and \(3, 1\)",
+        ),
+        (
+            lambda: M.and_masks(
+                M.dense_mask(torch.ones(1, 2, 10, 10, dtype=torch.bool), 10, 10),
+                M.causal_mask(10),
+                M.dense_mask(torch.ones(1, 3, 10, 10, dtype=torch.bool), 10, 10),
+            ),
+            ValueError,
+            r"head counts that are equal or 1, got \(batch, heads\) \(1, 2\) and \(1, 1\) and \(1, 3\)",
+        ),
+        (
+            lambda: M.and_masks(M.causal_mask(300), create_block_mask(lambda b, h, q, kv: q >= kv, 1, 1, 300, 300, device="cpu", BLOCK_SIZE=64)),
+            ValueError,
+            r"and_masks needs masks with 128x128 blocks, got block sizes \[\(128, 128\), \(64, 64\)\]",
+        ),
+        (lambda: M.and_masks(), ValueError, "at least one"),
+        (lambda: M.and_masks(M.full_mask(4, 4), KV), TypeError, "and_masks takes BlockMasks, got Tensor"),
+        # windows: a number >= 0, not NaN
+        (lambda: M.sliding_window_mask(10, -1), ValueError, "window must be a number >= 0"),
+        (lambda: M.sliding_window_mask(10, float("nan")), ValueError, r"window must be a number >= 0 \(inf for no window\), got nan"),
+        (lambda: M.distance_window_mask(float("nan"), pos=torch.rand(1, 6)), ValueError, "got nan"),
+        (lambda: M.sliding_window_mask(10, "3"), TypeError, "window must be a number >= 0, got str"),
+        (lambda: M.distance_window_mask(True, pos=torch.rand(1, 6)), TypeError, "window must be a number >= 0, got bool"),
+        (lambda: M.sliding_window_mask(10, torch.tensor(3.0)), TypeError, "got Tensor"),
+        # a wrong dtype is a TypeError, a wrong shape a ValueError
+        (lambda: M.padding_mask(torch.ones(2, 10), 10), TypeError, "key_valid must be a bool tensor"),
+        (lambda: M.padding_mask(torch.ones(3, dtype=torch.bool), 5), ValueError, r"key_valid must have shape \(B, Lk\)"),
+        (lambda: M.padding_mask(KV.numpy(), 5), TypeError, "key_valid must be a torch.Tensor"),
+        (lambda: M.segment_mask(torch.rand(1, 5)), TypeError, "segments_q must be an integer tensor"),
+        (lambda: M.segment_mask(torch.ones(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.bool)), TypeError, "segments_k must be an integer tensor"),
+        (lambda: M.segment_mask(torch.ones(5, dtype=torch.long)), ValueError, r"segments_q must have shape \(B, Lq\)"),
+        (lambda: M.segment_mask(torch.ones(2, 5, dtype=torch.long), torch.ones(3, 5, dtype=torch.long)), ValueError, r"segments_k must have shape \(2, Lk\)"),
+    ],
+)
+def test_bad_mask_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("shape", [(2, LK), (2, LQ, LK), (2, 3, LQ, LK)])
+def test_dense_mask_of_each_accepted_shape(shape):
+    dense = torch.rand(shape) > 0.5
+    dense[..., 128:256] = False  # whole empty key tiles
+    expected = {2: dense[:, None, None, :], 3: dense[:, None], 4: dense}[dense.ndim].expand(2, -1, LQ, LK)
+    states = check(M.dense_mask(dense, LQ, LK), expected)
+    assert (states[..., 1] == M.EMPTY).all()
+
+
+def test_and_masks_broadcasts_batch_and_heads_of_one():
+    dense = torch.rand(1, 3, LQ, LK) > 0.3
+    valid = torch.rand(2, LK) > 0.2
+    i, j = torch.arange(LQ)[:, None], torch.arange(LK)[None]
+    both = M.and_masks(M.dense_mask(dense, LQ, LK), M.padding_mask(valid, LQ), M.causal_mask(LQ, LK))
+    assert tuple(both.kv_num_blocks.shape[:2]) == (2, 3)
+    check(both, dense & valid[:, None, None, :] & (i >= j))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda n: M.padding_mask((torch.rand(1, 300) > 0.5).expand(n, -1), 300),
+        lambda n: M.dense_mask((torch.rand(1, 3, 300, 300) > 0.5).expand(n, -1, -1, -1), 300, 300),
+        lambda n: M.segment_mask(torch.randint(0, 4, (1, 300)).sort(-1).values.expand(n, -1)),
+        lambda n: M.distance_window_mask(5.0, pos=(torch.rand(1, 300) * 100).expand(n, -1)),
+    ],
+    ids=["padding", "dense", "segment", "distance_window"],
+)
+def test_a_mask_of_batch_one_serves_every_sequence(build):
+    """A batch-1 mask that reads a per-sequence table applies its one row to the whole batch."""
+    x = torch.randn(2, 3, 300, 8)
+    torch.manual_seed(1)
+    shared = build(1)
+    torch.manual_seed(1)
+    per_sequence = build(2)
+    got = flexpos.attention(x, x, x, mask=shared, backend="chunked")
+    assert torch.equal(got, flexpos.attention(x, x, x, mask=per_sequence, backend="chunked"))
+
+
+def test_an_infinite_window_keeps_every_pair():
+    check(M.sliding_window_mask(LQ, float("inf"), LK), torch.ones(1, 1, LQ, LK, dtype=torch.bool))
+    pos = torch.rand(2, LQ) * 1e6
+    states = check(M.distance_window_mask(float("inf"), pos=pos), torch.ones(2, 1, LQ, LQ, dtype=torch.bool))
+    assert (states == M.FULL).all()
+
+
+def test_distance_window_without_positions_windows_nothing():
+    """Tokens without a position are not windowed, also when a side has no positions at all."""
+    states = check(
+        M.distance_window_mask(1.0, pos=torch.rand(2, 0), len_q=LQ), torch.ones(2, 1, LQ, LQ, dtype=torch.bool)
+    )
+    assert (states == M.FULL).all()
+    mask = M.distance_window_mask(1.0, pos_q=torch.rand(2, 0), pos_k=torch.rand(2, LK - 3) * 5, len_q=LQ, len_k=LK)
+    check(mask, torch.ones(2, 1, LQ, LK, dtype=torch.bool))
+
+
+def test_distance_window_with_an_empty_batch():
+    x = torch.randn(0, 2, 50, 8)
+    for pos, len_q in ((torch.rand(0, 50), None), (torch.rand(0, 0), 50)):
+        mask = M.distance_window_mask(3.0, pos=pos, len_q=len_q)
+        assert mask.kv_num_blocks.shape[0] == 0 and tuple(mask.seq_lengths) == (50, 50)
+        out = flexpos.attention(x, x, x, mask=mask, backend="chunked")
+        assert out.shape == x.shape
+
+
+def _count_blocks(x):
+    len_q, len_k = x.shape
+    masks = (M.full_mask(len_q, len_k), M.causal_mask(len_q, len_k), M.sliding_window_mask(len_q, 5, len_k))
+    return sum(m.kv_num_blocks.sum() + m.full_kv_num_blocks.sum() for m in masks) + x.sum()
+
+
+def test_mask_builders_take_symbolic_lengths():
+    """Lengths read from shapes while tracing with symbolic shapes (torch.SymInt) pass the
+    length checks, under Dynamo and under make_fx."""
+    compiled = torch.compile(_count_blocks, backend="eager", dynamic=True, fullgraph=True)
+    for shape in ((300, 400), (200, 500)):
+        x = torch.ones(shape)
+        assert torch.equal(compiled(x), _count_blocks(x))
+    traced = make_fx(_count_blocks, tracing_mode="symbolic")(x)
+    assert torch.equal(traced(x), _count_blocks(x))
 
 
 def test_full_and_causal_masks_are_built_once_per_shape():
