@@ -117,7 +117,7 @@ def _memoised(build: Callable[..., BlockMask]) -> Callable[..., BlockMask]:
     """``build`` memoised on its (hashable) arguments, except while torch.compile traces a
     caller's code (Dynamo traces through caches, and warns about them) and for symbolic
     lengths (``torch.SymInt``, unhashable)."""
-    cached = functools.lru_cache(maxsize=64)(build)
+    cached = functools.lru_cache(maxsize=16)(build)  # an entry at L=131072 holds ~17 MiB of indices
 
     def get(*args: object) -> BlockMask:
         symbolic = any(isinstance(a, torch.SymInt) for a in args)

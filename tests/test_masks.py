@@ -241,12 +241,9 @@ def test_distance_window_without_positions_windows_nothing():
 
 
 def test_distance_window_with_an_empty_batch():
-    x = torch.randn(0, 2, 50, 8)
     for pos, len_q in ((torch.rand(0, 50), None), (torch.rand(0, 0), 50)):
         mask = M.distance_window_mask(3.0, pos=pos, len_q=len_q)
         assert mask.kv_num_blocks.shape[0] == 0 and tuple(mask.seq_lengths) == (50, 50)
-        out = flexpos.attention(x, x, x, mask=mask, backend="chunked")
-        assert out.shape == x.shape
 
 
 def _count_blocks(x):
