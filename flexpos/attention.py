@@ -44,6 +44,7 @@ def attention(
         pos: (B, *, L') positions for self-attention; ``pos_q`` (B, *, Lq') and ``pos_k``
             (B, *, Lk') for cross-attention. Ints or floats; default ``0 .. L-1``. With fewer
             positions than tokens the first tokens have none and get no positional effect.
+            Positions on another device are copied to q's.
         mask: a BlockMask, or a bool tensor (True = attend) of shape (B, *, Lk),
             (B, *, Lq, Lk) or (B, *, H, Lq, Lk).
         causal: also mask keys after the query (by index, top-left aligned).
