@@ -10,7 +10,8 @@ here (docs/legacy.md):
   a query whose every key lies the wrong way attends to those keys uniformly;
 - the even/odd alternation runs over dim 1 of its bias tensor (*P, NH, L1, L2), P the batch
   dims of the positions: the heads for (B, L) positions, but the first extra batch dim for
-  (B, X, L) positions and the query index for unbatched (L,) positions.
+  (B, X, L) positions and the query index for unbatched (L,) positions (counted from the first
+  query with a position, so that positions shorter than L give the sub-sequence's bias).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def legacy_alibi(
 
     Symmetric ALiBi is flexpos' own. Asymmetric: where the signed bias points the wrong way for
     the parity of ``parity(b, h, q_idx)`` (even: keys before the query, odd: keys after it),
-    the score becomes the finite ``-penalty`` instead of -inf.
+    the score becomes the finite ``-penalty`` instead of -inf. ``parity`` sees query indices
+    counted from the first query with a position.
     """
     symmetric = alibi.penalty_mod(positions, dtype, asymmetric=False)  # score - |bias|
     if not alibi.asymmetric:
@@ -84,11 +86,12 @@ def legacy_alibi(
     rel = positions.relative(dtype)
     slopes = alibi.slopes.reshape(-1).to(dtype)
     big = torch.tensor(penalty, dtype=dtype, device=slopes.device)
+    first_q = positions.off_q
 
     def alibi_legacy(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         delta, valid = rel.distance(b, q_idx, kv_idx)
         signed = slopes[h] * delta
-        wrong = torch.where(parity(b, h, q_idx) % 2 == 0, signed > 0, signed < 0) & valid
+        wrong = torch.where(parity(b, h, q_idx - first_q) % 2 == 0, signed > 0, signed < 0) & valid
         # The blocked score is the constant -penalty: bio-attention's ``s - finfo.max`` rounds to
         # it for any s, so the score has no influence there and gets no gradient.
         return torch.where(wrong, -big, symmetric(score, b, h, q_idx, kv_idx))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flexpos._checks import check_tensor
 from flexpos.positions import Positions
 
 Batch = tuple[int, ...]
@@ -30,9 +31,28 @@ def heads_last(t: Tensor, batch: Sequence[int]) -> Tensor:
     return t.reshape(*batch, *t.shape[1:]).movedim(-3, -2)
 
 
-def expand_batch(t: Optional[Tensor], batch: Sequence[int]) -> Optional[Tensor]:
-    """(*P, L) with P broadcastable to ``batch`` -> (*batch, L); None stays None."""
-    if t is None or tuple(t.shape[:-1]) == tuple(batch):
+def broadcasts_to(shape: Sequence[int], batch: Sequence[int]) -> bool:
+    """Whether leading dims ``shape`` broadcast to ``batch`` (same rank or fewer, sizes 1 or equal)."""
+    if len(shape) > len(batch):
+        return False
+    return all(s in (1, b) for s, b in zip(reversed(tuple(shape)), reversed(tuple(batch))))
+
+
+def expand_batch(t: Optional[Tensor], batch: Sequence[int], name: str = "pos") -> Optional[Tensor]:
+    """(*P, L) with P broadcastable to ``batch`` -> (*batch, L); None stays None.
+
+    Raises ``TypeError``/``ValueError`` naming ``name`` for a non-tensor or a shape that does not
+    broadcast.
+    """
+    if t is None:
+        return None
+    check_tensor(name, t)
+    if t.ndim == 0 or not broadcasts_to(t.shape[:-1], batch):
+        raise ValueError(
+            f"{name} must have shape (*batch, L') with batch {tuple(batch)} (or dims of size 1 "
+            f"there), got {tuple(t.shape)}"
+        )
+    if tuple(t.shape[:-1]) == tuple(batch):
         return t
     return t.expand(*batch, t.shape[-1])
 
@@ -51,9 +71,14 @@ def positions_for(
     batch = tuple(q.shape[:-3])
     len_q, len_k = q.shape[-3], k.shape[-3]
     if pos_q_k is not None:
-        return Positions.resolve(batch, len_q, len_k, q.device, pos=expand_batch(pos_q_k, batch))
+        return Positions.resolve(batch, len_q, len_k, q.device, pos=expand_batch(pos_q_k, batch, "pos_q_k"))
     return Positions.resolve(
-        batch, len_q, len_k, q.device, pos_q=expand_batch(pos_q, batch), pos_k=expand_batch(pos_k, batch)
+        batch,
+        len_q,
+        len_k,
+        q.device,
+        pos_q=expand_batch(pos_q, batch, "pos_q"),
+        pos_k=expand_batch(pos_k, batch, "pos_k"),
     )
 
 

@@ -1,14 +1,15 @@
 """bio-attention's layer masks turned into flexpos inputs.
 
 bio-attention's ``AttnLayer`` takes a mask of shape (B, *, L'), (B, *, L', L') or
-(B, *, NH, L', L'), bool (True = attend) or float (added to the scores), with L' <= L: the
+(B, *, NH|1, L', L'), bool (True = attend) or float (added to the scores), with L' <= L: the
 first L - L' tokens (CLS and the like) are not covered by the mask. A (B, *, L') mask is a key
 padding mask. Here a mask becomes
 
 - ``keep``: a bool tensor of what may be attended, for flexpos (a key padding mask stays
   (B, *, L), so its BlockMask is built in O(L)); tokens not covered by the mask attend and are
-  attended to freely;
+  attended to freely, except that padded keys of a key mask stay masked for every query;
 - ``bias``: the finite part of a float mask, added by a score_mod (the caller materialised it).
+  As in bio-attention, a short float key mask adds nothing to the rows of the uncovered queries.
 """
 
 from __future__ import annotations
@@ -20,17 +21,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flexpos._checks import check_tensor
 from flexpos.base import Positional, ScoreMod
 from flexpos.positions import BLOCK, Positions
+
+from ._layout import broadcasts_to
 
 
 @dataclass(frozen=True)
 class LayerMask:
     """keep: bool (B, *, L), (B, *, L, L) or (B, *, NH, L, L) or None (True = attend);
-    bias: float (N, NH|1, L|1, L) or None."""
+    bias: float (N, NH|1, L|1, L) or None, added to query rows ``bias_from ..`` only."""
 
     keep: Optional[Tensor] = None
     bias: Optional[Tensor] = None
+    bias_from: int = 0
 
 
 def _whole_blocks(length: int) -> int:
@@ -61,16 +66,31 @@ def _keep(keep: Tensor, extra: int, length: int) -> Tensor:
     return _pad_tokens(keep, min(extra, 2), length, True)
 
 
+def _check_layer_mask(mask: object, batch: tuple[int, ...], heads: int) -> int:
+    """Check a layer mask's type and shape; return how many dims follow the batch dims (1-3)."""
+    check_tensor("mask", mask)
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(
+            f"mask must be bool (True = attend) or floating point (added to the scores), got dtype {mask.dtype}"
+        )
+    extra = mask.ndim - len(batch)
+    if extra not in (1, 2, 3) or not broadcasts_to(mask.shape[: len(batch)], batch) or (
+        extra == 3 and mask.shape[-3] not in (1, heads)
+    ):
+        raise ValueError(
+            f"mask must have shape (*batch, L), (*batch, L, L) or (*batch, {heads} or 1, L, L) with "
+            f"batch {batch} (or dims of size 1 there), got {tuple(mask.shape)}"
+        )
+    return extra
+
+
 def layer_mask(mask: Optional[Tensor], batch: tuple[int, ...], heads: int, length: int) -> LayerMask:
     """Split a bio-attention layer mask into flexpos' keep mask and an additive bias."""
     if mask is None:
         return LayerMask()
-    extra = mask.ndim - len(batch)
-    if extra not in (1, 2, 3):
-        raise ValueError(
-            f"mask must have shape (*batch, L), (*batch, L, L) or (*batch, {heads}, L, L) with "
-            f"batch {batch}, got {tuple(mask.shape)}"
-        )
+    extra = _check_layer_mask(mask, batch, heads)
+    if extra == 3 and mask.shape[-3] == 1:  # one mask for every head
+        mask, extra = mask.squeeze(-3), 2
     mask = mask.expand(*batch, *mask.shape[len(batch):])
     if mask.dtype == torch.bool:
         return LayerMask(keep=_keep(mask, extra, length))
@@ -80,27 +100,31 @@ def layer_mask(mask: Optional[Tensor], batch: tuple[int, ...], heads: int, lengt
     if not bool((finite != 0).any()):
         return LayerMask(keep=keep)
     bias = _as_4d(_pad_tokens(finite, min(extra, 2), length, 0.0), extra)
-    return LayerMask(keep=keep, bias=bias)
+    bias_from = length - mask.shape[-1] if extra == 1 else 0
+    return LayerMask(keep=keep, bias=bias, bias_from=bias_from)
 
 
 class AdditiveMask(Positional):
-    """A float mask (N, NH|1, Lq|1, Lk) added to the scores, as a flexpos score_mod."""
+    """A float mask (N, NH|1, Lq|1, Lk) added to the scores of query rows ``first_query ..``,
+    as a flexpos score_mod."""
 
     modifies_scores = True
 
-    def __init__(self, bias: Tensor) -> None:
+    def __init__(self, bias: Tensor, first_query: int = 0) -> None:
         super().__init__()
-        self.bias = bias
+        self.bias, self.first_query = bias, first_query
 
     def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:
         _, heads, len_q, len_k = self.bias.shape
         # Whole blocks: FlexAttention may read the table at padded indices.
         pad_q = _whole_blocks(len_q) - len_q if len_q > 1 else 0
         table = F.pad(self.bias, (0, _whole_blocks(len_k) - len_k, 0, pad_q))
-        per_head, per_query = heads > 1, len_q > 1
+        per_head, per_query, first = heads > 1, len_q > 1, self.first_query
 
         def float_mask(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             row = table[b, h if per_head else h * 0, q_idx if per_query else q_idx * 0, kv_idx]
+            if first:
+                row = torch.where(q_idx >= first, row, torch.zeros_like(row))
             return score + row.to(score.dtype)
 
         return float_mask

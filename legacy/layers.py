@@ -1,7 +1,8 @@
 """bio-attention's ``AttnLayer`` and ``TransformerLayer`` on FlexAttention.
 
 Same constructor and call signatures, same submodule names (an original layer's state_dict
-loads with ``strict=True``), same outputs for the same weights: plugins from
+loads with ``strict=True``, except an ``AttnLayer`` whose plugins came as a plain list, which
+bio-attention leaves unregistered), same outputs for the same weights: plugins from
 :mod:`legacy.positional` run inside :func:`flexpos.attention` as query/key transforms and
 score_mods, masks become BlockMasks, and no (L, L) tensor is built unless the caller passes
 one. On CPU flexpos runs its chunked backend (SDPA per query chunk), on CUDA FlexAttention.
@@ -9,7 +10,8 @@ one. On CPU flexpos runs its chunked backend (SDPA per query chunk), on CUDA Fle
 Behaviour that differs from bio-attention 0.1.15 on purpose (docs/legacy.md): ``causal`` with
 a mask (or with an ALiBi/DPB/XL plugin) keeps the diagonal; a (B, *, L') key mask shorter than
 x keeps its padded keys masked for the CLS queries too; a query with nothing to attend to
-returns zeros whatever the kernel; attention dropout is not applied.
+returns zeros whatever the kernel; attention dropout is not applied; integer masks are
+refused.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 import flexpos
+from flexpos._checks import check_float, check_positive_int, check_tensor
 from flexpos.backends import Backend
 from flexpos.base import Positional
 
@@ -90,11 +93,31 @@ def plugin_list(plugin: Plugins) -> nn.ModuleList:
     return plugins
 
 
-def activation_module(name: str) -> nn.Module:
+def activation_module(name: object) -> nn.Module:
+    """'relu', 'gelu' or 'swish' (any case) -> the activation module."""
     choices = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU}
+    if not isinstance(name, str):
+        raise TypeError(f"activation must be 'relu', 'gelu' or 'swish', got {type(name).__name__}")
     if name.lower() not in choices:
         raise ValueError(f"activation must be 'relu', 'gelu' or 'swish', got {name!r}")
     return choices[name.lower()]()
+
+
+def check_width(dim: object, nh: object) -> None:
+    """``dim`` and ``nh`` positive ints, ``dim`` divisible by ``nh``."""
+    check_positive_int("dim", dim)
+    check_positive_int("nh", nh)
+    if dim % nh:
+        raise ValueError(f"dim={dim} must be divisible by nh={nh}")
+
+
+def check_input(x: object, dim: int) -> Tensor:
+    """x must be a floating point (B, *, L, dim) tensor."""
+    check_tensor("x", x)
+    check_float("x", x)
+    if x.ndim < 3 or x.shape[-1] != dim:
+        raise ValueError(f"x must have shape (B, *, L, {dim}) (at least 3 dims), got {tuple(x.shape)}")
+    return x
 
 
 def _no_mod_kwargs(mod_kwargs: dict[str, Any]) -> None:
@@ -117,8 +140,7 @@ class AttnLayer(nn.Module):
         self, dim: int, attn: Any = None, nh: int = 4, plugin: Plugins = None, *, backend: Backend = "auto"
     ) -> None:
         super().__init__()
-        if dim % nh:
-            raise ValueError(f"dim={dim} must be divisible by nh={nh}")
+        check_width(dim, nh)
         self.lin = nn.Linear(dim, 3 * dim)
         self.dropout = attention_dropout(attn)
         self.nh = nh
@@ -138,23 +160,24 @@ class AttnLayer(nn.Module):
         """x (B, *, L, dim) -> (B, *, L, dim).
 
         ``pos`` (B, *, L'), L' <= L: the first L - L' tokens have no position. ``mask``: bool or
-        float, (B, *, L') key padding, (B, *, L', L') or (B, *, NH, L', L'); bool True = attend,
-        float is added to the scores; tokens before the mask's L' are not masked. ``causal``:
-        query i attends keys j <= i (combined with ``mask``).
+        floating point, (B, *, L') key padding, (B, *, L', L') or (B, *, NH|1, L', L'); bool
+        True = attend, float is added to the scores; tokens before the mask's L' are not masked
+        (padded keys of a key mask excepted). Batch dims of ``pos`` and ``mask`` may be 1.
+        ``causal``: query i attends keys j <= i (combined with ``mask``).
         """
         _no_mod_kwargs(mod_kwargs)
         self._warn_dropout()
-        batch, length = tuple(x.shape[:-2]), x.shape[-2]
+        batch, length = tuple(check_input(x, self.lin.in_features).shape[:-2]), x.shape[-2]
         q, k, v = (
             rearrange(t, "... l (n h) -> ... n l h", n=self.nh) for t in self.lin(x).split(x.size(-1), dim=-1)
         )
         masks = layer_mask(mask, batch, self.nh, length)
-        modules = self.flex_modules(batch, pos)
+        pos_batch = expand_batch(pos, batch)
+        modules = self.flex_modules(batch, pos)  # the plugins see pos as given (ALiBi's alternation)
         if masks.bias is not None:
-            modules.append(AdditiveMask(masks.bias))
+            modules.append(AdditiveMask(masks.bias, masks.bias_from))
         out = flexpos.attention(
-            q, k, v, *modules, pos=expand_batch(pos, batch), mask=masks.keep, causal=causal,
-            backend=self._backend(masks),
+            q, k, v, *modules, pos=pos_batch, mask=masks.keep, causal=causal, backend=self._backend(masks)
         )
         return self.to_out(rearrange(out, "... n l h -> ... l (n h)"))
 
@@ -209,8 +232,9 @@ class TransformerLayer(nn.Module):
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
-        hint_once("layers.TransformerLayer")
+        check_width(dim, nh)
         act = activation_module(activation)
+        hint_once("layers.TransformerLayer")
         self.norm = nn.LayerNorm(dim)
         plugin = Base() if plugin is None else plugin
         self.plugin = nn.ModuleList(plugin if isinstance(plugin, (list, tuple, nn.ModuleList)) else [plugin])
@@ -232,10 +256,11 @@ class TransformerLayer(nn.Module):
         no encoding added), as in bio-attention.
         """
         _no_mod_kwargs(mod_kwargs)
+        check_input(x, self.norm.normalized_shape[0])
         key_mask = None
-        if mask is not None and mask.ndim == x.ndim - 1:
+        if mask is not None and check_tensor("mask", mask).ndim == x.ndim - 1:
             if mask.dtype != torch.bool:
-                raise TypeError(f"a (B, *, L) mask must be bool, got {mask.dtype}")
+                raise TypeError(f"mask of shape (B, *, L) (key padding) must be bool, got dtype {mask.dtype}")
             mask = F.pad(mask, (max(x.shape[-2] - mask.shape[-1], 0), 0), value=True)
             key_mask = mask
         for plug in self.plugin:

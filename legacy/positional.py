@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import flexpos
+from flexpos._checks import check_tensor
 from flexpos.alibi import alibi_slopes
 from flexpos.base import QK, Positional, ScoreMod
 from flexpos.inputs import InputTransform
@@ -32,7 +33,15 @@ from flexpos.positions import Positions
 
 from ._bias import Parity, dense_bias, dpb_dense_bias, head_parity, legacy_alibi, legacy_parity
 from ._hint import hint_once
-from ._layout import add_to_mask, bias_batch_shape, expand_batch, heads_first, heads_last, positions_for
+from ._layout import (
+    add_to_mask,
+    bias_batch_shape,
+    broadcasts_to,
+    expand_batch,
+    heads_first,
+    heads_last,
+    positions_for,
+)
 
 __all__ = ["ALiBi", "Base", "DPB", "LearnedContinuous", "LearnedVocab", "Rotary", "Sinusoidal", "XL"]
 
@@ -108,11 +117,12 @@ class _InputMixin(Base):
         """x (B, *, L, H) plus the encoding of ``pos`` (B, *, L'), L' <= L (the first L - L' tokens,
         e.g. CLS, get nothing). ``mask`` bool (B, *, M), False = add nothing, aligned to the end
         of the positions: if M is shorter, the first positioned tokens get their encoding."""
-        batch = tuple(x.shape[:-2])
+        batch = tuple(check_tensor("x", x).shape[:-2])
+        pos = expand_batch(pos, batch)
         if mask is not None:
             covered = x.shape[-2] if pos is None else pos.shape[-1]
-            mask = F.pad(mask, (covered - mask.shape[-1], 0), value=True)  # pads or crops
-        return InputTransform.forward(self, x, expand_batch(pos, batch), expand_batch(mask, batch))
+            mask = F.pad(check_tensor("mask", mask), (covered - mask.shape[-1], 0), value=True)  # pads or crops
+        return InputTransform.forward(self, x, pos, expand_batch(mask, batch, "mask"))
 
 
 class Sinusoidal(_InputMixin, flexpos.Sinusoidal):
@@ -190,6 +200,35 @@ class Rotary(Base, flexpos.Rotary):
 class _BiasMixin(Base):
     """mod_mask of the score biases: bio-attention's ``mask + bias`` with flexpos' bias."""
 
+    n_heads: int
+
+    def _check_bias_inputs(self, mask: Optional[Tensor], q: Tensor, k: Tensor) -> tuple[int, ...]:
+        """Check q (B, *, L1, NH, H), k (B, *, L2, NH, H) and mask (B, *, NH|1, L1', L2');
+        return the batch dims (B, *)."""
+        name, heads = type(self).__name__, self.n_heads
+        for side, t in (("q", check_tensor("q", q)), ("k", check_tensor("k", k))):
+            if t.ndim < 4 or t.shape[-2] != heads:
+                raise ValueError(
+                    f"{name}(n_heads={heads}).mod_mask expects {side} of shape (B, *, L, {heads}, H), "
+                    f"got {tuple(t.shape)}"
+                )
+        batch = tuple(q.shape[:-3])
+        if mask is None:
+            return batch
+        check_tensor("mask", mask)
+        len_q, len_k = q.shape[-3], k.shape[-3]
+        if (
+            mask.ndim < 2
+            or not broadcasts_to(mask.shape[:-2], (*batch, heads))
+            or mask.shape[-2] > len_q
+            or mask.shape[-1] > len_k
+        ):
+            raise ValueError(
+                f"mask must have shape (*batch, {heads} or 1, L1', L2') with batch {batch} (or dims of "
+                f"size 1 there), L1' <= {len_q} and L2' <= {len_k}, got {tuple(mask.shape)}"
+            )
+        return batch
+
     def dense(self, q: Tensor, positions: Positions, bias_batch: tuple[int, ...]) -> Tensor:
         """(N, NH, L1, L2) bias for q (B, *, L1, NH, H)."""
         raise NotImplementedError
@@ -205,13 +244,14 @@ class _BiasMixin(Base):
         pos_k: Optional[Tensor] = None,
         **kwargs,
     ) -> Tensor:
-        """Add the bias to ``mask`` (B, *, NH, L1', L2') (left-padded with 0 to (L1, L2)) or None.
+        """Add the bias to ``mask`` (B, *, NH|1, L1', L2') (left-padded with 0 to (L1, L2); bool:
+        True = 0, False = -inf) or None.
 
         Positions: ``pos_q_k`` (B, *, L') for self-attention, else ``pos_q`` (B, *, L1') and
         ``pos_k`` (B, *, L2'); a missing side counts ``0 .. L-1``; tokens without a position get
         no bias. Returns (B, *, NH, L1, L2).
         """
-        batch = tuple(q.shape[:-3])
+        batch = self._check_bias_inputs(mask, q, k)
         positions = positions_for(q, k, pos_q_k, pos_q, pos_k)
         bias = self.dense(q, positions, bias_batch_shape(batch, pos_q_k, pos_q, pos_k))
         return add_to_mask(mask, bias, batch)

@@ -174,14 +174,46 @@ def test_plugin_list_with_cls_tokens_matches(batch):
     compare(orig, new, torch.randn(*batch, L, DIM), pos=pos, mask=mask)
 
 
-@pytest.mark.parametrize("mask_shape", ["pair", "heads"])
+@pytest.mark.parametrize("mask_shape", ["pair", "heads", "one_head"])
 def test_short_float_masks_match(mask_shape):
     """Float masks shorter than L are left-padded: CLS tokens attend and are attended freely."""
     orig, new = layer_pair([PLUGINS[4], PLUGINS[6]])
-    shape = (2, L - 3, L - 3) if mask_shape == "pair" else (2, NH, L - 3, L - 3)
+    heads = {"pair": (), "heads": (NH,), "one_head": (1,)}[mask_shape]
+    shape = (2, *heads, L - 3, L - 3)
     mask = torch.randn(*shape).masked_fill(torch.rand(*shape) > 0.8, -math.inf)
     mask = mask.masked_fill(torch.eye(L - 3, dtype=torch.bool), 0.0)
     compare(orig, new, torch.randn(2, L, DIM), mask=mask)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float", "float_with_inf"])
+@pytest.mark.parametrize("batch", BATCHES, ids=str)
+def test_masks_broadcast_over_heads_match(kind, batch):
+    """(B, *, 1, L, L) masks (one mask for every head), as bio-attention accepts them."""
+    orig, new = layer_pair([PLUGINS[5]])
+    keep = pair_mask(*batch, 1, L, L)
+    scores = torch.randn(*batch, 1, L, L)
+    mask = {"bool": keep, "float": scores, "float_with_inf": scores.masked_fill(~keep, -math.inf)}[kind]
+    compare(orig, new, torch.randn(*batch, L, DIM), pos=positions_for([], batch), mask=mask)
+
+
+def test_short_float_key_mask_adds_nothing_to_cls_rows():
+    """A float (B, L') key mask given to AttnLayer: like bio-attention, its finite values bias
+    only the queries it covers; its -inf keys stay masked for the CLS queries too (see
+    test_short_key_mask_in_attn_layer_also_masks_cls_queries)."""
+    orig_plugins, new_plugins = plugin_pairs([PLUGINS[6]])
+    orig = original_attention.AttnLayer(DIM, Attention(), nh=NH, plugin=nn.ModuleList(orig_plugins))
+    new = AttnLayer(DIM, None, nh=NH, plugin=nn.ModuleList(new_plugins))
+    new.load_state_dict(orig.state_dict(), strict=True)
+    c, x = 2, torch.randn(2, L, DIM)
+    scores = torch.randn(2, L - c) * 3
+    compare(orig, new, x, mask=scores)
+    padded = torch.rand(2, L - c) > 0.7
+    padded[:, -1] = False
+    with_inf = scores.masked_fill(padded, -math.inf)
+    cls_rows = torch.zeros(2, c, L - c).masked_fill(padded[:, None], -math.inf)
+    pair_scores = torch.cat([cls_rows, with_inf[:, None].expand(2, L - c, L - c)], 1)  # (2, L, L')
+    explicit = torch.cat([torch.zeros(2, L, c), pair_scores], -1)
+    assert_same(new(x, mask=with_inf), orig(x, mask=explicit))
 
 
 def test_attn_layer_matches_with_unbatched_positions():
@@ -238,6 +270,14 @@ def test_dense_path_equals_flex_with_cls_tokens(case):
     dense, flex = dense_and_flex([case])
     call = {"pos": positions_for([case], (2, 3), L - 2), "mask": key_mask(2, 3, L - 2)}
     compare(dense, flex, torch.randn(2, 3, L, DIM), **call)
+
+
+def test_unbatched_short_positions_with_asymmetric_alibi_dense_equals_flex():
+    """(L',) positions after an odd number of CLS tokens: the per-query alternation counts from
+    the first positioned query in both paths."""
+    dense, flex = dense_and_flex([PLUGINS[5]])
+    call = {"pos": irregular(L - 3), "mask": key_mask(2, L - 3)}
+    compare(dense, flex, torch.randn(2, L, DIM), **call)
 
 
 def test_rows_blocked_by_asymmetric_alibi():
@@ -323,6 +363,18 @@ def test_causal_with_a_mask_keeps_the_diagonal():
     strictly_lower = mask & torch.ones(L, L, dtype=torch.bool).tril(-1)
     assert_same(orig(x, mask=mask, causal=True), orig(x, mask=strictly_lower))
     assert_same(new(x, mask=mask, causal=True), orig(x, mask=mask & torch.ones(L, L, dtype=torch.bool).tril()))
+
+
+def test_attn_layer_registers_a_plain_list_of_plugins():
+    """bio-attention's AttnLayer keeps a plain list unregistered (no plugin.* keys); legacy
+    registers it, so such checkpoints load with strict=False, missing exactly the plugins."""
+    orig_plugins, new_plugins = plugin_pairs([PLUGINS[8]])
+    orig = original_attention.AttnLayer(DIM, Attention(), nh=NH, plugin=orig_plugins)
+    new = AttnLayer(DIM, None, nh=NH, plugin=new_plugins)
+    assert not any(key.startswith("plugin.") for key in orig.state_dict())
+    result = new.load_state_dict(orig.state_dict(), strict=False)
+    assert sorted(result.missing_keys) == sorted(f"plugin.0.{key}" for key in new_plugins[0].state_dict())
+    assert not result.unexpected_keys
 
 
 def test_queries_with_nothing_to_attend_give_zeros():

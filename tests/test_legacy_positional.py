@@ -278,6 +278,19 @@ def test_asymmetric_alternation_follows_the_original_bias_layout(pos_shape):
     assert_same(new.mod_mask(None, q, k, v, pos_q_k=pos), want)
 
 
+@pytest.mark.parametrize("c", [1, 2, 3])
+def test_asymmetric_unbatched_short_positions_give_the_subsequence_bias(c):
+    """Unbatched (L',) positions after c tokens without a position (bio-attention's layers crash
+    there): the positioned rows get the original's bias of the positioned sub-sequence, whose
+    per-query alternation starts at the first positioned query, for odd c too."""
+    orig, new = _asymmetric_pair()
+    q, k, v = qkv((2,))
+    pos = irregular(L - c)
+    got = new.mod_mask(None, q, k, v, pos_q_k=pos)
+    assert_same(got[..., c:, c:], orig.mod_mask(None, q[:, c:], k[:, c:], v[:, c:], pos_q_k=pos))
+    assert not got[..., :c, :].any() and not got[..., :, :c].any()
+
+
 def test_asymmetric_alternation_over_heads_is_the_native_pattern():
     _, new = _asymmetric_pair()
     q, k, v = qkv((2,))
@@ -333,12 +346,41 @@ def test_short_positions_work_where_the_original_crashes(case, with_mask):
     assert_same(got[..., c:, c:], inner)
 
 
-def test_bool_masks_are_accepted_by_mod_mask():
-    _, new = pair("DPB", 16, NH)
+@pytest.mark.parametrize("name, args", [("ALiBi", (NH,)), ("DPB", (16, NH)), ("XL", (DIM, NH))])
+def test_bool_masks_are_accepted_by_mod_mask(name, args):
+    """True = attend, False = -inf. bio-attention's ALiBi and DPB refuse bool masks; its XL adds
+    them to the scores as 1 / 0."""
+    orig, new = pair(name, *args)
     q, k, v = qkv((2,))
     keep = torch.rand(2, NH, L, L) > 0.3
     additive = torch.zeros(2, NH, L, L).masked_fill(~keep, -math.inf)
     assert_same(new.mod_mask(keep, q, k, v), new.mod_mask(additive, q, k, v))
+    if name == "XL":
+        assert_same(orig.mod_mask(keep, q, k, v), new.mod_mask(keep.float(), q, k, v))
+    else:
+        with pytest.raises(RuntimeError):
+            orig.mod_mask(keep, q, k, v)
+
+
+def test_output_dtypes_that_differ_from_the_original():
+    """Half-precision x keeps its dtype in LearnedVocab/LearnedContinuous.mod_x (the original
+    promotes to float32); ALiBi.mod_mask of float64 q on a float32 module works in float64, so
+    asymmetric heads block with -finfo(float64).max (the original: float32)."""
+    for name, args, pos in [("LearnedVocab", (DIM, 64), irregular(2, L, integer=True)),
+                            ("LearnedContinuous", (DIM,), irregular(2, L))]:
+        orig, new = pair(name, *args)
+        x = torch.randn(2, L, DIM, dtype=torch.float16)
+        want, got = orig.mod_x(x, pos=pos), new.mod_x(x, pos=pos)
+        assert want.dtype == torch.float32 and got.dtype == torch.float16
+        assert_same(got.float(), want, atol=1e-3, rtol=1e-3)  # float16 rounding of the sum
+    orig, new = _asymmetric_pair()
+    q, k, v = qkv((2,), dtype=F64)
+    got, want = new.mod_mask(None, q, k, v), orig.mod_mask(None, q, k, v)
+    assert got.dtype == F64 and want.dtype == torch.float32
+    assert got.min() == -torch.finfo(F64).max and want.min() == -torch.finfo(torch.float32).max
+    blocked = want == want.min()
+    assert torch.equal(got == got.min(), blocked)
+    assert_same(got[~blocked].float(), want[~blocked])
 
 
 def test_one_sided_positions_default_the_other_side():
