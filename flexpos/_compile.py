@@ -1,4 +1,5 @@
-"""Lazy ``torch.compile``: nothing compiles at import, each function compiles on first use.
+"""Lazy ``torch.compile``: nothing compiles at import, each function compiles on first use; and
+which torch releases can compile what.
 
 ``set_compile(False)`` (or ``FLEXPOS_COMPILE=0``) runs the eager functions instead: the numbers
 are the same, and float64 reference checks do not pay for a compile per variant. It covers the
@@ -14,6 +15,17 @@ from typing import Any, Callable, Optional
 import torch
 
 _enabled = os.environ.get("FLEXPOS_COMPILE", "1") != "0"
+
+
+CPU_FLEX_MIN_TORCH = (2, 9)
+"""Oldest torch whose Inductor builds the CPU flex kernel with dynamic shapes (2.6 fails to lower
+it, 2.7 and 2.8 fail to compile its C++)."""
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the running torch."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def set_compile(enabled: bool) -> bool:

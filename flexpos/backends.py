@@ -24,7 +24,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.fx.experimental import _config as fx_config
 from torch.utils.checkpoint import checkpoint
 
-from ._compile import lazy_compile
+from ._compile import CPU_FLEX_MIN_TORCH, lazy_compile, torch_version
 from .base import ScoreMod, index_grids
 from .masks import EMPTY, FULL, MaskMod, cpu_flex_safe, states_of
 from .positions import BLOCK
@@ -49,17 +49,6 @@ def _sizes_apart():
     symbol, so a later call where they differ does not recompile. A caller's torch.compile keeps
     its own settings."""
     return contextlib.nullcontext() if torch.compiler.is_compiling() else fx_config.patch(use_duck_shape=False)
-
-
-CPU_FLEX_MIN_TORCH = (2, 9)
-"""Oldest torch whose Inductor builds the CPU flex kernel with dynamic shapes (2.6 fails to lower
-it, 2.7 and 2.8 fail to compile its C++)."""
-
-
-def torch_version() -> tuple[int, int]:
-    """(major, minor) of the running torch."""
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int(minor)
 
 
 MAX_FLEX_HEAD_DIM = 256

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from ._checks import check_length, check_rank, check_tensor
+from ._compile import CPU_FLEX_MIN_TORCH, torch_version
 from .positions import BLOCK, Positions, table_len
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -37,8 +38,13 @@ def _named(fn: MaskMod, name: str) -> MaskMod:
 
 
 def _flex_cpu_ok(fn: MaskMod) -> MaskMod:
-    """Mark a mask_mod that Inductor's CPU flex kernel is known to build (see backends)."""
-    fn.cpu_flex_safe = True  # type: ignore[attr-defined]
+    """Mark a mask_mod that Inductor's CPU flex kernel is known to build (see backends).
+
+    The mark only matters where CPU flex runs at all; older Dynamo cannot set a function's
+    attribute while tracing a caller's compile (an error under ``fullgraph=True``).
+    """
+    if torch_version() >= CPU_FLEX_MIN_TORCH or not torch.compiler.is_compiling():
+        fn.cpu_flex_safe = True  # type: ignore[attr-defined]
     return fn
 
 
