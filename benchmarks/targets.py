@@ -16,8 +16,8 @@ GPU (bfloat16, B=4 H=16 D=64):
   6. Rotary transform >= 70% of the GPU's memory bandwidth.
 
 Timings are medians of interleaved runs (min in brackets: on a shared machine the fastest
-run is the least disturbed one); torch.compile is reset between cases and compile time is
-excluded. Exit status 0 even when a target is missed: the printout is the result.
+run is the least disturbed one); compile time is excluded. torch.compile is reset between the
+CPU cases, not between the GPU ones (dynamic shapes: a new L needs no recompile). Exit status 0 even when a target is missed: the printout is the result.
 """
 
 from __future__ import annotations
@@ -67,15 +67,37 @@ def verdict(name: str, measured: str, ok: Optional[bool]) -> None:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], sync: Callable[[], None], repeat: int) -> dict[str, list[float]]:
+    """Host-timed runs, one path after the other, ``repeat`` rounds. A path that runs out of GPU
+    memory is dropped from the result (and said so); the others go on."""
+    fns = dict(fns)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
-        for name, fn in fns.items():
+        for name, fn in list(fns.items()):
             sync()
             start = time.perf_counter()
-            fn()
-            sync()
+            try:
+                fn()
+                sync()
+            except torch.cuda.OutOfMemoryError:
+                say(f"  {name}: CUDA out of memory while timing; dropped")
+                del fns[name], times[name]
+                release()
+                continue
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def device_seconds(fn: Callable[[], object], device: torch.device, calls: int = 20) -> float:
+    """GPU seconds per call: ``calls`` calls queued back to back between two CUDA events, so the
+    host's launch overhead overlaps the kernels instead of adding to them."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / calls
 
 
 def fmt(t: Sequence[float]) -> str:
@@ -87,11 +109,18 @@ def ratio(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     return statistics.median(a) / statistics.median(b), min(a) / min(b)
 
 
-def fresh() -> None:
+def release() -> None:
+    """Free what the last case left (Python garbage, the CUDA cache); compiled code stays."""
     gc.collect()
-    torch._dynamo.reset()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def fresh() -> None:
+    """:func:`release`, and drop every compiled function (after a failed compile, which leaves
+    later compiled calls on a slow path)."""
+    torch._dynamo.reset()
+    release()
 
 
 def first_call(label: str, runner: Runner, fn: Callable[[], object]) -> Optional[float]:
@@ -251,12 +280,14 @@ def measured_copy_bandwidth(device: torch.device) -> float:
 
 
 def gpu_score_mods(repeat: int) -> None:
+    # No Dynamo reset between cases: flex compiles with dynamic=True, so L=32768 reuses the
+    # kernels of L=8192 (a reset would recompile each, ~30 s apiece on a cold GPU machine).
     for length in (8192, 32768):
         for scheme in ("alibi", "dpb"):
             say(f"\n[{4 if length == 8192 else 5}] GPU {scheme} forward+backward, bfloat16, B=4 H=16 D=64, L={length}")
-            fresh()
+            release()
             gpu_score_mod_case(scheme, length, repeat)
-            fresh()
+            release()
 
 
 def gpu_score_mod_case(scheme: str, length: int, repeat: int) -> None:
@@ -284,7 +315,7 @@ def gpu_score_mod_case(scheme: str, length: int, repeat: int) -> None:
     except torch.cuda.OutOfMemoryError:
         dense_note = (dense_note + "; " if dense_note else "") + "CUDA out of memory when run"
         say(f"  dense: {dense_note}")
-        fresh()
+        release()
     times = interleaved(fns, lambda: torch.cuda.synchronize(device), repeat)
     for name, t in times.items():
         say(f"  {name:18s} {fmt(t)}")
@@ -309,21 +340,26 @@ def gpu_score_mod_case(scheme: str, length: int, repeat: int) -> None:
 
 
 def gpu_rotary(repeat: int) -> None:
-    say("\n[6] GPU Rotary transform, bfloat16, q and k of (4, 16, 8192, 64): achieved memory bandwidth")
+    length = 32768  # q and k of 268 MB each: the kernels, not the host's launches, set the time
+    say(f"\n[6] GPU Rotary transform, bfloat16, q and k of (4, 16, {length}, 64): achieved memory bandwidth")
     device = torch.device("cuda")
-    fresh()
+    release()
     gen = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(4, 16, 8192, 64, generator=gen).to(device, torch.bfloat16) for _ in range(2))
-    pos = irregular_positions(4, 8192, gen).to(device)
+    q, k = (torch.randn(4, 16, length, 64, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+    pos = irregular_positions(4, length, gen).to(device)
     rot = flexpos.Rotary(64).to(device)
     start = time.perf_counter()
     rot(q, k, pos=pos)
     torch.cuda.synchronize(device)
     say(f"  first call (compile + run): {time.perf_counter() - start:.1f} s")
-    times = interleaved({"flexpos compiled": lambda: rot(q, k, pos=pos),
-                         "eager formula": lambda: (dense_rotate(rot, q, pos), dense_rotate(rot, k, pos))},
-                        lambda: torch.cuda.synchronize(device), repeat)
-    moved = 2 * 2 * q.numel() * q.element_size() + 2 * pos.numel() * pos.element_size()  # read + write q, k
+    paths = {"flexpos compiled": lambda: rot(q, k, pos=pos),
+             "eager formula": lambda: (dense_rotate(rot, q, pos), dense_rotate(rot, k, pos))}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(repeat):  # interleaved; each sample: GPU time per call over 20 queued calls
+        for name, fn in paths.items():
+            times[name].append(device_seconds(fn, device))
+    # useful bytes: read and write q and k, read the positions (the cos/sin table is not counted)
+    moved = 2 * 2 * q.numel() * q.element_size() + 2 * pos.numel() * pos.element_size()
     for name, t in times.items():
         say(f"  {name:18s} {fmt(t)}  -> {moved / statistics.median(t) / 1e9:,.0f} GB/s")
     achieved = moved / statistics.median(times["flexpos compiled"])

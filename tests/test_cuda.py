@@ -13,7 +13,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 DEV = "cuda"
 H, D = 4, 64
 FUDGE = {torch.float32: 10.0, torch.bfloat16: 2.0}  # compiled error <= FUDGE * eager error
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # ... + ATOL * max(1, max|golden|)
+# Parameter gradients in bf16: Triton's flex backward rounds P and O to bf16 before its
+# reductions over all B*H*Lq*Lk scores, while the eager (chunked) yardstick computes in float32.
+# A float64 simulation of those roundings on this test's inputs gave errors up to 2.6% of
+# max|grad| (75x the yardstick's); a wrong term would be O(100%).
+PARAM_ATOL = {torch.float32: ATOL[torch.float32], torch.bfloat16: 5e-2}
 
 
 def modules():
@@ -61,12 +66,14 @@ def golden_eager_candidate(make_modules, dtype, candidate):
     return names, golden, eager, other
 
 
-def assert_errors_within_policy(dtype, names, golden, eager, other):
+def assert_errors_within_policy(dtype, names, golden, eager, other, n_inputs=4):
+    """The first ``n_inputs`` entries are outputs and input gradients, the rest parameter gradients."""
     assert len(names) == len(golden) == len(eager) == len(other)
-    for name, g, e, c in zip(names, golden, eager, other):
+    for i, (name, g, e, c) in enumerate(zip(names, golden, eager, other)):
         eager_err = (e - g).abs().max().item()
         other_err = (c - g).abs().max().item()
-        assert other_err <= FUDGE[dtype] * eager_err + ATOL[dtype] * max(1.0, g.abs().max().item()), name
+        atol = (ATOL if i < n_inputs else PARAM_ATOL)[dtype]
+        assert other_err <= FUDGE[dtype] * eager_err + atol * max(1.0, g.abs().max().item()), name
 
 
 def assert_within_policy(dtype, names, golden, eager, other):
@@ -99,7 +106,6 @@ def test_no_recompile_when_length_changes():
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-
 def test_layer_inside_the_callers_torch_compile_trains():
     """A model compiled by its user (flex fused into the user's graph), against the float64
     chunked golden, with the eager chunked layer in float32 as the yardstick."""
@@ -122,4 +128,4 @@ def test_layer_inside_the_callers_torch_compile_trains():
         out.square().mean().backward()
         results.append([out.double(), xin.grad.double()] + [p.grad.double() for p in layers[name].parameters()])
     names = ["out", "dx"] + [n for n, _ in layers["golden"].named_parameters()]
-    assert_errors_within_policy(torch.float32, names, *results)
+    assert_errors_within_policy(torch.float32, names, *results, n_inputs=2)
