@@ -259,6 +259,7 @@ class Case:
     dense_label: str
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)
     flex_floor: Optional[Callable[[], Tensor]] = None  # flexpos with no positional module
+    pos: Optional[Tensor] = None  # (B, L) positions of every path
 
 
 def bio_available() -> bool:
@@ -416,7 +417,7 @@ def build_case(s: Setup) -> Case:
     def flex_floor() -> Tensor:
         return flexpos.attention(q, k, v, backend=s.backend)
 
-    return Case(run_flexpos, dense, floor, estimate_dense_bytes(s), [q, k, v], label, modules, flex_floor)
+    return Case(run_flexpos, dense, floor, estimate_dense_bytes(s), [q, k, v], label, modules, flex_floor, pos)
 
 
 # --------------------------------------------------------------------------------------------
