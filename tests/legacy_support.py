@@ -12,10 +12,11 @@ import torch
 from bio_attention import positional as original
 from torch import Tensor
 
+from conftest import TOLERANCE
 from legacy import positional as legacy
 
-F32_ATOL = 2e-5
-F64_ATOL = 1e-10
+F32_ATOL = TOLERANCE[torch.float32]
+F64_ATOL = TOLERANCE[torch.float64]
 
 # (class name, args, kwargs): every option of every scheme the original constructs.
 SCHEMES: list[tuple[str, tuple, dict]] = [

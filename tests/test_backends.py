@@ -50,12 +50,13 @@ def test_flex_with_composed_mods_and_masks(dtype):
     assert torch.equal(padded[2], torch.zeros_like(padded[2]))
 
 
+@needs_cpu_flex
 def test_flex_xl_appended_features():
     q, k, v = inputs(2, 150)
     pos = torch.rand(2, 150, dtype=torch.float64).cumsum(-1) * 20
     xl = XL(H * D, H, divide=4.0)
     with torch.no_grad():
-        out = flexpos.attention(q, k, v, xl, pos=pos)
+        out = flexpos.attention(q, k, v, xl, pos=pos, backend="flex")
     p, has = R.padded_positions(pos, 2, 150)
     u, w = (t.double()[None, :, None] for t in (xl.bias_r_w, xl.bias_r_r))
     ref = R.attend(q.double() + u, k, v, R.xl_bias(xl, q.double() + w, p, p, has, has, 4.0))
@@ -183,14 +184,18 @@ def test_compiled_chunked_training_step(compiled):
         assert torch.allclose(got, e, rtol=1e-4, atol=1e-6)
 
 
-def test_cpu_small_head_dims_and_short_sequences():
-    """Head dims 8 and 16 at lengths < 128 (wrong rows from the raw CPU kernel) are exact here."""
+@needs_cpu_flex
+def test_cpu_flex_small_head_dims_and_short_sequences():
+    """Head dims 8 and 16 at lengths < 128 on the CPU flex kernel (which flexpos feeds zero-padded
+    to head dim 32) against the float64 reference."""
     with torch.no_grad():
         for dim, length in ((8, 24), (16, 56)):
-            q, k, v = (torch.randn(2, 2, length, dim) for _ in range(3))
-            valid = torch.rand(2, length) > 0.2
-            out = flexpos.attention(q, k, v, mask=valid)
-            ref = R.attend(q, k, v, 0.0, valid[:, None, None, :])
+            q, k, v = (torch.randn(2, H, length, dim) for _ in range(3))
+            pos = positions(2, length)
+            out = flexpos.attention(q, k, v, ALiBi(H), pos=pos, causal=True, backend="flex")
+            p, has = R.padded_positions(pos, 2, length)
+            keep = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+            ref = R.attend(q, k, v, R.alibi_bias(H, p, p, has, has), keep)
             assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
 
 

@@ -1,8 +1,10 @@
-"""Native modules load bio-attention 0.1.15 checkpoints with strict=True, and give them back."""
+"""Native modules build bio-attention 0.1.15's buffers, load its checkpoints with strict=True and
+give them back; learned divisors of the transforms have correct gradients."""
 
 import pytest
 import torch
 from bio_attention import positional as original
+from torch.func import functional_call
 
 import flexpos
 
@@ -28,18 +30,28 @@ def test_state_dict_round_trip(name, kwargs):
     theirs.load_state_dict(ours.state_dict(), strict=True)
 
 
+@pytest.mark.parametrize("name, kwargs", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_fresh_modules_build_the_originals_buffers(name, kwargs):
+    """Before any checkpoint is loaded: frequencies and slopes as bio-attention computes them."""
+    theirs = dict(getattr(original, name)(**kwargs).named_buffers())
+    ours = dict(getattr(flexpos, name)(**kwargs).named_buffers())
+    assert theirs.keys() <= ours.keys()
+    for key, value in theirs.items():
+        assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
+
+
 @pytest.mark.parametrize("module", ["rotary", "sinusoidal", "continuous"])
-def test_learned_div_in_transforms_receives_gradients(module):
-    x = torch.randn(2, 4, 20, 8, dtype=torch.float64)
-    pos = torch.rand(2, 20, dtype=torch.float64) * 50
-    if module == "rotary":
-        m = flexpos.Rotary(8, divide=3.0, learned_div=True).double()
-        out = m(x, x.flip(-2), pos=pos)[0]
-    elif module == "sinusoidal":
-        m = flexpos.Sinusoidal(8, divide=3.0, learned_div=True).double()
-        out = m(x[:, 0], pos=pos)
-    else:
-        m = flexpos.LearnedContinuous(8, divide=3.0, learned_div=True).double()
-        out = m(x[:, 0], pos=pos)
-    out.square().sum().backward()
-    assert m.div.grad is not None and m.div.grad.abs().item() > 0
+def test_learned_div_gradients_in_transforms(module):
+    """float64 gradcheck of the input/q-k transforms in x and their learned divisor, with a
+    token without a position."""
+    pos = torch.tensor([[0.5, 3.0, 4.25, 9.0, 12.5]], dtype=torch.float64)
+    make = {"rotary": flexpos.Rotary, "sinusoidal": flexpos.Sinusoidal, "continuous": flexpos.LearnedContinuous}
+    m = make[module](4, divide=3.0, learned_div=True).double()
+
+    def f(x, div):
+        if module == "rotary":
+            return functional_call(m, {"div": div}, (x, x.flip(-2)), {"pos": pos})
+        return functional_call(m, {"div": div}, (x[:, 0],), {"pos": pos})
+
+    x = torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x, m.div))

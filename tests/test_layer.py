@@ -41,16 +41,32 @@ def test_self_attention_with_three_stages_and_extra_batch_dims():
     assert (out.reshape(6, 40, DIM) - ref).abs().max() <= TOLERANCE[F64]
 
 
-def test_cross_attention_positions():
-    alibi = ALiBi(H, divide=2.0)
-    layer = AttentionLayer(DIM, H, positional=[alibi]).double()
+def test_cross_attention_positions_and_encoded_context():
+    """Input transforms encode x with pos and the context with pos_context."""
+    sin, alibi = Sinusoidal(DIM, divide=5.0), ALiBi(H, divide=2.0)
+    layer = AttentionLayer(DIM, H, positional=[sin, alibi]).double()
     x, context = torch.randn(2, 25, DIM, dtype=F64), torch.randn(2, 60, DIM, dtype=F64)
     pos_x, pos_c = torch.rand(2, 25, dtype=F64) * 100, torch.rand(2, 60, dtype=F64) * 100
     out = layer(x, context, pos=pos_x, pos_context=pos_c)
-    q, k, v = project(layer, x, context)
+    x_in = x + R.sinusoid64(pos_x / 5.0, sin.inv_freq)
+    c_in = context + R.sinusoid64(pos_c / 5.0, sin.inv_freq)
+    q, k, v = project(layer, x_in, c_in)
     px, hx = R.padded_positions(pos_x, 2, 25)
     pc, hc = R.padded_positions(pos_c, 2, 60)
     ref = finish(layer, R.attend(q, k, v, R.alibi_bias(H, px, pc, hx, hc, divide=2.0)))
+    assert (out - ref).abs().max() <= TOLERANCE[F64]
+
+
+def test_causal_self_attention():
+    rot, alibi = Rotary(DIM // H), ALiBi(H)
+    layer = AttentionLayer(DIM, H, positional=[rot, alibi]).double()
+    x, pos = torch.randn(2, 40, DIM, dtype=F64), torch.rand(2, 40, dtype=F64).cumsum(-1) * 10
+    out = layer(x, pos=pos, causal=True)
+    p, has = R.padded_positions(pos, 2, 40)
+    q, k, v = project(layer, x, x)
+    q, k = (R.rotate(t, p, has, rot.thetas, 1.0) for t in (q, k))
+    keep = torch.ones(40, 40, dtype=torch.bool).tril()[None, None]
+    ref = finish(layer, R.attend(q, k, v, R.alibi_bias(H, p, p, has, has), keep))
     assert (out - ref).abs().max() <= TOLERANCE[F64]
 
 

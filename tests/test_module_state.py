@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import flexpos
+import reference as R
 import legacy
 from flexpos import ALiBi, DPB, XL, AttentionLayer, LearnedContinuous, LearnedVocab, Rotary, Sinusoidal
 from legacy import positional as lp
@@ -130,3 +131,15 @@ def test_reset_parameters_restores_the_constructor_state():
     for name in ("bias_r_w", "bias_r_r"):
         bound = 16**-0.5
         assert xl.get_parameter(name).abs().max() <= bound and not xl.get_parameter(name).isnan().any()
+
+
+def test_constant_buffers_follow_their_formulas():
+    """Frequencies 10000^(-2m/dim) (RoFormer, Vaswani et al.) and the ALiBi paper's slopes,
+    to float32 rounding, straight from the constructor."""
+    expected = 10000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    for buffer in (Rotary(16).thetas, Sinusoidal(16).inv_freq, XL(16, 2).inv_freq):
+        assert torch.allclose(buffer.double(), expected, rtol=1e-6, atol=0)
+    partial = Rotary(16, n_dims=8).thetas.double()
+    assert torch.allclose(partial[:4], expected[:4], rtol=1e-6, atol=0) and partial[4:].eq(0).all()
+    slopes = ALiBi(6, use_n_heads=5).slopes.reshape(-1).double()
+    assert torch.allclose(slopes, torch.tensor(R.reference_slopes(5) + [0.0], dtype=torch.float64), rtol=1e-6)
