@@ -290,3 +290,24 @@ def test_chunked_backend_propagates_nan_biases():
     live = [i for i in range(40) if i != 3]
     assert out[:, 1, live].isnan().all() and not out[:, [0, 2, 3]].isnan().any()
     assert out[:, :, 3].eq(0).all()
+
+
+def test_masks_inside_attention_against_the_reference():
+    """Segments and a per-head bool mask (B, H, Lq, Lk) with ALiBi, and causal cross-attention
+    with Lq != Lk (top-left aligned, as SDPA's is_causal), on the default backend in float64."""
+    b, length = 2, 200
+    q, k, v = inputs(b, length, torch.float64)
+    pos = positions(b, length)
+    p, has = R.padded_positions(pos, b, length)
+    bias = R.alibi_bias(H, p, p, has, has)
+    segments = torch.randint(0, 4, (b, length)).sort(-1).values
+    same = segments[:, :, None] == segments[:, None, :]
+    out = flexpos.attention(q, k, v, ALiBi(H), pos=pos, mask=flexpos.segment_mask(segments))
+    assert (out - R.attend(q, k, v, bias, same[:, None])).abs().max() <= TOLERANCE[torch.float64]
+    per_head = torch.rand(b, H, length, length) > 0.3
+    out = flexpos.attention(q, k, v, ALiBi(H), pos=pos, mask=per_head)
+    assert (out - R.attend(q, k, v, bias, per_head)).abs().max() <= TOLERANCE[torch.float64]
+    kc, vc = k[:, :, :150], v[:, :, :150]
+    out = flexpos.attention(q, kc, vc, causal=True)
+    keep = torch.ones(length, 150, dtype=torch.bool).tril()[None, None]
+    assert (out - R.attend(q, kc, vc, 0.0, keep)).abs().max() <= TOLERANCE[torch.float64]
