@@ -66,6 +66,7 @@ class Positional(nn.Module):
     modifies_scores = False
     divide: Optional[float] = None
     learned = False
+    _constant_names: tuple[str, ...] = ()
 
     def _init_divisor(self, divide: float, learned_div: bool) -> None:
         self.divide = check_divide(divide)
@@ -87,12 +88,13 @@ class Positional(nn.Module):
         return {}
 
     def _register_constants(self) -> None:
-        for name, value in self.constants().items():
+        constants = self.constants()
+        for name, value in constants.items():
             self.register_buffer(name, value)
+        self._constant_names = tuple(constants)
 
     def _fixed_dtype_buffers(self) -> list[str]:
-        names = [name for name in self.constants() if name in self._buffers]
-        return names + ["div"] if "div" in self._buffers else names
+        return [*self._constant_names, *(["div"] if "div" in self._buffers else [])]
 
     def reset_parameters(self) -> None:
         """Re-initialise this module's own parameters and buffers as its constructor did; child

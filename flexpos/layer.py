@@ -68,7 +68,7 @@ class AttentionLayer(nn.Module):
         as in :func:`flexpos.attention` (bool (B, *, Lk), (B, *, L, Lk), (B, *, H, L, Lk) or a
         BlockMask), True = attend.
         """
-        self._check_input("x", x, tuple(x.shape[:-2]) if isinstance(x, Tensor) else ())
+        self._check_input("x", x)
         inputs = [m for m in self.positional if m.transforms_input]
         for m in inputs:
             x = m(x, pos=pos)
@@ -77,7 +77,7 @@ class AttentionLayer(nn.Module):
                 raise ValueError("pos_context is for cross-attention: pass context too")
             context, positions = x, {"pos": pos}
         else:
-            self._check_input("context", context, tuple(x.shape[:-2]))
+            self._check_input("context", context, batch=tuple(x.shape[:-2]))
             if pos_context is not None:
                 for m in inputs:
                     context = m(context, pos=pos_context)
@@ -89,10 +89,11 @@ class AttentionLayer(nn.Module):
         out = attention(q, k, v, *others, mask=mask, causal=causal, backend=self.backend, **positions)
         return self.to_out(rearrange(out, "... h l d -> ... l (h d)"))
 
-    def _check_input(self, name: str, t: object, batch: tuple[int, ...]) -> None:
-        """``t`` must be a float (*batch, L, dim) tensor with at least one batch dim."""
+    def _check_input(self, name: str, t: object, batch: Optional[tuple[int, ...]] = None) -> None:
+        """``t`` must be a float (B, *, L, dim) tensor, with batch dims ``batch`` if given."""
         check_tensor(name, t)
         check_rank(name, t, 3, "(B, *, L, dim)")
         check_float(name, t)
+        batch = tuple(t.shape[:-2]) if batch is None else batch
         if t.shape[-1] != self.dim or tuple(t.shape[:-2]) != batch:
             raise ValueError(f"{name} must have shape {(*batch, 'L', self.dim)}, got {tuple(t.shape)}")

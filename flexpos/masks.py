@@ -93,10 +93,10 @@ def states_of(block_mask: BlockMask) -> Tensor:
     return out[..., :nk]
 
 
-def _row(b: Tensor, table: Tensor) -> Tensor:
-    """Index into dim 0 of a mask_mod's table: ``b``, or 0 for a table of one sequence, which
-    a BlockMask of batch 1 shares across any batch."""
-    return b if table.shape[0] != 1 else 0 * b
+def _shared(idx: Tensor, size: int) -> Tensor:
+    """``idx`` into a table dim of ``size``, or 0 where the dim has size 1 and is shared (a
+    BlockMask of batch 1 serves any batch, a mask of one head every head)."""
+    return idx if size != 1 else 0 * idx
 
 
 def _blocks(values: Tensor, length: int, fill: float) -> Tensor:
@@ -173,7 +173,7 @@ def padding_mask(key_valid: Tensor, len_q: int) -> BlockMask:
     table = F.pad(key_valid, (0, table_len(len_k) - len_k))
 
     def key_padding(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return table[_row(b, table), kv_idx]
+        return table[_shared(b, table.shape[0]), kv_idx]
 
     return from_states(_tile_states(full, empty), key_padding, len_q, len_k)
 
@@ -254,14 +254,6 @@ def _length(name: str, value: Optional[int], source: str, count: int) -> int:
     return count
 
 
-def _common_offset(positions: Positions) -> Tensor:
-    """(B, 1) float64: the smallest position of either side, 0 where neither side has one."""
-    lows = [p.double().amin(-1, keepdim=True) for p in (positions.q, positions.k) if p.shape[-1]]
-    if not lows:
-        return torch.zeros(positions.batch, 1, dtype=torch.float64, device=positions.q.device)
-    return lows[0] if len(lows) == 1 else torch.minimum(lows[0], lows[1])
-
-
 def distance_window_mask(
     window: float,
     pos: Optional[Tensor] = None,
@@ -289,7 +281,7 @@ def distance_window_mask(
     len_k = _length("len_k", len_k, "pos_k", 0 if pos_k is None else pos_k.shape[-1])
     positions = Positions.resolve(tuple(given.shape[:-1]), len_q, len_k, given.device, pos, pos_q, pos_k)
     rel = positions.relative(torch.float32)
-    shift = _common_offset(positions)
+    shift = positions.offset().double()
     has_q, has_k = positions.has_position("q")[None], positions.has_position("k")[None]
     q_ranges = _ranges(positions.absolute("q") - shift, has_q, len_q)
     k_ranges = _ranges(positions.absolute("k") - shift, has_k, len_k)
@@ -331,7 +323,7 @@ def segment_mask(segments_q: Tensor, segments_k: Optional[Tensor] = None) -> Blo
     ids_k = F.pad(seg_k, (0, table_len(len_k) - len_k), value=-2)
 
     def same_segment(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return ids_q[_row(b, ids_q), q_idx] == ids_k[_row(b, ids_k), kv_idx]
+        return ids_q[_shared(b, ids_q.shape[0]), q_idx] == ids_k[_shared(b, ids_k.shape[0]), kv_idx]
 
     return from_states(_tile_states(full, empty), same_segment, len_q, len_k)
 
@@ -369,7 +361,7 @@ def dense_mask(mask: Tensor, len_q: int, len_k: int) -> BlockMask:
     table = F.pad(mask, (0, table_len(len_k) - len_k, 0, table_len(len_q) - len_q))
 
     def dense(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return table[_row(b, table), h if table.shape[1] > 1 else 0 * h, q_idx, kv_idx]
+        return table[_shared(b, table.shape[0]), _shared(h, table.shape[1]), q_idx, kv_idx]
 
     return from_states(states, dense, len_q, len_k)
 

@@ -141,8 +141,9 @@ class Positions:
         n, length = (self.q.shape[-1], self.len_q) if side == "q" else (self.k.shape[-1], self.len_k)
         return torch.arange(length, device=self.q.device) >= length - n
 
-    def _reference(self) -> Tensor:
-        """(B, 1) per-sequence offset: the smallest position of either side."""
+    def offset(self) -> Tensor:
+        """(B, 1) per-sequence offset: the smallest position of either side (0 where neither
+        side has one), in the positions' dtype (float64 if the sides differ)."""
         lo_q = self.q.amin(-1, keepdim=True) if self.q.shape[-1] else None
         lo_k = self.k.amin(-1, keepdim=True) if self.k.shape[-1] else None
         if lo_q is None or lo_k is None:
@@ -173,7 +174,7 @@ class Positions:
         return self._relative[dtype]
 
     def _split_relative(self, dtype: torch.dtype) -> Relative:
-        ref = self._reference()
+        ref = self.offset()
         q_hi, q_lo = _split(self.q, ref, self.len_q, dtype)
         k_hi, k_lo = _split(self.k, ref, self.len_k, dtype)
         if q_hi.shape[0] == 1:

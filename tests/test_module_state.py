@@ -38,6 +38,19 @@ FACTORIES: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+def materialised(factory: Callable[[], nn.Module], checkpoint: dict) -> nn.Module:
+    """``factory()`` built on the meta device, materialised on CPU, reset, then loaded."""
+    with torch.device("meta"):
+        module = factory()
+    assert all(t.is_meta for t in [*module.parameters(), *module.buffers()])
+    module.to_empty(device="cpu")
+    for m in module.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    module.load_state_dict(checkpoint, strict=True)
+    return module
+
+
 def fixed_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
     """Every constant buffer (frequencies, slopes, fixed divisors) of ``module`` and its children."""
     found = {}
@@ -91,14 +104,7 @@ def test_meta_device_initialisation_rebuilds_every_module(name):
     with torch.no_grad():  # a checkpoint unlike a fresh module
         for p in trained.parameters():
             p.add_(torch.randn_like(p))
-    with torch.device("meta"):
-        module = FACTORIES[name]()
-    assert all(t.is_meta for t in [*module.parameters(), *module.buffers()])
-    module.to_empty(device="cpu")
-    for m in module.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    module.load_state_dict(trained.state_dict(), strict=True)
+    module = materialised(FACTORIES[name], trained.state_dict())
     ours = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     theirs = {**dict(trained.named_parameters()), **dict(trained.named_buffers())}
     assert ours.keys() == theirs.keys()
@@ -108,13 +114,7 @@ def test_meta_device_initialisation_rebuilds_every_module(name):
 
 def test_meta_initialised_layer_computes_like_the_original():
     layer = FACTORIES["AttentionLayer"]()
-    with torch.device("meta"):
-        rebuilt = FACTORIES["AttentionLayer"]()
-    rebuilt.to_empty(device="cpu")
-    for m in rebuilt.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    rebuilt.load_state_dict(layer.state_dict())
+    rebuilt = materialised(FACTORIES["AttentionLayer"], layer.state_dict())
     x, pos = torch.randn(2, 50, 64), torch.rand(2, 50).cumsum(-1) * 100
     assert torch.equal(rebuilt(x, pos=pos), layer(x, pos=pos))
 
