@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 from einops import rearrange
 from torch import Tensor, nn
 
-from ._checks import check_float, check_positive_int, check_rank, check_tensor
+from ._checks import check_float, check_positions, check_positive_int, check_rank, check_tensor
 from .attention import Mask, attention
 from .backends import Backend, check_backend
 from .base import Positional
@@ -69,15 +69,22 @@ class AttentionLayer(nn.Module):
         BlockMask), True = attend.
         """
         self._check_input("x", x)
+        batch = tuple(x.shape[:-2])
+        if pos is not None:
+            check_positions("pos", pos, batch, x.shape[-2])
+        if context is None and pos_context is not None:
+            raise ValueError("pos_context is for cross-attention: pass context too")
+        if context is not None:
+            self._check_input("context", context, batch=batch)
+            if pos_context is not None:
+                # Checked here so that errors name pos_context, not attention's pos_k.
+                check_positions("pos_context", pos_context, batch, context.shape[-2])
         inputs = [m for m in self.positional if m.transforms_input]
         for m in inputs:
             x = m(x, pos=pos)
         if context is None:
-            if pos_context is not None:
-                raise ValueError("pos_context is for cross-attention: pass context too")
             context, positions = x, {"pos": pos}
         else:
-            self._check_input("context", context, batch=tuple(x.shape[:-2]))
             if pos_context is not None:
                 for m in inputs:
                     context = m(context, pos=pos_context)

@@ -99,7 +99,8 @@ def test_flex_inside_the_callers_torch_compile_is_one_graph():
     one graph, with no graph break: flexpos' value checks, DPB's span read and its own compiled
     flex step aside.
     Traced by Dynamo and AOTAutograd without Inductor, whose CPU flex kernel (torch 2.13)
-    cannot take the rotated q and k as they come out of Rotary."""
+    cannot lower a score_mod that reads tables computed inside the graph (NoValidChoicesError),
+    as ALiBi's and DPB's position tables are."""
     torch.manual_seed(0)
     layer = AttentionLayer(128, H, positional=[Rotary(128 // H), ALiBi(H), DPB(16, H, divide=50.0)], backend="flex")
     x = torch.randn(2, 300, 128)
