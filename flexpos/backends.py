@@ -265,12 +265,14 @@ def run_chunked(
     # One output buffer, filled chunk by chunk: a list of chunk outputs would interleave small
     # long-lived blocks with the freed bias buffers and fragment the heap.
     out = v.new_zeros(*q.shape[:2], len_q, v.shape[-1])
+    attended = False
     for start in range(0, len_q, rows):
         stop = min(start + rows, len_q)
         tiles = states[:, :, start // BLOCK : -(-stop // BLOCK)]
         used = tiles.ne(EMPTY).flatten(0, 2).any(0).nonzero().flatten().tolist()
         if not used:
             continue
+        attended = True
         first, last = used[0], used[-1] + 1
         k0, k1 = first * BLOCK, min(last * BLOCK, len_k)
         partial = not bool(tiles[..., first:last].eq(FULL).all())
@@ -280,4 +282,17 @@ def run_chunked(
             out[:, :, start:stop] = checkpoint(_attend_chunk, *args, use_reentrant=False)
         else:
             out[:, :, start:stop] = _attend_chunk(*args)
+    if not attended and torch.is_grad_enabled():
+        _keep_graph(out, q, k, v, score_mod, block_mask.mask_mod, scale)
     return out
+
+
+def _keep_graph(
+    out: Tensor, q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[ScoreMod], mask_mod: MaskMod, scale: float
+) -> None:
+    """Where no query has a key, give the zeros in ``out`` the graph of one discarded chunk:
+    as with flex, the output then depends on q, k, v and the score_mod's parameters, whose
+    gradients are zeros rather than None (and ``out.backward()`` works)."""
+    rows, cols = min(BLOCK, q.shape[-2]), min(BLOCK, k.shape[-2])
+    chunk = _attend_chunk(q[:, :, :rows], k[:, :, :cols], v[:, :, :cols], 0, 0, score_mod, mask_mod, scale)
+    out[:, :, :rows] = torch.where(torch.zeros((), dtype=torch.bool, device=out.device), chunk, 0.0)

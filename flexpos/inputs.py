@@ -10,6 +10,7 @@ A subclass only says how to encode positions; this base resolves positions and t
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch.nn.functional as F
@@ -50,5 +51,5 @@ class InputTransform(Positional):
 def _align_mask(mask: Tensor, batch: tuple[int, ...], length: int, n_pos: int) -> Tensor:
     shapes = [(*batch, length), (*batch, n_pos)]
     check_bool_mask("mask", mask, shapes)
-    flat = mask.reshape(-1, mask.shape[-1])
+    flat = mask.reshape(math.prod(batch), mask.shape[-1])  # -1 is ambiguous when L' = 0
     return F.pad(flat, (length - flat.shape[-1], 0), value=True)

@@ -150,6 +150,18 @@ def test_chunked_gradients_match_dense_autograd():
         assert torch.allclose(got, want, atol=1e-10, rtol=0)
 
 
+def test_no_key_anywhere_gives_zero_gradients_not_none():
+    """Every key masked out: zeros out, and (as with flex) zero gradients for q, k, v and the
+    score_mods' parameters, so that backward works and optimisers see every parameter."""
+    q, k, v = (t.double().requires_grad_() for t in inputs(2, 150))
+    mods = [ALiBi(H, learned_div=True).double(), DPB(8, H).double()]
+    out = flexpos.attention(q, k, v, *mods, mask=torch.zeros(2, 150, dtype=torch.bool), backend="chunked")
+    assert out.eq(0).all()
+    out.sum().backward()
+    grads = [q.grad, k.grad, v.grad] + [p.grad for m in mods for p in m.parameters()]
+    assert all(g is not None and g.eq(0).all() for g in grads)
+
+
 def test_compiled_chunked_training_step(compiled):
     """The CPU training path compiled: ALiBi (learned divisor) + DPB with a CLS token, padding and
     causal masks. q/k/v gradients against the float64 dense reference; parameter gradients

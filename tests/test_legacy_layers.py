@@ -365,6 +365,21 @@ def test_causal_with_a_mask_keeps_the_diagonal():
     assert_same(new(x, mask=mask, causal=True), orig(x, mask=mask & torch.ones(L, L, dtype=torch.bool).tril()))
 
 
+def test_the_documented_strict_causal_recipe_with_a_key_mask():
+    """docs/legacy.md: ``causal=False`` and ``strict & key_mask[..., None, :]`` give bio-attention's
+    causal-with-mask numbers at unpadded tokens; its input encodings (given no key mask then)
+    also encode padded tokens, so only the rows of padded tokens may differ."""
+    cases = [PLUGINS[3], PLUGINS[8]]
+    orig, new = layer_pair(cases)
+    x, pos = torch.randn(2, L, DIM), positions_for(cases, (2,))
+    keys = key_mask(2, L)
+    strict = torch.ones(L, L, dtype=torch.bool).tril(-1)
+    want = orig(x, pos=pos, mask=keys, causal=True)
+    got = new(x, pos=pos, mask=strict & keys[..., None, :], causal=False)
+    assert_same(got[keys], want[keys])
+    assert (got[~keys] - want[~keys]).abs().max() > 0.1
+
+
 def test_attn_layer_registers_a_plain_list_of_plugins():
     """bio-attention's AttnLayer keeps a plain list unregistered (no plugin.* keys); legacy
     registers it, so such checkpoints load with strict=False, missing exactly the plugins."""

@@ -57,12 +57,13 @@ def test_extra_batch_dims_are_flattened_and_float64_relative():
     "pos",
     [
         torch.tensor([[-128, 0, 127]], dtype=torch.int8),
+        torch.tensor([[10, 200, 255]], dtype=torch.uint8),
         torch.tensor([[-32768, 5, 32767]], dtype=torch.int16),
         torch.tensor([[-(2**31), 2**31 - 9, 2**31 - 1]], dtype=torch.int32),
         torch.tensor([[4.0, 1e8, 1e8 + 8]], dtype=torch.float32),  # float32 spacing at 1e8 is 8
         torch.tensor([[0.5, 2048.0, 2049.0]], dtype=torch.float16),
     ],
-    ids=["int8", "int16", "int32", "float32", "float16"],
+    ids=["int8", "uint8", "int16", "int32", "float32", "float16"],
 )
 def test_narrow_dtypes_give_the_distances_of_their_values(pos):
     """Offsets are subtracted in int64/float64: no overflow, no rounding of the difference."""

@@ -92,6 +92,15 @@ def test_learned_vocab_and_continuous():
     assert torch.allclose(cont(x, pos=fpos), expected, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("enc", [Sinusoidal(8), LearnedContinuous(8), LearnedVocab(8, 5)], ids=lambda m: type(m).__name__)
+def test_all_tokens_without_positions_are_left_as_they_are(enc):
+    """Zero positions (every token a CLS token), with or without a mask of the positions."""
+    x = torch.randn(2, 3, 4, 8)
+    pos = torch.zeros(2, 3, 0, dtype=torch.long)
+    for mask in (None, torch.zeros(2, 3, 0, dtype=torch.bool), torch.ones(2, 3, 4, dtype=torch.bool)):
+        assert torch.equal(enc(x, pos=pos, mask=mask), x)
+
+
 def test_default_positions_are_indices():
     x = torch.randn(1, 6, 8, dtype=F64)
     enc = Sinusoidal(8)
