@@ -67,13 +67,15 @@ def check_positions(name: str, pos: Tensor, batch: Sequence[int], length: int) -
     check_tensor(name, pos)
     if pos.dtype == torch.bool or pos.is_complex():
         raise TypeError(f"{name} must hold int or float positions, got dtype {pos.dtype}")
-    expected = f"({', '.join(map(str, batch))}, L') with L' <= {length}"
+    # Messages are formatted only on failure: formatting a symbolic length while a caller's
+    # torch.compile traces would pin it to its value (a recompile for every new length).
+    expected = lambda: f"({', '.join(map(str, batch))}, L') with L' <= {length}"  # noqa: E731
     if pos.ndim != len(batch) + 1 or tuple(pos.shape[:-1]) != tuple(batch):
-        raise ValueError(f"{name} must have shape {expected}, got {tuple(pos.shape)}")
+        raise ValueError(f"{name} must have shape {expected()}, got {tuple(pos.shape)}")
     if pos.shape[-1] > length:
         raise ValueError(
             f"{name} has {pos.shape[-1]} positions but the sequence has only {length} tokens; "
-            f"expected shape {expected}"
+            f"expected shape {expected()}"
         )
     # A value check needs a host sync: it runs in eager calls, not inside a caller's torch.compile.
     if pos.is_floating_point() and not torch.compiler.is_compiling() and not bool(torch.isfinite(pos).all()):

@@ -9,10 +9,12 @@ transforms and the chunked backend's bias kernel; the flex backend always compil
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable, Optional
 
 import torch
+import torch._dynamo.config as dynamo_config
 
 _enabled = os.environ.get("FLEXPOS_COMPILE", "1") != "0"
 
@@ -40,6 +42,22 @@ def compile_enabled() -> bool:
     return _enabled
 
 
+RECOMPILE_LIMIT = 64
+"""Compiled variants per flexpos function. Each mix of score_mods and mask, each grad mode
+(training, no_grad, inference_mode) and each dtype is one variant of the same function; past
+Dynamo's default of 8 the rest would run uncompiled, about 2x slower."""
+
+
+def more_variants() -> contextlib.AbstractContextManager[None]:
+    """Allow :data:`RECOMPILE_LIMIT` variants for flexpos' own compiled functions (torch >= 2.7
+    calls the setting ``recompile_limit``, 2.6 ``cache_size_limit``); a caller's torch.compile
+    keeps its own settings."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    return dynamo_config.patch(**{name: RECOMPILE_LIMIT})
+
+
 class LazyCompiled:
     """``fn`` compiled with ``dynamic=True`` on first call (so new lengths do not recompile);
     ``options`` are Inductor settings for this function only."""
@@ -56,7 +74,8 @@ class LazyCompiled:
             return self.fn(*args, **kwargs)
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, dynamic=True, options=self.options)
-        return self._compiled(*args, **kwargs)
+        with more_variants():
+            return self._compiled(*args, **kwargs)
 
 
 def lazy_compile(fn: Callable[..., Any], options: Optional[dict[str, Any]] = None) -> LazyCompiled:

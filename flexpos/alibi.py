@@ -57,6 +57,7 @@ class ALiBi(Positional):
     """
 
     modifies_scores = True
+    _repr_fields = ("n_heads", "use_n_heads", "asymmetric")
 
     def __init__(
         self,

@@ -24,7 +24,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.fx.experimental import _config as fx_config
 from torch.utils.checkpoint import checkpoint
 
-from ._compile import CPU_FLEX_MIN_TORCH, lazy_compile, torch_version
+from ._compile import CPU_FLEX_MIN_TORCH, lazy_compile, more_variants, torch_version
 from .base import ScoreMod, index_grids
 from .masks import EMPTY, FULL, MaskMod, cpu_flex_safe, states_of
 from .positions import BLOCK
@@ -109,7 +109,7 @@ def run_flex(
         # A Python float scale becomes a symbolic float under dynamic=True, which the CPU
         # kernel cannot lower; fold it into q and let flex apply its default 1/sqrt(E).
         q = q * (scale / default)
-    with _sizes_apart():
+    with _sizes_apart(), more_variants():
         out = _flex()(q, k, v, score_mod=score_mod, block_mask=block_mask)
     if q.device.type == "cpu":
         out = restore(out)

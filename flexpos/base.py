@@ -67,6 +67,7 @@ class Positional(nn.Module):
     divide: Optional[float] = None
     learned = False
     _constant_names: tuple[str, ...] = ()
+    _repr_fields: tuple[str, ...] = ()  # constructor arguments shown by repr()
 
     def _init_divisor(self, divide: float, learned_div: bool) -> None:
         self.divide = check_divide(divide)
@@ -119,6 +120,12 @@ class Positional(nn.Module):
             if after is not None and after.dtype != before.dtype:
                 self._buffers[name] = before.to(after.device)
         return self
+
+    def extra_repr(self) -> str:
+        fields = [f"{name}={getattr(self, name)!r}" for name in self._repr_fields]
+        if self.divide is not None:
+            fields.append(f"divide={self.divide!r}" + (", learned_div=True" if self.learned else ""))
+        return ", ".join(fields)
 
     def divisor(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """0-d tensor: the current divisor of positions, in ``dtype``."""

@@ -87,6 +87,7 @@ class DPB(Positional):
     """
 
     modifies_scores = True
+    _repr_fields = ("n_heads", "table_size")
 
     def __init__(
         self,

@@ -26,6 +26,7 @@ class InputTransform(Positional):
 
     transforms_input = True
     dim: int
+    _repr_fields = ("dim",)
 
     def forward(self, x: Tensor, pos: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
         """Add the positional encoding: x (B, *, L, dim) -> (B, *, L, dim)."""

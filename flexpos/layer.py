@@ -53,6 +53,9 @@ class AttentionLayer(nn.Module):
         self.positional = nn.ModuleList(positional)
         self.backend = backend
 
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, n_heads={self.n_heads}, backend={self.backend!r}"
+
     def forward(
         self,
         x: Tensor,
@@ -64,7 +67,8 @@ class AttentionLayer(nn.Module):
     ) -> Tensor:
         """x (B, *, L, dim), context (B, *, Lc, dim) or None -> (B, *, L, dim).
 
-        ``pos`` (B, *, L') positions of x; ``pos_context`` (B, *, Lc') of the context. ``mask``
+        ``pos`` (B, *, L') positions of x; ``pos_context`` (B, *, Lc') of the context (default
+        ``0 .. Lc-1``: pass it whenever ``pos`` is given, or distances mix the two). ``mask``
         as in :func:`flexpos.attention` (bool (B, *, Lk), (B, *, L, Lk), (B, *, H, L, Lk) or a
         BlockMask), True = attend.
         """

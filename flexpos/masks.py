@@ -264,9 +264,10 @@ def distance_window_mask(
 ) -> BlockMask:
     """Attend where ``|p_q - p_k| <= window`` in *position* units, not token indices.
 
-    ``pos`` (B, L) for self-attention or ``pos_q`` (B, Lq') / ``pos_k`` (B, Lk'). Sequences
-    may be longer than their positions (``len_q``/``len_k``); leading tokens without a
-    position are not windowed. Any positions work; sorted ones make the mask block-sparse.
+    ``pos`` (B, *, L) for self-attention or ``pos_q`` (B, *, Lq') / ``pos_k`` (B, *, Lk'); the
+    mask's batch is the product of the batch dims. Sequences may be longer than their
+    positions (``len_q``/``len_k``); leading tokens without a position are not windowed. Any
+    positions work; sorted ones make the mask block-sparse.
     """
     w = _check_window(window)
     given = pos if pos is not None else pos_q

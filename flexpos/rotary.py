@@ -52,8 +52,10 @@ _rotate_real = lazy_compile(rotate_real)
 def _rotate(x: Tensor, cos_sin: Tensor) -> Tensor:
     # Inductor's CPU code for interleaved pairs is scalar, while ATen's complex product is one
     # vectorised kernel already (compiling it gains nothing); on GPUs the compiled real form
-    # fuses into one kernel with no float32 round trip.
-    return rotate_complex(x, cos_sin) if x.device.type == "cpu" else _rotate_real(x, cos_sin)
+    # fuses into one kernel with no float32 round trip. Inside a caller's torch.compile the
+    # real form, which Inductor generates code for (it has none for complex operators).
+    eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    return rotate_complex(x, cos_sin) if eager_cpu else _rotate_real(x, cos_sin)
 
 
 class Rotary(Positional):
@@ -69,6 +71,7 @@ class Rotary(Positional):
     """
 
     transforms_qk = True
+    _repr_fields = ("head_dim", "n_dims")
 
     def __init__(
         self, head_dim: int, n_dims: Optional[int] = None, divide: float = 1.0, learned_div: bool = False

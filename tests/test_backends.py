@@ -13,6 +13,7 @@ import reference as R
 from conftest import TOLERANCE, needs_cpu_flex
 from flexpos import ALiBi, DPB, XL
 from flexpos import backends
+from flexpos._compile import RECOMPILE_LIMIT, LazyCompiled
 from flexpos.backends import choose_backend
 
 H, D = 4, 16
@@ -86,6 +87,24 @@ def test_changing_length_and_batch_does_not_recompile(backend, compiled):
     tril = torch.ones(length, length, dtype=torch.bool).tril()
     ref = R.attend(q, k, v, R.alibi_bias(H, p, p, has, has), tril)
     assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
+
+
+def test_own_compiled_calls_allow_more_variants_than_dynamos_default(monkeypatch):
+    """Grad modes x score_mod and mask mixes x dtypes exceed Dynamo's 8 variants of one
+    function; flexpos' own compiled calls allow RECOMPILE_LIMIT and leave the caller's setting."""
+    limits = []
+
+    def fake_compile(fn, **kwargs):
+        return lambda *args: limits.append(torch._dynamo.config.cache_size_limit) or fn(*args)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    before = torch._dynamo.config.cache_size_limit
+    previous = flexpos.set_compile(True)
+    try:
+        assert LazyCompiled(lambda x: x + 1)(torch.ones(())) == 2
+    finally:
+        flexpos.set_compile(previous)
+    assert limits == [RECOMPILE_LIMIT] and torch._dynamo.config.cache_size_limit == before < RECOMPILE_LIMIT
 
 
 def test_backend_choice_is_made_before_running(monkeypatch):
@@ -194,6 +213,15 @@ def test_compiled_chunked_training_step(compiled):
         assert (got.double() - w).abs().max() <= 10 * TOLERANCE[torch.float32]
     for got, e in zip(grads[3:], eager[3:]):
         assert torch.allclose(got, e, rtol=1e-4, atol=1e-6)
+
+    # A second backward through the same compiled graph (README: torch's donated buffers off).
+    config = torch._functorch.config
+    with config.patch(**({"donated_buffer": False} if hasattr(config, "donated_buffer") else {})):
+        loss = flexpos.attention(q, k, v, alibi, dpb, pos=pos, mask=valid, causal=True).square().sum()
+        first = torch.autograd.grad(loss, [q, *params], retain_graph=True)
+        second = torch.autograd.grad(loss, [q, *params])
+    for a, b_, g in zip(first, second, [grads[0], *grads[3:]]):
+        assert torch.allclose(a, b_, rtol=1e-4, atol=1e-6) and torch.allclose(a, g, rtol=1e-4, atol=1e-6)
 
 
 @needs_cpu_flex

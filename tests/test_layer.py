@@ -93,6 +93,21 @@ def test_a_layer_inside_the_callers_torch_compile():
     assert (got_grad - want_grad).abs().max() <= 10 * TOLERANCE[torch.float32]
 
 
+def test_the_callers_torch_compile_does_not_recompile_for_new_lengths():
+    """After Dynamo marks the length dynamic (its second call), new lengths reuse the graphs:
+    no check pins a symbolic length to its value. Lengths stay above one 128-block (a single
+    block specialises, by Dynamo's design)."""
+    layer = AttentionLayer(DIM, H, positional=[Sinusoidal(DIM), ALiBi(H)])
+    compiled = torch.compile(layer, backend="eager")
+    with torch.no_grad():
+        for i, length in enumerate((200, 150, 170, 231)):
+            x, pos = torch.randn(2, length, DIM), torch.rand(2, length - 1).cumsum(-1)
+            compiled(x, pos=pos, mask=torch.rand(2, length) > 0.2)
+            if i == 1:
+                graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 @needs_cpu_flex
 def test_flex_inside_the_callers_torch_compile_is_one_graph():
     """With backend='flex', a caller's torch.compile captures Rotary + ALiBi + DPB attention as

@@ -78,6 +78,13 @@ def test_distance_window_is_block_sparse_and_sparser_when_narrow():
     assert kept[0] < kept[1] < kept[2] and kept[0] < 0.1
 
 
+def test_distance_window_with_extra_batch_dims():
+    """(B, *, L) positions give a mask over the flattened batch B * prod(*)."""
+    pos = torch.rand(2, 3, LQ).cumsum(-1) * 10
+    flat = pos.reshape(6, LQ).double()
+    check(M.distance_window_mask(25.0, pos=pos), ((flat[:, :, None] - flat[:, None, :]).abs() <= 25)[:, None])
+
+
 def test_distance_window_cross_unsorted():
     pos_q, pos_k = torch.rand(1, LQ) * 1000, torch.rand(1, LK) * 1000
     mask = M.distance_window_mask(100.0, pos_q=pos_q, pos_k=pos_k)

@@ -143,3 +143,13 @@ def test_constant_buffers_follow_their_formulas():
     assert torch.allclose(partial[:4], expected[:4], rtol=1e-6, atol=0) and partial[4:].eq(0).all()
     slopes = ALiBi(6, use_n_heads=5).slopes.reshape(-1).double()
     assert torch.allclose(slopes, torch.tensor(R.reference_slopes(5) + [0.0], dtype=torch.float64), rtol=1e-6)
+
+
+def test_repr_shows_the_constructor_arguments():
+    layer = AttentionLayer(64, 4, positional=[Rotary(16, n_dims=8), ALiBi(4, asymmetric=True, divide=3.0, learned_div=True)])
+    lines = repr(layer).splitlines()
+    assert lines[0] == "AttentionLayer("
+    assert "  dim=64, n_heads=4, backend='auto'" in lines
+    assert "    (0): Rotary(head_dim=16, n_dims=8, divide=1.0)" in lines
+    assert "    (1): ALiBi(n_heads=4, use_n_heads=4, asymmetric=True, divide=3.0, learned_div=True)" in lines
+    assert repr(DPB(8, 4, table_size=99)).startswith("DPB(\n  n_heads=4, table_size=99, divide=1.0\n")

@@ -74,6 +74,26 @@ def test_dpb_integer_positions_are_exact(depth, norm, divide, dpb_grid):
     assert_close(out, R.attend(q, k, v, R.dpb_bias(dpb, pq, pq, hq, hq, divide)))
 
 
+def test_dpb_padding_positions_decide_its_table(dpb_grid):
+    """README: padded tokens count in DPB's table span. Padding that repeats the last real
+    position keeps the biases between real tokens exact; padding with 0 at positions near 3e9
+    stretches the table over 3e9 and they become a coarse interpolation."""
+    q, k, v = qkv()
+    pos = irregular(B, L, start=3_000_000_000)
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[:, -10:] = False
+    repeated, zeros = pos.clone(), pos.clone()
+    repeated[:, -10:] = pos[:, -11:-10]
+    zeros[:, -10:] = 0
+    dpb = DPB(16, H, depth=2, divide=1000.0).double()
+    pq, hq = R.padded_positions(pos, B, L)
+    ref = R.attend(q, k, v, R.dpb_bias(dpb, pq, pq, hq, hq, 1000.0), valid[:, None, None, :])
+    real = slice(0, L - 10)  # rows of padded queries differ with their positions, as they should
+    assert_close(flexpos.attention(q, k, v, dpb, pos=repeated, mask=valid)[..., real, :], ref[..., real, :])
+    coarse = flexpos.attention(q, k, v, dpb, pos=zeros, mask=valid)[..., real, :]
+    assert (coarse - ref[..., real, :]).abs().max() > 100 * TOLERANCE[F64]
+
+
 def test_dpb_grid_covers_the_span_in_both_modes():
     span = torch.tensor(40.0, dtype=F64)
     for adaptive in (True, False):
