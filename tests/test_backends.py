@@ -97,14 +97,21 @@ def test_own_compiled_calls_allow_more_variants_than_dynamos_default(monkeypatch
     def fake_compile(fn, **kwargs):
         return lambda *args: limits.append(torch._dynamo.config.cache_size_limit) or fn(*args)
 
+    def fake_flex(q, k, v, score_mod, block_mask):
+        limits.append(torch._dynamo.config.cache_size_limit)
+        return v
+
     monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(backends, "_flex", lambda: fake_flex)
     before = torch._dynamo.config.cache_size_limit
     previous = flexpos.set_compile(True)
     try:
         assert LazyCompiled(lambda x: x + 1)(torch.ones(())) == 2
     finally:
         flexpos.set_compile(previous)
-    assert limits == [RECOMPILE_LIMIT] and torch._dynamo.config.cache_size_limit == before < RECOMPILE_LIMIT
+    q = torch.randn(2, 2, 8, 32)
+    backends.run_flex(q, q, q, None, flexpos.full_mask(8, 8), 32**-0.5)
+    assert limits == [RECOMPILE_LIMIT] * 2 and torch._dynamo.config.cache_size_limit == before < RECOMPILE_LIMIT
 
 
 def test_backend_choice_is_made_before_running(monkeypatch):
