@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 import flexpos
 from flexpos._checks import check_float, check_positive_int, check_tensor
-from flexpos.backends import Backend
+from flexpos.backends import Backend, check_backend
 from flexpos.base import Positional
 
 from ._hint import hint_once
@@ -146,6 +146,7 @@ class AttnLayer(nn.Module):
         self.nh = nh
         self.to_out = nn.Linear(dim, dim)
         self.plugin = plugin_list(plugin)
+        check_backend(backend)
         self.backend = backend
         hint_once("layers.AttnLayer")
 
@@ -177,7 +178,7 @@ class AttnLayer(nn.Module):
         if masks.bias is not None:
             modules.append(AdditiveMask(masks.bias, masks.bias_from))
         out = flexpos.attention(
-            q, k, v, *modules, pos=pos_batch, mask=masks.keep, causal=causal, backend=self._backend(masks)
+            q, k, v, *modules, pos=pos_batch, mask=masks.keep, causal=causal, backend=self._backend(masks, x.device)
         )
         return self.to_out(rearrange(out, "... n l h -> ... l (n h)"))
 
@@ -186,9 +187,13 @@ class AttnLayer(nn.Module):
         modules = (p.flex_module(batch, pos) for p in self.plugin)
         return [m for m in modules if m is not None]
 
-    def _backend(self, masks: LayerMask) -> Backend:
+    def _backend(self, masks: LayerMask, device: torch.device) -> Backend:
         """'auto' becomes 'chunked' for float masks that need gradients (flexpos only looks at
-        q, k, v and module parameters to decide)."""
+        q, k, v and module parameters to decide). 'flex' on CPU refuses float masks: their
+        score_mod reads the caller's tensor, which Inductor's CPU flex kernel (torch 2.13) fails
+        to build, and a failed compiled call slows every later one."""
+        if self.backend == "flex" and device.type == "cpu" and masks.bias is not None:
+            raise ValueError("backend='flex' cannot run a float mask on CPU; use backend='auto' or 'chunked'")
         if self.backend != "auto":
             return self.backend
         if masks.bias is not None and masks.bias.requires_grad and torch.is_grad_enabled():
@@ -236,8 +241,7 @@ class TransformerLayer(nn.Module):
         act = activation_module(activation)
         hint_once("layers.TransformerLayer")
         self.norm = nn.LayerNorm(dim)
-        plugin = Base() if plugin is None else plugin
-        self.plugin = nn.ModuleList(plugin if isinstance(plugin, (list, tuple, nn.ModuleList)) else [plugin])
+        self.plugin = plugin_list(plugin)
         self.attn = AttnLayer(dim, attn, nh=nh, plugin=self.plugin, backend=backend)
         project_in = GLU(dim, 4 * dim, act) if glu_ff else nn.Sequential(nn.Linear(dim, 4 * dim), act)
         self.ff = Residual(nn.Sequential(nn.LayerNorm(dim), project_in, nn.Dropout(dropout), nn.Linear(4 * dim, dim)))

@@ -54,7 +54,21 @@ def test_activation_must_be_a_known_name(activation, error):
         TransformerLayer(None, DIM, NH, activation=activation)
 
 
+def test_backend_is_checked_at_construction():
+    with pytest.raises(ValueError, match="backend must be"):
+        AttnLayer(DIM, None, nh=NH, backend="fast")
+    with pytest.raises(ValueError, match="backend must be"):
+        TransformerLayer(None, DIM, NH, backend="fast")
+
+
 # ----------------------------------------------------------------------------- layer calls
+
+
+def test_cpu_flex_refuses_a_float_mask_before_compiling():
+    """Its score_mod reads the caller's tensor, which the CPU flex kernel fails to build."""
+    layer = AttnLayer(DIM, None, nh=NH, backend="flex").eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="cannot run a float mask on CPU"):
+        layer(torch.randn(2, L, DIM), mask=torch.randn(2, L, L))
 
 
 @pytest.mark.parametrize("shape", [(2, L), (2, L, L), (2, NH, L, L)], ids=str)
