@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU run, about 5-6 minutes on one H100/H200 (at most 8: the step limits below): the CUDA
-# tests, the GPU targets and the flexpos-vs-dense table. Run from anywhere in the checkout:
+# GPU run, estimated at 5-6 minutes on one H100/H200 (not yet run on one; at most 8: the step
+# limits below): the CUDA tests, the GPU targets and the flexpos-vs-dense table. Run from
+# anywhere in the checkout:
 #
 #     PYTHONPATH=. bash benchmarks/gpu.sh
 #

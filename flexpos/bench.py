@@ -23,8 +23,9 @@ page the call touches counts, heap or mmap; the allocator keeps its default beha
 what users run and what the timings see.
 
 Compile time is the first call's time minus the steady time; torch.compile state is reset
-before each (scheme, L) case so that every case compiles once, in isolation, and a failure in
-one case cannot leave later cases on a slow path.
+before the first length of each scheme, so that every scheme compiles once, in isolation, and
+a failure in one scheme cannot leave later ones on a slow path. Later lengths reuse the
+dynamic-shape kernels (their compile time is about 0).
 """
 
 from __future__ import annotations
@@ -545,7 +546,7 @@ def run_case(
     limit = available_bytes(device)
     if flexpos_need is not None and limit is not None and flexpos_need > 0.8 * limit:
         row.flexpos_status = (f"skipped: would need ~{flexpos_need / GIB:.1f} GiB "
-                              "(its peak grew as L^2 at smaller L)")
+                              "(extrapolated from its peaks at smaller L)")
         log(f"{tag}: flexpos {row.flexpos_status}")
         del paths["flexpos"]
     else:
@@ -819,7 +820,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         header.append("CPU: flexpos runs its chunked backend (compiled bias per query chunk -> SDPA)")
     log(header[0])
     if device.type == "cpu":
-        log("compiling on CPU is slow: each scheme compiles once per length (~15 s cold, a few s from cache)")
+        log("compiling on CPU is slow: each scheme compiles at its first length (~15 s cold, a few s from cache)")
 
     rows: list[Row] = []
     started = time.perf_counter()

@@ -1,7 +1,9 @@
-"""BlockMask builders: padding, causal, windows by index or by position distance, segments.
+"""BlockMask builders: full, padding, causal, windows by index or by position distance,
+segments, a caller's dense bool mask, and their intersection (``and_masks``).
 
 Every builder decides per (query block, key block) tile whether it is empty, full or partial
-from cheap per-block summaries (O(L/128) values per sequence, never an L x L tensor), and
+from cheap per-block summaries (O(L/128) values per sequence, never an L x L tensor except the
+one a caller passes to ``dense_mask``), and
 gives FlexAttention a ``mask_mod`` for the partial tiles. Empty tiles are skipped by the
 kernel, so compute falls with sparsity (a narrow window over sorted positions, say).
 
