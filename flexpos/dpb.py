@@ -52,7 +52,7 @@ class DistanceGrid:
         span = span.clamp(min=1.0)
         spread = 2 * span / (table_size - 1)
         if adaptive:
-            nodes = 2 * float(span) + 1
+            nodes = 2 * float(span.detach()) + 1
             if integer and nodes <= table_size:
                 return cls(-span, torch.ones_like(span), int(nodes))
             return cls(-span, spread, table_size)

@@ -74,6 +74,35 @@ def test_dpb_integer_positions_are_exact(depth, norm, divide, dpb_grid):
     assert_close(out, R.attend(q, k, v, R.dpb_bias(dpb, pq, pq, hq, hq, divide)))
 
 
+def test_dpb_position_gradients_are_the_interpolation_slopes(dpb_grid):
+    """Gradients w.r.t. float positions are the slopes of the interpolation: within
+    step/2 * max|g''| of g'(Delta), g(Delta) = MLP(Delta / divide), for every position that does
+    not set the span (those also move the grid)."""
+    dpb, n, divide = DPB(16, H, depth=3, divide=5.0, table_size=257).double(), 40, 5.0
+    pos = irregular(1, n, integer=False)
+    grids = index_grids(1, H, n, n)
+
+    def bias(p):
+        positions = flexpos.Positions.resolve((1,), n, n, "cpu", pos=p)
+        return -dpb.score_mod(positions, F64)(torch.zeros((), dtype=F64), *grids)[0]
+
+    # (H, n, n, n): d bias[h, i, j] / d p[m], one forward-mode pass per position
+    jac = torch.autograd.functional.jacobian(bias, pos, vectorize=True, strategy="forward-mode")[..., 0, :]
+    inner = torch.arange(1, n - 1)  # sorted positions: the first and last set the span
+    slopes = jac[:, inner, :, inner].permute(1, 0, 2)  # (H, n - 2, n): d bias[h, i, j] / d p[i]
+    delta = (pos[0, inner, None] - pos[0, None, :]).requires_grad_()
+    mlp = R.mlp64(dpb.mlp, (delta / divide)[..., None])
+    want = torch.stack([torch.autograd.grad(mlp[..., h].sum(), delta, retain_graph=True)[0] for h in range(H)])
+    span = (pos.max() - pos.min()).item()
+    fine = torch.linspace(-span, span, 20001, dtype=F64) / divide
+    values = R.mlp64(dpb.mlp, fine[:, None])
+    second = ((values[2:] - 2 * values[1:-1] + values[:-2]) / (fine[1] - fine[0]) ** 2).abs().max().item()
+    bound = (2 * span / 256) / 2 * second / divide**2
+    off_diagonal = inner[:, None] != torch.arange(n)[None]
+    error = (slopes - want).abs()[:, off_diagonal].max().item()
+    assert 0 < error <= bound * 1.01
+
+
 def test_dpb_padding_positions_decide_its_table(dpb_grid):
     """README: padded tokens count in DPB's table span. Padding that repeats the last real
     position keeps the biases between real tokens exact; padding with 0 at positions near 3e9
