@@ -7,7 +7,7 @@ expected, so that a wrong call fails at the boundary instead of deep inside a co
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -54,12 +54,13 @@ def check_even(name: str, value: int) -> int:
     return value
 
 
-def check_divide(divide: object) -> float:
-    if isinstance(divide, bool) or not isinstance(divide, (int, float)):
-        raise TypeError(f"divide must be a positive float, got {type(divide).__name__}")
-    if not math.isfinite(divide) or divide <= 0 or not math.isfinite(1 / divide):
-        raise ValueError(f"divide must be a finite positive number (with a finite inverse), got {divide}")
-    return float(divide)
+def check_positive_float(name: str, value: object) -> float:
+    """A Python int or float, finite, positive and with a finite inverse (``divide``, ``scale``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0 or not math.isfinite(1 / value):
+        raise ValueError(f"{name} must be a finite positive number (with a finite inverse), got {value}")
+    return float(value)
 
 
 def check_positions(name: str, pos: Tensor, batch: Sequence[int], length: int) -> None:
@@ -89,7 +90,3 @@ def check_bool_mask(name: str, mask: Tensor, shapes: Sequence[tuple[int, ...]]) 
     if tuple(mask.shape) not in [tuple(s) for s in shapes]:
         options = " or ".join(str(tuple(s)) for s in shapes)
         raise ValueError(f"{name} must have shape {options}, got {tuple(mask.shape)}")
-
-
-def optional_int(name: str, value: Optional[object]) -> Optional[int]:
-    return None if value is None else check_positive_int(name, value)

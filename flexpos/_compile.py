@@ -38,10 +38,6 @@ def set_compile(enabled: bool) -> bool:
     return previous
 
 
-def compile_enabled() -> bool:
-    return _enabled
-
-
 RECOMPILE_LIMIT = 64
 """Compiled variants per flexpos function. Each mix of score_mods and mask, each grad mode
 (training, no_grad, inference_mode) and each dtype is one variant of the same function; past

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._checks import check_float, check_rank, check_tensor
+from ._checks import check_float, check_positive_float, check_rank, check_tensor
 from .backends import Backend, choose_backend, run_chunked, run_flex
 from .base import Positional, ScoreMod
 from .masks import and_masks, causal_mask, dense_mask, full_mask
@@ -62,7 +62,7 @@ def attention(
     batch = _check_qkv(q, k, v)
     heads, len_q, len_k, head_dim = q.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1]
     modules = _check_positional(positional, heads, head_dim)
-    scale = head_dim**-0.5 if scale is None else _check_scale(scale)
+    scale = head_dim**-0.5 if scale is None else check_positive_float("scale", scale)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     positions = Positions.resolve(batch, len_q, len_k, q.device, pos, pos_q, pos_k)
@@ -85,11 +85,10 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
         check_rank(name, t, 4, "(B, *, H, L, D)")
         check_float(name, t)
     batch = tuple(q.shape[:-3])
-    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
-        raise TypeError(
-            f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
-            f"{q.device}/{k.device}/{v.device}"
-        )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}/{k.dtype}/{v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}/{k.device}/{v.device}")
     if 0 in (*batch, q.shape[-2], k.shape[-2]):
         raise ValueError(
             f"q and k need at least one sequence and one token each, got q {tuple(q.shape)}, k {tuple(k.shape)}"
@@ -102,14 +101,6 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
     if tuple(v.shape[:-1]) != tuple(k.shape[:-1]):
         raise ValueError(f"v must have shape {(*k.shape[:-1], 'Dv')} to match k, got {tuple(v.shape)}")
     return batch
-
-
-def _check_scale(scale: object) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a finite positive number, got {scale}")
-    return float(scale)
 
 
 def _check_positional(modules: Sequence[object], heads: int, head_dim: int) -> list[Positional]:

@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_divide
+from ._checks import check_positive_float
 from .positions import Positions
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -32,6 +32,12 @@ def index_grids(
     q_idx = torch.arange(len_q, device=device).view(1, 1, -1, 1)
     kv_idx = torch.arange(len_k, device=device).view(1, 1, 1, -1)
     return b, h, q_idx, kv_idx
+
+
+def shared_index(idx: Tensor, size: int) -> Tensor:
+    """``idx`` into a table dim of ``size``, or 0 where the dim has size 1 and is shared (a
+    BlockMask of batch 1 serves any batch, a mask of one head every head)."""
+    return idx if size != 1 else 0 * idx
 
 
 class QK(NamedTuple):
@@ -70,7 +76,7 @@ class Positional(nn.Module):
     _repr_fields: tuple[str, ...] = ()  # constructor arguments shown by repr()
 
     def _init_divisor(self, divide: float, learned_div: bool) -> None:
-        self.divide = check_divide(divide)
+        self.divide = check_positive_float("divide", divide)
         self.learned = bool(learned_div)
         if self.learned:
             self.div = nn.Parameter(torch.empty(()))

@@ -54,7 +54,6 @@ from torch import Tensor
 import flexpos
 
 SCHEMES = ("alibi", "dpb", "xl", "rotary", "window")
-DEFAULT_SCHEMES = ("alibi", "dpb", "xl", "rotary", "window")
 DEFAULT_LENGTHS = (512, 2048)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DPB_DIM, DPB_DEPTH = 32, 2
@@ -764,7 +763,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--lengths", nargs="+", default=None, metavar="L",
                    help=f"sequence lengths (default {' '.join(map(str, DEFAULT_LENGTHS))})")
     p.add_argument("--schemes", nargs="+", default=None, metavar="S",
-                   help=f"any of {', '.join(SCHEMES)} (default {' '.join(DEFAULT_SCHEMES)})")
+                   help=f"any of {', '.join(SCHEMES)} (default {' '.join(SCHEMES)})")
     p.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwd", help="forward, or forward + backward")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
@@ -780,7 +779,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--plot", metavar="PATH", help="draw time and memory vs L (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
-    args.schemes = _split_list(args.schemes) if args.schemes else list(DEFAULT_SCHEMES)
+    args.schemes = _split_list(args.schemes) if args.schemes else list(SCHEMES)
     bad = [s for s in args.schemes if s not in SCHEMES]
     if bad:
         p.error(f"unknown scheme(s) {', '.join(bad)}; choose from {', '.join(SCHEMES)}")

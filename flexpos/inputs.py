@@ -29,12 +29,13 @@ class InputTransform(Positional):
     _repr_fields = ("dim",)
 
     def forward(self, x: Tensor, pos: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
-        """Add the positional encoding: x (B, *, L, dim) -> (B, *, L, dim)."""
+        """Add the positional encoding: x (*, L, dim) -> (*, L, dim), batch dims optional;
+        ``pos`` (*, L') and ``mask`` (*, L) or (*, L') with the same batch dims."""
         check_tensor("x", x)
-        check_rank("x", x, 2, "(B, *, L, dim)")
+        check_rank("x", x, 2, "(*, L, dim)")
         check_float("x", x)
         if x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape (B, *, L, {self.dim}), got {tuple(x.shape)}")
+            raise ValueError(f"x must have shape (*, L, {self.dim}), got {tuple(x.shape)}")
         batch, length = tuple(x.shape[:-2]), x.shape[-2]
         positions = Positions.resolve(batch, length, length, x.device, pos=pos)
         keep = positions.has_position("q").expand(positions.batch, length)

@@ -60,6 +60,7 @@ class AttentionLayer(nn.Module):
         self,
         x: Tensor,
         context: Optional[Tensor] = None,
+        *,
         pos: Optional[Tensor] = None,
         pos_context: Optional[Tensor] = None,
         mask: Mask = None,
@@ -72,39 +73,51 @@ class AttentionLayer(nn.Module):
         as in :func:`flexpos.attention` (bool (B, *, Lk), (B, *, L, Lk), (B, *, H, L, Lk) or a
         BlockMask), True = attend.
         """
-        self._check_input("x", x)
-        batch = tuple(x.shape[:-2])
-        if pos is not None:
-            check_positions("pos", pos, batch, x.shape[-2])
-        if context is None and pos_context is not None:
-            raise ValueError("pos_context is for cross-attention: pass context too")
-        if context is not None:
-            self._check_input("context", context, batch=batch)
-            if pos_context is not None:
-                # Checked here so that errors name pos_context, not attention's pos_k.
-                check_positions("pos_context", pos_context, batch, context.shape[-2])
-        inputs = [m for m in self.positional if m.transforms_input]
-        for m in inputs:
-            x = m(x, pos=pos)
-        if context is None:
-            context, positions = x, {"pos": pos}
-        else:
-            if pos_context is not None:
-                for m in inputs:
-                    context = m(context, pos=pos_context)
-            positions = {"pos_q": pos, "pos_k": pos_context}
+        self._check_call(x, context, pos, pos_context)
+        encoders = [m for m in self.positional if m.transforms_input]
+        x = _encode(encoders, x, pos)
+        cross = context is not None
+        if cross and pos_context is not None:
+            context = _encode(encoders, context, pos_context)
         heads = lambda t: rearrange(t, "... l (h d) -> ... h l d", h=self.n_heads)  # noqa: E731
         q = heads(self.to_q(x))
-        k, v = map(heads, self.to_kv(context).chunk(2, dim=-1))
+        k, v = map(heads, self.to_kv(context if cross else x).chunk(2, dim=-1))
         others = [m for m in self.positional if not m.transforms_input]
-        out = attention(q, k, v, *others, mask=mask, causal=causal, backend=self.backend, **positions)
+        out = attention(
+            q, k, v, *others,
+            pos=None if cross else pos, pos_q=pos if cross else None, pos_k=pos_context,
+            mask=mask, causal=causal, backend=self.backend,
+        )  # fmt: skip
         return self.to_out(rearrange(out, "... h l d -> ... l (h d)"))
 
-    def _check_input(self, name: str, t: object, batch: Optional[tuple[int, ...]] = None) -> None:
+    def _check_call(
+        self, x: Tensor, context: Optional[Tensor], pos: Optional[Tensor], pos_context: Optional[Tensor]
+    ) -> None:
+        """Inputs and positions, named as the caller named them (not as attention's pos_q/pos_k)."""
+        batch = tuple(self._check_input("x", x).shape[:-2])
+        if pos is not None:
+            check_positions("pos", pos, batch, x.shape[-2])
+        if context is None:
+            if pos_context is not None:
+                raise ValueError("pos_context is for cross-attention: pass context too")
+            return
+        length = self._check_input("context", context, batch=batch).shape[-2]
+        if pos_context is not None:
+            check_positions("pos_context", pos_context, batch, length)
+
+    def _check_input(self, name: str, t: object, batch: Optional[tuple[int, ...]] = None) -> Tensor:
         """``t`` must be a float (B, *, L, dim) tensor, with batch dims ``batch`` if given."""
-        check_tensor(name, t)
+        t = check_tensor(name, t)
         check_rank(name, t, 3, "(B, *, L, dim)")
         check_float(name, t)
         batch = tuple(t.shape[:-2]) if batch is None else batch
         if t.shape[-1] != self.dim or tuple(t.shape[:-2]) != batch:
             raise ValueError(f"{name} must have shape {(*batch, 'L', self.dim)}, got {tuple(t.shape)}")
+        return t
+
+
+def _encode(encoders: list[Positional], x: Tensor, pos: Optional[Tensor]) -> Tensor:
+    """Apply the input transforms in order: x (B, *, L, dim) -> (B, *, L, dim)."""
+    for m in encoders:
+        x = m(x, pos=pos)
+    return x

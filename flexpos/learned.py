@@ -61,12 +61,12 @@ class LearnedVocab(InputTransform):
 
     def encode_add(self, x: Tensor, pos: Tensor, keep: Tensor) -> Tensor:
         if pos.is_floating_point():
-            raise TypeError(f"LearnedVocab needs integer positions, got dtype {pos.dtype}")
+            raise TypeError("pos must hold integer positions for LearnedVocab, got a floating point dtype")
         n = self.emb.num_embeddings
         # A host read, as check_positions: eager calls only, not inside a caller's compile.
         if pos.numel() and not torch.compiler.is_compiling() and (int(pos.min()) < 0 or int(pos.max()) >= n):
             raise ValueError(
-                f"LearnedVocab positions must lie in [0, {n - 1}] (max_seq_len={n}), "
+                f"pos must lie in [0, {n - 1}] for LearnedVocab(max_seq_len={n}), "
                 f"got range [{int(pos.min())}, {int(pos.max())}]"
             )
         return _vocab_add(self.emb, x, pos.long(), keep)

@@ -24,6 +24,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from ._checks import check_length, check_rank, check_tensor
 from ._compile import CPU_FLEX_MIN_TORCH, torch_version
+from .base import shared_index
 from .positions import BLOCK, Positions, table_len
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -93,12 +94,6 @@ def states_of(block_mask: BlockMask) -> Tensor:
     scatter(block_mask.kv_num_blocks, block_mask.kv_indices, PARTIAL, out)
     scatter(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, FULL, out)
     return out[..., :nk]
-
-
-def _shared(idx: Tensor, size: int) -> Tensor:
-    """``idx`` into a table dim of ``size``, or 0 where the dim has size 1 and is shared (a
-    BlockMask of batch 1 serves any batch, a mask of one head every head)."""
-    return idx if size != 1 else 0 * idx
 
 
 def _blocks(values: Tensor, length: int, fill: float) -> Tensor:
@@ -175,7 +170,7 @@ def padding_mask(key_valid: Tensor, len_q: int) -> BlockMask:
     table = F.pad(key_valid, (0, table_len(len_k) - len_k))
 
     def key_padding(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return table[_shared(b, table.shape[0]), kv_idx]
+        return table[shared_index(b, table.shape[0]), kv_idx]
 
     return from_states(_tile_states(full, empty), key_padding, len_q, len_k)
 
@@ -277,7 +272,7 @@ def distance_window_mask(
         raise ValueError("distance_window_mask needs pos, or pos_q and pos_k")
     for name, p in (("pos", pos), ("pos_q", pos_q), ("pos_k", pos_k)):
         if p is not None:
-            check_rank(name, check_tensor(name, p), 2, "(B, L')")
+            check_rank(name, check_tensor(name, p), 2, "(B, *, L')")
     len_q = _length("len_q", len_q, "pos" if pos is not None else "pos_q", given.shape[-1])
     if len_k is None and pos is not None:
         len_k = len_q
@@ -326,7 +321,7 @@ def segment_mask(segments_q: Tensor, segments_k: Optional[Tensor] = None) -> Blo
     ids_k = F.pad(seg_k, (0, table_len(len_k) - len_k), value=-2)
 
     def same_segment(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return ids_q[_shared(b, ids_q.shape[0]), q_idx] == ids_k[_shared(b, ids_k.shape[0]), kv_idx]
+        return ids_q[shared_index(b, ids_q.shape[0]), q_idx] == ids_k[shared_index(b, ids_k.shape[0]), kv_idx]
 
     return from_states(_tile_states(full, empty), same_segment, len_q, len_k)
 
@@ -364,7 +359,7 @@ def dense_mask(mask: Tensor, len_q: int, len_k: int) -> BlockMask:
     table = F.pad(mask, (0, table_len(len_k) - len_k, 0, table_len(len_q) - len_q))
 
     def dense(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return table[_shared(b, table.shape[0]), _shared(h, table.shape[1]), q_idx, kv_idx]
+        return table[shared_index(b, table.shape[0]), shared_index(h, table.shape[1]), q_idx, kv_idx]
 
     return from_states(states, dense, len_q, len_k)
 

@@ -163,10 +163,6 @@ class Positions:
         far = torch.maximum(q.amax(-1) - k.amin(-1), k.amax(-1) - q.amin(-1))
         return far.clamp(min=0).max()
 
-    def span(self) -> float:
-        """:meth:`span_tensor` as a Python float (a host sync)."""
-        return float(self.span_tensor())
-
     def relative(self, dtype: torch.dtype = torch.float32) -> Relative:
         """Distances for score_mods; ``dtype`` is float32, or float64 for float64 references."""
         if dtype not in self._relative:

@@ -92,18 +92,22 @@ class Rotary(Positional):
         keep = positions.has_position(side)
         return rotation(positions.absolute(side), keep, self.thetas, self.divisor(torch.float64), work)
 
-    def _check_dim(self, x: Tensor) -> None:
+    def _check_dim(self, name: str, x: Tensor) -> None:
         if x.shape[-1] != self.head_dim:
-            raise ValueError(f"Rotary(head_dim={self.head_dim}) got q/k with head dim {x.shape[-1]}")
+            raise ValueError(
+                f"{name} must have head dim {self.head_dim} (Rotary(head_dim={self.head_dim})), "
+                f"got shape {tuple(x.shape)}"
+            )
 
     def rotate(self, x: Tensor, positions: Positions, side: str) -> Tensor:
         """x (B, H, L, head_dim) with ``side``'s positions ('q' or 'k') -> rotated x."""
-        self._check_dim(x)
+        self._check_dim(side, x)
         return _rotate(x, self._cos_sin(positions, side, x.dtype))
 
     def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
         if positions.q is positions.k and q.shape[-2] == k.shape[-2]:  # self-attention: share angles
-            self._check_dim(q)
+            self._check_dim("q", q)
+            self._check_dim("k", k)
             cos_sin = self._cos_sin(positions, "q", q.dtype)
             return QK(_rotate(q, cos_sin), _rotate(k, cos_sin))
         return QK(self.rotate(q, positions, "q"), self.rotate(k, positions, "k"))

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flexpos._checks import check_tensor
-from flexpos.base import Positional, ScoreMod
-from flexpos.positions import BLOCK, Positions
+from flexpos.base import Positional, ScoreMod, shared_index
+from flexpos.positions import Positions, table_len
 
 from ._layout import broadcasts_to
 
@@ -36,10 +36,6 @@ class LayerMask:
     keep: Optional[Tensor] = None
     bias: Optional[Tensor] = None
     bias_from: int = 0
-
-
-def _whole_blocks(length: int) -> int:
-    return max(BLOCK, -(-length // BLOCK) * BLOCK)
 
 
 def _pad_tokens(mask: Tensor, dims: int, length: int, value: float) -> Tensor:
@@ -116,13 +112,13 @@ class AdditiveMask(Positional):
 
     def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:
         _, heads, len_q, len_k = self.bias.shape
-        # Whole blocks: FlexAttention may read the table at padded indices.
-        pad_q = _whole_blocks(len_q) - len_q if len_q > 1 else 0
-        table = F.pad(self.bias, (0, _whole_blocks(len_k) - len_k, 0, pad_q))
-        per_head, per_query, first = heads > 1, len_q > 1, self.first_query
+        # Padded like flexpos' own tables: FlexAttention may read them at padded indices.
+        pad_q = table_len(len_q) - len_q if len_q > 1 else 0
+        table = F.pad(self.bias, (0, table_len(len_k) - len_k, 0, pad_q))
+        first = self.first_query
 
         def float_mask(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            row = table[b, h if per_head else h * 0, q_idx if per_query else q_idx * 0, kv_idx]
+            row = table[b, shared_index(h, heads), shared_index(q_idx, len_q), kv_idx]
             if first:
                 row = torch.where(q_idx >= first, row, torch.zeros_like(row))
             return score + row.to(score.dtype)

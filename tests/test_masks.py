@@ -137,7 +137,7 @@ MASK_SHAPES = r"mask must have shape \(B, Lk\), \(B, Lq, Lk\) or \(B, H, Lq, Lk\
         (lambda: M.distance_window_mask(1.0, pos=torch.rand(2, 0)), ValueError, "pos holds no positions: pass len_q"),
         (lambda: M.distance_window_mask(1.0, pos_q=torch.rand(2, 3), pos_k=torch.rand(2, 0)), ValueError, "pos_k holds no positions: pass len_k"),
         (lambda: M.distance_window_mask(1.0, pos=[1.0, 2.0]), TypeError, "pos must be a torch.Tensor, got list"),
-        (lambda: M.distance_window_mask(1.0, pos=torch.rand(10)), ValueError, r"pos must have shape \(B, L'\)"),
+        (lambda: M.distance_window_mask(1.0, pos=torch.rand(10)), ValueError, r"pos must have shape \(B, \*, L'\)"),
         (lambda: M.distance_window_mask(1.0, pos_q=torch.rand(2, 3), pos_k=torch.rand(3)), ValueError, "pos_k must have shape"),
         # dense_mask: every accepted shape checked against len_q and len_k
         (lambda: M.dense_mask(torch.ones(10, dtype=torch.bool), 10, 10), ValueError, MASK_SHAPES + r"\(10,\)$"),

@@ -42,7 +42,7 @@ def test_missing_positions_are_invalid_and_cross_lengths():
     delta, valid = _grid_delta(positions)
     assert valid.sum() == 6 and not valid[0, :2].any() and not valid[0, :, :2].any()
     assert torch.equal(delta[0, 2:, 2:], torch.tensor([[4.0, 3.0, 2.0], [6.0, 5.0, 4.0]]))
-    assert positions.span() == 6.0
+    assert float(positions.span_tensor()) == 6.0
 
 
 def test_extra_batch_dims_are_flattened_and_float64_relative():

@@ -74,6 +74,7 @@ def test_dpb_integer_positions_are_exact(depth, norm, divide, dpb_grid):
     assert_close(out, R.attend(q, k, v, R.dpb_bias(dpb, pq, pq, hq, hq, divide)))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the vectorised jacobian uses torch.jit
 def test_dpb_position_gradients_are_the_interpolation_slopes(dpb_grid):
     """Gradients w.r.t. float positions are the slopes of the interpolation: within
     step/2 * max|g''| of g'(Delta), g(Delta) = MLP(Delta / divide), for every position that does
@@ -139,7 +140,7 @@ def test_dpb_continuous_positions_within_stated_bound(dpb_grid):
     dpb = DPB(16, H, depth=3, divide=5.0, table_size=257).double()
     pos = irregular(1, 120, integer=False)
     positions = flexpos.Positions.resolve((1,), 120, 120, "cpu", pos=pos)
-    span = positions.span()
+    span = float(positions.span_tensor())
     step = 2 * span / 256
     fine = torch.linspace(-span, span, 20001, dtype=F64)
     values = R.mlp64(dpb.mlp, (fine / 5.0)[:, None])
