@@ -51,7 +51,7 @@ def more_variants() -> contextlib.AbstractContextManager[None]:
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    return dynamo_config.patch(**{name: RECOMPILE_LIMIT})
+    return dynamo_config.patch(name, RECOMPILE_LIMIT)
 
 
 class LazyCompiled:

@@ -58,6 +58,7 @@ class ALiBi(Positional):
 
     modifies_scores = True
     _repr_fields = ("n_heads", "use_n_heads", "asymmetric")
+    slopes: Tensor
 
     def __init__(
         self,

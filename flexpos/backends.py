@@ -33,7 +33,7 @@ Backend = Literal["auto", "flex", "chunked"]
 _compiled_flex = None
 
 
-def _flex():
+def _flex() -> Callable[..., Tensor]:
     """flex_attention compiled on first use; inside a caller's torch.compile, flex_attention
     itself, which the caller's compile fuses into its graph."""
     global _compiled_flex
@@ -44,7 +44,7 @@ def _flex():
     return _compiled_flex
 
 
-def _sizes_apart():
+def _sizes_apart() -> contextlib.AbstractContextManager[None]:
     """Without duck sizing, equal sizes (batch 2 and 2 query blocks, say) do not become one
     symbol, so a later call where they differ does not recompile. A caller's torch.compile keeps
     its own settings."""

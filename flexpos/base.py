@@ -74,6 +74,7 @@ class Positional(nn.Module):
     learned = False
     _constant_names: tuple[str, ...] = ()
     _repr_fields: tuple[str, ...] = ()  # constructor arguments shown by repr()
+    div: Tensor  # log(divide) as a parameter with learned_div, else the divisor as a buffer
 
     def _init_divisor(self, divide: float, learned_div: bool) -> None:
         self.divide = check_positive_float("divide", divide)
@@ -97,6 +98,7 @@ class Positional(nn.Module):
     def _register_constants(self) -> None:
         constants = self.constants()
         for name, value in constants.items():
+            # Persistent: bio-attention's checkpoints hold these buffers (inv_freq, thetas ...).
             self.register_buffer(name, value)
         self._constant_names = tuple(constants)
 

@@ -403,7 +403,7 @@ def and_masks(*masks: BlockMask) -> BlockMask:
         return result
 
     len_q, len_k = lengths.pop()
-    both = _named(both, "and_" + "_".join(f.__name__ for f in mods))
+    mask_mod = _named(both, "and_" + "_".join(f.__name__ for f in mods))
     if all(getattr(f, "cpu_flex_safe", False) for f in mods):
-        both = _flex_cpu_ok(both)
-    return from_states(combined, both, len_q, len_k)
+        mask_mod = _flex_cpu_ok(mask_mod)
+    return from_states(combined, mask_mod, len_q, len_k)

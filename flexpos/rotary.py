@@ -72,6 +72,7 @@ class Rotary(Positional):
 
     transforms_qk = True
     _repr_fields = ("head_dim", "n_dims")
+    thetas: Tensor
 
     def __init__(
         self, head_dim: int, n_dims: Optional[int] = None, divide: float = 1.0, learned_div: bool = False

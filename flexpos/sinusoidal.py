@@ -37,6 +37,8 @@ class Sinusoidal(InputTransform):
         x = enc(torch.randn(2, 100, 64), pos=torch.rand(2, 100).cumsum(-1) * 1e3)
     """
 
+    inv_freq: Tensor
+
     def __init__(self, dim: int, divide: float = 1.0, learned_div: bool = False) -> None:
         super().__init__()
         self.dim = check_even("dim", dim)

@@ -40,6 +40,7 @@ class XL(Positional):
 
     transforms_qk = True
     _repr_fields = ("dim", "n_heads")
+    inv_freq: Tensor
 
     def __init__(self, dim: int, n_heads: int, divide: float = 1.0, learned_div: bool = False) -> None:
         super().__init__()

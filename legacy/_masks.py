@@ -64,7 +64,7 @@ def _keep(keep: Tensor, extra: int, length: int) -> Tensor:
 
 def _check_layer_mask(mask: object, batch: tuple[int, ...], heads: int) -> int:
     """Check a layer mask's type and shape; return how many dims follow the batch dims (1-3)."""
-    check_tensor("mask", mask)
+    mask = check_tensor("mask", mask)
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(
             f"mask must be bool (True = attend) or floating point (added to the scores), got dtype {mask.dtype}"

@@ -113,7 +113,7 @@ def check_width(dim: object, nh: object) -> None:
 
 def check_input(x: object, dim: int) -> Tensor:
     """x must be a floating point (B, *, L, dim) tensor."""
-    check_tensor("x", x)
+    x = check_tensor("x", x)
     check_float("x", x)
     if x.ndim < 3 or x.shape[-1] != dim:
         raise ValueError(f"x must have shape (B, *, L, {dim}) (at least 3 dims), got {tuple(x.shape)}")
