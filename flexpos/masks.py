@@ -157,7 +157,13 @@ def _check_per_token(name: str, x: object, shape_doc: str) -> Tensor:
 
 
 def padding_mask(key_valid: Tensor, len_q: int) -> BlockMask:
-    """Key padding: ``key_valid`` (B, Lk) bool, True = real token; any query length Lq >= 1."""
+    """Key padding: ``key_valid`` (B, Lk) bool, True = real token; any query length Lq >= 1.
+
+    Example::
+
+        mask = padding_mask(lengths[:, None] > torch.arange(L), L)  # lengths (B,) -> (B, L) valid
+        out = flexpos.attention(q, k, v, ALiBi(H), pos=pos, mask=mask)
+    """
     check_tensor("key_valid", key_valid)
     if key_valid.dtype != torch.bool:
         raise TypeError(f"key_valid must be a bool tensor (True = real token), got dtype {key_valid.dtype}")
@@ -265,6 +271,11 @@ def distance_window_mask(
     mask's batch is the product of the batch dims. Sequences may be longer than their
     positions (``len_q``/``len_k``); leading tokens without a position are not windowed. Any
     positions work; sorted ones make the mask block-sparse.
+
+    Example::
+
+        window = distance_window_mask(5_000, pos=pos)  # genomic pos (B, L): |p_q - p_k| <= 5 kb
+        out = flexpos.attention(q, k, v, ALiBi(H), pos=pos, mask=window)
     """
     w = _check_window(window)
     given = pos if pos is not None else pos_q
@@ -300,6 +311,11 @@ def segment_mask(segments_q: Tensor, segments_k: Optional[Tensor] = None) -> Blo
     """Packed sequences: attend only within the same segment/document id.
 
     ``segments_q`` (B, Lq) and ``segments_k`` (B, Lk) integer ids (defaults to segments_q).
+
+    Example::
+
+        ids = torch.repeat_interleave(torch.arange(3), torch.tensor([100, 60, 96]))[None]
+        mask = and_masks(segment_mask(ids), causal_mask(256))  # three packed documents
     """
     seg_k = segments_q if segments_k is None else segments_k
     for name, s, shape_doc in (("segments_q", segments_q, "(B, Lq)"), ("segments_k", seg_k, "(B, Lk)")):
@@ -380,7 +396,12 @@ def _check_combinable(masks: Sequence[BlockMask]) -> None:
 
 
 def and_masks(*masks: BlockMask) -> BlockMask:
-    """Intersection of BlockMasks with the same sequence lengths (True where all are True)."""
+    """Intersection of BlockMasks with the same sequence lengths (True where all are True).
+
+    Batch and head dims of size 1 broadcast. Example::
+
+        mask = and_masks(distance_window_mask(5_000, pos=pos), padding_mask(key_valid, L))
+    """
     if not masks:
         raise ValueError("and_masks needs at least one BlockMask")
     for m in masks:
