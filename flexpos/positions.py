@@ -144,8 +144,9 @@ class Positions:
     def offset(self) -> Tensor:
         """(B, 1) per-sequence offset: the smallest position of either side (0 where neither
         side has one), in the positions' dtype (float64 if the sides differ)."""
-        lo_q = self.q.amin(-1, keepdim=True) if self.q.shape[-1] else None
-        lo_k = self.k.amin(-1, keepdim=True) if self.k.shape[-1] else None
+        # "> 0", not truthiness: torch 2.6 pins a symbolic length to its value on bool().
+        lo_q = self.q.amin(-1, keepdim=True) if self.q.shape[-1] > 0 else None
+        lo_k = self.k.amin(-1, keepdim=True) if self.k.shape[-1] > 0 else None
         if lo_q is None or lo_k is None:
             ref = lo_q if lo_k is None else lo_k
             zero = torch.zeros(self.batch, 1, dtype=self.q.dtype, device=self.q.device)
@@ -157,7 +158,7 @@ class Positions:
     def span_tensor(self) -> Tensor:
         """Largest possible ``|p_q - p_k|`` in this call: a 0-d float64 tensor on the positions'
         device (no host sync)."""
-        if not (self.q.shape[-1] and self.k.shape[-1]):
+        if self.q.shape[-1] == 0 or self.k.shape[-1] == 0:
             return torch.zeros((), dtype=torch.float64, device=self.q.device)
         q, k = self.q.double(), self.k.double()
         far = torch.maximum(q.amax(-1) - k.amin(-1), k.amax(-1) - q.amin(-1))
