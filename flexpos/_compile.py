@@ -45,13 +45,13 @@ Dynamo's default of 8 the rest would run uncompiled, 2-3x slower (measured)."""
 
 
 def more_variants() -> contextlib.AbstractContextManager[None]:
-    """Allow :data:`RECOMPILE_LIMIT` variants for flexpos' own compiled functions (torch >= 2.7
-    calls the setting ``recompile_limit``, 2.6 ``cache_size_limit``); a caller's torch.compile
-    keeps its own settings."""
+    """Allow at least :data:`RECOMPILE_LIMIT` variants for flexpos' own compiled functions
+    (torch >= 2.7 calls the setting ``recompile_limit``, 2.6 ``cache_size_limit``); a higher
+    setting of the user's stays, and a caller's torch.compile keeps its own settings."""
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    return dynamo_config.patch(name, RECOMPILE_LIMIT)
+    return dynamo_config.patch(name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
 
 
 class LazyCompiled:

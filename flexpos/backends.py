@@ -241,9 +241,16 @@ def _attend_chunk(
 
 
 def run_chunked(
-    q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[ScoreMod], block_mask: BlockMask, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    score_mod: Optional[ScoreMod],
+    block_mask: BlockMask,
+    scale: float,
+    needs_grad: bool = True,
 ) -> Tensor:
-    """Same contract as :func:`run_flex`, on any device and dtype, with autograd.
+    """Same contract as :func:`run_flex`, on any device and dtype, with autograd (``needs_grad``:
+    whether q, k, v or the score_mod's parameters need gradients).
 
     Queries go in chunks of :func:`chunk_rows`; each chunk attends, with SDPA, to the span of
     key tiles that the BlockMask leaves non-empty for it, under a bias that one compiled kernel
@@ -282,7 +289,7 @@ def run_chunked(
             out[:, :, start:stop] = checkpoint(_attend_chunk, *args, use_reentrant=False)
         else:
             out[:, :, start:stop] = _attend_chunk(*args)
-    if not attended and torch.is_grad_enabled():
+    if not attended and needs_grad and torch.is_grad_enabled():
         _keep_graph(out, q, k, v, score_mod, block_mask.mask_mod, scale)
     return out
 

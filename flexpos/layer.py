@@ -68,8 +68,9 @@ class AttentionLayer(nn.Module):
     ) -> Tensor:
         """x (B, *, L, dim), context (B, *, Lc, dim) or None -> (B, *, L, dim).
 
-        ``pos`` (B, *, L') positions of x; ``pos_context`` (B, *, Lc') of the context (default
-        ``0 .. Lc-1``: pass it whenever ``pos`` is given, or distances mix the two). ``mask``
+        ``pos`` (B, *, L') positions of x; ``pos_context`` (B, *, Lc') of the context (without
+        it the input transforms leave the context as it is and Rotary, XL, ALiBi and DPB count
+        it ``0 .. Lc-1``: pass it whenever ``pos`` is given). ``mask``
         as in :func:`flexpos.attention` (bool (B, *, Lk), (B, *, L, Lk), (B, *, H, L, Lk) or a
         BlockMask), True = attend.
         """

@@ -64,7 +64,7 @@ class LearnedVocab(InputTransform):
             raise TypeError("pos must hold integer positions for LearnedVocab, got a floating point dtype")
         n = self.emb.num_embeddings
         # A host read, as check_positions: eager calls only, not inside a caller's compile.
-        if pos.numel() and not torch.compiler.is_compiling() and (int(pos.min()) < 0 or int(pos.max()) >= n):
+        if not torch.compiler.is_compiling() and pos.numel() > 0 and (int(pos.min()) < 0 or int(pos.max()) >= n):
             raise ValueError(
                 f"pos must lie in [0, {n - 1}] for LearnedVocab(max_seq_len={n}), "
                 f"got range [{int(pos.min())}, {int(pos.max())}]"

@@ -112,6 +112,9 @@ def test_own_compiled_calls_allow_more_variants_than_dynamos_default(monkeypatch
     q = torch.randn(2, 2, 8, 32)
     backends.run_flex(q, q, q, None, flexpos.full_mask(8, 8), 32**-0.5)
     assert limits == [RECOMPILE_LIMIT] * 2 and torch._dynamo.config.cache_size_limit == before < RECOMPILE_LIMIT
+    with torch._dynamo.config.patch(cache_size_limit=1000):  # a higher setting of the user's stays
+        backends.run_flex(q, q, q, None, flexpos.full_mask(8, 8), 32**-0.5)
+    assert limits[-1] == 1000
 
 
 def test_backend_choice_is_made_before_running(monkeypatch):
