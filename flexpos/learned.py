@@ -27,10 +27,12 @@ def position_mlp(dim: int, depth: int, norm: bool, out: int | None = None) -> nn
 
 
 def run_mlp(mlp: nn.ModuleList, x: Tensor) -> Tensor:
-    """x (..., 1) -> (..., features), in the MLP's dtype."""
-    x = x.to(mlp[0][0].weight.dtype)
-    for layer in mlp:
-        x = layer(x)
+    """x (..., 1) -> (..., features), in the MLP's dtype, also under autocast: inputs are
+    positions (up to 1e9 / divide), whose features bf16 would round by up to 0.4% of their size."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.to(mlp[0][0].weight.dtype)
+        for layer in mlp:
+            x = layer(x)
     return x
 
 

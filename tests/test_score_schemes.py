@@ -104,6 +104,25 @@ def test_dpb_position_gradients_are_the_interpolation_slopes(dpb_grid):
     assert 0 < error <= bound * 1.01
 
 
+@pytest.mark.parametrize("scheme", ["alibi", "dpb"])
+def test_autocast_leaves_the_bias_in_float32(scheme):
+    """Under bf16 autocast the bias stays float32 (DPB's table MLP included) and is added to
+    float32 scores: autocast would round a bias of size 1e3 by whole units."""
+    q, k, v = qkv(dtype=torch.float32)
+    pos = irregular(B, L)  # distances up to ~6000: DPB's table stays exact
+    module = ALiBi(H) if scheme == "alibi" else DPB(16, H, depth=2, divide=10.0)
+    pq, hq = R.padded_positions(pos, B, L)
+    if scheme == "alibi":
+        bias = R.alibi_bias(H, pq, pq, hq, hq)
+    else:
+        bias = R.dpb_bias(module.double(), pq, pq, hq, hq, 10.0)
+        module.float()
+    ref = R.attend(q.double(), k.double(), v.double(), bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = flexpos.attention(q, k, v, module, pos=pos)
+    assert_close(out, ref, torch.float32)
+
+
 def test_dpb_padding_positions_decide_its_table(dpb_grid):
     """README: padded tokens count in DPB's table span. Padding that repeats the last real
     position keeps the biases between real tokens exact; padding with 0 at positions near 3e9
