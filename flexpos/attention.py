@@ -74,7 +74,7 @@ def attention(
     needs_grad = torch.is_grad_enabled() and (
         any(t.requires_grad for t in (q, k, v)) or any(p.requires_grad for m in modules for p in m.parameters())
     )
-    if choose_backend(backend, q, needs_grad, block_mask) == "flex":
+    if choose_backend(backend, q, needs_grad, block_mask, modules) == "flex":
         out = run_flex(q, k, v, score_mod, block_mask, scale)
     else:
         out = run_chunked(q, k, v, score_mod, block_mask, scale, needs_grad)

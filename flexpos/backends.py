@@ -15,7 +15,7 @@ calls in the process on a slow path.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from torch.fx.experimental import _config as fx_config
 from torch.utils.checkpoint import checkpoint
 
 from ._compile import CPU_FLEX_MIN_TORCH, lazy_compile, more_variants, torch_version
-from .base import ScoreMod, index_grids
+from .base import Positional, ScoreMod, index_grids
 from .masks import EMPTY, FULL, MaskMod, cpu_flex_safe, states_of
 from .positions import BLOCK
 
@@ -61,8 +61,15 @@ def check_backend(requested: object) -> None:
         raise ValueError(f"backend must be 'auto', 'flex' or 'chunked', got {requested!r}")
 
 
-def choose_backend(requested: Backend, q: Tensor, needs_grad: bool, block_mask: Optional[BlockMask] = None) -> str:
-    """'flex' or 'chunked' for inputs like ``q``; ``needs_grad`` if autograd must flow.
+def choose_backend(
+    requested: Backend,
+    q: Tensor,
+    needs_grad: bool,
+    block_mask: Optional[BlockMask] = None,
+    modules: Sequence[Positional] = (),
+) -> str:
+    """'flex' or 'chunked' for inputs like ``q`` and these positional ``modules``;
+    ``needs_grad`` if autograd must flow.
 
     'auto' is 'chunked' on CPU and 'flex' elsewhere, except for q/k head dims above
     :data:`MAX_FLEX_HEAD_DIM` (XL appends ``dim + 1`` features), which take 'chunked' too.
@@ -73,17 +80,23 @@ def choose_backend(requested: Backend, q: Tensor, needs_grad: bool, block_mask: 
     if requested == "auto":
         return "chunked" if q.device.type == "cpu" or q.shape[-1] > MAX_FLEX_HEAD_DIM else "flex"
     if requested == "flex" and q.device.type == "cpu":
-        why = _cpu_flex_refusal(q, needs_grad, block_mask)
+        why = _cpu_flex_refusal(q, needs_grad, block_mask, modules)
         if why is not None:
             raise ValueError(f"backend='flex' {why}; use backend='auto' or 'chunked'")
     return requested
 
 
-def _cpu_flex_refusal(q: Tensor, needs_grad: bool, block_mask: Optional[BlockMask]) -> Optional[str]:
-    """Why the CPU flex kernel cannot run this call, or None: torch before
-    :data:`CPU_FLEX_MIN_TORCH`; gradients (it has no backward); float64; masks whose mask_mod
-    reads a captured table (padding, dense, distance-window, segment masks), which torch 2.13
-    fails to build ("'cur_kvSplitSize2' was not declared") or indexes with a wrong stride."""
+def _cpu_flex_refusal(
+    q: Tensor, needs_grad: bool, block_mask: Optional[BlockMask], modules: Sequence[Positional] = ()
+) -> Optional[str]:
+    """Why the CPU flex kernel cannot run this call, or None: a module that says it cannot
+    (:attr:`Positional.cpu_flex_refusal`); torch before :data:`CPU_FLEX_MIN_TORCH`; gradients
+    (it has no backward); float64; masks whose mask_mod reads a captured table (padding, dense,
+    distance-window, segment masks), which torch 2.13 fails to build ("'cur_kvSplitSize2' was
+    not declared") or indexes with a wrong stride."""
+    for m in modules:
+        if m.cpu_flex_refusal is not None:
+            return f"cannot run {m.cpu_flex_refusal} on CPU"
     if torch_version() < CPU_FLEX_MIN_TORCH:
         return f"needs torch >= {'.'.join(map(str, CPU_FLEX_MIN_TORCH))} on CPU (found {torch.__version__})"
     if needs_grad or q.dtype == torch.float64:

@@ -105,6 +105,9 @@ class AdditiveMask(Positional):
     as a flexpos score_mod."""
 
     modifies_scores = True
+    # Its score_mod reads the caller's (L, L) tensor, which Inductor's CPU flex kernel
+    # (torch 2.13) fails to build; a failed compiled call would slow every later one.
+    cpu_flex_refusal = "a float mask"
 
     def __init__(self, bias: Tensor, first_query: int = 0) -> None:
         super().__init__()

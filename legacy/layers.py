@@ -178,7 +178,7 @@ class AttnLayer(nn.Module):
         if masks.bias is not None:
             modules.append(AdditiveMask(masks.bias, masks.bias_from))
         out = flexpos.attention(
-            q, k, v, *modules, pos=pos_batch, mask=masks.keep, causal=causal, backend=self._backend(masks, x.device)
+            q, k, v, *modules, pos=pos_batch, mask=masks.keep, causal=causal, backend=self._backend(masks)
         )
         return self.to_out(rearrange(out, "... n l h -> ... l (n h)"))
 
@@ -187,13 +187,9 @@ class AttnLayer(nn.Module):
         modules = (p.flex_module(batch, pos) for p in self.plugin)
         return [m for m in modules if m is not None]
 
-    def _backend(self, masks: LayerMask, device: torch.device) -> Backend:
+    def _backend(self, masks: LayerMask) -> Backend:
         """'auto' becomes 'chunked' for float masks that need gradients (flexpos only looks at
-        q, k, v and module parameters to decide). 'flex' on CPU refuses float masks: their
-        score_mod reads the caller's tensor, which Inductor's CPU flex kernel (torch 2.13) fails
-        to build, and a failed compiled call slows every later one."""
-        if self.backend == "flex" and device.type == "cpu" and masks.bias is not None:
-            raise ValueError("backend='flex' cannot run a float mask on CPU; use backend='auto' or 'chunked'")
+        q, k, v and module parameters to decide)."""
         if self.backend != "auto":
             return self.backend
         if masks.bias is not None and masks.bias.requires_grad and torch.is_grad_enabled():

@@ -28,7 +28,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 NH, H = 4, 12
 DIM = NH * H
 L = 20
-CPU = torch.device("cpu")
 BATCHES = [(2,), (2, 3)]
 
 PLUGINS = [
@@ -338,12 +337,12 @@ def test_compiled_layer_matches_the_original_with_xl_cls_tokens_and_causal():
 def test_float_masks_that_need_gradients_use_the_chunked_backend():
     layer = AttnLayer(DIM, None, nh=NH)
     learned = torch.randn(2, L, requires_grad=True)
-    assert layer._backend(layer_mask(torch.rand(2, L) > 0.5, (2,), NH, L), CPU) == "auto"
-    assert layer._backend(layer_mask(pair_mask(2, L, L), (2,), NH, L), CPU) == "auto"
-    assert layer._backend(layer_mask(learned.detach(), (2,), NH, L), CPU) == "auto"
-    assert layer._backend(layer_mask(learned, (2,), NH, L), CPU) == "chunked"
+    assert layer._backend(layer_mask(torch.rand(2, L) > 0.5, (2,), NH, L)) == "auto"
+    assert layer._backend(layer_mask(pair_mask(2, L, L), (2,), NH, L)) == "auto"
+    assert layer._backend(layer_mask(learned.detach(), (2,), NH, L)) == "auto"
+    assert layer._backend(layer_mask(learned, (2,), NH, L)) == "chunked"
     with torch.no_grad():
-        assert layer._backend(layer_mask(learned, (2,), NH, L), CPU) == "auto"
+        assert layer._backend(layer_mask(learned, (2,), NH, L)) == "auto"
 
 
 def test_layer_matches_the_dense_path_for_short_alibi_positions():
