@@ -56,7 +56,7 @@ def test_every_scheme_forward_and_backward_agrees(tmp_path, dense):
 
 
 def test_dense_path_that_would_not_fit_is_reported_not_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "available_bytes", lambda device: 64 * 2**20)
+    monkeypatch.setattr(bench.run, "available_bytes", lambda device: 64 * 2**20)
     data = run(tmp_path, "--schemes", "xl", "--backend", "chunked")
     row = data["results"][0]
     assert row["dense_status"].startswith("skipped: would need")
