@@ -1,8 +1,8 @@
-"""Where flexpos' CPU time goes: ALiBi forward, B=1 H=8 D=64, float32, one process.
+"""Where flexpos' CPU time goes: ALiBi or DPB forward, B=1 H=8 D=64, float32, one process.
 
-    python benchmarks/breakdown.py [--length 4096] [--repeat 5]
+    python benchmarks/breakdown.py [--scheme alibi] [--length 4096] [--repeat 5]
 
-Each step's median time and its ratio to plain SDPA (the floor), compile excluded:
+Each step's median time and its ratio to plain SDPA (the floor), compile excluded. ALiBi:
 
   floor        SDPA with no mask
   sdpa + bias  SDPA with the whole (1, H, L, L) ALiBi bias precomputed (the dense path's attention)
@@ -10,6 +10,13 @@ Each step's median time and its ratio to plain SDPA (the floor), compile exclude
   bias kernel  flexpos' compiled bias kernel alone, over every query chunk
   flexpos      flexpos.attention (chunked backend: bias kernel and SDPA, chunk by chunk)
   cpu flex     Inductor's CPU flex kernel (backend='flex'), with no score_mod and with ALiBi
+
+DPB (dim 32, depth 2; its MLP runs on a grid of distances, see flexpos/dpb.py):
+
+  floor        SDPA with no mask
+  table        the MLP on the grid of float positions (table_size nodes, whatever L)
+  flexpos      flexpos.attention with float positions (table + chunked backend)
+  int          flexpos.attention with integer positions (on CPU the grid has 2 * span + 1 nodes)
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ except ImportError:  # a checkout without `pip install -e .`
 from flexpos import backends
 from flexpos._compile import torch_version
 from flexpos.base import index_grids
+from flexpos.dpb import DistanceGrid
 from flexpos.positions import Positions
 
 B, H, D = 1, 8, 64
@@ -47,8 +55,8 @@ def median_ms(fn: Callable[[], object], repeat: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def steps(length: int) -> dict[str, Callable[[], object]]:
-    """The timed steps on one set of inputs (see the module docstring)."""
+def alibi_steps(length: int) -> dict[str, Callable[[], object]]:
+    """The timed ALiBi steps on one set of inputs (see the module docstring)."""
     q, k, v = (torch.randn(B, H, length, D) for _ in range(3))
     pos = torch.randint(1, 4, (B, length)).cumsum(-1)
     alibi = flexpos.ALiBi(H)
@@ -81,12 +89,30 @@ def steps(length: int) -> dict[str, Callable[[], object]]:
     return found
 
 
+def dpb_steps(length: int) -> dict[str, Callable[[], object]]:
+    """The timed DPB steps on one set of inputs (see the module docstring)."""
+    q, k, v = (torch.randn(B, H, length, D) for _ in range(3))
+    pos_int = torch.randint(1, 4, (B, length)).cumsum(-1)
+    pos_float = pos_int + torch.rand(B, length)
+    dpb = flexpos.DPB(32, H, depth=2)
+    span = (pos_float.max() - pos_float.min()).double()
+    grid = DistanceGrid.covering(span, integer=False, table_size=dpb.table_size, adaptive=True)
+    return {
+        "floor": lambda: F.scaled_dot_product_attention(q, k, v),
+        f"table ({dpb.table_size} nodes)": lambda: dpb.tables(grid, torch.float32),
+        "flexpos, float positions": lambda: flexpos.attention(q, k, v, dpb, pos=pos_float),
+        "flexpos, int positions": lambda: flexpos.attention(q, k, v, dpb, pos=pos_int),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scheme", choices=("alibi", "dpb"), default="alibi")
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ALiBi forward, B={B} H={H} "
+    steps = alibi_steps if args.scheme == "alibi" else dpb_steps
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.scheme} forward, B={B} H={H} "
           f"D={D} L={args.length}, float32; median of {args.repeat} runs, compile excluded")
     with torch.no_grad():
         times = {name: median_ms(fn, args.repeat) for name, fn in steps(args.length).items()}

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 import flexpos
+from flexpos.backends import Backend
 
 from .dense import (
     dense_alibi_bias,
@@ -39,7 +40,7 @@ class Setup:
     backward: bool = False
     dense: str = "auto"
     window: float = 512.0
-    backend: str = "auto"
+    backend: Backend = "auto"
     seed: int = 0
 
 
@@ -145,12 +146,13 @@ def bio_dense(
 
     elif s.scheme == "xl":
         bm = bio.XL(H * D, H)
+        xl = cast(flexpos.XL, fx)
         with torch.no_grad():
-            fx.embed_lin.load_state_dict(bm.embed_lin.state_dict())
-            fx.bias_r_w.copy_(bm.bias_r_w)
+            xl.embed_lin.load_state_dict(bm.embed_lin.state_dict())
+            xl.bias_r_w.copy_(bm.bias_r_w)
             # bio-attention's layer adds bias_r_w in mod_qkv and again inside mod_mask, so
             # its position term reads (q + 2u) . r: flexpos' v is set to 2u to match.
-            fx.bias_r_r.copy_(2 * bm.bias_r_w)
+            xl.bias_r_r.copy_(2 * bm.bias_r_w)
 
         def dense() -> Tensor:
             q2, k2, v2 = bm.mod_qkv(qb, kb, vb, pos_q_k=pos)

@@ -66,8 +66,11 @@ class Runner:
                 gen = torch.Generator().manual_seed(1)
                 self.grad_out = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
             out.backward(self.grad_out)
-        grads = tuple(t.grad for t in self.leaves)
+        grads = []
         for t in self.leaves:
+            if t.grad is None:
+                raise RuntimeError("the backward pass left an input without a gradient")
+            grads.append(t.grad)
             t.grad = None
         return (out.detach(), *grads)
 
