@@ -96,16 +96,22 @@ def states_of(block_mask: BlockMask) -> Tensor:
     return out[..., :nk]
 
 
-def _blocks(values: Tensor, length: int, fill: float) -> Tensor:
+def _blocks(values: Tensor, length: int, fill: float | int | bool) -> Tensor:
     """(B, L) -> (B, n_blocks, BLOCK), padding the tail with ``fill``."""
-    total = _n_blocks(length) * BLOCK
-    return F.pad(values, (0, total - values.shape[-1]), value=fill).unflatten(-1, (-1, BLOCK))
+    # Not F.pad: its fill goes through a double, which turns int64's max into its min.
+    tail = values.new_full((*values.shape[:-1], _n_blocks(length) * BLOCK - values.shape[-1]), fill)
+    return torch.cat((values, tail), -1).unflatten(-1, (-1, BLOCK))
 
 
 def _ranges(values: Tensor, present: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    """Per-block min and max of ``values`` (B, L) over tokens where ``present``: (B, n) each."""
-    lo = _blocks(torch.where(present, values, torch.inf), length, torch.inf).amin(-1)
-    hi = _blocks(torch.where(present, values, -torch.inf), length, -torch.inf).amax(-1)
+    """Per-block min and max of ``values`` (B, L) over tokens where ``present``: (B, n) each,
+    in ``values``' dtype (int64 ids stay exact). A block with no such token gets (max, min)."""
+    if values.is_floating_point():
+        top, bottom = torch.inf, -torch.inf
+    else:
+        top, bottom = torch.iinfo(values.dtype).max, torch.iinfo(values.dtype).min
+    lo = _blocks(torch.where(present, values, top), length, top).amin(-1)
+    hi = _blocks(torch.where(present, values, bottom), length, bottom).amax(-1)
     return lo, hi
 
 
@@ -211,15 +217,16 @@ def _causal_mask(len_q: int, len_k: int, device: torch.device) -> BlockMask:
 
 
 def _window_states(
-    q: tuple[Tensor, Tensor], k: tuple[Tensor, Tensor], window: float
+    q: tuple[Tensor, Tensor], k: tuple[Tensor, Tensor], window: float, margin: float | Tensor = 0.0
 ) -> tuple[Tensor, Tensor]:
-    """Full/empty tiles for ``|x_q - x_k| <= window`` from per-block (min, max) of x."""
+    """Full/empty tiles for ``|x_q - x_k| <= window`` from per-block (min, max) of x; tiles
+    with a pair within ``margin`` of the window are neither."""
     (q_lo, q_hi), (k_lo, k_hi) = q, k
     q_lo, q_hi = q_lo[:, :, None], q_hi[:, :, None]
     k_lo, k_hi = k_lo[:, None, :], k_hi[:, None, :]
     farthest = torch.maximum(q_hi - k_lo, k_hi - q_lo)
     nearest = torch.maximum(torch.maximum(k_lo - q_hi, q_lo - k_hi), torch.zeros_like(farthest))
-    return farthest <= window, nearest > window
+    return farthest <= window - margin, nearest > window + margin
 
 
 def _check_window(window: object) -> float:
@@ -270,7 +277,9 @@ def distance_window_mask(
     ``pos`` (B, *, L) for self-attention or ``pos_q`` (B, *, Lq') / ``pos_k`` (B, *, Lk'); the
     mask's batch is the product of the batch dims. Sequences may be longer than their
     positions (``len_q``/``len_k``); leading tokens without a position are not windowed. Any
-    positions work; sorted ones make the mask block-sparse.
+    positions work; sorted ones make the mask block-sparse. Distances are exact differences
+    rounded to float32: integer distances below 2**24 are exact, and a pair within a float32
+    rounding of the window (about 1e-7 of it) may fall on either side, the same way in any tile.
 
     Example::
 
@@ -290,11 +299,14 @@ def distance_window_mask(
     len_k = _length("len_k", len_k, "pos_k", 0 if pos_k is None else pos_k.shape[-1])
     positions = Positions.resolve(tuple(given.shape[:-1]), len_q, len_k, given.device, pos, pos_q, pos_k)
     rel = positions.relative(torch.float32)
-    shift = positions.offset().double()
     has_q, has_k = positions.has_position("q")[None], positions.has_position("k")[None]
-    q_ranges = _ranges(positions.absolute("q") - shift, has_q, len_q)
-    k_ranges = _ranges(positions.absolute("k") - shift, has_k, len_k)
-    full, empty = _window_states(q_ranges, k_ranges, w)
+    q_ranges = _ranges(positions.absolute("q", centred=True), has_q, len_q)
+    k_ranges = _ranges(positions.absolute("k", centred=True), has_k, len_k)
+    # The mask_mod compares float32 distances (relative error below 2**-22, plus 2**-45 of the
+    # positions' spread for float positions); tiles whose pairs come that close to the window
+    # are left to it, so each pair is decided alike whatever tile it is in.
+    margin = 0.0 if math.isinf(w) else w * 2.0**-20 + positions.span_tensor() * 2.0**-39
+    full, empty = _window_states(q_ranges, k_ranges, w, margin)
     unpositioned_q = _blocks(~has_q, len_q, False).any(-1)
     unpositioned_k = _blocks(~has_k, len_k, False).any(-1)
     empty = empty & ~(unpositioned_q[:, :, None] | unpositioned_k[:, None, :])
@@ -328,8 +340,8 @@ def segment_mask(segments_q: Tensor, segments_k: Optional[Tensor] = None) -> Blo
             f"segments_k must have shape ({segments_q.shape[0]}, Lk) to match segments_q, got {tuple(seg_k.shape)}"
         )
     len_q, len_k = segments_q.shape[-1], seg_k.shape[-1]
-    q_lo, q_hi = _ranges(segments_q.double(), torch.ones_like(segments_q, dtype=torch.bool), len_q)
-    k_lo, k_hi = _ranges(seg_k.double(), torch.ones_like(seg_k, dtype=torch.bool), len_k)
+    q_lo, q_hi = _ranges(segments_q.long(), torch.ones_like(segments_q, dtype=torch.bool), len_q)
+    k_lo, k_hi = _ranges(seg_k.long(), torch.ones_like(seg_k, dtype=torch.bool), len_k)
     q_lo, q_hi, k_lo, k_hi = q_lo[:, :, None], q_hi[:, :, None], k_lo[:, None, :], k_hi[:, None, :]
     full = (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
     empty = (k_lo > q_hi) | (k_hi < q_lo)

@@ -77,6 +77,7 @@ class Positions:
     def __init__(self, q: Tensor, k: Tensor, len_q: int, len_k: int) -> None:
         self.q, self.k, self.len_q, self.len_k = q, k, len_q, len_k
         self._relative: dict[torch.dtype, Relative] = {}  # shared by the score_mods of one call
+        self._offset: Optional[Tensor] = None
 
     @classmethod
     def resolve(
@@ -130,10 +131,15 @@ class Positions:
     def is_integer(self) -> bool:
         return not (self.q.is_floating_point() or self.k.is_floating_point())
 
-    def absolute(self, side: str) -> Tensor:
-        """Float64 positions of ``side`` ('q' or 'k'), zero-padded on the left to (B, L)."""
+    def absolute(self, side: str, centred: bool = False) -> Tensor:
+        """Float64 positions of ``side`` ('q' or 'k'), zero-padded on the left to (B, L).
+
+        ``centred``: minus the per-sequence :meth:`offset` (exact for ints), for schemes whose
+        effect depends on differences only: angles formed from it stay small, and so do their
+        gradients, which at positions near 1e9 would otherwise cancel in float32.
+        """
         p, length = (self.q, self.len_q) if side == "q" else (self.k, self.len_k)
-        p = p.to(torch.float64)
+        p = _minus(p, self.offset()) if centred else p.to(torch.float64)
         return torch.nn.functional.pad(p, (length - p.shape[-1], 0))
 
     def has_position(self, side: str) -> Tensor:
@@ -144,6 +150,11 @@ class Positions:
     def offset(self) -> Tensor:
         """(B, 1) per-sequence offset: the smallest position of either side (0 where neither
         side has one), in the positions' dtype (float64 if the sides differ)."""
+        if self._offset is None:
+            self._offset = self._smallest()
+        return self._offset
+
+    def _smallest(self) -> Tensor:
         # "> 0", not truthiness: torch 2.6 pins a symbolic length to its value on bool().
         lo_q = self.q.amin(-1, keepdim=True) if self.q.shape[-1] > 0 else None
         lo_k = self.k.amin(-1, keepdim=True) if self.k.shape[-1] > 0 else None
@@ -162,7 +173,7 @@ class Positions:
             return torch.zeros((), dtype=torch.float64, device=self.q.device)
         q, k = self.q.double(), self.k.double()
         far = torch.maximum(q.amax(-1) - k.amin(-1), k.amax(-1) - q.amin(-1))
-        return far.clamp(min=0).max()
+        return torch.cat((far.flatten(), far.new_zeros(1))).max()  # 0 for an empty batch too
 
     def relative(self, dtype: torch.dtype = torch.float32) -> Relative:
         """Distances for score_mods; ``dtype`` is float32, or float64 for float64 references."""
@@ -194,11 +205,16 @@ def _flat_or_default(p: Optional[Tensor], flat: int, length: int, device: torch.
     return p.reshape(flat, p.shape[-1]).to(device=device, dtype=wide)
 
 
-def _split(p: Tensor, ref: Tensor, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(B, L') positions -> hi/lo parts of ``p - ref`` in ``dtype``, padded to (B, pad(L))."""
+def _minus(p: Tensor, ref: Tensor) -> Tensor:
+    """Float64 ``p - ref``: exact for int64 positions, one rounding for floats."""
     if p.dtype != ref.dtype:
         p, ref = p.double(), ref.double()
-    rel = (p - ref).double()  # exact for int64; one rounding for floats
+    return (p - ref).double()
+
+
+def _split(p: Tensor, ref: Tensor, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(B, L') positions -> hi/lo parts of ``p - ref`` in ``dtype``, padded to (B, pad(L))."""
+    rel = _minus(p, ref)
     hi = rel.to(dtype)
     lo = (rel - hi.double()).to(dtype)
     total = table_len(length)

@@ -62,7 +62,9 @@ class Rotary(Positional):
     """Rotates query/key pairs ``(x_2m, x_2m+1)`` by angle ``p * theta_m / divide``.
 
     ``n_dims`` limits rotation to the first ``n_dims`` features of each head. Angles are formed
-    in float64 from absolute positions. Tokens without a position are left unrotated.
+    in float64 from absolute positions (in :func:`flexpos.attention`, from positions minus a
+    per-sequence offset when every token has one: same scores). Tokens without a position are
+    left unrotated.
 
     Example::
 
@@ -88,10 +90,11 @@ class Rotary(Positional):
     def constants(self) -> dict[str, Tensor]:
         return {"thetas": rotary_frequencies(self.head_dim, self.n_dims)}
 
-    def _cos_sin(self, positions: Positions, side: str, dtype: torch.dtype) -> Tensor:
+    def _cos_sin(self, positions: Positions, side: str, dtype: torch.dtype, centred: bool) -> Tensor:
         work = torch.promote_types(dtype, torch.float32)
         keep = positions.has_position(side)
-        return rotation(positions.absolute(side), keep, self.thetas, self.divisor(torch.float64), work)
+        pos = positions.absolute(side, centred)
+        return rotation(pos, keep, self.thetas, self.divisor(torch.float64), work)
 
     def _check_dim(self, name: str, x: Tensor) -> None:
         if x.shape[-1] != self.head_dim:
@@ -100,18 +103,28 @@ class Rotary(Positional):
                 f"got shape {tuple(x.shape)}"
             )
 
-    def rotate(self, x: Tensor, positions: Positions, side: str) -> Tensor:
-        """x (B, H, L, head_dim) with ``side``'s positions ('q' or 'k') -> rotated x."""
+    def rotate(self, x: Tensor, positions: Positions, side: str, centred: bool = False) -> Tensor:
+        """x (B, H, L, head_dim) with ``side``'s positions ('q' or 'k') -> rotated x; ``centred``:
+        by positions minus the per-sequence offset (see :meth:`transform_qk`)."""
         self._check_dim(side, x)
-        return _rotate(x, self._cos_sin(positions, side, x.dtype))
+        return _rotate(x, self._cos_sin(positions, side, x.dtype, centred))
 
-    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
+    def rotate_qk(self, q: Tensor, k: Tensor, positions: Positions, centred: bool = False) -> QK:
+        """q (B, H, Lq, head_dim) and k (B, H, Lk, head_dim) rotated, see :meth:`rotate`."""
         if positions.q is positions.k and q.shape[-2] == k.shape[-2]:  # self-attention: share angles
             self._check_dim("q", q)
             self._check_dim("k", k)
-            cos_sin = self._cos_sin(positions, "q", q.dtype)
+            cos_sin = self._cos_sin(positions, "q", q.dtype, centred)
             return QK(_rotate(q, cos_sin), _rotate(k, cos_sin))
-        return QK(self.rotate(q, positions, "q"), self.rotate(k, positions, "k"))
+        return QK(self.rotate(q, positions, "q", centred), self.rotate(k, positions, "k", centred))
+
+    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
+        """Inside attention. When every token has a position the scores depend on ``p_q - p_k``
+        only, so angles are counted from the per-sequence offset: at positions near 1e9 the
+        absolute angles' gradients with respect to a learned divisor cancel in float32 (0.5%
+        off, measured). With tokens that have no position, their scores with the others depend
+        on absolute angles, which are kept."""
+        return self.rotate_qk(q, k, positions, centred=positions.off_q == 0 and positions.off_k == 0)
 
     def forward(
         self,
@@ -133,5 +146,5 @@ class Rotary(Positional):
         batch = tuple(q.shape[:-3])
         positions = Positions.resolve(batch, q.shape[-2], k.shape[-2], q.device, pos, pos_q, pos_k)
         flat_q, flat_k = q.flatten(0, -4), k.flatten(0, -4)
-        out = self.transform_qk(flat_q, flat_k, positions)
+        out = self.rotate_qk(flat_q, flat_k, positions)
         return out.q.reshape(q.shape), out.k.reshape(k.shape)

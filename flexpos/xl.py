@@ -11,7 +11,9 @@ product of a query-side and a key-side feature vector::
 with ``a_i = W_h^T (q_i + v)``, ``c_i = (q_i + v) . b_h``, ``S_i, C_i = sin, cos(w_m p_i / div)``,
 ``f_i = [a_2m S_i + a_2m+1 C_i, a_2m+1 S_i - a_2m C_i, c_i]`` and ``g_j = [C_j, S_j, 1]``.
 Appending ``f`` to q and ``g`` to k lets FlexAttention compute the bias exactly at the cost
-of ``dim + 1`` extra features per head; angles are taken in float64 from absolute positions.
+of ``dim + 1`` extra features per head; angles are taken in float64 from positions minus a
+per-sequence offset (which the differences do not see), so that they and their gradients stay
+small at genomic coordinates.
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ class XL(Positional):
         nn.init.uniform_(self.bias_r_r, -bound, bound)
 
     def _angles(self, positions: Positions, side: str) -> tuple[Tensor, Tensor]:
-        """sin and cos of ``w_m p / div``: (B, 1, L, dim / 2) float64 each."""
-        angles = (positions.absolute(side) / self.divisor(torch.float64))[..., None]
+        """sin and cos of ``w_m p / div``: (B, 1, L, dim / 2) float64 each; ``p`` counted from
+        the per-sequence offset, which the bias, a function of ``p_i - p_j``, does not see."""
+        angles = (positions.absolute(side, centred=True) / self.divisor(torch.float64))[..., None]
         angles = angles * self.inv_freq.double()
         return angles.sin()[:, None], angles.cos()[:, None]
 

@@ -275,3 +275,37 @@ def test_full_and_causal_masks_are_built_once_per_shape():
     assert flexpos.full_mask(300, 301) is not flexpos.full_mask(300, 300)
     assert flexpos.causal_mask(300) is flexpos.causal_mask(300, 300, "cpu")
     assert flexpos.causal_mask(300, 400) is not flexpos.causal_mask(300)
+
+
+def test_segment_ids_beyond_float64_precision():
+    """int64 ids such as hashes: 2**60 and 2**60 + 1 are one float64 number, two segments."""
+    ids = torch.full((1, LQ), 2**60)
+    ids[0, 150:] = 2**60 + 1
+    ids[0, 256:] = torch.iinfo(torch.int64).max  # the last block, padded past the largest id
+    states = check(M.segment_mask(ids), (ids[:, :, None] == ids[:, None, :])[:, None])
+    assert states[0, 0, 2, 2] == M.FULL  # the padded tail block holds one id
+
+
+@pytest.mark.parametrize(
+    "pos, window",
+    [
+        # int64: |delta| = 20_000_001 rounds to the window in float32
+        (torch.cat([torch.zeros(1, 128, dtype=torch.int64), torch.full((1, 172), 20_000_001)], -1), 20_000_000),
+        (torch.cat([torch.zeros(1, 128, dtype=torch.int64), torch.tensor([[5]]), torch.full((1, 171), 20_000_001)], -1),
+         20_000_000),
+        # float64 m/z-like positions 1e-5 past the window
+        (torch.cat([torch.full((1, 128), 100.0, dtype=torch.float64), torch.full((1, 172), 1100.00001, dtype=torch.float64)], -1), 1000.0),
+    ],
+    ids=["int-far-tile", "int-mixed-tile", "float"],
+)
+def test_distance_window_decides_each_pair_alike_in_every_tile(pos, window):
+    """The mask_mod compares float32 distances; tiles are classified from float64 ranges. Tiles
+    within float32 rounding of the window are left partial, so a tile's state never contradicts
+    the mask_mod (a pair's fate does not depend on its tile-mates), and pairs farther than that
+    rounding from the window follow the exact rule."""
+    mask = M.distance_window_mask(window, pos=pos)
+    check(mask, materialise(mask))
+    p = pos.double()
+    delta = (p[:, :, None] - p[:, None, :]).abs()[:, None]
+    clear = (delta - window).abs() > window * 2.0**-20
+    assert torch.equal(materialise(mask)[clear], (delta <= window)[clear])
