@@ -17,7 +17,7 @@ from ._checks import check_float, check_positive_float, check_rank, check_tensor
 from .backends import Backend, choose_backend, run_chunked, run_flex
 from .base import Positional, ScoreMod
 from .masks import and_masks, causal_mask, dense_mask, full_mask
-from .positions import Positions
+from .positions import BLOCK, Positions
 
 Mask = Union[BlockMask, Tensor, None]
 
@@ -91,9 +91,10 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}/{k.dtype}/{v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}/{k.device}/{v.device}")
-    if 0 in (*batch, q.shape[-2], k.shape[-2]):
+    if 0 in (*batch, q.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1]):
         raise ValueError(
-            f"q and k need at least one sequence and one token each, got q {tuple(q.shape)}, k {tuple(k.shape)}"
+            "q and k need at least one sequence, head, token and feature each, "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
     if tuple(k.shape[:-1]) != (*batch, q.shape[-3], k.shape[-2]) or k.shape[-1] != q.shape[-1]:
         raise ValueError(
@@ -132,6 +133,8 @@ def _resolve_mask(
     if mask is None:
         block_mask = full_mask(len_q, len_k, device)
     elif isinstance(mask, BlockMask):
+        if tuple(mask.BLOCK_SIZE) != (BLOCK, BLOCK):
+            raise ValueError(f"mask (a BlockMask) must use {BLOCK}x{BLOCK} blocks, got {tuple(mask.BLOCK_SIZE)}")
         if tuple(mask.seq_lengths) != (len_q, len_k):
             raise ValueError(f"mask (a BlockMask) is for (Lq, Lk)={tuple(mask.seq_lengths)}, inputs have {(len_q, len_k)}")
         if mask.kv_num_blocks.shape[0] not in (1, flat) or mask.kv_num_blocks.shape[1] not in (1, heads):

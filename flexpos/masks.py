@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -231,7 +232,7 @@ def _window_states(
 
 def _check_window(window: object) -> float:
     """A window half-width: an int or float >= 0; ``inf`` keeps every pair (no window)."""
-    if isinstance(window, bool) or not isinstance(window, (int, float)):
+    if isinstance(window, bool) or not isinstance(window, numbers.Real):
         raise TypeError(f"window must be a number >= 0, got {type(window).__name__}")
     if math.isnan(window) or window < 0:
         raise ValueError(f"window must be a number >= 0 (inf for no window), got {window}")
@@ -339,9 +340,10 @@ def segment_mask(segments_q: Tensor, segments_k: Optional[Tensor] = None) -> Blo
         raise ValueError(
             f"segments_k must have shape ({segments_q.shape[0]}, Lk) to match segments_q, got {tuple(seg_k.shape)}"
         )
+    segments_q, seg_k = segments_q.long(), seg_k.long()  # exact for any id; unsigned ids pad with -1
     len_q, len_k = segments_q.shape[-1], seg_k.shape[-1]
-    q_lo, q_hi = _ranges(segments_q.long(), torch.ones_like(segments_q, dtype=torch.bool), len_q)
-    k_lo, k_hi = _ranges(seg_k.long(), torch.ones_like(seg_k, dtype=torch.bool), len_k)
+    q_lo, q_hi = _ranges(segments_q, torch.ones_like(segments_q, dtype=torch.bool), len_q)
+    k_lo, k_hi = _ranges(seg_k, torch.ones_like(seg_k, dtype=torch.bool), len_k)
     q_lo, q_hi, k_lo, k_hi = q_lo[:, :, None], q_hi[:, :, None], k_lo[:, None, :], k_hi[:, None, :]
     full = (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
     empty = (k_lo > q_hi) | (k_hi < q_lo)

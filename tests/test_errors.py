@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import create_block_mask
 
 import flexpos
 from flexpos import DPB, XL, ALiBi, AttentionLayer, LearnedVocab, Rotary, Sinusoidal
@@ -45,9 +46,13 @@ def attn(*args, **kwargs):
         (lambda: attn(q, k, v, mask=[1, 2]), TypeError, "mask must be a BlockMask"),
         (lambda: attn(q, k, v, mask=flexpos.full_mask(10, 10)), ValueError, r"mask \(a BlockMask\) is for \(Lq, Lk\)"),
         (lambda: attn(q, k, v, mask=torch.ones(2, 12, dtype=torch.bool, device="meta")), ValueError, "mask is on meta"),
-        (lambda: attn(q[:, :, :0], k, v), ValueError, "at least one sequence and one token"),
-        (lambda: attn(q, k[:, :, :0], v[:, :, :0]), ValueError, "at least one sequence and one token"),
-        (lambda: attn(q[:0], k[:0], v[:0]), ValueError, "at least one sequence and one token"),
+        (lambda: attn(q[:, :, :0], k, v), ValueError, "at least one sequence, head, token"),
+        (lambda: attn(q, k[:, :, :0], v[:, :, :0]), ValueError, "at least one sequence, head, token"),
+        (lambda: attn(q[:0], k[:0], v[:0]), ValueError, "at least one sequence, head, token"),
+        (lambda: attn(q[:, :0], k[:, :0], v[:, :0]), ValueError, "at least one sequence, head, token and feature"),
+        (lambda: attn(q[..., :0], k[..., :0], v), ValueError, "at least one sequence, head, token and feature"),
+        (lambda: attn(q, k, v, mask=create_block_mask(lambda b, h, i, j: i >= j, None, None, 10, 12, "cpu", BLOCK_SIZE=64)),
+         ValueError, r"mask \(a BlockMask\) must use 128x128 blocks"),
         (lambda: attn(q, k, v, scale="a"), TypeError, "scale must be a positive float"),
         (lambda: attn(q, k, v, scale=float("nan")), ValueError, "scale must be a finite positive"),
         (lambda: attn(q, k, v, scale=torch.tensor(0.5, requires_grad=True)), TypeError, "scale must be a positive float"),

@@ -277,6 +277,18 @@ def test_full_and_causal_masks_are_built_once_per_shape():
     assert flexpos.causal_mask(300, 400) is not flexpos.causal_mask(300)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_segment_ids_of_narrow_integer_dtypes(dtype):
+    ids = torch.repeat_interleave(torch.arange(3), torch.tensor([100, 60, 140]))[None].to(dtype)
+    check(M.segment_mask(ids), (ids[:, :, None] == ids[:, None, :])[:, None])
+
+
+def test_windows_take_numpy_scalars():
+    np = pytest.importorskip("numpy")
+    for window in (np.int64(5), np.float32(5.0)):
+        assert torch.equal(M.states_of(M.sliding_window_mask(LQ, window)), M.states_of(M.sliding_window_mask(LQ, 5)))
+
+
 def test_segment_ids_beyond_float64_precision():
     """int64 ids such as hashes: 2**60 and 2**60 + 1 are one float64 number, two segments."""
     ids = torch.full((1, LQ), 2**60)
