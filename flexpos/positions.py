@@ -131,7 +131,7 @@ class Positions:
     def is_integer(self) -> bool:
         return not (self.q.is_floating_point() or self.k.is_floating_point())
 
-    def absolute(self, side: str, centred: bool = False) -> Tensor:
+    def per_token(self, side: str, centred: bool = False) -> Tensor:
         """Float64 positions of ``side`` ('q' or 'k'), zero-padded on the left to (B, L).
 
         ``centred``: minus the per-sequence :meth:`offset` (exact for ints), for schemes whose

@@ -93,7 +93,7 @@ class Rotary(Positional):
     def _cos_sin(self, positions: Positions, side: str, dtype: torch.dtype, centred: bool) -> Tensor:
         work = torch.promote_types(dtype, torch.float32)
         keep = positions.has_position(side)
-        pos = positions.absolute(side, centred)
+        pos = positions.per_token(side, centred)
         return rotation(pos, keep, self.thetas, self.divisor(torch.float64), work)
 
     def _check_dim(self, name: str, x: Tensor) -> None:
