@@ -45,7 +45,8 @@ def attention(
             (B, *, Lk') for cross-attention. Ints or floats; default ``0 .. L-1``. With fewer
             positions than tokens the first tokens have none and get no positional effect.
             Positions on another device are copied to q's.
-        mask: a BlockMask, or a bool tensor (True = attend) of shape (B, *, Lk),
+        mask: a BlockMask of 128x128 blocks (flexpos' builders, or ``create_block_mask``'s
+            default), or a bool tensor (True = attend) of shape (B, *, Lk),
             (B, *, Lq, Lk) or (B, *, H, Lq, Lk).
         causal: also mask keys after the query (by index, top-left aligned).
         scale: score scale, default ``1 / sqrt(D)``.

@@ -301,11 +301,11 @@ def distance_window_mask(
     positions = Positions.resolve(tuple(given.shape[:-1]), len_q, len_k, given.device, pos, pos_q, pos_k)
     rel = positions.relative(torch.float32)
     has_q, has_k = positions.has_position("q")[None], positions.has_position("k")[None]
-    q_ranges = _ranges(positions.per_token("q", centred=True), has_q, len_q)
-    k_ranges = _ranges(positions.per_token("k", centred=True), has_k, len_k)
-    # The mask_mod compares float32 distances (relative error below 2**-22, plus 2**-45 of the
-    # positions' spread for float positions); tiles whose pairs come that close to the window
-    # are left to it, so each pair is decided alike whatever tile it is in.
+    q_ranges = _ranges(positions.absolute("q", centred=True), has_q, len_q)
+    k_ranges = _ranges(positions.absolute("k", centred=True), has_k, len_k)
+    # The mask_mod compares float32 distances: relative error below 2**-22, plus a few 2**-46
+    # of |p - offset| (at most twice the span) for float positions. Tiles whose pairs come
+    # within that of the window are left to it, so each pair is decided alike in any tile.
     margin = 0.0 if math.isinf(w) else w * 2.0**-20 + positions.span_tensor() * 2.0**-39
     full, empty = _window_states(q_ranges, k_ranges, w, margin)
     unpositioned_q = _blocks(~has_q, len_q, False).any(-1)

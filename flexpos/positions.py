@@ -131,10 +131,11 @@ class Positions:
     def is_integer(self) -> bool:
         return not (self.q.is_floating_point() or self.k.is_floating_point())
 
-    def per_token(self, side: str, centred: bool = False) -> Tensor:
+    def absolute(self, side: str, centred: bool = False) -> Tensor:
         """Float64 positions of ``side`` ('q' or 'k'), zero-padded on the left to (B, L).
 
-        ``centred``: minus the per-sequence :meth:`offset` (exact for ints), for schemes whose
+        ``centred``: minus the per-sequence :meth:`offset` (exact for ints; no longer absolute
+        then, but the name stays), for schemes whose
         effect depends on differences only: angles formed from it stay small, and so do their
         gradients, which at positions near 1e9 would otherwise cancel in float32.
         """

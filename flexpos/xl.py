@@ -71,7 +71,7 @@ class XL(Positional):
     def _angles(self, positions: Positions, side: str) -> tuple[Tensor, Tensor]:
         """sin and cos of ``w_m p / div``: (B, 1, L, dim / 2) float64 each; ``p`` counted from
         the per-sequence offset, which the bias, a function of ``p_i - p_j``, does not see."""
-        angles = (positions.per_token(side, centred=True) / self.divisor(torch.float64))[..., None]
+        angles = (positions.absolute(side, centred=True) / self.divisor(torch.float64))[..., None]
         angles = angles * self.inv_freq.double()
         return angles.sin()[:, None], angles.cos()[:, None]
 
