@@ -78,7 +78,7 @@ class AttentionLayer(nn.Module):
         encoders = [m for m in self.positional if m.transforms_input]
         x = _encode(encoders, x, pos)
         cross = context is not None
-        if context is not None and pos_context is not None:
+        if cross and pos_context is not None:
             context = _encode(encoders, context, pos_context)
         heads = lambda t: rearrange(t, "... l (h d) -> ... h l d", h=self.n_heads)  # noqa: E731
         q = heads(self.to_q(x))
