@@ -6,11 +6,15 @@ expected, so that a wrong call fails at the boundary instead of deep inside a co
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+# Position dtypes: every int, and the floats whose values torch can check and subtract.
+_FLOAT_POSITIONS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_tensor(name: str, x: object) -> Tensor:
@@ -29,6 +33,25 @@ def check_rank(name: str, x: Tensor, min_rank: int, shape_doc: str) -> None:
 def check_float(name: str, x: Tensor) -> None:
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating point tensor, got dtype {x.dtype}")
+
+
+def check_bool(name: str, value: object) -> bool:
+    """A Python bool, or numpy's (``np.bool_``)."""
+    kind = type(value)
+    if isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {kind.__module__}.{kind.__qualname__}".replace("builtins.", ""))
+
+
+def check_module_device(module: nn.Module, device: torch.device) -> None:
+    """``module``'s parameters and buffers must be on ``device``, its input's device."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.device != device:
+            raise ValueError(
+                f"{type(module).__name__} is on {t.device} but its input is on {device}: "
+                f"move the module with .to({str(device)!r})"
+            )
+        return
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -63,11 +86,18 @@ def check_positive_float(name: str, value: object) -> float:
     return float(value)
 
 
-def check_positions(name: str, pos: Tensor, batch: Sequence[int], length: int) -> None:
-    """``pos`` must be ``(*batch, L')`` with ``L' <= length``, real-valued and finite."""
+def check_positions(
+    name: str, pos: Tensor, batch: Sequence[int], length: int, device: Optional[torch.device] = None
+) -> None:
+    """``pos`` must be ``(*batch, L')`` with ``L' <= length``, real-valued and finite, and
+    readable from ``device`` (the meta device holds no values)."""
     check_tensor(name, pos)
-    if pos.dtype == torch.bool or pos.is_complex():
-        raise TypeError(f"{name} must hold int or float positions, got dtype {pos.dtype}")
+    if pos.dtype == torch.bool or pos.is_complex() or (pos.is_floating_point() and pos.dtype not in _FLOAT_POSITIONS):
+        raise TypeError(
+            f"{name} must hold int or float positions (float16, bfloat16, float32 or float64), got dtype {pos.dtype}"
+        )
+    if pos.is_meta and device is not None and device.type != "meta":
+        raise ValueError(f"{name} is on the meta device (no values) but the attention inputs are on {device}")
     # Messages are formatted only on failure: formatting a symbolic length while a caller's
     # torch.compile traces would pin it to its value (a recompile for every new length).
     expected = lambda: f"({', '.join(map(str, batch))}, L') with L' <= {length}"  # noqa: E731

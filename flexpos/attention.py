@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._checks import check_float, check_positive_float, check_rank, check_tensor
+from ._checks import check_bool, check_float, check_module_device, check_positive_float, check_rank, check_tensor
 from .backends import Backend, choose_backend, run_chunked, run_flex
 from .base import Positional, ScoreMod
 from .masks import and_masks, causal_mask, dense_mask, full_mask
@@ -62,10 +62,9 @@ def attention(
     """
     batch = _check_qkv(q, k, v)
     heads, len_q, len_k, head_dim = q.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1]
-    modules = _check_positional(positional, heads, head_dim)
+    modules = _check_positional(positional, heads, head_dim, q.device)
     scale = head_dim**-0.5 if scale is None else check_positive_float("scale", scale)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    causal = check_bool("causal", causal)
     positions = Positions.resolve(batch, len_q, len_k, q.device, pos, pos_q, pos_k)
     block_mask = _resolve_mask(mask, causal, batch, heads, len_q, len_k, q.device)
     q, k, v = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
@@ -73,7 +72,8 @@ def attention(
     score_mod = _compose(modules, positions, torch.float64 if q.dtype == torch.float64 else torch.float32)
 
     needs_grad = torch.is_grad_enabled() and (
-        any(t.requires_grad for t in (q, k, v)) or any(p.requires_grad for m in modules for p in m.parameters())
+        any(t.requires_grad for t in (q, k, v, positions.q, positions.k))
+        or any(p.requires_grad for m in modules for p in m.parameters())
     )
     if choose_backend(backend, q, needs_grad, block_mask, modules) == "flex":
         out = run_flex(q, k, v, score_mod, block_mask, scale)
@@ -92,10 +92,10 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}/{k.dtype}/{v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}/{k.device}/{v.device}")
-    if 0 in (*batch, q.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1]):
+    if 0 in (*batch, q.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]):
         raise ValueError(
-            "q and k need at least one sequence, head, token and feature each, "
-            f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
+            "q, k and v need at least one sequence, head, token and feature each, "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if tuple(k.shape[:-1]) != (*batch, q.shape[-3], k.shape[-2]) or k.shape[-1] != q.shape[-1]:
         raise ValueError(
@@ -107,7 +107,9 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
     return batch
 
 
-def _check_positional(modules: Sequence[object], heads: int, head_dim: int) -> list[Positional]:
+def _check_positional(
+    modules: Sequence[object], heads: int, head_dim: int, device: torch.device
+) -> list[Positional]:
     checked: list[Positional] = []
     for m in modules:
         if not isinstance(m, Positional):
@@ -123,6 +125,7 @@ def _check_positional(modules: Sequence[object], heads: int, head_dim: int) -> l
         own_dim = getattr(m, "head_dim", head_dim)
         if own_dim != head_dim:
             raise ValueError(f"{type(m).__name__} was built for head_dim={own_dim} but q has head dim {head_dim}")
+        check_module_device(m, device)
         checked.append(m)
     return checked
 
@@ -164,15 +167,16 @@ def _transform_qk(
 ) -> tuple[Tensor, Tensor, float]:
     """Apply query/key transforms in order; append their features, folding ``scale`` into q."""
     extra_q, extra_k = [], []
-    for m in modules:
-        if m.transforms_qk:
-            out = m.transform_qk(q, k, positions)
-            q, k = out.q, out.k
-            if out.extra_q is not None:
-                if out.extra_k is None:
-                    raise ValueError(f"{type(m).__name__}.transform_qk returned extra_q without extra_k")
-                extra_q.append(out.extra_q)
-                extra_k.append(out.extra_k.expand(k.shape[0], k.shape[1], -1, -1))
+    transforms = [m for m in modules if m.transforms_qk]
+    for i, m in enumerate(transforms):
+        # Later transforms read q and k (XL's features read q): only the last may move the origin.
+        out = m.transform_qk(q, k, positions, dot_only=i == len(transforms) - 1)
+        q, k = out.q, out.k
+        if out.extra_q is not None:
+            if out.extra_k is None:
+                raise ValueError(f"{type(m).__name__}.transform_qk returned extra_q without extra_k")
+            extra_q.append(out.extra_q)
+            extra_k.append(out.extra_k.expand(k.shape[0], k.shape[1], -1, -1))
     if not extra_q:
         return q, k, scale
     return torch.cat([q * scale, *extra_q], -1), torch.cat([k, *extra_k], -1), 1.0

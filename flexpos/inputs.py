@@ -16,7 +16,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_bool_mask, check_float, check_rank, check_tensor
+from ._checks import check_bool_mask, check_float, check_module_device, check_rank, check_tensor
 from .base import Positional
 from .positions import Positions
 
@@ -36,6 +36,7 @@ class InputTransform(Positional):
         check_float("x", x)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (*, L, {self.dim}), got {tuple(x.shape)}")
+        check_module_device(self, x.device)
         batch, length = tuple(x.shape[:-2]), x.shape[-2]
         positions = Positions.resolve(batch, length, length, x.device, pos=pos)
         keep = positions.has_position("q").expand(positions.batch, length)

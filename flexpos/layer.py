@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -97,20 +98,24 @@ class AttentionLayer(nn.Module):
         """Inputs and positions, named as the caller named them (not as attention's pos_q/pos_k)."""
         batch = tuple(self._check_input("x", x).shape[:-2])
         if pos is not None:
-            check_positions("pos", pos, batch, x.shape[-2])
+            check_positions("pos", pos, batch, x.shape[-2], x.device)
         if context is None:
             if pos_context is not None:
                 raise ValueError("pos_context is for cross-attention: pass context too")
             return
         length = self._check_input("context", context, batch=batch).shape[-2]
         if pos_context is not None:
-            check_positions("pos_context", pos_context, batch, length)
+            check_positions("pos_context", pos_context, batch, length, x.device)
 
     def _check_input(self, name: str, t: object, batch: Optional[tuple[int, ...]] = None) -> Tensor:
-        """``t`` must be a float (B, *, L, dim) tensor, with batch dims ``batch`` if given."""
+        """``t`` must be a float (B, *, L, dim) tensor, with batch dims ``batch`` if given, and
+        of the layer's dtype (unless autocast casts it)."""
         t = check_tensor(name, t)
         check_rank(name, t, 3, "(B, *, L, dim)")
         check_float(name, t)
+        weight = self.to_q.weight
+        if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
+            raise TypeError(f"{name} must have the layer's dtype {weight.dtype}, got {t.dtype} (or run under autocast)")
         batch = tuple(t.shape[:-2]) if batch is None else batch
         if t.shape[-1] != self.dim or tuple(t.shape[:-2]) != batch:
             raise ValueError(f"{name} must have shape {(*batch, 'L', self.dim)}, got {tuple(t.shape)}")

@@ -245,9 +245,10 @@ def sliding_window_mask(
     """Query i attends to keys j with ``|i - j| <= window`` (token indices)."""
     len_q = check_length("len_q", len_q)
     len_k = len_q if len_k is None else check_length("len_k", len_k)
-    w = _check_window(window)
-    full, empty = _window_states(_index_ranges(len_q, device), _index_ranges(len_k, device), w)
-    w_t = torch.tensor(w, device=device)
+    # Index distances are integers: compare them with the whole part of the window, exactly.
+    reach = math.floor(min(_check_window(window), len_q + len_k))
+    full, empty = _window_states(_index_ranges(len_q, device), _index_ranges(len_k, device), reach)
+    w_t = torch.tensor(reach, dtype=torch.int64, device=device)
 
     @_flex_cpu_ok
     def sliding_window(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -312,9 +313,10 @@ def distance_window_mask(
     unpositioned_k = _blocks(~has_k, len_k, False).any(-1)
     empty = empty & ~(unpositioned_q[:, :, None] | unpositioned_k[:, None, :])
     w_t = torch.tensor(w, dtype=torch.float32, device=given.device)
+    batch = positions.batch
 
     def distance_window(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        delta, valid = rel.distance(b, q_idx, kv_idx)
+        delta, valid = rel.distance(shared_index(b, batch), q_idx, kv_idx)
         return (delta.abs() <= w_t) | ~valid
 
     return from_states(_tile_states(full, empty), distance_window, len_q, len_k)
@@ -336,6 +338,8 @@ def segment_mask(segments_q: Tensor, segments_k: Optional[Tensor] = None) -> Blo
         if s.is_floating_point() or s.is_complex() or s.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor of segment ids, got dtype {s.dtype}")
         _check_per_token(name, s, shape_doc)
+    if seg_k.device != segments_q.device:
+        raise ValueError(f"segments_k is on {seg_k.device}, segments_q on {segments_q.device}: pass them on one device")
     if seg_k.shape[0] != segments_q.shape[0]:
         raise ValueError(
             f"segments_k must have shape ({segments_q.shape[0]}, Lk) to match segments_q, got {tuple(seg_k.shape)}"
@@ -400,6 +404,9 @@ def _check_combinable(masks: Sequence[BlockMask]) -> None:
     sizes = [tuple(m.BLOCK_SIZE) for m in masks]
     if any(size != (BLOCK, BLOCK) for size in sizes):
         raise ValueError(f"and_masks needs masks with {BLOCK}x{BLOCK} blocks, got block sizes {sizes}")
+    devices = {str(m.kv_num_blocks.device) for m in masks}
+    if len(devices) > 1:
+        raise ValueError(f"and_masks needs masks on one device, got {' and '.join(sorted(devices))}")
     shapes = [tuple(m.kv_num_blocks.shape[:2]) for m in masks]
     for dim, what in ((0, "batch"), (1, "head")):
         if len({shape[dim] for shape in shapes} - {1}) > 1:

@@ -104,7 +104,7 @@ class Positions:
                     f"{len_k}; pass pos_q and pos_k for cross-attention"
                 )
             pos_q = pos_k = pos
-        check_pos = lambda name, p, n: check_positions(name, p, batch, n)  # noqa: E731
+        check_pos = lambda name, p, n: check_positions(name, p, batch, n, device)  # noqa: E731
         if pos_q is not None:
             check_pos("pos" if pos is not None else "pos_q", pos_q, len_q)
         if pos_k is not None and pos is None:

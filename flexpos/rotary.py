@@ -118,14 +118,15 @@ class Rotary(Positional):
             return QK(_rotate(q, cos_sin), _rotate(k, cos_sin))
         return QK(self.rotate(q, positions, "q", centred), self.rotate(k, positions, "k", centred))
 
-    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
-        """Inside attention. When every token has a position the scores depend on ``p_q - p_k``
-        only, so angles are counted from the per-sequence offset: at positions near 1e9 the
-        absolute angles' gradients with respect to a learned divisor cancel in float32 (up to
-        37% off, measured). With tokens that have no position, their scores with the others
-        depend on absolute angles, which are kept. :meth:`forward` (rotated q and k for the
-        caller) always uses absolute angles."""
-        return self.rotate_qk(q, k, positions, centred=positions.off_q == 0 and positions.off_k == 0)
+    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions, *, dot_only: bool = False) -> QK:
+        """Inside attention. When q and k meet only in their dot product (``dot_only``) and every
+        token has a position, the scores depend on ``p_q - p_k`` only, so angles are counted
+        from the per-sequence offset: at positions near 1e9 the absolute angles' gradients with
+        respect to a learned divisor cancel in float32 (up to 37% off, measured). Otherwise
+        (a later transform such as XL reads the rotated q; tokens without a position score
+        against the others by absolute angle) angles stay absolute, as in :meth:`forward`."""
+        centred = dot_only and positions.off_q == 0 and positions.off_k == 0
+        return self.rotate_qk(q, k, positions, centred=centred)
 
     def forward(
         self,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import flexpos
-from flexpos._checks import check_tensor
+from flexpos._checks import check_rank, check_tensor
 from flexpos.alibi import alibi_slopes
 from flexpos.base import QK, Positional, ScoreMod
 from flexpos.inputs import InputTransform
@@ -121,7 +121,8 @@ class _InputMixin(Base):
         pos = expand_batch(pos, batch)
         if mask is not None:
             covered = x.shape[-2] if pos is None else pos.shape[-1]
-            mask = F.pad(check_tensor("mask", mask), (covered - mask.shape[-1], 0), value=True)  # pads or crops
+            check_rank("mask", check_tensor("mask", mask), 1, "(*batch, L')")
+            mask = F.pad(mask, (covered - mask.shape[-1], 0), value=True)  # pads or crops
         return InputTransform.forward(self, x, pos, expand_batch(mask, batch, "mask"))
 
 
@@ -169,7 +170,7 @@ class Rotary(Base, flexpos.Rotary):
         keep = positions.has_position(side).to(x.dtype)[:, None]  # (L, 1)
         return self.rotate(x, positions, side) * keep
 
-    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
+    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions, *, dot_only: bool = False) -> QK:
         return QK(self._rotate_or_zero(q, positions, "q"), self._rotate_or_zero(k, positions, "k"))
 
     def mod_qkv(
@@ -352,7 +353,7 @@ class XL(_BiasMixin, flexpos.XL):
         flexpos.XL.__init__(self, dim, n_heads, divide, learned_div)
         hint_once("positional.XL")
 
-    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
+    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions, *, dot_only: bool = False) -> QK:
         self.check_heads(q)
         u = self.bias_r_w.to(q.dtype)[None, :, None]
         q_u = q + u
@@ -371,6 +372,9 @@ class XL(_BiasMixin, flexpos.XL):
         **kwargs,
     ) -> QKV:
         """q (B, *, L1, NH, H) -> q + bias_r_w; k and v unchanged."""
+        head_dim = self.dim // self.n_heads
+        if check_tensor("q", q).ndim < 3 or tuple(q.shape[-2:]) != (self.n_heads, head_dim):
+            raise ValueError(f"q must have shape (B, *, L1, {self.n_heads}, {head_dim}), got {tuple(q.shape)}")
         return q + self.bias_r_w, k, v
 
     def dense(self, q: Tensor, positions: Positions, bias_batch: tuple[int, ...]) -> Tensor:

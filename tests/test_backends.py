@@ -134,6 +134,16 @@ def test_backend_choice_is_made_before_running(monkeypatch):
         choose_backend("fast", q, needs_grad=False)
 
 
+def test_cpu_flex_refuses_gradients_that_only_positions_need(monkeypatch):
+    """Positions that require grad need the backward pass CPU flex lacks (it failed inside
+    Inductor before)."""
+    monkeypatch.setattr(backends, "torch_version", lambda: (2, 13))
+    q = torch.randn(1, 2, 20, 8)
+    pos = torch.arange(20.0)[None].requires_grad_()
+    with pytest.raises(ValueError, match="gradients"):
+        flexpos.attention(q, q, q, ALiBi(2), pos=pos, backend="flex")
+
+
 class Heads(torch.nn.Module):
     def __init__(self, *mods):
         super().__init__()

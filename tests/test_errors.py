@@ -95,8 +95,25 @@ def attn(*args, **kwargs):
         (lambda: AttentionLayer(32, 4, positional=[Sinusoidal(32)])(torch.randn(2, 10, 32), torch.randn(2, 7, 32), pos_context=torch.zeros(2, 7, 1)), ValueError, "pos_context must have shape"),
         (lambda: Sinusoidal(8)(torch.randn(1, 3, 8), pos=torch.zeros(1, 4)), ValueError, "pos has 4 positions"),
         (lambda: flexpos.distance_window_mask(5.0), ValueError, "needs pos"),
+        (lambda: attn(q, k, v[..., :0]), ValueError, "at least one sequence, head, token and feature"),
+        (lambda: attn(q, k, v, ALiBi(4).to("meta")), ValueError, "ALiBi is on meta but its input is on cpu"),
+        (lambda: attn(q, k, v, XL(32, 4).to("meta")), ValueError, "XL is on meta but its input is on cpu"),
+        (lambda: Sinusoidal(8).to("meta")(torch.randn(1, 3, 8)), ValueError, "Sinusoidal is on meta but its input"),
+        (lambda: attn(sq, sq, sq, pos=torch.zeros(2, 10, device="meta")), ValueError, "pos is on the meta device"),
+        (lambda: attn(sq, sq, sq, pos=torch.zeros(2, 10).to(torch.float8_e4m3fn)), TypeError, r"float positions \(float16, bfloat16, float32 or float64\), got dtype torch.float8_e4m3fn"),
+        (lambda: attn(sq, sq, sq, causal=1), TypeError, "causal must be a bool, got int"),
+        (lambda: AttentionLayer(32, 4)(torch.randn(2, 10, 32).double()), TypeError, "x must have the layer's dtype torch.float32"),
+        (lambda: AttentionLayer(32, 4)(torch.randn(2, 10, 32), torch.randn(2, 7, 32).double()), TypeError, "context must have the layer's dtype"),
+        (lambda: AttentionLayer(32, 4)(torch.randn(2, 10, 32), pos=torch.zeros(2, 10, device="meta")), ValueError, "pos is on the meta device"),
+        (lambda: flexpos.and_masks(flexpos.causal_mask(20, device="meta"), flexpos.causal_mask(20)), ValueError, "masks on one device, got cpu and meta"),
+        (lambda: flexpos.segment_mask(torch.zeros(1, 20, dtype=torch.long), torch.zeros(1, 20, dtype=torch.long, device="meta")), ValueError, "segments_k is on meta, segments_q on cpu"),
     ],
 )
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_numpy_bools_count_as_bools():
+    np = pytest.importorskip("numpy")
+    assert torch.equal(attn(sq, sq, sq, causal=np.bool_(True)), attn(sq, sq, sq, causal=True))

@@ -154,6 +154,14 @@ def test_mod_x_checks_positions_and_mask(name):
         module.mod_x(x, mask=[True] * L)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         module.mod_x([[0.0] * DIM])
+    with pytest.raises(ValueError, match=r"mask must have shape \(\*batch, L'\) \(at least 1 dims\), got \(\)"):
+        module.mod_x(x, mask=torch.tensor(True))
+
+
+def test_xl_mod_qkv_checks_the_heads_of_q():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=rf"q must have shape \(B, \*, L1, {NH}, {H}\)"):
+        legacy.XL(DIM, NH).mod_qkv(q[..., :2, :], k, v)
 
 
 def test_mod_qkv_positions_name_the_argument():

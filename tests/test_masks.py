@@ -56,10 +56,12 @@ def test_padding_mask():
     assert (states[1, ..., 2:] == M.EMPTY).all()
 
 
-@pytest.mark.parametrize("window", [0, 5, 200])
+@pytest.mark.parametrize("window", [0, 5, 200, 2.9999999999, 128.99999999, 129.5])
 def test_sliding_window_by_index(window):
+    """Exact for fractional windows too (a float32 window rounded 2.9999999999 up to 3, and a
+    pair at distance 129 was kept in one tile and dropped in another)."""
     i, j = torch.arange(LQ)[:, None], torch.arange(LK)[None]
-    check(M.sliding_window_mask(LQ, window, LK), ((i - j).abs() <= window)[None, None])
+    check(M.sliding_window_mask(LQ, window, LK), ((i - j).abs().double() <= window)[None, None])
 
 
 @pytest.mark.parametrize("window", [10.0, 300.0, 5000.0])
@@ -220,12 +222,14 @@ def test_and_masks_broadcasts_batch_and_heads_of_one():
     ids=["padding", "dense", "segment", "distance_window"],
 )
 def test_a_mask_of_batch_one_serves_every_sequence(build):
-    """A batch-1 mask that reads a per-sequence table applies its one row to the whole batch."""
-    x = torch.randn(2, 3, 300, 8)
+    """A batch-1 mask that reads a per-sequence table applies its one row to the whole batch
+    (a distance window's table has two rows when built for one sequence: a batch of 3 read
+    past them)."""
+    x = torch.randn(3, 3, 300, 8)
     torch.manual_seed(1)
     shared = build(1)
     torch.manual_seed(1)
-    per_sequence = build(2)
+    per_sequence = build(3)
     got = flexpos.attention(x, x, x, mask=shared, backend="chunked")
     assert torch.equal(got, flexpos.attention(x, x, x, mask=per_sequence, backend="chunked"))
 

@@ -349,3 +349,24 @@ def test_learned_divisor_gradient_at_genomic_positions(scheme):
         ref = R.attend(q + u, k, v, R.xl_bias(module, q + w, p, p, has, has, log_div.exp()))
     (ref * grad_out).sum().backward()
     assert module.div.grad == pytest.approx(log_div.grad.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("order", ["rotary_then_xl", "xl_then_rotary"])
+def test_rotary_and_xl_in_either_order(order):
+    """Transforms apply in the order given, and XL's relative term reads the queries it is
+    handed: after Rotary the rotated ones, whose absolute angles matter (positions far from 0)."""
+    q, k, v = qkv()
+    pos = irregular(B, L, start=10_000)
+    rot, xl = Rotary(D), XL(H * D, H).double()
+    modules = (rot, xl) if order == "rotary_then_xl" else (xl, rot)
+    out = flexpos.attention(q, k, v, *modules, pos=pos)
+
+    p, has = R.padded_positions(pos, B, L)
+    u, w = (b.detach().double()[None, :, None] for b in (xl.bias_r_w, xl.bias_r_r))
+    turn = lambda t: R.rotate(t, p, has, rot.thetas, 1.0)  # noqa: E731
+    if order == "rotary_then_xl":
+        q_rot, k_rot = turn(q), turn(k)
+        ref = R.attend(q_rot + u, k_rot, v, R.xl_bias(xl, q_rot + w, p, p, has, has, 1.0))
+    else:
+        ref = R.attend(turn(q + u), turn(k), v, R.xl_bias(xl, q + w, p, p, has, has, 1.0))
+    assert_close(out, ref)
