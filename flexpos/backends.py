@@ -20,6 +20,7 @@ from typing import Callable, Literal, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.fx.experimental import _config as fx_config
 from torch.utils.checkpoint import checkpoint
@@ -240,18 +241,23 @@ def _attend_chunk(
     """Attention of queries ``q_start ..`` (B, H, C, E) over keys ``k_start ..`` (B, H, n, E)."""
     work = torch.promote_types(q.dtype, torch.float32)
     q, k, v_work = q.to(work), k.to(work), v.to(work)
+    functional = functorch_active()
+    # Under torch.func, SDPA's math kernel: differentiable in every input (vmap may otherwise
+    # pick a kernel that is not, for a bias that needs gradients), and twice.
+    kernel = sdpa_kernel(SDPBackend.MATH) if functional else contextlib.nullcontext()
     if score_mod is None and mask_mod is None:
-        return F.scaled_dot_product_attention(q, k, v_work, scale=scale).to(v.dtype)
+        with kernel:
+            return F.scaled_dot_product_attention(q, k, v_work, scale=scale).to(v.dtype)
     shape = (q.shape[0], q.shape[1], q_start, q.shape[2], k_start, k.shape[2], work, q.device)
     with _sizes_apart():
         bias = _compiled_bias(score_mod, mask_mod, *shape)
     alive = bias.amax(-1, keepdim=True) != float("-inf")  # a NaN row stays alive: NaN, not 0
-    dead = not bool(alive.all())
+    dead = functional or not bool(alive.all())  # vmap cannot branch on values
     if dead:  # rows with no key: give SDPA finite rows (no NaN in forward or backward), then zero them
         bias = torch.where(alive, bias, 0.0)
     # Outside autocast, which would round the bias to bf16 (by up to 0.4% of its size: whole
     # units of score for ALiBi and DPB at large distances) before adding it to the scores.
-    with torch.autocast(q.device.type, enabled=False):
+    with torch.autocast(q.device.type, enabled=False), kernel:
         out = F.scaled_dot_product_attention(q, k, v_work, attn_mask=bias, scale=scale)
     return (torch.where(alive, out, 0.0) if dead else out).to(v.dtype)
 
@@ -286,8 +292,13 @@ def run_chunked(
     len_q, len_k = q.shape[-2], k.shape[-2]
     rows = chunk_rows(q.shape[0] * q.shape[1], len_k, q.device)
     # One output buffer, filled chunk by chunk: a list of chunk outputs would interleave small
-    # long-lived blocks with the freed bias buffers and fragment the heap.
+    # long-lived blocks with the freed bias buffers and fragment the heap. torch.func's
+    # transforms take neither in-place writes of batched chunks nor checkpoint's hooks: there
+    # the chunks are concatenated and kept for backward (memory O(Lq * Lk), as the dense path).
+    functional = functorch_active()
     out = v.new_zeros(*q.shape[:2], len_q, v.shape[-1])
+    pieces = []  # under torch.func: (start, stop, chunk output)
+    recompute: Optional[dict[str, object]] = None
     attended = False
     for start in range(0, len_q, rows):
         stop = min(start + rows, len_q)
@@ -301,13 +312,69 @@ def run_chunked(
         partial = not bool(tiles[..., first:last].eq(FULL).all())
         args = (q[:, :, start:stop], k[:, :, k0:k1], v[:, :, k0:k1], start, k0, score_mod,
                 block_mask.mask_mod if partial else None, scale)
-        if torch.is_grad_enabled():
-            out[:, :, start:stop] = checkpoint(_attend_chunk, *args, use_reentrant=False)
+        if functional:
+            pieces.append((start, stop, _attend_chunk(*args)))
+        elif torch.is_grad_enabled():
+            recompute = _recompute_options() if recompute is None else recompute
+            out[:, :, start:stop] = checkpoint(_attend_chunk, *args, use_reentrant=False, **recompute)
         else:
             out[:, :, start:stop] = _attend_chunk(*args)
+    if functional:
+        out = _concatenate(out, pieces)
     if not attended and needs_grad and torch.is_grad_enabled():
         _keep_graph(out, q, k, v, score_mod, block_mask.mask_mod, scale)
     return out
+
+
+def _concatenate(zeros: Tensor, pieces: list[tuple[int, int, Tensor]]) -> Tensor:
+    """(B, H, Lq, Dv) from chunk outputs of query rows ``start:stop``; ``zeros`` elsewhere."""
+    parts, done = [], 0
+    for start, stop, chunk in pieces:
+        parts += [zeros[:, :, done:start], chunk]
+        done = stop
+    return torch.cat([*parts, zeros[:, :, done:]], dim=2)
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, vmap, ...) is running (outside a caller's
+    torch.compile, which traces the transforms itself)."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and not torch.compiler.is_compiling() and peek() is not None
+
+
+_SDPA_FLAGS = {
+    SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+    SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+    SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
+    SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
+}
+
+
+class _SdpaKernels(contextlib.AbstractContextManager):
+    """``sdpa_kernel(enabled)`` that can be entered again: a chunk is recomputed once per
+    backward pass through it (``retain_graph``, double backward)."""
+
+    def __init__(self, enabled: list[SDPBackend]) -> None:
+        self.enabled = enabled
+        self._open: list[contextlib.AbstractContextManager[None]] = []
+
+    def __enter__(self) -> None:
+        self._open.append(sdpa_kernel(self.enabled))
+        self._open[-1].__enter__()
+
+    def __exit__(self, *exc: object) -> Optional[bool]:
+        return self._open.pop().__exit__(*exc)
+
+
+def _recompute_options() -> dict[str, object]:
+    """checkpoint's ``context_fn``: recompute chunks in backward with the SDPA kernels enabled
+    now. A caller's ``sdpa_kernel`` block may have ended before backward, and another kernel
+    saves other tensors (checkpoint's metadata check fails). None inside a caller's
+    torch.compile, which traces checkpoint itself and takes no ``context_fn``."""
+    if torch.compiler.is_compiling():
+        return {}
+    recompute = _SdpaKernels([backend for backend, is_on in _SDPA_FLAGS.items() if is_on()])
+    return {"context_fn": lambda: (contextlib.nullcontext(), recompute)}
 
 
 def _keep_graph(

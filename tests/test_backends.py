@@ -30,8 +30,8 @@ def positions(b, length):
 @needs_cpu_flex
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_flex_with_composed_mods_and_masks(dtype):
-    """ALiBi + DPB with a CLS token: causal on compiled flex; key padding (incl. a sequence with
-    no valid key) on the path 'auto' picks for it."""
+    """ALiBi + DPB with a CLS token: causal and a fractional sliding window on compiled flex; key
+    padding (incl. a sequence with no valid key) on the path 'auto' picks for it."""
     b, length = 3, 200
     q, k, v = inputs(b, length)
     pos = positions(b, length - 1)
@@ -40,12 +40,14 @@ def test_flex_with_composed_mods_and_masks(dtype):
     alibi, dpb = ALiBi(H, divide=50.0), DPB(16, H, depth=2, divide=500.0)
     low = [t.to(dtype) for t in (q, k, v)]
     with torch.no_grad():
-        causal = flexpos.attention(*low, alibi, dpb, pos=pos, causal=True, backend="flex")
+        window = flexpos.sliding_window_mask(length, 37.5)
+        causal = flexpos.attention(*low, alibi, dpb, pos=pos, mask=window, causal=True, backend="flex")
         padded = flexpos.attention(*low, alibi, dpb, pos=pos, mask=valid, causal=True)
     p, has = R.padded_positions(pos, b, length)
     bias = R.alibi_bias(H, p, p, has, has, divide=50.0) + R.dpb_bias(dpb, p, p, has, has, 500.0)
     tril = torch.ones(length, length, dtype=torch.bool).tril()
-    assert (causal.double() - R.attend(q, k, v, bias, tril)).abs().max() <= TOLERANCE[dtype]
+    near = (torch.arange(length)[:, None] - torch.arange(length)).abs() <= 37
+    assert (causal.double() - R.attend(q, k, v, bias, tril & near)).abs().max() <= TOLERANCE[dtype]
     ref = R.attend(q, k, v, bias, valid[:, None, None, :] & tril)
     assert (padded.double() - ref).abs().max() <= TOLERANCE[dtype]
     assert torch.equal(padded[2], torch.zeros_like(padded[2]))

@@ -9,6 +9,7 @@ import shlex
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -39,9 +40,15 @@ def _split_list(text: Sequence[str]) -> list[str]:
     return [item for part in text for item in part.replace(",", " ").split()]
 
 
+def program() -> str:
+    """How this process was started: the console script's name, else ``python -m flexpos.bench``."""
+    name = Path(sys.argv[0]).name
+    return name if name.startswith("flexpos") else "python -m flexpos.bench"
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m flexpos.bench",
+        prog=program(),
         description="flexpos vs the dense path (materialised (B, NH, L, L) bias + SDPA), side by side.",
         epilog="Example: python -m flexpos.bench --schemes alibi dpb --lengths 1024 4096 --json out.json",
     )
@@ -132,7 +139,7 @@ def _save_json(path: str, argv: Optional[Sequence[str]], args: argparse.Namespac
                memory: PeakMemory, facts: dict[str, Any], rows: Sequence[Row], elapsed: float,
                interrupted: bool) -> None:
     payload = {
-        "command": " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join([program(), *(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))]),
         "machine": facts,
         "settings": {
             "device": args.device, "dtype": args.dtype, "mode": args.mode, "batch": args.batch,

@@ -218,6 +218,6 @@ def run_case(
     if "flexpos" in median:
         row.compile_s = round(max(started["flexpos"] - median["flexpos"], 0.0), 2)
     if row.dense_ms and row.flexpos_ms:
-        row.speedup = round(row.dense_ms / row.flexpos_ms, 2)
+        row.speedup = float(f"{row.dense_ms / row.flexpos_ms:.3g}")  # 3 significant digits, also below 1x
     gc.collect()
     return row

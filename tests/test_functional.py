@@ -1,0 +1,133 @@
+"""flexpos under the autograd machinery users wrap around it: torch.func transforms, double
+backward, and a caller's choice of SDPA kernel (float64 references, chunked backend)."""
+
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import flexpos
+import reference as R
+from flexpos import DPB, XL, ALiBi, Rotary
+
+B, H, L, D = 1, 2, 9, 4
+F64 = torch.float64
+
+
+def qkv():
+    return [torch.randn(B, H, L, D, dtype=F64) for _ in range(3)]
+
+
+def irregular():
+    return torch.rand(B, L, dtype=F64).cumsum(-1) * 10
+
+
+CASES = {
+    "no module": lambda: ((), None),
+    "key mask": lambda: ((), torch.tensor([[True, False, True, True, False, True, True, True, True]])),
+    "alibi": lambda: ((ALiBi(H),), None),
+    "dpb": lambda: ((DPB(8, H).double(),), None),
+    "rotary": lambda: ((Rotary(D),), None),
+    "xl": lambda: ((XL(H * D, H).double(),), None),
+}
+
+
+class Heads(torch.nn.Module):
+    def __init__(self, *mods):
+        super().__init__()
+        self.mods = torch.nn.ModuleList(mods)
+
+    def forward(self, q, k, v, pos):
+        return flexpos.attention(q, k, v, *self.mods, pos=pos)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_torch_func_grad_and_grad_of_grad_equal_autograd(case):
+    """torch.func.grad (it refuses checkpoint's hooks, which the chunked backend recomputes
+    chunks with) and grad of grad, against torch.autograd with create_graph."""
+    mods, mask = CASES[case]()
+    q, k, v = qkv()
+    pos = irregular()
+
+    def loss(q):
+        return flexpos.attention(q, k, v, *mods, pos=pos, mask=mask).sin().sum()
+
+    first = grad(loss)(q)
+    second = grad(lambda q: grad(loss)(q).square().sum())(q)
+    leaf = q.clone().requires_grad_()
+    with sdpa_kernel(SDPBackend.MATH):  # SDPA's CPU flash kernel has no double backward
+        (g,) = torch.autograd.grad(loss(leaf), leaf, create_graph=True)
+        (h,) = torch.autograd.grad(g.square().sum(), leaf)
+    assert torch.allclose(first, g, atol=1e-12, rtol=0)
+    assert torch.allclose(second, h, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["alibi", "dpb", "key mask"])
+def test_vmap_over_queries_only(case):
+    """vmap with only q batched: the chunks are batched, the default output buffer is not."""
+    mods, mask = CASES[case]()
+    q, k, v = qkv()
+    pos = irregular()
+    stacked = torch.stack([q, 2 * q, -q])
+    out = vmap(lambda q: flexpos.attention(q, k, v, *mods, pos=pos, mask=mask))(stacked)
+    for i in range(3):
+        assert torch.allclose(out[i], flexpos.attention(stacked[i], k, v, *mods, pos=pos, mask=mask), atol=1e-12)
+
+
+@pytest.mark.parametrize("module", [ALiBi(H, learned_div=True), DPB(8, H, learned_div=True).double()])
+def test_vmap_over_a_learned_divisor(module):
+    """An ensemble of divisors through functional_call: rows without a key are found without
+    reading values back (vmap cannot branch on them), and DPB's bias needs gradients."""
+    model = Heads(module)
+    q, k, v = qkv()
+    pos = irregular()
+    div = module.div.detach()
+    out = vmap(lambda d: functional_call(model, {"mods.0.div": d}, (q, k, v, pos)))(torch.stack([div, div + 1]))
+    for i, value in enumerate((div, div + 1)):
+        with torch.no_grad():
+            module.div.copy_(value)
+            assert torch.allclose(out[i], model(q, k, v, pos), atol=1e-12)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gradgradcheck_under_the_math_kernel(case):
+    mods, mask = CASES[case]()
+    q, k, v = (t.requires_grad_() for t in qkv())
+    pos = irregular()
+    with sdpa_kernel(SDPBackend.MATH):
+        assert torch.autograd.gradgradcheck(
+            lambda q, k, v: flexpos.attention(q, k, v, *mods, pos=pos, mask=mask), (q, k, v)
+        )
+
+
+def test_backward_after_the_sdpa_kernel_block_has_ended():
+    """The chunked backend recomputes chunks in backward with the SDPA kernels of the forward
+    pass (another kernel saves other tensors: checkpoint raised CheckpointError)."""
+    q, k, v = (t.requires_grad_() for t in qkv())
+    pos = irregular()
+    with sdpa_kernel(SDPBackend.MATH):
+        out = flexpos.attention(q, k, v, ALiBi(H), pos=pos)
+    out.sum().backward()
+    got = [t.grad for t in (q, k, v)]
+    p, has = R.padded_positions(pos, B, L)
+    want = torch.autograd.grad(R.attend(q, k, v, R.alibi_bias(H, p, p, has, has)).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+
+
+def test_torch_func_with_chunks_the_mask_skips(monkeypatch):
+    """Chunks of 16 queries, the middle 128 queries without any key: under torch.func the chunk
+    outputs are concatenated around zeros, as the default path fills its buffer."""
+    monkeypatch.setattr(flexpos.backends, "chunk_rows", lambda *args: 16)
+    length = 300
+    q, k, v = (torch.randn(B, H, length, D, dtype=F64) for _ in range(3))
+    mask = torch.rand(B, length, length) > 0.2
+    mask[:, 128:256] = False
+    attend = lambda q: flexpos.attention(q, k, v, ALiBi(H), mask=mask)  # noqa: E731
+    out = vmap(attend)(torch.stack([q, -q]))
+    assert out[:, :, :, 128:256].eq(0).all()
+    for i, sign in enumerate((1, -1)):
+        assert torch.allclose(out[i], attend(sign * q), atol=1e-12, rtol=0)
+    leaf = q.clone().requires_grad_()
+    attend(leaf).sin().sum().backward()
+    assert torch.allclose(grad(lambda q: attend(q).sin().sum())(q), leaf.grad, atol=1e-12, rtol=0)
