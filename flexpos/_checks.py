@@ -40,11 +40,13 @@ def check_bool(name: str, value: object) -> bool:
     kind = type(value)
     if isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")):
         return bool(value)
-    raise TypeError(f"{name} must be a bool, got {kind.__module__}.{kind.__qualname__}".replace("builtins.", ""))
+    shown = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    raise TypeError(f"{name} must be a bool, got {shown}")
 
 
 def check_module_device(module: nn.Module, device: torch.device) -> None:
-    """``module``'s parameters and buffers must be on ``device``, its input's device."""
+    """``module`` must be on ``device``, its input's device (read from its first parameter or
+    buffer: flexpos modules keep all of theirs on one device)."""
     for t in itertools.chain(module.parameters(), module.buffers()):
         if t.device != device:
             raise ValueError(

@@ -15,7 +15,7 @@ calls in the process on a slow path.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Literal, Optional, Sequence
+from typing import Callable, Literal, NamedTuple, Optional, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from .masks import EMPTY, FULL, MaskMod, cpu_flex_safe, states_of
 from .positions import BLOCK
 
 Backend = Literal["auto", "flex", "chunked"]
+T = TypeVar("T")
 _compiled_flex = None
 
 
@@ -183,6 +184,7 @@ are reused from the heap instead of page-faulted in anew for every chunk; on acc
 (caching allocators) larger, for fewer launches and host syncs."""
 
 
+@torch.compiler.disable  # a caller's torch.compile would pin a symbolic len_k to its value
 def chunk_rows(batch_heads: int, len_k: int, device: torch.device = torch.device("cpu")) -> int:
     """Queries per chunk: a power of two in [16, 1024] whose float32 bias (B*H, rows, Lk) fits
     :data:`CHUNK_BYTES` where it can. Powers of two up to 128 tile FlexAttention's 128-blocks."""
@@ -286,44 +288,61 @@ def run_chunked(
     FULL tiles are all-True under their mask_mod, as for every flexpos builder and for
     ``create_block_mask``.
     """
-    states = states_of(block_mask)
-    if score_mod is None and bool(states.eq(FULL).all()):  # no bias at all: one plain SDPA call
+    functional = functorch_active()
+    states = _without_grad_wrappers(states_of(block_mask)) if functional else states_of(block_mask)
+    if score_mod is None and _on_host(functional, _all_full, states):  # no bias: one plain SDPA call
         return _attend_chunk(q, k, v, 0, 0, None, None, scale)
     len_q, len_k = q.shape[-2], k.shape[-2]
     rows = chunk_rows(q.shape[0] * q.shape[1], len_k, q.device)
+    plan = _on_host(functional, _plan, states, len_q, len_k, rows)
     # One output buffer, filled chunk by chunk: a list of chunk outputs would interleave small
     # long-lived blocks with the freed bias buffers and fragment the heap. torch.func's
     # transforms take neither in-place writes of batched chunks nor checkpoint's hooks: there
     # the chunks are concatenated and kept for backward (memory O(Lq * Lk), as the dense path).
-    functional = functorch_active()
     out = v.new_zeros(*q.shape[:2], len_q, v.shape[-1])
     pieces = []  # under torch.func: (start, stop, chunk output)
     recompute: Optional[dict[str, object]] = None
-    attended = False
+    for c in plan:
+        args = (q[:, :, c.start : c.stop], k[:, :, c.k0 : c.k1], v[:, :, c.k0 : c.k1], c.start, c.k0, score_mod,
+                block_mask.mask_mod if c.partial else None, scale)
+        if functional:
+            pieces.append((c.start, c.stop, _attend_chunk(*args)))
+        elif torch.is_grad_enabled():
+            recompute = _recompute_options() if recompute is None else recompute
+            out[:, :, c.start : c.stop] = checkpoint(_attend_chunk, *args, use_reentrant=False, **recompute)
+        else:
+            out[:, :, c.start : c.stop] = _attend_chunk(*args)
+    if functional:
+        out = _concatenate(out, pieces)
+    if not plan and needs_grad and torch.is_grad_enabled():
+        _keep_graph(out, q, k, v, score_mod, block_mask.mask_mod, scale)
+    return out
+
+
+class _Chunk(NamedTuple):
+    """Query rows ``start:stop`` attend to keys ``k0:k1``; ``partial``: some tile of that span
+    is not FULL, so the mask_mod is evaluated."""
+
+    start: int
+    stop: int
+    k0: int
+    k1: int
+    partial: bool
+
+
+def _plan(states: Tensor, len_q: int, len_k: int, rows: int) -> list[_Chunk]:
+    """The chunks of ``rows`` queries that the tile ``states`` (B, H, Lq blocks, Lk blocks)
+    leave any key: each spans its keys from its first to its last non-EMPTY tile."""
+    plan = []
     for start in range(0, len_q, rows):
         stop = min(start + rows, len_q)
         tiles = states[:, :, start // BLOCK : -(-stop // BLOCK)]
         used = tiles.ne(EMPTY).flatten(0, 2).any(0).nonzero().flatten().tolist()
-        if not used:
-            continue
-        attended = True
-        first, last = used[0], used[-1] + 1
-        k0, k1 = first * BLOCK, min(last * BLOCK, len_k)
-        partial = not bool(tiles[..., first:last].eq(FULL).all())
-        args = (q[:, :, start:stop], k[:, :, k0:k1], v[:, :, k0:k1], start, k0, score_mod,
-                block_mask.mask_mod if partial else None, scale)
-        if functional:
-            pieces.append((start, stop, _attend_chunk(*args)))
-        elif torch.is_grad_enabled():
-            recompute = _recompute_options() if recompute is None else recompute
-            out[:, :, start:stop] = checkpoint(_attend_chunk, *args, use_reentrant=False, **recompute)
-        else:
-            out[:, :, start:stop] = _attend_chunk(*args)
-    if functional:
-        out = _concatenate(out, pieces)
-    if not attended and needs_grad and torch.is_grad_enabled():
-        _keep_graph(out, q, k, v, score_mod, block_mask.mask_mod, scale)
-    return out
+        if used:
+            first, last = used[0], used[-1] + 1
+            partial = not bool(tiles[..., first:last].eq(FULL).all())
+            plan.append(_Chunk(start, stop, first * BLOCK, min(last * BLOCK, len_k), partial))
+    return plan
 
 
 def _concatenate(zeros: Tensor, pieces: list[tuple[int, int, Tensor]]) -> Tensor:
@@ -340,6 +359,28 @@ def functorch_active() -> bool:
     torch.compile, which traces the transforms itself)."""
     peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
     return peek is not None and not torch.compiler.is_compiling() and peek() is not None
+
+
+def _without_grad_wrappers(states: Tensor) -> Tensor:
+    """Tile states built inside torch.func.grad, unwrapped: they carry no gradient."""
+    functorch = torch._C._functorch
+    while functorch.is_gradtrackingtensor(states):
+        states = functorch.get_unwrapped(states)
+    return states
+
+
+def _on_host(functional: bool, read: Callable[..., T], *args: object) -> T:
+    """``read(*args)``, which reads tile states back to the host. Inside torch.func transforms
+    (``functional``) torch 2.6 cannot read the tensors they wrap, and wraps every op's result:
+    there the read runs with the transforms switched off."""
+    if not functional:
+        return read(*args)
+    with torch._C._DisableFuncTorch():
+        return read(*args)
+
+
+def _all_full(states: Tensor) -> bool:
+    return bool(states.eq(FULL).all())
 
 
 _SDPA_FLAGS = {
@@ -369,7 +410,7 @@ class _SdpaKernels(contextlib.AbstractContextManager):
 def _recompute_options() -> dict[str, object]:
     """checkpoint's ``context_fn``: recompute chunks in backward with the SDPA kernels enabled
     now. A caller's ``sdpa_kernel`` block may have ended before backward, and another kernel
-    saves other tensors (checkpoint's metadata check fails). None inside a caller's
+    saves other tensors (checkpoint's metadata check fails). No options inside a caller's
     torch.compile, which traces checkpoint itself and takes no ``context_fn``."""
     if torch.compiler.is_compiling():
         return {}

@@ -246,7 +246,7 @@ def sliding_window_mask(
     len_q = check_length("len_q", len_q)
     len_k = len_q if len_k is None else check_length("len_k", len_k)
     # Index distances are integers: compare them with the whole part of the window, exactly.
-    reach = math.floor(min(_check_window(window), len_q + len_k))
+    reach = math.floor(min(_check_window(window), 2.0**62))
     full, empty = _window_states(_index_ranges(len_q, device), _index_ranges(len_k, device), reach)
     w_t = torch.tensor(reach, dtype=torch.int64, device=device)
 
