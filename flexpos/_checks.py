@@ -47,13 +47,12 @@ def check_bool(name: str, value: object) -> bool:
 def check_module_device(module: nn.Module, device: torch.device) -> None:
     """``module`` must be on ``device``, its input's device (read from its first parameter or
     buffer: flexpos modules keep all of theirs on one device)."""
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        if t.device != device:
-            raise ValueError(
-                f"{type(module).__name__} is on {t.device} but its input is on {device}: "
-                f"move the module with .to({str(device)!r})"
-            )
-        return
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    if first is not None and first.device != device:
+        raise ValueError(
+            f"{type(module).__name__} is on {first.device} but its input is on {device}: "
+            f"move the module with .to({str(device)!r})"
+        )
 
 
 def check_positive_int(name: str, value: object) -> int:

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from ._checks import check_bool, check_float, check_module_device, check_positive_float, check_rank, check_tensor
-from .backends import Backend, choose_backend, run_chunked, run_flex
+from .backends import Backend, choose_backend, functorch_active, run_chunked, run_flex, vmapped
 from .base import Positional, ScoreMod
 from .masks import and_masks, causal_mask, dense_mask, full_mask
 from .positions import BLOCK, Positions
@@ -65,6 +65,8 @@ def attention(
     modules = _check_positional(positional, heads, head_dim, q.device)
     scale = head_dim**-0.5 if scale is None else check_positive_float("scale", scale)
     causal = check_bool("causal", causal)
+    if functorch_active():
+        _check_not_vmapped(pos=pos, pos_q=pos_q, pos_k=pos_k, mask=mask)
     positions = Positions.resolve(batch, len_q, len_k, q.device, pos, pos_q, pos_k)
     block_mask = _resolve_mask(mask, causal, batch, heads, len_q, len_k, q.device)
     q, k, v = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
@@ -105,6 +107,17 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
     if tuple(v.shape[:-1]) != tuple(k.shape[:-1]):
         raise ValueError(f"v must have shape {(*k.shape[:-1], 'Dv')} to match k, got {tuple(v.shape)}")
     return batch
+
+
+def _check_not_vmapped(**tensors: object) -> None:
+    """Under torch.func.vmap, positions and masks are shared by every vmapped call: they
+    decide the BlockMask's tiles and DPB's grid, which are read back to the host."""
+    for name, t in tensors.items():
+        if isinstance(t, Tensor) and vmapped(t):
+            raise ValueError(
+                f"{name} is batched by torch.func.vmap; flexpos vmaps over q, k, v and module "
+                f"parameters only: pass {name} unbatched (or loop over its values)"
+            )
 
 
 def _check_positional(
@@ -170,7 +183,8 @@ def _transform_qk(
     transforms = [m for m in modules if m.transforms_qk]
     for i, m in enumerate(transforms):
         # Later transforms read q and k (XL's features read q): only the last may move the origin.
-        out = m.transform_qk(q, k, positions, dot_only=i == len(transforms) - 1)
+        last = {"dot_only": True} if i == len(transforms) - 1 and m.takes_dot_only else {}
+        out = m.transform_qk(q, k, positions, **last)
         q, k = out.q, out.k
         if out.extra_q is not None:
             if out.extra_k is None:

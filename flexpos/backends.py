@@ -4,7 +4,8 @@
   The default on CUDA.
 - ``chunked``: queries in chunks; per chunk one compiled kernel evaluates the same score_mod
   and mask_mod on the chunk's grid, and SDPA attends with that bias. O(chunk * Lk) memory,
-  autograd for everything (chunks are recomputed in the backward pass), float64 included.
+  autograd for everything (chunks are recomputed in the backward pass; inside torch.func
+  transforms they are kept instead), float64 included.
   The default on CPU, where Inductor's flex kernel has no backward and its forward is slower
   than SDPA plus a fused bias (see benchmarks/README.md).
 
@@ -20,9 +21,11 @@ from typing import Callable, Literal, NamedTuple, Optional, Sequence, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.fx.experimental import _config as fx_config
+
+# sdpa_kernel's own record of the enabled kernels, the only one that includes their priority order
+from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from ._compile import CPU_FLEX_MIN_TORCH, lazy_compile, more_variants, torch_version
@@ -280,7 +283,8 @@ def run_chunked(
     key tiles that the BlockMask leaves non-empty for it, under a bias that one compiled kernel
     evaluates from the score_mod and mask_mod (score_mods add a bias to the score, which every
     flexpos score_mod does). Memory is O(rows * Lk) per head; under autograd each chunk is
-    recomputed in the backward pass rather than stored. Without a score_mod and with every tile
+    recomputed in the backward pass rather than stored (inside torch.func transforms, which
+    refuse checkpoint's hooks, it is stored). Without a score_mod and with every tile
     full there is no bias to build: one SDPA call over all queries.
 
     A chunk whose key span is not entirely FULL evaluates the mask_mod on all of it, where
@@ -300,7 +304,7 @@ def run_chunked(
     # transforms take neither in-place writes of batched chunks nor checkpoint's hooks: there
     # the chunks are concatenated and kept for backward (memory O(Lq * Lk), as the dense path).
     out = v.new_zeros(*q.shape[:2], len_q, v.shape[-1])
-    pieces = []  # under torch.func: (start, stop, chunk output)
+    pieces: list[tuple[int, int, Tensor]] = []  # under torch.func: (start, stop, chunk output)
     recompute: Optional[dict[str, object]] = None
     for c in plan:
         args = (q[:, :, c.start : c.stop], k[:, :, c.k0 : c.k1], v[:, :, c.k0 : c.k1], c.start, c.k0, score_mod,
@@ -315,7 +319,7 @@ def run_chunked(
     if functional:
         out = _concatenate(out, pieces)
     if not plan and needs_grad and torch.is_grad_enabled():
-        _keep_graph(out, q, k, v, score_mod, block_mask.mask_mod, scale)
+        out = _keep_graph(out, q, k, v, score_mod, block_mask.mask_mod, scale)
     return out
 
 
@@ -361,6 +365,14 @@ def functorch_active() -> bool:
     return peek is not None and not torch.compiler.is_compiling() and peek() is not None
 
 
+def vmapped(t: Tensor) -> bool:
+    """Whether ``t`` carries a torch.func.vmap batch dim (possibly under grad transforms)."""
+    functorch = torch._C._functorch
+    while functorch.is_gradtrackingtensor(t):
+        t = functorch.get_unwrapped(t)
+    return functorch.is_batchedtensor(t)
+
+
 def _without_grad_wrappers(states: Tensor) -> Tensor:
     """Tile states built inside torch.func.grad, unwrapped: they carry no gradient."""
     functorch = torch._C._functorch
@@ -383,47 +395,45 @@ def _all_full(states: Tensor) -> bool:
     return bool(states.eq(FULL).all())
 
 
-_SDPA_FLAGS = {
-    SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
-    SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
-    SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
-    SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
-}
-
-
 class _SdpaKernels(contextlib.AbstractContextManager):
-    """``sdpa_kernel(enabled)`` that can be entered again: a chunk is recomputed once per
-    backward pass through it (``retain_graph``, double backward)."""
+    """``sdpa_kernel(enabled, set_priority)`` that can be entered again: a chunk is recomputed
+    once per backward pass through it (``retain_graph``, double backward)."""
 
-    def __init__(self, enabled: list[SDPBackend]) -> None:
-        self.enabled = enabled
+    def __init__(self, enabled: list[SDPBackend], set_priority: bool) -> None:
+        self.enabled, self.set_priority = enabled, set_priority
         self._open: list[contextlib.AbstractContextManager[None]] = []
 
     def __enter__(self) -> None:
-        self._open.append(sdpa_kernel(self.enabled))
-        self._open[-1].__enter__()
+        kernels = sdpa_kernel(self.enabled, set_priority=True) if self.set_priority else sdpa_kernel(self.enabled)
+        self._open.append(kernels)
+        kernels.__enter__()
 
     def __exit__(self, *exc: object) -> Optional[bool]:
         return self._open.pop().__exit__(*exc)
 
 
 def _recompute_options() -> dict[str, object]:
-    """checkpoint's ``context_fn``: recompute chunks in backward with the SDPA kernels enabled
-    now. A caller's ``sdpa_kernel`` block may have ended before backward, and another kernel
-    saves other tensors (checkpoint's metadata check fails). No options inside a caller's
-    torch.compile, which traces checkpoint itself and takes no ``context_fn``."""
+    """checkpoint's ``context_fn``: recompute chunks in backward with the SDPA kernels (and
+    their priority order) enabled now. A caller's ``sdpa_kernel`` block may have ended before
+    backward, and another kernel saves other tensors (checkpoint's metadata check fails). No
+    options inside a caller's torch.compile, which traces checkpoint itself and takes no
+    ``context_fn``."""
     if torch.compiler.is_compiling():
         return {}
-    recompute = _SdpaKernels([backend for backend, is_on in _SDPA_FLAGS.items() if is_on()])
+    try:
+        recompute = _SdpaKernels(_cur_sdpa_kernel_backends(with_priority=True), set_priority=True)
+    except TypeError:  # torch 2.6: no priority order
+        recompute = _SdpaKernels(_cur_sdpa_kernel_backends(), set_priority=False)
     return {"context_fn": lambda: (contextlib.nullcontext(), recompute)}
 
 
 def _keep_graph(
-    out: Tensor, q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[ScoreMod], mask_mod: MaskMod, scale: float
-) -> None:
-    """Where no query has a key, give the zeros in ``out`` the graph of one discarded chunk:
-    as with flex, the output then depends on q, k, v and the score_mod's parameters, whose
-    gradients are zeros rather than None (and ``out.backward()`` works)."""
+    zeros: Tensor, q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[ScoreMod], mask_mod: MaskMod, scale: float
+) -> Tensor:
+    """Where no query has a key: ``zeros`` (B, H, Lq, Dv) with the graph of one discarded chunk.
+    As with flex, the output then depends on q, k, v and the score_mod's parameters, whose
+    gradients are zeros rather than None (and ``out.backward()`` works). Out of place, for vmap."""
     rows, cols = min(BLOCK, q.shape[-2]), min(BLOCK, k.shape[-2])
     chunk = _attend_chunk(q[:, :, :rows], k[:, :, :cols], v[:, :, :cols], 0, 0, score_mod, mask_mod, scale)
-    out[:, :, :rows] = torch.where(torch.zeros((), dtype=torch.bool, device=out.device), chunk, 0.0)
+    kept = torch.where(torch.zeros((), dtype=torch.bool, device=zeros.device), chunk, 0.0)
+    return torch.cat([kept, zeros[:, :, rows:]], dim=2)

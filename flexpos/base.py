@@ -3,8 +3,7 @@
 A positional module takes part in up to three stages of attention:
 
 1. input transform, ``forward(x, pos, mask)`` on ``(B, *, L, dim)`` (Sinusoidal, learned);
-2. query/key transform, ``transform_qk(q, k, positions, dot_only=...)`` on ``(B, H, L, D)``
-   (Rotary, XL);
+2. query/key transform, ``transform_qk(q, k, positions)`` on ``(B, H, L, D)`` (Rotary, XL);
 3. score modification, ``score_mod(positions, dtype)`` returning a FlexAttention score_mod
    (ALiBi, DPB).
 """
@@ -70,6 +69,7 @@ class Positional(nn.Module):
 
     transforms_input = False
     transforms_qk = False
+    takes_dot_only = False
     modifies_scores = False
     divide: Optional[float] = None
     learned = False
@@ -144,10 +144,11 @@ class Positional(nn.Module):
             return self.div.double().exp().clamp(min=1e-8).to(dtype)
         return self.div.to(dtype)
 
-    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions, *, dot_only: bool = False) -> QK:
-        """q (B, H, Lq, D), k (B, H, Lk, D) -> :class:`QK`. ``dot_only``: the transformed q and k
-        meet nothing but each other's dot products (no later transform reads them), so a
-        transform may count positions from any per-sequence origin."""
+    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
+        """q (B, H, Lq, D), k (B, H, Lk, D) -> :class:`QK`. A class with ``takes_dot_only``
+        also takes ``dot_only=True`` when it is the last transform: its q and k then meet
+        nothing but each other's dot products, so it may count positions from any
+        per-sequence origin."""
         raise NotImplementedError(f"{type(self).__name__} does not transform queries and keys")
 
     def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:

@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ._checks import check_float, check_positions, check_positive_int, check_rank, check_tensor
+from ._checks import check_float, check_module_device, check_positions, check_positive_int, check_rank, check_tensor
 from .attention import Mask, attention
 from .backends import Backend, check_backend
 from .base import Positional
@@ -113,6 +113,7 @@ class AttentionLayer(nn.Module):
         t = check_tensor(name, t)
         check_rank(name, t, 3, "(B, *, L, dim)")
         check_float(name, t)
+        check_module_device(self, t.device)
         weight = self.to_q.weight
         if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
             raise TypeError(f"{name} must have the layer's dtype {weight.dtype}, got {t.dtype} (or run under autocast)")

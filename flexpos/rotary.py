@@ -73,6 +73,7 @@ class Rotary(Positional):
     """
 
     transforms_qk = True
+    takes_dot_only = True
     _repr_fields = ("head_dim", "n_dims")
     thetas: Tensor
 

@@ -107,7 +107,7 @@ class XL(Positional):
         f = self.query_features(qv, positions)
         return f @ self.key_features(positions, f.dtype).transpose(-1, -2)
 
-    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions, *, dot_only: bool = False) -> QK:
+    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
         self.check_heads(q)
         u = self.bias_r_w.to(q.dtype)[None, :, None]
         v = self.bias_r_r.to(q.dtype)[None, :, None]

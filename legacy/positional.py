@@ -171,6 +171,7 @@ class Rotary(Base, flexpos.Rotary):
         return self.rotate(x, positions, side) * keep
 
     def transform_qk(self, q: Tensor, k: Tensor, positions: Positions, *, dot_only: bool = False) -> QK:
+        # dot_only is not used: bio-attention rotates by absolute angles (and zeroes CLS tokens)
         return QK(self._rotate_or_zero(q, positions, "q"), self._rotate_or_zero(k, positions, "k"))
 
     def mod_qkv(
@@ -353,7 +354,7 @@ class XL(_BiasMixin, flexpos.XL):
         flexpos.XL.__init__(self, dim, n_heads, divide, learned_div)
         hint_once("positional.XL")
 
-    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions, *, dot_only: bool = False) -> QK:
+    def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
         self.check_heads(q)
         u = self.bias_r_w.to(q.dtype)[None, :, None]
         q_u = q + u
@@ -373,7 +374,7 @@ class XL(_BiasMixin, flexpos.XL):
     ) -> QKV:
         """q (B, *, L1, NH, H) -> q + bias_r_w; k and v unchanged."""
         head_dim = self.dim // self.n_heads
-        if check_tensor("q", q).ndim < 3 or tuple(q.shape[-2:]) != (self.n_heads, head_dim):
+        if check_tensor("q", q).ndim < 4 or tuple(q.shape[-2:]) != (self.n_heads, head_dim):
             raise ValueError(f"q must have shape (B, *, L1, {self.n_heads}, {head_dim}), got {tuple(q.shape)}")
         return q + self.bias_r_w, k, v
 

@@ -30,6 +30,7 @@ def test_default_path_matches_the_dense_path(tmp_path, capsys):
     """The default path against bio-attention's plugins, or the dense formulas."""
     dense = "bio" if bench.bio_available() else "formula"
     data = run(tmp_path, "--schemes", "alibi", "window", "--window", "40", "--dense", dense)
+    assert data["command"].startswith("python -m flexpos.bench ") and "--window 40" in data["command"]
     assert data["settings"]["dense"] == dense
     assert {"torch", "cpu_count", "date"} <= set(data["machine"])
     rows = data["results"]

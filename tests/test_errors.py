@@ -105,6 +105,7 @@ def attn(*args, **kwargs):
         (lambda: AttentionLayer(32, 4)(torch.randn(2, 10, 32).double()), TypeError, "x must have the layer's dtype torch.float32"),
         (lambda: AttentionLayer(32, 4)(torch.randn(2, 10, 32), torch.randn(2, 7, 32).double()), TypeError, "context must have the layer's dtype"),
         (lambda: AttentionLayer(32, 4)(torch.randn(2, 10, 32), pos=torch.zeros(2, 10, device="meta")), ValueError, "pos is on the meta device"),
+        (lambda: AttentionLayer(32, 4).to("meta")(torch.randn(2, 10, 32)), ValueError, "AttentionLayer is on meta but its input is on cpu"),
         (lambda: flexpos.and_masks(flexpos.causal_mask(20, device="meta"), flexpos.causal_mask(20)), ValueError, "masks on one device, got cpu and meta"),
         (lambda: flexpos.segment_mask(torch.zeros(1, 20, dtype=torch.long), torch.zeros(1, 20, dtype=torch.long, device="meta")), ValueError, "segments_k is on meta, segments_q on cpu"),
     ],

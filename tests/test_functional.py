@@ -2,12 +2,12 @@
 backward, and a caller's choice of SDPA kernel (float64 references, chunked backend)."""
 
 import pytest
+import reference as R
 import torch
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexpos
-import reference as R
 from flexpos import DPB, XL, ALiBi, Rotary
 
 B, H, L, D = 1, 2, 9, 4
@@ -74,14 +74,15 @@ def test_vmap_over_queries_only(case):
         assert torch.allclose(out[i], flexpos.attention(stacked[i], k, v, *mods, pos=pos, mask=mask), atol=1e-12)
 
 
-@pytest.mark.parametrize("module", [ALiBi(H, learned_div=True), DPB(8, H, learned_div=True).double()])
-def test_vmap_over_a_learned_divisor(module):
+@pytest.mark.parametrize("scheme", ["alibi", "dpb"])
+def test_vmap_over_a_learned_divisor(scheme):
     """An ensemble of divisors through functional_call: rows without a key are found without
     reading values back (vmap cannot branch on them), and DPB's bias needs gradients."""
+    module = ALiBi(H, learned_div=True) if scheme == "alibi" else DPB(8, H, learned_div=True).double()
     model = Heads(module)
     q, k, v = qkv()
     pos = irregular()
-    div = module.div.detach()
+    div = module.div.detach().clone()
     out = vmap(lambda d: functional_call(model, {"mods.0.div": d}, (q, k, v, pos)))(torch.stack([div, div + 1]))
     for i, value in enumerate((div, div + 1)):
         with torch.no_grad():
@@ -131,3 +132,51 @@ def test_torch_func_with_chunks_the_mask_skips(monkeypatch):
     leaf = q.clone().requires_grad_()
     attend(leaf).sin().sum().backward()
     assert torch.allclose(grad(lambda q: attend(q).sin().sum())(q), leaf.grad, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("batched", ["pos", "mask"])
+def test_vmap_over_positions_or_masks_is_refused_by_name(batched):
+    q, k, v = qkv()
+    pos, mask = irregular(), torch.rand(B, L) > 0.3
+    stacked = {"pos": torch.stack([pos, pos + 1]), "mask": torch.stack([mask, ~mask])}[batched]
+
+    def attend(t):
+        kwargs = {"pos": pos, "mask": mask, batched: t}
+        return flexpos.attention(q, k, v, ALiBi(H), **kwargs)
+
+    with pytest.raises(ValueError, match=f"{batched} is batched by torch.func.vmap"):
+        vmap(attend)(stacked)
+
+
+def test_vmap_of_grad_where_no_query_has_a_key():
+    """Every key masked: zeros and zero gradients, also when vmapped (the zeros get their graph
+    out of place)."""
+    q, k, v = qkv()
+    none, pos = torch.zeros(B, L, dtype=torch.bool), irregular()
+    loss = lambda q: flexpos.attention(q, k, v, ALiBi(H), pos=pos, mask=none).sum()  # noqa: E731
+    grads = vmap(grad(loss))(torch.stack([q, -q]))
+    assert grads.eq(0).all() and grads.shape == (2, *q.shape)
+
+
+def test_repeated_backward_passes_after_the_sdpa_kernel_block(monkeypatch):
+    """Several chunks, each recomputed twice (retain_graph) and once more inside a double
+    backward, all after the sdpa_kernel block has ended; the global SDPA flags are restored."""
+    monkeypatch.setattr(flexpos.backends, "chunk_rows", lambda *args: 16)
+    length = 150
+    q, k, v = (torch.randn(B, H, length, D, dtype=F64, requires_grad=True) for _ in range(3))
+    pos = torch.rand(B, length, dtype=F64).cumsum(-1) * 10
+    with sdpa_kernel(SDPBackend.MATH):
+        out = flexpos.attention(q, k, v, ALiBi(H), pos=pos)
+    p, has = R.padded_positions(pos, B, length)
+    ref = R.attend(q, k, v, R.alibi_bias(H, p, p, has, has))
+    weights = torch.randn_like(out)
+    for _ in range(2):
+        (g,) = torch.autograd.grad((out * weights).sum(), q, retain_graph=True)
+        (want,) = torch.autograd.grad((ref * weights).sum(), q, retain_graph=True)
+        assert torch.allclose(g, want, atol=1e-12, rtol=0)
+    (g,) = torch.autograd.grad((out * weights).sum(), q, create_graph=True)
+    (h,) = torch.autograd.grad(g.square().sum(), k)
+    (want,) = torch.autograd.grad(ref, q, weights, create_graph=True)
+    (want_h,) = torch.autograd.grad(want.square().sum(), k)
+    assert torch.allclose(h, want_h, atol=1e-10, rtol=0)
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()

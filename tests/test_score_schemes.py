@@ -11,7 +11,7 @@ import flexpos
 import reference as R
 from conftest import TOLERANCE
 from flexpos import ALiBi, DPB, XL, Rotary
-from flexpos.base import index_grids
+from flexpos.base import QK, Positional, index_grids
 from flexpos.dpb import DistanceGrid
 
 B, H, L, D = 2, 4, 150, 8
@@ -370,3 +370,22 @@ def test_rotary_and_xl_in_either_order(order):
     else:
         ref = R.attend(turn(q + u), turn(k), v, R.xl_bias(xl, q + w, p, p, has, has, 1.0))
     assert_close(out, ref)
+
+
+def test_a_custom_transform_written_without_dot_only():
+    """``dot_only`` goes only to transforms that declare ``takes_dot_only`` (Rotary): a
+    Positional subclass with the plain ``transform_qk(q, k, positions)`` keeps working."""
+
+    class Double(Positional):
+        transforms_qk = True
+
+        def transform_qk(self, q, k, positions):
+            return QK(2 * q, k)
+
+    q, k, v = qkv()
+    pos = irregular(B, L)
+    p, has = R.padded_positions(pos, B, L)
+    rot = Rotary(D)
+    turn = lambda t: R.rotate(t, p, has, rot.thetas, 1.0)  # noqa: E731
+    assert_close(flexpos.attention(q, k, v, Double(), pos=pos), R.attend(2 * q, k, v))
+    assert_close(flexpos.attention(q, k, v, rot, Double(), pos=pos), R.attend(2 * turn(q), turn(k), v))
