@@ -55,6 +55,8 @@ def attn(*args, **kwargs):
          ValueError, r"mask \(a BlockMask\) must use 128x128 blocks"),
         (lambda: attn(q, k, v, scale="a"), TypeError, "scale must be a positive float"),
         (lambda: attn(q, k, v, scale=float("nan")), ValueError, "scale must be a finite positive"),
+        (lambda: attn(q, k, v, scale=1e39), ValueError, r"scale must be finite in q's dtype torch.float32 \(at most 3.4e\+38\)"),
+        (lambda: attn(q.half(), k.half(), v.half(), scale=7e4), ValueError, "scale must be finite in q's dtype torch.float16"),
         (lambda: attn(q, k, v, scale=torch.tensor(0.5, requires_grad=True)), TypeError, "scale must be a positive float"),
         (lambda: attn(sq, sq, sq, causal="no"), TypeError, "causal must be a bool"),
         (lambda: attn(q, k, v.to("meta")), ValueError, "must be on one device, got cpu/cpu/meta"),
