@@ -64,8 +64,8 @@ def attention(
     heads, len_q, len_k, head_dim = q.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1]
     modules = _check_positional(positional, heads, head_dim, q.device)
     scale = head_dim**-0.5 if scale is None else check_positive_float("scale", scale)
-    if scale > torch.finfo(q.dtype).max:
-        largest = torch.finfo(q.dtype).max
+    largest = torch.finfo(q.dtype).max
+    if scale > largest:
         raise ValueError(f"scale must be finite in q's dtype {q.dtype} (at most {largest:.3g}), got {scale}")
     causal = check_bool("causal", causal)
     if functorch_active():

@@ -367,18 +367,15 @@ def functorch_active() -> bool:
 
 def vmapped(t: Tensor) -> bool:
     """Whether ``t`` carries a torch.func.vmap batch dim (possibly under grad transforms)."""
+    return torch._C._functorch.is_batchedtensor(_without_grad_wrappers(t))
+
+
+def _without_grad_wrappers(t: Tensor) -> Tensor:
+    """``t`` without torch.func.grad's wrappers (for tensors that carry no gradient)."""
     functorch = torch._C._functorch
     while functorch.is_gradtrackingtensor(t):
         t = functorch.get_unwrapped(t)
-    return functorch.is_batchedtensor(t)
-
-
-def _without_grad_wrappers(states: Tensor) -> Tensor:
-    """Tile states built inside torch.func.grad, unwrapped: they carry no gradient."""
-    functorch = torch._C._functorch
-    while functorch.is_gradtrackingtensor(states):
-        states = functorch.get_unwrapped(states)
-    return states
+    return t
 
 
 def _on_host(functional: bool, read: Callable[..., T], *args: object) -> T:
