@@ -40,9 +40,11 @@ except ImportError:  # a checkout without `pip install -e .`
     import flexpos
 
 import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 from flexpos.bench import (  # noqa: E402
     GIB,
+    Case,
     PeakMemory,
     Runner,
     Setup,
@@ -54,7 +56,7 @@ from flexpos.bench import (  # noqa: E402
     machine_facts,
 )
 
-RESULTS: list[tuple[str, str, bool]] = []
+RESULTS: list[tuple[str, str, str]] = []  # (target, measured, MET / MISSED / n/a)
 
 
 def say(text: str = "") -> None:
@@ -63,29 +65,42 @@ def say(text: str = "") -> None:
 
 def verdict(name: str, measured: str, ok: Optional[bool]) -> None:
     mark = "n/a" if ok is None else ("MET" if ok else "MISSED")
-    RESULTS.append((name, measured, bool(ok)))
+    RESULTS.append((name, measured, mark))
     say(f"  -> {name}: {measured}  [{mark}]")
 
 
 def interleaved(fns: dict[str, Callable[[], object]], sync: Callable[[], None], repeat: int) -> dict[str, list[float]]:
-    """Host-timed runs, one path after the other, ``repeat`` rounds. A path that runs out of GPU
-    memory is dropped from the result (and said so); the others go on."""
+    """Host-timed runs, one path after the other, ``repeat`` rounds. A path that fails (say, out
+    of GPU memory) is dropped from the result, and said so; the others go on."""
     fns = dict(fns)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in list(fns.items()):
             sync()
             start = time.perf_counter()
-            try:
-                fn()
-                sync()
-            except torch.cuda.OutOfMemoryError:
-                say(f"  {name}: CUDA out of memory while timing; dropped")
+            failure = attempt(lambda fn=fn: (fn(), sync()))
+            if failure:
+                say(f"  {name}: {failure} while timing; dropped")
                 del fns[name], times[name]
                 release()
                 continue
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def attempt(fn: Callable[[], object]) -> str:
+    """Run ``fn``; '' if it worked, else what went wrong in one line. Callers free memory after
+    this returns: inside the ``except`` block the traceback still holds the failed call's tensors."""
+    try:
+        fn()
+        return ""
+    except torch.cuda.OutOfMemoryError:
+        return OOM
+    except Exception as err:
+        return f"failed: {type(err).__name__}: {str(err).splitlines()[0][:150] if str(err) else ''}"
+
+
+OOM = "CUDA out of memory"
 
 
 def device_seconds(fn: Callable[[], object], device: torch.device, calls: int = 20) -> float:
@@ -110,6 +125,15 @@ def ratio(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     return statistics.median(a) / statistics.median(b), min(a) / min(b)
 
 
+def guarded(label: str, section: Callable[..., None], *args: object) -> None:
+    """Run one section of targets; an error is reported as its verdict and the next section
+    still runs."""
+    failure = attempt(lambda: section(*args))
+    if failure:
+        verdict(label, failure, False)
+        fresh()
+
+
 def release() -> None:
     """Free what the last case left (Python garbage, the CUDA cache); compiled code stays."""
     gc.collect()
@@ -126,15 +150,13 @@ def fresh() -> None:
 
 def first_call(label: str, runner: Runner, fn: Callable[[], object]) -> Optional[float]:
     """Compile/warm one path; None (and a printed reason) if it fails."""
-    try:
-        start = time.perf_counter()
-        runner.call(fn)
-        runner.sync()
+    start = time.perf_counter()
+    failure = attempt(lambda: (runner.call(fn), runner.sync()))
+    if not failure:
         return time.perf_counter() - start
-    except Exception as err:
-        say(f"  {label} failed: {type(err).__name__}: {str(err).splitlines()[0][:150]}")
-        fresh()
-        return None
+    say(f"  {label}: {failure}")
+    fresh()
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +309,7 @@ def gpu_score_mods(repeat: int) -> None:
         for scheme in ("alibi", "dpb"):
             say(f"\n[{4 if length == 8192 else 5}] GPU {scheme} forward+backward, bfloat16, B=4 H=16 D=64, L={length}")
             release()
-            gpu_score_mod_case(scheme, length, repeat)
+            guarded(f"GPU {scheme} L={length}", gpu_score_mod_case, scheme, length, repeat)
             release()
 
 
@@ -310,17 +332,7 @@ def gpu_score_mod_case(scheme: str, length: int, repeat: int) -> None:
         if t0 is not None:
             say(f"  {name}: first call (compile + run) {t0:.1f} s")
             fns[name] = lambda fn=fn: runner.call(fn)
-    free = available_bytes(device) or 0
-    dense_note = ""
-    if case.dense_bytes > 0.9 * free:
-        dense_note = f"estimated {case.dense_bytes / GIB:.0f} GiB ({free / GIB:.0f} GiB free)"
-    try:  # run even when the estimate says no: a CUDA out-of-memory error is harmless
-        runner.call(case.dense)
-        fns["dense"] = lambda: runner.call(case.dense)
-    except torch.cuda.OutOfMemoryError:
-        dense_note = (dense_note + "; " if dense_note else "") + "CUDA out of memory when run"
-        say(f"  dense: {dense_note}")
-        release()
+    dense_failure = first_dense(runner, case, fns)
     times = interleaved(fns, lambda: torch.cuda.synchronize(device), repeat)
     for name, t in times.items():
         say(f"  {name:18s} {fmt(t)}")
@@ -338,23 +350,47 @@ def gpu_score_mod_case(scheme: str, length: int, repeat: int) -> None:
         if "dense" in times:
             med, best = ratio(times["dense"], times["flexpos"])
             verdict(f"GPU {scheme} L=8192 >= 3x faster than dense", f"{med:.2f}x median ({best:.2f}x min)", med >= 3.0)
-        else:
-            verdict(f"GPU {scheme} L=8192 >= 3x faster than dense", f"dense did not run: {dense_note}", True)
+        else:  # a dense path that cannot run at all is slower than any; other failures say nothing
+            verdict(f"GPU {scheme} L=8192 >= 3x faster than dense", f"dense did not run: {dense_failure}",
+                    True if OOM in dense_failure else None)
     elif "dense" in times:
         med, _ = ratio(times["dense"], times["flexpos"])
         verdict(f"GPU {scheme} L=32768 dense OOM or >= 5x slower", f"dense ran, {med:.2f}x slower", med >= 5)
     else:
-        verdict(f"GPU {scheme} L=32768 dense OOM or >= 5x slower", f"dense: {dense_note}; flexpos ran", True)
+        verdict(f"GPU {scheme} L=32768 dense OOM or >= 5x slower", f"dense: {dense_failure}; flexpos ran",
+                True if OOM in dense_failure else None)
+
+
+def first_dense(runner: Runner, case: Case, fns: dict[str, Callable[[], object]]) -> str:
+    """Run the dense path once, even where its memory estimate says it will not fit (an
+    out-of-memory error is harmless), and add it to ``fns`` if it ran; '' or why it did not.
+    Prints max|flexpos - dense| over the output and input gradients when both ran."""
+    free = available_bytes(runner.device) or 0
+    outputs: list[tuple[Tensor, ...]] = []
+    failure = attempt(lambda: outputs.append(runner.call(case.dense)))
+    if failure:
+        release()  # outside attempt's except block, whose traceback held the tensors
+        failure += f" (estimated {case.dense_bytes / GIB:.0f} GiB, {free / GIB:.0f} GiB free)"
+        say(f"  dense: {failure}")
+        return failure
+    fns["dense"] = lambda: runner.call(case.dense)
+    if "flexpos" in fns:
+        ours = runner.call(case.flexpos)
+        diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(ours, outputs[0]))
+        say(f"  max |flexpos - dense| over the output and input gradients: {diff:.2e}")
+    return ""
 
 
 def gpu_rotary(repeat: int) -> None:
-    length = 32768  # q and k of 268 MB each: the kernels, not the host's launches, set the time
+    # q and k of 1 GiB each: a call moves 4 GiB, ~1 ms even at 4.8 TB/s, well above the host's
+    # time to launch it, so the kernels and not the launches set the time
+    length = 131072
     say(f"\n[6] GPU Rotary transform, bfloat16, q and k of (4, 16, {length}, 64): achieved memory bandwidth")
     device = torch.device("cuda")
     release()
-    gen = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(4, 16, length, 64, generator=gen).to(device, torch.bfloat16) for _ in range(2))
-    pos = irregular_positions(4, length, gen).to(device)
+    gen = torch.Generator(device).manual_seed(0)
+    q, k = (torch.randn(4, 16, length, 64, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(2))
+    pos = irregular_positions(4, length, torch.Generator().manual_seed(0)).to(device)
     rot = flexpos.Rotary(64).to(device)
     start = time.perf_counter()
     rot(q, k, pos=pos)
@@ -406,14 +442,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cpu_alibi_speed(args.repeat)
         cpu_alibi_memory() if not args.skip_32k else say("\n[2] skipped (--skip-32k)")
         cpu_rotary(args.repeat)
-    if cuda:  # quickest first: gpu.sh gives this script a time limit
-        gpu_rotary(args.repeat)
-        gpu_score_mods(args.repeat)
-    elif not args.cpu_only:
-        say("\nGPU targets: no CUDA device here (run benchmarks/gpu.sh on a GPU machine)")
+    try:
+        if cuda:  # quickest first: gpu.sh gives this script a time limit
+            guarded("GPU Rotary", gpu_rotary, args.repeat)
+            gpu_score_mods(args.repeat)
+        elif not args.cpu_only:
+            say("\nGPU targets: no CUDA device here (run benchmarks/gpu.sh on a GPU machine)")
+    except KeyboardInterrupt:  # gpu.sh's time limit: keep the verdicts reached so far
+        say("\ninterrupted: the targets below are the ones reached before the interruption")
     say("\nsummary")
-    for name, measured, ok in RESULTS:
-        say(f"  {'MET   ' if ok else 'MISSED'}  {name}: {measured}")
+    for name, measured, mark in RESULTS:
+        say(f"  {mark:6s}  {name}: {measured}")
     return 0
 
 

@@ -18,7 +18,10 @@ ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # ... + ATOL * max(1, max|go
 # reductions over all B*H*Lq*Lk scores, while the eager (chunked) yardstick computes in float32.
 # A float64 simulation of those roundings on this test's inputs gave errors up to 2.6% of
 # max|grad| (75x the yardstick's); a wrong term would be O(100%).
-PARAM_ATOL = {torch.float32: ATOL[torch.float32], torch.bfloat16: 5e-2}
+# In float32, gradients of captured buffers (ALiBi's learned divisor) are summed by one atomic
+# add per score element, ~800k per head here, in no fixed order: a float64 simulation of such
+# sums gave errors up to 2e-5 of the gradient (1.35e-3 on 67), beyond the 1e-5 budget above.
+PARAM_ATOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 
 def modules():
