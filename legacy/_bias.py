@@ -7,7 +7,8 @@ any positions). Two parts of ALiBi's numbers differ in bio-attention 0.1.15 and 
 here (docs/legacy.md):
 
 - asymmetric ALiBi blocks the wrong direction with a finite ``-finfo.max`` instead of -inf, so
-  a query whose every key lies the wrong way attends to those keys uniformly;
+  a query whose every key lies the wrong way attends to those keys uniformly (two asymmetric
+  ALiBi overflow to -inf there: that query attends to nothing);
 - the even/odd alternation runs over dim 1 of its bias tensor (*P, NH, L1, L2), P the batch
   dims of the positions: the heads for (B, L) positions, but the first extra batch dim for
   (B, X, L) positions and the query index for unbatched (L,) positions (counted from the first
@@ -77,8 +78,8 @@ def legacy_alibi(
 
     Symmetric ALiBi is flexpos' own. Asymmetric: where the signed bias points the wrong way for
     the parity of ``parity(b, h, q_idx)`` (even: keys before the query, odd: keys after it),
-    the score becomes the finite ``-penalty`` instead of -inf. ``parity`` sees query indices
-    counted from the first query with a position.
+    ``penalty`` is subtracted from the score instead of masking it with -inf. ``parity`` sees
+    query indices counted from the first query with a position.
     """
     symmetric = alibi.penalty_mod(positions, dtype, asymmetric=False)  # score - |bias|
     if not alibi.asymmetric:
@@ -92,8 +93,12 @@ def legacy_alibi(
         delta, valid = rel.distance(b, q_idx, kv_idx)
         signed = slopes[h] * delta
         wrong = torch.where(parity(b, h, q_idx - first_q) % 2 == 0, signed > 0, signed < 0) & valid
-        # The blocked score is the constant -penalty: bio-attention's ``s - finfo.max`` rounds to
-        # it for any s, so the score has no influence there and gets no gradient.
-        return torch.where(wrong, -big, symmetric(score, b, h, q_idx, kv_idx))
+        # Subtracted, as bio-attention adds -finfo.max to its bias: ``s - finfo.max`` rounds to
+        # -finfo.max for any moderate s, yet a row blocked entirely still passes gradients to s
+        # (and so to q, k and to the biases of earlier plugins). A score an earlier asymmetric
+        # ALiBi already blocked becomes -inf: bio-attention's two -finfo.max overflow to it (a
+        # penalty below finfo.max, kept clear of overflow in exp2 kernels, would not).
+        blocked = torch.where(score <= -big, -math.inf, score - big)
+        return torch.where(wrong, blocked, symmetric(score, b, h, q_idx, kv_idx))
 
     return alibi_legacy

@@ -93,8 +93,8 @@ def layer_mask(mask: Optional[Tensor], batch: tuple[int, ...], heads: int, lengt
     blocked = mask == float("-inf")
     keep = _keep(~blocked, extra, length) if bool(blocked.any()) else None
     finite = torch.where(blocked, torch.zeros_like(mask), mask)
-    if not bool((finite != 0).any()):
-        return LayerMask(keep=keep)
+    if not bool((finite != 0).any()) and not (mask.requires_grad and torch.is_grad_enabled()):
+        return LayerMask(keep=keep)  # adds nothing; a zero mask that is being learned stays
     bias = _as_4d(_pad_tokens(finite, min(extra, 2), length, 0.0), extra)
     bias_from = length - mask.shape[-1] if extra == 1 else 0
     return LayerMask(keep=keep, bias=bias, bias_from=bias_from)

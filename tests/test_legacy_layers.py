@@ -334,6 +334,42 @@ def test_compiled_layer_matches_the_original_with_xl_cls_tokens_and_causal():
         compare(orig, new, torch.randn(2, L, DIM), grads=False, **call)
 
 
+@pytest.mark.parametrize(
+    "cases",
+    [
+        [PLUGINS[5], ("ALiBi", (NH,), {"asymmetric": True, "divide": 4.0})],  # blocked twice: -inf
+        [PLUGINS[7], PLUGINS[5]],  # DPB's bias, then blocked: its gradient passes through
+        [PLUGINS[5], PLUGINS[7]],
+    ],
+    ids=["alibi_alibi", "dpb_alibi", "alibi_dpb"],
+)
+def test_rows_blocked_by_asymmetric_alibi_in_plugin_chains(cases):
+    """Query 10 keeps only the keys before it, which even heads block: bio-attention adds
+    -finfo.max per asymmetric ALiBi, so one gives a uniform row whose gradients still reach q, k
+    and earlier plugins' biases, and two overflow to -inf (the query attends to nothing)."""
+    orig, new = layer_pair(cases)
+    mask = torch.ones(2, L, L, dtype=torch.bool).tril()
+    mask[:, 10, 10] = False
+    compare(orig, new, torch.randn(2, L, DIM), pos=positions_for(cases, (2,)), mask=mask)
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["zeros", "zeros_and_-inf"])
+def test_a_zero_float_mask_being_learned_gets_its_gradient(blocked):
+    """A learned additive mask initialised to zero adds nothing yet must receive gradients."""
+    orig, new = layer_pair([])
+    start = torch.zeros(2, NH, L, L)
+    if blocked:
+        start = start.masked_fill(~pair_mask(2, NH, L, L), -math.inf)
+    x = torch.randn(2, L, DIM)
+    grads = []
+    for layer in (orig, new):
+        mask = start.clone().requires_grad_()
+        layer(x, mask=mask).tanh().sum().backward()
+        grads.append(mask.grad)
+    assert grads[0].abs().max() > 0
+    assert_same(grads[1], grads[0])
+
+
 def test_float_masks_that_need_gradients_use_the_chunked_backend():
     layer = AttnLayer(DIM, None, nh=NH)
     learned = torch.randn(2, L, requires_grad=True)
