@@ -8,7 +8,9 @@ score_mod reads a (value, slope) pair per head and grid cell, interpolating line
 - otherwise (float positions, or wider spans): ``table_size`` nodes evenly spread over
   ``[-span, span]`` with step ``s`` (in position units). Linear interpolation of a twice
   differentiable function is off by at most ``(s / divide)^2 / 8 * max|MLP''|`` (second
-  derivative taken over the MLP's input ``Delta / divide``).
+  derivative taken over the MLP's input ``Delta / divide``). Parameter gradients are those of
+  the interpolated bias: the same bound holds with ``MLP`` replaced by its derivative with
+  respect to each parameter, whose curvature in ``Delta`` can be larger than the MLP's.
 
 On CPU the exact grid has just ``2 * span + 1`` nodes; on accelerators (and inside a caller's
 torch.compile) every grid has ``table_size`` nodes, chosen on the device, so that nothing is read
