@@ -11,6 +11,12 @@ score_mod reads a (value, slope) pair per head and grid cell, interpolating line
   derivative taken over the MLP's input ``Delta / divide``). Parameter gradients are those of
   the interpolated bias: the same bound holds with ``MLP`` replaced by its derivative with
   respect to each parameter, whose curvature in ``Delta`` can be larger than the MLP's.
+  Position gradients are the slopes of the interpolation, within ``s / 2 / divide^2 *
+  max|MLP''|`` of the exact derivative.
+
+When positions require gradients, the table is computed in float64 (its slopes would
+otherwise magnify the model dtype's rounding by ``1 / s``). The grid depends on the positions
+but carries no gradient.
 
 On CPU the exact grid has just ``2 * span + 1`` nodes; on accelerators (and inside a caller's
 torch.compile) every grid has ``table_size`` nodes, chosen on the device, so that nothing is read
@@ -110,24 +116,38 @@ class DPB(Positional):
         self._init_divisor(divide, learned_div)
         self.mlp = position_mlp(dim, depth, norm, out=n_heads)
 
-    def bias_at(self, distances: Tensor) -> Tensor:
-        """(...,) distances in position units -> (..., n_heads) MLP outputs."""
-        return run_mlp(self.mlp, (distances.double() / self.divisor(torch.float64))[..., None])
+    def bias_at(self, distances: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """(...,) distances in position units -> (..., n_heads) MLP outputs, computed in
+        ``dtype`` (default: the MLP's)."""
+        return run_mlp(self.mlp, (distances.double() / self.divisor(torch.float64))[..., None], dtype)
 
-    def tables(self, grid: DistanceGrid, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(n_heads, size + 2) values at the grid nodes and slopes per position unit to the next."""
-        values = self.bias_at(grid.nodes()).to(dtype).t().contiguous()
-        slopes = torch.diff(values, dim=-1, append=values[:, -1:]) / grid.step.to(dtype)
-        # One guard cell at each end: a distance rounded just past the grid still reads a
-        # valid cell, so the score_mod needs no clamp.
-        return F.pad(values, (1, 1), mode="replicate"), F.pad(slopes, (1, 1))
+    def tables(self, grid: DistanceGrid, dtype: torch.dtype, precise: bool = False) -> tuple[Tensor, Tensor]:
+        """(n_heads, size + 2) values at the grid nodes and slopes per position unit to the next.
+
+        ``precise`` runs the MLP in float64. Gradients with respect to positions need it: a
+        slope divides a value difference by the step, which magnifies the MLP's rounding by up
+        to ``1 / step``. In the bias itself a slope is multiplied by an offset below the step,
+        which undoes that.
+        """
+        values = self.bias_at(grid.nodes(), torch.float64 if precise else None).t()
+        slopes = torch.diff(values, dim=-1) / grid.step
+        # The last node (distance +span, which a pair can reach) continues the last cell's line.
+        slopes = torch.cat((slopes, slopes[:, -1:]), dim=-1)
+        # One guard cell at each end extends the line outward: a distance rounded just past the
+        # grid still reads a valid cell, so the score_mod needs no clamp.
+        before = values[:, :1] - slopes[:, :1] * grid.step
+        after = values[:, -1:] + slopes[:, -1:] * grid.step
+        values = torch.cat((before, values, after), dim=-1)
+        slopes = F.pad(slopes, (1, 1), mode="replicate")
+        return values.to(dtype).contiguous(), slopes.to(dtype).contiguous()
 
     def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:
         device = positions.q.device
+        # The grid is a discretisation, not a function of the positions: no gradient through it.
         grid = DistanceGrid.covering(
-            positions.span_tensor(), positions.is_integer, self.table_size, adaptive_grid(device)
+            positions.span_tensor().detach(), positions.is_integer, self.table_size, adaptive_grid(device)
         )
-        values, slopes = self.tables(grid, dtype)
+        values, slopes = self.tables(grid, dtype, positions.q.requires_grad or positions.k.requires_grad)
         rel = positions.relative(dtype)
         start, step = grid.start.to(dtype), grid.step.to(dtype)
 

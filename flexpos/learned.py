@@ -26,13 +26,18 @@ def position_mlp(dim: int, depth: int, norm: bool, out: int | None = None) -> nn
     return layers
 
 
-def run_mlp(mlp: nn.ModuleList, x: Tensor) -> Tensor:
-    """x (..., 1) -> (..., features), in the MLP's dtype, also under autocast: inputs are
-    positions (up to 1e9 / divide), whose features bf16 would round by up to 0.4% of their size."""
+def run_mlp(mlp: nn.ModuleList, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """x (..., 1) -> (..., features), in ``dtype`` (default: the MLP's), also under autocast:
+    inputs are positions (up to 1e9 / divide), whose features bf16 would round by up to 0.4% of
+    their size. Another ``dtype`` runs on cast copies of the parameters (gradients reach them)."""
     with torch.autocast(x.device.type, enabled=False):
-        x = x.to(mlp[0][0].weight.dtype)
+        x = x.to(dtype or mlp[0][0].weight.dtype)
         for layer in mlp:
-            x = layer(x)
+            if dtype is None:
+                x = layer(x)
+            else:
+                cast = {name: p.to(dtype) for name, p in layer.named_parameters()}
+                x = torch.func.functional_call(layer, cast, (x,))
     return x
 
 

@@ -346,6 +346,30 @@ def test_short_positions_work_where_the_original_crashes(case, with_mask):
     assert_same(got[..., c:, c:], inner)
 
 
+def test_float64_learned_continuous_takes_integer_positions_where_the_original_crashes():
+    orig, new = pair("LearnedContinuous", DIM, dtype=F64)
+    x = torch.randn(2, L, DIM, dtype=F64)
+    pos = irregular(2, L - 2, integer=True)
+    with pytest.raises(RuntimeError):
+        orig.mod_x(x, pos=pos)  # integers divided by the divisor give float32, not float64
+    assert_same(new.mod_x(x, pos=pos), orig.mod_x(x, pos=pos.double()), atol=atol_for(F64))
+
+
+def test_one_positioned_token_gets_the_subsequence_bias_where_the_original_broadcasts():
+    """DPB with one position and L - 1 CLS tokens: bio-attention's (B, *, NH, 1, 1) bias
+    broadcasts MLP(0) over every pair, which softmax ignores (docs/legacy.md); legacy biases only
+    the positioned token's pair, as for longer positions."""
+    orig, new = pair("DPB", 16, NH, depth=2, norm=True)
+    q, k, v = qkv((2, 3))
+    pos = irregular(2, 3, 1)
+    broadcast = orig.mod_mask(None, q, k, v, pos_q_k=pos)
+    assert broadcast.shape == (2, 3, NH, 1, 1)
+    got = new.mod_mask(None, q, k, v, pos_q_k=pos)
+    assert_same(got[..., -1:, -1:], broadcast)
+    assert torch.equal(got[..., :-1, :], torch.zeros_like(got[..., :-1, :]))
+    assert torch.equal(got[..., :, :-1], torch.zeros_like(got[..., :, :-1]))
+
+
 @pytest.mark.parametrize("name, args", [("ALiBi", (NH,)), ("DPB", (16, NH)), ("XL", (DIM, NH))])
 def test_bool_masks_are_accepted_by_mod_mask(name, args):
     """True = attend, False = -inf. bio-attention's ALiBi and DPB refuse bool masks; its XL adds
