@@ -226,11 +226,17 @@ def _chunk_bias(
     return bias.expand(*bias.shape[:2], rows, cols)
 
 
-# Inductor's CPU code generator in torch 2.11 places its bounds checks of gathered indices
-# before the indices are declared ("'tmp1' was not declared in this scope"). The indices here
-# lie in range by construction (aranges within the sequence lengths the tables were built for),
-# and the eager path keeps PyTorch's own checks.
-_compiled_bias = lazy_compile(_chunk_bias, options={"assert_indirect_indexing": False})
+# Two bugs of Inductor's CPU code generator use an index before declaring it ("'tmp1' was not
+# declared in this scope"):
+# - torch 2.11 places its bounds checks of gathered indices first. The indices here lie in
+#   range by construction (aranges within the sequence lengths the tables were built for), and
+#   the eager path keeps PyTorch's own checks.
+# - torch 2.13 with one thread, where a backward gathers from a table (DPB's slopes, for
+#   position gradients) and scatter-adds into the same table's gradient: it shares the index
+#   buffer of the store, emitted later. Kernels sized for any thread count use atomic adds.
+_compiled_bias = lazy_compile(
+    _chunk_bias, options={"assert_indirect_indexing": False, "cpp.dynamic_threads": True}
+)
 
 
 def _attend_chunk(

@@ -3,6 +3,10 @@
 Compiled variants are few on purpose: each costs ~15 s on a 2-core CPU.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -373,3 +377,28 @@ def test_masks_inside_attention_against_the_reference():
     out = flexpos.attention(q, kc, vc, causal=True)
     keep = torch.ones(length, 150, dtype=torch.bool).tril()[None, None]
     assert (out - R.attend(q, kc, vc, 0.0, keep)).abs().max() <= TOLERANCE[torch.float64]
+
+
+ONE_THREAD_SCRIPT = """
+import torch, flexpos
+torch.manual_seed(0)
+dpb = flexpos.DPB(8, 1, divide=1000.0, table_size=33).double()
+q, k, v = (torch.randn(1, 1, 6, 8, dtype=torch.float64) for _ in range(3))
+pos = (torch.rand(1, 5, dtype=torch.float64) * 12978 + 1e6).requires_grad_()  # token 0: CLS
+grads = []
+for compiled in (True, False):
+    flexpos.set_compile(compiled)
+    out = flexpos.attention(q, k, v, dpb, pos=pos)
+    grads.append(torch.autograd.grad(out.sum(), (pos, *dpb.parameters())))
+for got, want in zip(*grads):
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-12), (got, want)
+"""
+
+
+def test_compiled_position_gradients_on_one_thread(tmp_path):
+    """With one thread, Inductor (torch 2.13) built the backward of DPB's table reads with an
+    index used before its declaration: a C++ compile error at the first backward. A fresh
+    process and cache, so that the kernel really is compiled for one thread."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", ONE_THREAD_SCRIPT], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
