@@ -30,10 +30,12 @@ def run_mlp(mlp: nn.ModuleList, x: Tensor, dtype: torch.dtype | None = None) -> 
     """x (..., 1) -> (..., features), in ``dtype`` (default: the MLP's), also under autocast:
     inputs are positions (up to 1e9 / divide), whose features bf16 would round by up to 0.4% of
     their size. Another ``dtype`` runs on cast copies of the parameters (gradients reach them)."""
+    own = mlp[0][0].weight.dtype
+    dtype = dtype or own
     with torch.autocast(x.device.type, enabled=False):
-        x = x.to(dtype or mlp[0][0].weight.dtype)
+        x = x.to(dtype)
         for layer in mlp:
-            if dtype is None:
+            if dtype == own:
                 x = layer(x)
             else:
                 cast = {name: p.to(dtype) for name, p in layer.named_parameters()}
