@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU run, estimated at 6-7 minutes on one H100/H200 (not yet run on one; at most 8: the step
-# limits below): the CUDA tests, the GPU targets and the flexpos-vs-dense table. Run from
+# GPU run, estimated at 6-7 minutes on one H100/H200 (at most 8 and a half: the step limits
+# below): the CUDA tests, the GPU targets and the flexpos-vs-dense table. Run from
 # anywhere in the checkout:
 #
 #     PYTHONPATH=. bash benchmarks/gpu.sh
@@ -79,16 +79,16 @@ main() {
     preamble || { echo "# stopped: see above"; return; }
 
     # 1. correctness on the GPU: compiled flex forward/backward against float64 references
-    step "CUDA tests" 150 "$PY" -m pytest -q -p no:cacheprovider -rs --durations=0 tests/test_cuda.py
+    step "CUDA tests" 170 "$PY" -m pytest -q -p no:cacheprovider -rs --durations=0 tests/test_cuda.py
 
     # 2. the targets: Rotary bandwidth; ALiBi/DPB vs flex with no score_mod and vs dense at
     #    L=8192; L=32768. Each verdict is printed as it is reached, and an interrupted run
     #    still prints its summary.
-    step "GPU targets" 210 "$PY" benchmarks/targets.py --gpu-only --repeat 5
+    step "GPU targets" 230 "$PY" benchmarks/targets.py --gpu-only --repeat 5
 
     # 3. the side-by-side table at L=8192 (L=32768 is in the targets); its kernels are in
     #    Inductor's cache by now
-    step "bench table" 90 "$PY" -m flexpos.bench --device cuda --dtype bfloat16 --mode fwdbwd \
+    step "bench table" 80 "$PY" -m flexpos.bench --device cuda --dtype bfloat16 --mode fwdbwd \
         --batch 4 --heads 16 --head-dim 64 --schemes alibi dpb --lengths 8192 \
         --dense formula --repeat 3 --json "$json"
 
