@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# GPU run, estimated at 6-7 minutes on one H100/H200 (at most 8 and a half: the step limits
-# below): the CUDA tests, the GPU targets and the flexpos-vs-dense table. Run from
-# anywhere in the checkout:
+# GPU run: the CUDA tests, the GPU targets and the flexpos-vs-dense table; 6 minutes on one
+# H200 (2026-11-27; at most 8 and a half: the step limits below). Run from anywhere in the
+# checkout:
 #
-#     PYTHONPATH=. bash benchmarks/gpu.sh
+#     PYTHONPATH=. bash benchmarks/gpu.sh [STEP ...]
+#
+# STEPs (default: tests targets table): tests, targets, targets-8k (the targets without
+# L=32768), variants (benchmarks/gpu_variants.py: where the score_mods' and Rotary's time goes,
+# about 2 minutes), table.
 #
 # Needs torch with CUDA (+ triton), einops, pytest; bio-attention is not needed (the dense
 # baseline is flexpos.bench's own dense formulas, `--dense formula`). Everything printed goes
@@ -32,7 +36,7 @@ commit="${FLEXPOS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unkno
 
 preamble() {  # machine facts; fails (and the run stops) without a GPU that compiles
     echo "# flexpos GPU run, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "# command: PYTHONPATH=$PYTHONPATH bash benchmarks/gpu.sh (cwd $(pwd), commit $commit, python $PY)"
+    echo "# command: PYTHONPATH=$PYTHONPATH bash benchmarks/gpu.sh $* (cwd $(pwd), commit $commit, python $PY)"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv 2>/dev/null \
         || echo "nvidia-smi: not available"
     local cc_path
@@ -74,27 +78,33 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
     echo "## $name: $note, $((SECONDS - t0)) s"
 }
 
+run_step() {
+    case "$1" in
+        # correctness on the GPU: compiled flex forward/backward against float64 references
+        tests) step "CUDA tests" 170 "$PY" -m pytest -q -p no:cacheprovider -p no:logging -rs --durations=0 tests/test_cuda.py ;;
+        # Rotary bandwidth; ALiBi/DPB vs flex with no score_mod and vs dense at L=8192; L=32768.
+        # Each verdict is printed as it is reached; an interrupted run still prints its summary.
+        targets) step "GPU targets" 230 "$PY" benchmarks/targets.py --gpu-only --repeat 5 ;;
+        targets-8k) step "GPU targets, L=8192" 130 "$PY" benchmarks/targets.py --gpu-only --skip-32k --repeat 5 ;;
+        variants) step "GPU variants" 140 "$PY" benchmarks/gpu_variants.py --repeat 5 ;;
+        # the side-by-side table at L=8192; its kernels are in Inductor's cache by now
+        table) step "bench table" 80 "$PY" -m flexpos.bench --device cuda --dtype bfloat16 --mode fwdbwd \
+            --batch 4 --heads 16 --head-dim 64 --schemes alibi dpb --lengths 8192 \
+            --dense formula --repeat 3 --json "$json" ;;
+        *) echo "unknown step '$1' (tests, targets, targets-8k, variants, table)" ;;
+    esac
+}
+
 main() {
     local start_all=$SECONDS
-    preamble || { echo "# stopped: see above"; return; }
-
-    # 1. correctness on the GPU: compiled flex forward/backward against float64 references
-    step "CUDA tests" 170 "$PY" -m pytest -q -p no:cacheprovider -rs --durations=0 tests/test_cuda.py
-
-    # 2. the targets: Rotary bandwidth; ALiBi/DPB vs flex with no score_mod and vs dense at
-    #    L=8192; L=32768. Each verdict is printed as it is reached, and an interrupted run
-    #    still prints its summary.
-    step "GPU targets" 230 "$PY" benchmarks/targets.py --gpu-only --repeat 5
-
-    # 3. the side-by-side table at L=8192 (L=32768 is in the targets); its kernels are in
-    #    Inductor's cache by now
-    step "bench table" 80 "$PY" -m flexpos.bench --device cuda --dtype bfloat16 --mode fwdbwd \
-        --batch 4 --heads 16 --head-dim 64 --schemes alibi dpb --lengths 8192 \
-        --dense formula --repeat 3 --json "$json"
-
+    preamble "$@" || { echo "# stopped: see above"; return; }
+    local name
+    for name in "${@:-tests targets table}"; do
+        for name in $name; do run_step "$name"; done
+    done
     echo
     echo "# total $((SECONDS - start_all)) s; log: $log"
 }
 
-main 2>&1 | tee "$log"
+main "$@" 2>&1 | tee "$log"
 exit 0

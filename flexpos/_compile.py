@@ -55,12 +55,15 @@ def more_variants() -> contextlib.AbstractContextManager[None]:
 
 
 class LazyCompiled:
-    """``fn`` compiled with ``dynamic=True`` on first call (so new lengths do not recompile);
-    ``options`` are Inductor settings for this function only."""
+    """``fn`` compiled on first call, with ``dynamic=True`` by default (so new lengths do not
+    recompile); ``options`` are Inductor settings for this function only."""
 
-    def __init__(self, fn: Callable[..., Any], options: Optional[dict[str, Any]] = None) -> None:
+    def __init__(
+        self, fn: Callable[..., Any], options: Optional[dict[str, Any]] = None, dynamic: Optional[bool] = True
+    ) -> None:
         self.fn = fn
         self.options = options
+        self.dynamic = dynamic
         self._compiled: Optional[Callable[..., Any]] = None
         self.__name__ = getattr(fn, "__name__", "compiled")
         self.__doc__ = fn.__doc__
@@ -69,10 +72,14 @@ class LazyCompiled:
         if not _enabled or torch.compiler.is_compiling():
             return self.fn(*args, **kwargs)
         if self._compiled is None:
-            self._compiled = torch.compile(self.fn, dynamic=True, options=self.options)
+            self._compiled = torch.compile(self.fn, dynamic=self.dynamic, options=self.options)
         with more_variants():
             return self._compiled(*args, **kwargs)
 
 
-def lazy_compile(fn: Callable[..., Any], options: Optional[dict[str, Any]] = None) -> LazyCompiled:
-    return LazyCompiled(fn, options)
+def lazy_compile(
+    fn: Callable[..., Any], options: Optional[dict[str, Any]] = None, dynamic: Optional[bool] = True
+) -> LazyCompiled:
+    """``dynamic=None`` is Dynamo's automatic mode: static sizes first, symbolic from the first
+    call with other sizes on."""
+    return LazyCompiled(fn, options, dynamic)

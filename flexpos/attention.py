@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from ._checks import check_bool, check_float, check_module_device, check_positive_float, check_rank, check_tensor
-from .backends import Backend, choose_backend, functorch_active, run_chunked, run_flex, vmapped
+from .backends import Backend, choose_backend, flex_kernel_options, functorch_active, run_chunked, run_flex, vmapped
 from .base import Positional, ScoreMod
 from .masks import and_masks, causal_mask, dense_mask, full_mask
 from .positions import BLOCK, Positions
@@ -81,7 +81,7 @@ def attention(
         or any(p.requires_grad for m in modules for p in m.parameters())
     )
     if choose_backend(backend, q, needs_grad, block_mask, modules) == "flex":
-        out = run_flex(q, k, v, score_mod, block_mask, scale)
+        out = run_flex(q, k, v, score_mod, block_mask, scale, flex_kernel_options(q.device, modules))
     else:
         out = run_chunked(q, k, v, score_mod, block_mask, scale, needs_grad)
     return out.reshape(*batch, heads, len_q, v.shape[-1])

@@ -111,10 +111,32 @@ def _cpu_flex_refusal(
     return None
 
 
+GATHER_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
+"""Triton tiles for score_mods that gather a table entry per score (DPB): forward 64x64,
+backward 32x64 and 64x32. Triton stages such gathers in shared memory for every pipeline stage;
+with CUDA's default bf16 tiles on an H100/H200 (forward 128x128) DPB with a padding mask needed
+444 KB of the 227 KB there are (benchmarks/results/gpu-2026-11-27.txt)."""
+
+
+def flex_kernel_options(device: torch.device, modules: Sequence[Positional]) -> Optional[dict[str, int]]:
+    """Triton kernel options for flex on ``device`` with these modules: :data:`GATHER_TILES`
+    on CUDA when a score_mod gathers per score, else None (flex's defaults)."""
+    if device.type == "cuda" and any(m.gathers_per_score for m in modules):
+        return dict(GATHER_TILES)
+    return None
+
+
 def run_flex(
-    q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[ScoreMod], block_mask: BlockMask, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    score_mod: Optional[ScoreMod],
+    block_mask: BlockMask,
+    scale: float,
+    kernel_options: Optional[dict[str, int]] = None,
 ) -> Tensor:
-    """q (B, H, Lq, E), k (B, H, Lk, E), v (B, H, Lk, Dv) -> (B, H, Lq, Dv)."""
+    """q (B, H, Lq, E), k (B, H, Lk, E), v (B, H, Lk, Dv) -> (B, H, Lq, Dv); ``kernel_options``
+    go to flex's Triton kernels (see :func:`flex_kernel_options`)."""
     if not torch.is_grad_enabled():
         # CPU flex refuses inputs that require grad even under no_grad; nothing flows back here.
         q, k, v = q.detach(), k.detach(), v.detach()
@@ -128,7 +150,7 @@ def run_flex(
         # kernel cannot lower; fold it into q and let flex apply its default 1/sqrt(E).
         q = q * (scale / default)
     with _sizes_apart(), more_variants():
-        out = _flex()(q, k, v, score_mod=score_mod, block_mask=block_mask)
+        out = _flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=kernel_options)
     if q.device.type == "cpu":
         out = restore(out)
     return out[..., :dv]

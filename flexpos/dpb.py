@@ -95,6 +95,7 @@ class DPB(Positional):
     """
 
     modifies_scores = True
+    gathers_per_score = True
     _repr_fields = ("n_heads", "table_size")
 
     def __init__(

@@ -46,7 +46,10 @@ def rotate_real(x: Tensor, cos_sin: Tensor) -> Tensor:
     return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), -1).flatten(-2).to(x.dtype)
 
 
-_rotate_real = lazy_compile(rotate_real)
+# Sizes static until a second shape shows up: with symbolic sizes every element computes its
+# (sequence, position) from its flat index by 64-bit division, and the kernel ran at ~10% of an
+# H200's memory bandwidth (benchmarks/results/gpu-2026-11-27.txt).
+_rotate_real = lazy_compile(rotate_real, dynamic=None)
 
 
 def _rotate(x: Tensor, cos_sin: Tensor) -> Tensor:

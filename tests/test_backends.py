@@ -19,6 +19,7 @@ from flexpos import ALiBi, DPB, XL
 from flexpos import backends
 from flexpos._compile import RECOMPILE_LIMIT, LazyCompiled
 from flexpos.backends import choose_backend
+from flexpos.positions import BLOCK
 
 H, D = 4, 16
 
@@ -103,7 +104,7 @@ def test_own_compiled_calls_allow_more_variants_than_dynamos_default(monkeypatch
     def fake_compile(fn, **kwargs):
         return lambda *args: limits.append(torch._dynamo.config.cache_size_limit) or fn(*args)
 
-    def fake_flex(q, k, v, score_mod, block_mask):
+    def fake_flex(q, k, v, score_mod, block_mask, kernel_options=None):
         limits.append(torch._dynamo.config.cache_size_limit)
         return v
 
@@ -402,3 +403,14 @@ def test_compiled_position_gradients_on_one_thread(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", ONE_THREAD_SCRIPT], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_flex_kernel_options_shrink_tiles_for_score_mods_that_gather_per_score_on_cuda():
+    cuda = torch.device("cuda")
+    tiles = backends.flex_kernel_options(cuda, [flexpos.Rotary(8), flexpos.DPB(8, 2)])
+    assert tiles == backends.GATHER_TILES
+    assert backends.flex_kernel_options(cuda, [flexpos.ALiBi(2), flexpos.Rotary(8)]) is None
+    assert backends.flex_kernel_options(torch.device("cpu"), [flexpos.DPB(8, 2)]) is None
+    # flex's own constraints: tiles divide the BlockMask's blocks; backward N1 % M1 and M2 % N2
+    assert all(BLOCK % size == 0 for size in tiles.values())
+    assert tiles["BLOCK_N1"] % tiles["BLOCK_M1"] == 0 and tiles["BLOCK_M2"] % tiles["BLOCK_N2"] == 0

@@ -126,9 +126,11 @@ def test_layer_inside_the_callers_torch_compile_trains():
     compiled = torch.compile(layers["compiled"])
     results = []
     for model, name in ((layers["golden"], "golden"), (layers["eager"], "eager"), (compiled, "compiled")):
-        xin = x.to(torch.float64 if name == "golden" else torch.float32).requires_grad_()
+        # detach(): x.to(float32) would be x itself, and every float32 run's gradient would add
+        # into one x.grad
+        xin = x.detach().to(torch.float64 if name == "golden" else torch.float32).requires_grad_()
         out = model(xin, pos=pos, mask=valid)
-        out.square().mean().backward()
+        out.square().sum().backward()  # sum, not mean: gradients of order 1 for ATOL to bite
         results.append([out.double(), xin.grad.double()] + [p.grad.double() for p in layers[name].parameters()])
     names = ["out", "dx"] + [n for n, _ in layers["golden"].named_parameters()]
     assert_errors_within_policy(torch.float32, names, *results, n_inputs=2)

@@ -1,0 +1,174 @@
+"""Where the GPU targets' time goes: variants of flexpos' paths, timed side by side in one process.
+
+    PYTHONPATH=. python benchmarks/gpu_variants.py            # bf16, B=4 H=16 D=64, L=8192, fwd+bwd
+
+Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in the targets):
+  flex no score_mod       flexpos.attention(q, k, v): the reference
+  flex no score_mod, static sizes
+                          torch.compile(flex_attention, dynamic=False): what symbolic sizes cost
+  ALiBi                   flexpos.ALiBi as shipped
+  ALiBi, static sizes     its score_mod under the static flex
+  ALiBi on indices        score - rate_h * |q_idx - kv_idx|: no position tables, i.e. what reading
+                          positions (hi/lo float pairs) costs
+  DPB frozen              flexpos.DPB without parameter gradients (no atomic adds into the
+                          tables' gradients), shipped tiles (flexpos.backends.GATHER_TILES)
+  DPB frozen, one gather  values[h, cell] only, no slope: the exact grid of integer distances
+Rotary rows: the shipped rotation kernel (static sizes until a second shape) against the same
+function compiled with dynamic=True, in GPU time per call over queued calls.
+
+Positions are sorted integers with gaps 1-3, as in the targets. Score_mod tables are built once
+outside the timed calls for the variants that call flex directly (the shipped rows rebuild them
+per call: a few small kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import flex_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import targets  # noqa: E402  (the timing helpers of benchmarks/targets.py)
+from targets import fmt, interleaved, release, say  # noqa: E402
+
+import flexpos  # noqa: E402
+from flexpos import backends  # noqa: E402
+from flexpos._compile import lazy_compile  # noqa: E402
+from flexpos.bench import Runner, Setup, build_case, irregular_positions  # noqa: E402
+from flexpos.dpb import DistanceGrid  # noqa: E402
+from flexpos.positions import Positions  # noqa: E402
+from flexpos.rotary import _rotate_real, rotate_real, rotation  # noqa: E402
+
+ScoreFn = Callable[[], Tensor]
+
+
+def alibi_on_indices(alibi: flexpos.ALiBi) -> Callable[..., Tensor]:
+    rates = alibi.slopes.reshape(-1).float()
+
+    def alibi_indices(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return score - rates[h] * (q_idx - kv_idx).abs().to(torch.float32)
+
+    return alibi_indices
+
+
+def dpb_one_gather(dpb: flexpos.DPB, positions: Positions) -> Callable[..., Tensor]:
+    """DPB's bias read from the value table alone (integer distances on the exact grid)."""
+    grid = DistanceGrid.covering(positions.span_tensor(), True, dpb.table_size, adaptive=False)
+    if float(grid.step) != 1.0:
+        raise ValueError("needs integer positions whose distances fit the table")
+    with torch.no_grad():
+        values, _ = dpb.tables(grid, torch.float32)
+    rel, start = positions.relative(torch.float32), grid.start.float()
+
+    def dpb_values(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        delta, _ = rel.distance(b, q_idx, kv_idx)
+        return score - values[h, (delta - start).to(torch.int64) + 1]
+
+    return dpb_values
+
+
+def score_rows(s: Setup, repeat: int) -> None:
+    device = torch.device(s.device)
+    case = build_case(s)
+    q, k, v = case.leaves
+    pos, length = case.pos, s.length
+    runner = Runner(device, s.backward, case.leaves)
+    positions = Positions.resolve((s.batch,), length, length, device, pos)
+    mask = flexpos.full_mask(length, length, device)
+    alibi = case.modules["flexpos"]
+    dpb = flexpos.DPB(32, s.heads, depth=2).to(device).requires_grad_(False)
+    static = torch.compile(flex_attention, dynamic=False)
+    tiles = backends.flex_kernel_options(device, [dpb])
+
+    def direct(mod: Callable[..., Tensor], options: Optional[dict[str, int]]) -> ScoreFn:
+        return lambda: backends.run_flex(q, k, v, mod, mask, q.shape[-1] ** -0.5, options)
+
+    alibi_mod = alibi.score_mod(positions)
+    rows: list[tuple[str, ScoreFn]] = [
+        ("flex no score_mod", case.flex_floor),
+        ("flex no score_mod, static sizes", lambda: static(q, k, v, block_mask=mask)),
+        ("ALiBi", case.flexpos),
+        ("ALiBi, static sizes", lambda: static(q, k, v, score_mod=alibi_mod, block_mask=mask)),
+        ("ALiBi on indices", direct(alibi_on_indices(alibi), None)),
+        ("DPB frozen", lambda: flexpos.attention(q, k, v, dpb, pos=pos)),
+        ("DPB frozen, one gather", direct(dpb_one_gather(dpb, positions), tiles)),
+    ]
+    fns: dict[str, ScoreFn] = {}
+    for name, fn in rows:
+        seconds = targets.first_call(name, runner, fn)
+        if seconds is not None:
+            say(f"  {name}: first call (compile + run) {seconds:.1f} s")
+            fns[name] = lambda fn=fn: runner.call(fn)
+    times = interleaved(fns, runner.sync, repeat)
+    ref = times.get("flex no score_mod")
+    say(f"\n  {'row':34s} {'time':>24s}  ratio to flex no score_mod")
+    for name, t in times.items():
+        ratio = f"{statistics.median(ref) / statistics.median(t):.2f}x" if ref else "-"
+        say(f"  {name:34s} {fmt(t):>24s}  {ratio}")
+
+
+def rotary_rows(s: Setup, length: int, repeat: int) -> None:
+    device = torch.device(s.device)
+    gen = torch.Generator(device).manual_seed(0)
+    shape = (s.batch, s.heads, length, s.head_dim)
+    q, k = (torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(2))
+    pos = irregular_positions(s.batch, length, torch.Generator().manual_seed(0)).to(device)
+    rot = flexpos.Rotary(s.head_dim).to(device)
+    positions = Positions.resolve((s.batch,), length, length, device, pos)
+    cos_sin = rotation(positions.absolute("q"), positions.has_position("q"), rot.thetas,
+                       rot.divisor(torch.float64), torch.float32)
+    dynamic = lazy_compile(rotate_real, dynamic=True)
+    paths = {"rotation kernel, static sizes (shipped)": lambda: (_rotate_real(q, cos_sin), _rotate_real(k, cos_sin)),
+             "rotation kernel, dynamic=True": lambda: (dynamic(q, cos_sin), dynamic(k, cos_sin))}
+    for fn in paths.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(repeat):
+        for name, fn in paths.items():
+            times[name].append(targets.device_seconds(fn, device) if device.type == "cuda" else timed(fn))
+    moved = 2 * 2 * q.numel() * q.element_size()  # read and write q and k; the table is not counted
+    for name, t in times.items():
+        say(f"  {name:42s} {fmt(t)}  -> {moved / statistics.median(t) / 1e9:,.0f} GB/s")
+
+
+def timed(fn: Callable[[], object]) -> float:
+    import time
+
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--length", type=int, default=8192)
+    p.add_argument("--rotary-length", type=int, default=131072)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--forward-only", action="store_true")
+    p.add_argument("--repeat", type=int, default=5)
+    args = p.parse_args(argv)
+    s = Setup("alibi", args.length, batch=args.batch, heads=args.heads, head_dim=64, dtype=args.dtype,
+              device=args.device, backward=not args.forward_only, dense="formula")
+    say(f"flexpos GPU variants: {args.device} {torch.cuda.get_device_name() if args.device == 'cuda' else ''}; "
+        f"torch {torch.__version__}; {args.dtype}; B={args.batch} H={args.heads} D=64")
+    say(f"\n[score_mods] L={args.length}, {'forward' if args.forward_only else 'forward+backward'}")
+    targets.guarded("score_mod variants", score_rows, s, args.repeat)
+    release()
+    say(f"\n[rotary] q and k of ({args.batch}, {args.heads}, {args.rotary_length}, 64) bfloat16")
+    targets.guarded("rotary variants", rotary_rows, s, args.rotary_length, args.repeat)
+    for name, measured, mark in targets.RESULTS:
+        say(f"  {mark:6s}  {name}: {measured}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
