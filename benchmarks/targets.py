@@ -303,8 +303,8 @@ def measured_copy_bandwidth(device: torch.device) -> float:
 
 
 def gpu_score_mods(repeat: int, lengths: Sequence[int] = (8192, 32768)) -> None:
-    # No Dynamo reset between cases: flex compiles with dynamic=True, so L=32768 reuses the
-    # kernels of L=8192 (a reset would recompile each, ~30 s apiece on a cold GPU machine).
+    # No Dynamo reset between cases: flex's sizes turn symbolic at the second length, after
+    # which no length recompiles (a reset would recompile each, ~10-30 s apiece on a GPU).
     for length in lengths:
         for scheme in ("alibi", "dpb"):
             say(f"\n[{4 if length == 8192 else 5}] GPU {scheme} forward+backward, bfloat16, B=4 H=16 D=64, L={length}")

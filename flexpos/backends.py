@@ -1,7 +1,7 @@
 """The two ways flexpos runs attention, and the rule that picks one *before* running.
 
-- ``flex``: ``torch.compile(flex_attention, dynamic=True)``; fused, forward and backward.
-  The default on CUDA.
+- ``flex``: ``torch.compile(flex_attention)``; fused, forward and backward. The default on
+  CUDA (sizes static until they change, then symbolic; on CPU symbolic from the start).
 - ``chunked``: queries in chunks; per chunk one compiled kernel evaluates the same score_mod
   and mask_mod on the chunk's grid, and SDPA attends with that bias. O(chunk * Lk) memory,
   autograd for everything (chunks are recomputed in the backward pass; inside torch.func
@@ -35,18 +35,24 @@ from .positions import BLOCK
 
 Backend = Literal["auto", "flex", "chunked"]
 T = TypeVar("T")
-_compiled_flex = None
+_compiled_flex: dict[bool, Callable[..., Tensor]] = {}  # by "on CUDA"
 
 
-def _flex() -> Callable[..., Tensor]:
+def _flex(device: torch.device) -> Callable[..., Tensor]:
     """flex_attention compiled on first use; inside a caller's torch.compile, flex_attention
-    itself, which the caller's compile fuses into its graph."""
-    global _compiled_flex
+    itself, which the caller's compile fuses into its graph.
+
+    On CUDA with Dynamo's automatic sizes: static until a call with other sizes, symbolic from
+    then on. Static sizes made flex 1.40x faster on an H200 (no score_mod and ALiBi alike, bf16,
+    L=8192, forward+backward; benchmarks/results/gpu-2026-11-27-b.txt), at the price of one more
+    compile when B or L first change. Elsewhere symbolic from the first call.
+    """
     if torch.compiler.is_compiling():
         return flex_attention
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=True)
-    return _compiled_flex
+    cuda = device.type == "cuda"
+    if cuda not in _compiled_flex:
+        _compiled_flex[cuda] = torch.compile(flex_attention, dynamic=None if cuda else True)
+    return _compiled_flex[cuda]
 
 
 def _sizes_apart() -> contextlib.AbstractContextManager[None]:
@@ -150,7 +156,7 @@ def run_flex(
         # kernel cannot lower; fold it into q and let flex apply its default 1/sqrt(E).
         q = q * (scale / default)
     with _sizes_apart(), more_variants():
-        out = _flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=kernel_options)
+        out = _flex(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=kernel_options)
     if q.device.type == "cpu":
         out = restore(out)
     return out[..., :dv]

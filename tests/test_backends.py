@@ -109,7 +109,7 @@ def test_own_compiled_calls_allow_more_variants_than_dynamos_default(monkeypatch
         return v
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    monkeypatch.setattr(backends, "_flex", lambda: fake_flex)
+    monkeypatch.setattr(backends, "_flex", lambda device: fake_flex)
     before = torch._dynamo.config.cache_size_limit
     previous = flexpos.set_compile(True)
     try:

@@ -19,9 +19,11 @@ ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # ... + ATOL * max(1, max|go
 # A float64 simulation of those roundings on this test's inputs gave errors up to 2.6% of
 # max|grad| (75x the yardstick's); a wrong term would be O(100%).
 # In float32, gradients of captured buffers (ALiBi's learned divisor) are summed by one atomic
-# add per score element, ~800k per head here, in no fixed order: a float64 simulation of such
-# sums gave errors up to 2e-5 of the gradient (1.35e-3 on 67), beyond the 1e-5 budget above.
-PARAM_ATOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+# add per score element, 0.8-2M per head here, in no fixed order: a float64 simulation of such
+# sums gave errors up to 2e-5 of the gradient (1.35e-3 on 67); on an H200 the compiled layer's
+# divisor gradient, whose terms of both signs cancel to a sum far below their magnitudes, was
+# off by 3.5e-4 of it (0.26 on 741; benchmarks/results/gpu-2026-11-27-b.txt).
+PARAM_ATOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
 
 
 def modules():
@@ -72,11 +74,15 @@ def golden_eager_candidate(make_modules, dtype, candidate):
 def assert_errors_within_policy(dtype, names, golden, eager, other, n_inputs=4):
     """The first ``n_inputs`` entries are outputs and input gradients, the rest parameter gradients."""
     assert len(names) == len(golden) == len(eager) == len(other)
+    failures = []
     for i, (name, g, e, c) in enumerate(zip(names, golden, eager, other)):
         eager_err = (e - g).abs().max().item()
         other_err = (c - g).abs().max().item()
         atol = (ATOL if i < n_inputs else PARAM_ATOL)[dtype]
-        assert other_err <= FUDGE[dtype] * eager_err + atol * max(1.0, g.abs().max().item()), name
+        bound = FUDGE[dtype] * eager_err + atol * max(1.0, g.abs().max().item())
+        if not other_err <= bound:
+            failures.append(f"{name}: error {other_err:.3g} > {bound:.3g} (max|golden| {g.abs().max().item():.3g})")
+    assert not failures, "; ".join(failures)
 
 
 def assert_within_policy(dtype, names, golden, eager, other):
@@ -97,6 +103,7 @@ def test_xl_wide_features_take_the_chunked_backend(dtype):
 
 
 def test_no_recompile_when_length_changes():
+    """Static sizes first; from the second length on, symbolic: no further compiles."""
     from torch._dynamo.utils import counters
 
     alibi = ALiBi(H).to(DEV)
@@ -104,7 +111,7 @@ def test_no_recompile_when_length_changes():
         q, k, v = (torch.randn(2, H, length, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
         with torch.no_grad():
             flexpos.attention(q, k, v, alibi, pos=torch.rand(2, length, device=DEV).cumsum(-1))
-        if i == 0:
+        if i == 1:
             graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs
 

@@ -25,7 +25,8 @@ what users run and what the timings see.
 Compile time is the first call's time minus the steady time; torch.compile state is reset
 before the first length of each scheme, so that every scheme compiles once, in isolation, and
 a failure in one scheme cannot leave later ones on a slow path. Later lengths reuse the
-dynamic-shape kernels (their compile time is about 0).
+dynamic-shape kernels (their compile time is about 0; on CUDA the second length compiles once
+more, when flex's sizes turn symbolic).
 
 Modules: ``cases`` (inputs and the three paths), ``dense`` (the dense formulas), ``memory``
 (peak growth), ``run`` (one case), ``report`` (table, machine facts, plot), ``cli`` (``main``).

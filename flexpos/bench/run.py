@@ -184,7 +184,7 @@ def run_case(
 
     ``flexpos_need``: bytes flexpos is expected to take (from a smaller L); above 80% of the
     available memory flexpos is not run. ``fresh``: drop compiled code first (the first length
-    of a scheme; later lengths reuse it, as dynamic shapes need no recompile).
+    of a scheme; later lengths reuse it: symbolic sizes need no recompile).
     """
     device = torch.device(s.device)
     row = Row(s.scheme, s.length, s.batch, s.heads, s.head_dim, s.dtype,
