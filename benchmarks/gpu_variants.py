@@ -3,11 +3,11 @@
     PYTHONPATH=. python benchmarks/gpu_variants.py            # bf16, B=4 H=16 D=64, L=8192, fwd+bwd
 
 Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in the targets):
-  flex no score_mod       flexpos.attention(q, k, v): the reference
-  flex no score_mod, static sizes
-                          torch.compile(flex_attention, dynamic=False): what symbolic sizes cost
+  flex no score_mod       flexpos.attention(q, k, v): the reference (static sizes on CUDA)
+  flex no score_mod, symbolic sizes
+                          torch.compile(flex_attention, dynamic=True): what symbolic sizes cost
   ALiBi                   flexpos.ALiBi as shipped
-  ALiBi, static sizes     its score_mod under the static flex
+  ALiBi, symbolic sizes   its score_mod under the symbolic flex
   ALiBi on indices        score - rate_h * |q_idx - kv_idx|: no position tables, i.e. what reading
                           positions (hi/lo float pairs) costs
   DPB frozen              flexpos.DPB without parameter gradients (no atomic adds into the
@@ -83,7 +83,7 @@ def score_rows(s: Setup, repeat: int) -> None:
     mask = flexpos.full_mask(length, length, device)
     alibi = case.modules["flexpos"]
     dpb = flexpos.DPB(32, s.heads, depth=2).to(device).requires_grad_(False)
-    static = torch.compile(flex_attention, dynamic=False)
+    symbolic = torch.compile(flex_attention, dynamic=True)
     tiles = backends.flex_kernel_options(device, [dpb])
 
     def direct(mod: Callable[..., Tensor], options: Optional[dict[str, int]]) -> ScoreFn:
@@ -92,9 +92,9 @@ def score_rows(s: Setup, repeat: int) -> None:
     alibi_mod = alibi.score_mod(positions)
     rows: list[tuple[str, ScoreFn]] = [
         ("flex no score_mod", case.flex_floor),
-        ("flex no score_mod, static sizes", lambda: static(q, k, v, block_mask=mask)),
+        ("flex no score_mod, symbolic sizes", lambda: symbolic(q, k, v, block_mask=mask)),
         ("ALiBi", case.flexpos),
-        ("ALiBi, static sizes", lambda: static(q, k, v, score_mod=alibi_mod, block_mask=mask)),
+        ("ALiBi, symbolic sizes", lambda: symbolic(q, k, v, score_mod=alibi_mod, block_mask=mask)),
         ("ALiBi on indices", direct(alibi_on_indices(alibi), None)),
         ("DPB frozen", lambda: flexpos.attention(q, k, v, dpb, pos=pos)),
         ("DPB frozen, one gather", direct(dpb_one_gather(dpb, positions), tiles)),

@@ -17,7 +17,8 @@ GPU (bfloat16, B=4 H=16 D=64):
 
 Timings are medians of interleaved runs (min in brackets: on a shared machine the fastest
 run is the least disturbed one); compile time is excluded. torch.compile is reset between the
-CPU cases, not between the GPU ones (dynamic shapes: a new L needs no recompile). Exit status 0 even when a target is missed: the printout is the result.
+CPU cases, not between the GPU ones (sizes turn symbolic at the second L; later ones need no
+recompile). Exit status 0 even when a target is missed: the printout is the result.
 """
 
 from __future__ import annotations
