@@ -121,7 +121,7 @@ GATHER_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "B
 """Triton tiles for score_mods that gather a table entry per score (DPB): forward 64x64,
 backward 32x64 and 64x32. Triton stages such gathers in shared memory for every pipeline stage;
 with CUDA's default bf16 tiles on an H100/H200 (forward 128x128) DPB with a padding mask needed
-444 KB of the 227 KB there are (benchmarks/results/gpu-2026-11-27.txt)."""
+444,416 bytes of the 232,448 there are (benchmarks/results/gpu-2026-11-27.txt)."""
 
 
 def flex_kernel_options(device: torch.device, modules: Sequence[Positional]) -> Optional[dict[str, int]]:

@@ -18,10 +18,14 @@ When positions require gradients, the table is computed in float64 (its slopes w
 otherwise magnify the model dtype's rounding by ``1 / s``). The grid depends on the positions
 but carries no gradient.
 
-On CPU the exact grid has just ``2 * span + 1`` nodes; on accelerators (and inside a caller's
-torch.compile) every grid has ``table_size`` nodes, chosen on the device, so that nothing is read
-back to the host. Values and slopes are two tensors, each read once per score element, which
-FlexAttention's backward requires of captured tensors that need gradients.
+On CPU the exact grid has just ``2 * span + 1`` nodes, and the score_mod reads the values alone
+(DPB's forward at L=4096 took 394-398 instead of 428-485 ms: benchmarks/results/
+cpu-2026-11-27.txt); on accelerators (and inside a
+caller's torch.compile) every grid has ``table_size`` nodes, chosen on the device, so that nothing
+is read back to the host, and the score_mod reads a value and a slope per score whether or not
+the grid is exact (on an H200 the value alone took 67 instead of 152 ms:
+benchmarks/results/gpu-2026-11-27-b.txt). Values and slopes are two tensors, each read once per
+score element, which FlexAttention's backward requires of captured tensors that need gradients.
 """
 
 from __future__ import annotations
@@ -41,11 +45,13 @@ from .positions import Positions
 @dataclass(frozen=True)
 class DistanceGrid:
     """Evenly spaced distances ``start + step * i`` for ``i < size`` (position units); start and
-    step are 0-d float64 tensors."""
+    step are 0-d float64 tensors. ``exact``: known on the host to hold one node per integer
+    distance of integer positions (the bias is a node's value, no interpolation)."""
 
     start: Tensor
     step: Tensor
     size: int
+    exact: bool = False
 
     @classmethod
     def covering(cls, span: Tensor, integer: bool, table_size: int, adaptive: bool) -> "DistanceGrid":
@@ -62,7 +68,7 @@ class DistanceGrid:
         if adaptive:
             nodes = 2 * float(span.detach()) + 1
             if integer and nodes <= table_size:
-                return cls(-span, torch.ones_like(span), int(nodes))
+                return cls(-span, torch.ones_like(span), int(nodes), exact=True)
             return cls(-span, spread, table_size)
         exact = (2 * span + 1 <= table_size) & integer
         centred = torch.full_like(span, -((table_size - 1) // 2))
@@ -162,4 +168,10 @@ class DPB(Positional):
             bias = values[h, cell] + slopes[h, cell] * offset
             return score - torch.where(valid, bias, 0.0).to(score.dtype)
 
-        return dpb
+        def dpb_exact(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            delta, valid = rel.distance(b, q_idx, kv_idx)  # integers, exact in float32 here
+            node = (torch.where(valid, delta, 0.0) - start).to(torch.int64) + 1
+            return score - torch.where(valid, values[h, node], 0.0).to(score.dtype)
+
+        # On an exact grid every offset is 0: the slope would be read for nothing.
+        return dpb_exact if grid.exact else dpb

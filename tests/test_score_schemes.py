@@ -75,6 +75,15 @@ def test_dpb_integer_positions_are_exact(depth, norm, divide, dpb_grid):
     assert_close(out, R.attend(q, k, v, R.dpb_bias(dpb, pq, pq, hq, hq, divide)))
 
 
+def test_dpb_integer_positions_with_leading_tokens_without_positions(dpb_grid):
+    q, k, v = qkv()
+    pos = irregular(B, L - 2, start=7)
+    pq, hq = R.padded_positions(pos, B, L)
+    dpb = DPB(16, H, depth=2, divide=3.0).double()
+    out = flexpos.attention(q, k, v, dpb, pos=pos)
+    assert_close(out, R.attend(q, k, v, R.dpb_bias(dpb, pq, pq, hq, hq, 3.0)))
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the vectorised jacobian uses torch.jit
 @pytest.mark.parametrize("sides", ["pos", "pos_q and pos_k"])
 def test_dpb_position_gradients_are_the_interpolation_slopes(sides, dpb_grid):
@@ -179,6 +188,9 @@ def test_dpb_grid_covers_the_span_in_both_modes():
         assert len(spread) == 51 and torch.allclose(spread[[0, -1]], torch.tensor([-40.0, 40.0], dtype=F64))
     assert len(DistanceGrid.covering(span, True, 101, True).nodes()) == 81
     assert len(DistanceGrid.covering(span, True, 101, False).nodes()) == 101
+    # known exact on the host only where the grid was sized there, for integer positions that fit
+    assert DistanceGrid.covering(span, True, 101, True).exact
+    assert not any(DistanceGrid.covering(span, *args).exact for args in [(True, 51, True), (False, 101, True), (True, 101, False)])
 
 
 def test_dpb_continuous_positions_within_stated_bound(dpb_grid):
