@@ -10,11 +10,14 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
   ALiBi, symbolic sizes   its score_mod under the symbolic flex
   ALiBi on indices        score - rate_h * |q_idx - kv_idx|: no position tables, i.e. what reading
                           positions (hi/lo float pairs) costs
+  ALiBi, one float32 part per position
+                          the hi part alone (exact here): what the lo part costs
   DPB frozen              flexpos.DPB without parameter gradients (no atomic adds into the
                           tables' gradients), shipped tiles (flexpos.backends.GATHER_TILES)
   DPB frozen, one gather  values[h, cell] only, no slope: the exact grid of integer distances
 Rotary rows: the shipped rotation kernel (static sizes until a second shape) against the same
-function compiled with dynamic=True, in GPU time per call over queued calls.
+function compiled with dynamic=True, with a bfloat16 table, and on 16x shorter sequences, in GPU
+time per call over queued calls.
 
 Positions are sorted integers with gaps 1-3, as in the targets. Score_mod tables are built once
 outside the timed calls for the variants that call flex directly (the shipped rows rebuild them
@@ -73,6 +76,18 @@ def dpb_one_gather(dpb: flexpos.DPB, positions: Positions) -> Callable[..., Tens
     return dpb_values
 
 
+def alibi_one_part(alibi: flexpos.ALiBi, positions: Positions) -> Callable[..., Tensor]:
+    """ALiBi from the float32 ``hi`` part of each position alone (exact for integer positions
+    less than 2^24 apart, as here): what the ``lo`` part costs."""
+    rel = positions.relative(torch.float32)
+    rates = (alibi.slopes.reshape(-1).double() / alibi.divisor(torch.float64)).float()
+
+    def alibi_hi(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return score - (rates[h] * (rel.q_hi[b, q_idx] - rel.k_hi[b, kv_idx])).abs()
+
+    return alibi_hi
+
+
 def score_rows(s: Setup, repeat: int) -> None:
     device = torch.device(s.device)
     case = build_case(s)
@@ -99,6 +114,16 @@ def score_rows(s: Setup, repeat: int) -> None:
         ("DPB frozen", lambda: flexpos.attention(q, k, v, dpb, pos=pos)),
         ("DPB frozen, one gather", direct(dpb_one_gather(dpb, positions), tiles)),
     ]
+    # timed after the others: Inductor's CPU flex kernel fails to build it (torch 2.13), and a
+    # failed compile slows every later compiled call
+    later = [("ALiBi, one float32 part per position", direct(alibi_one_part(alibi, positions), None))]
+    reference = rows[0]
+    time_rows(rows, runner, repeat)
+    time_rows([reference, *later], runner, repeat)
+
+
+def time_rows(rows: Sequence[tuple[str, ScoreFn]], runner: Runner, repeat: int) -> None:
+    """First calls, then interleaved timed runs; the ratio is to the first row."""
     fns: dict[str, ScoreFn] = {}
     for name, fn in rows:
         seconds = targets.first_call(name, runner, fn)
@@ -106,33 +131,51 @@ def score_rows(s: Setup, repeat: int) -> None:
             say(f"  {name}: first call (compile + run) {seconds:.1f} s")
             fns[name] = lambda fn=fn: runner.call(fn)
     times = interleaved(fns, runner.sync, repeat)
-    ref = times.get("flex no score_mod")
-    say(f"\n  {'row':34s} {'time':>24s}  ratio to flex no score_mod")
+    ref = times.get(rows[0][0])
+    say(f"\n  {'row':38s} {'time':>24s}  ratio to {rows[0][0]}")
     for name, t in times.items():
         ratio = f"{statistics.median(ref) / statistics.median(t):.2f}x" if ref else "-"
-        say(f"  {name:34s} {fmt(t):>24s}  {ratio}")
+        say(f"  {name:38s} {fmt(t):>24s}  {ratio}")
+    say()
+
+
+def rotary_inputs(s: Setup, batch: int, length: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q and k of (batch, H, length, 64) bf16 and their float32 (cos, sin) table."""
+    device = torch.device(s.device)
+    gen = torch.Generator(device).manual_seed(0)
+    shape = (batch, s.heads, length, s.head_dim)
+    q, k = (torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(2))
+    pos = irregular_positions(batch, length, torch.Generator().manual_seed(0)).to(device)
+    rot = flexpos.Rotary(s.head_dim).to(device)
+    positions = Positions.resolve((batch,), length, length, device, pos)
+    cos_sin = rotation(positions.absolute("q"), positions.has_position("q"), rot.thetas,
+                       rot.divisor(torch.float64), torch.float32)
+    return q, k, cos_sin
 
 
 def rotary_rows(s: Setup, length: int, repeat: int) -> None:
+    """The shipped kernel, the same compiled with symbolic sizes, with a bfloat16 table (numbers
+    differ: timing only), and on as many bytes in 16 times more, 16 times shorter sequences
+    (whose tables stay in L2 across the heads)."""
     device = torch.device(s.device)
-    gen = torch.Generator(device).manual_seed(0)
-    shape = (s.batch, s.heads, length, s.head_dim)
-    q, k = (torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(2))
-    pos = irregular_positions(s.batch, length, torch.Generator().manual_seed(0)).to(device)
-    rot = flexpos.Rotary(s.head_dim).to(device)
-    positions = Positions.resolve((s.batch,), length, length, device, pos)
-    cos_sin = rotation(positions.absolute("q"), positions.has_position("q"), rot.thetas,
-                       rot.divisor(torch.float64), torch.float32)
+    q, k, cos_sin = rotary_inputs(s, s.batch, length)
+    q2, k2, cos_sin2 = rotary_inputs(s, s.batch * 16, length // 16)
+    half = cos_sin.to(torch.bfloat16)
     dynamic = lazy_compile(rotate_real, dynamic=True)
-    paths = {"rotation kernel, static sizes (shipped)": lambda: (_rotate_real(q, cos_sin), _rotate_real(k, cos_sin)),
-             "rotation kernel, dynamic=True": lambda: (dynamic(q, cos_sin), dynamic(k, cos_sin))}
+    static = lazy_compile(rotate_real, dynamic=False)
+    paths = {
+        "rotation kernel, static sizes (shipped)": lambda: (_rotate_real(q, cos_sin), _rotate_real(k, cos_sin)),
+        "rotation kernel, dynamic=True": lambda: (dynamic(q, cos_sin), dynamic(k, cos_sin)),
+        "static, bfloat16 table": lambda: (static(q, half), static(k, half)),
+        f"static, ({s.batch * 16}, {s.heads}, {length // 16}, 64)": lambda: (static(q2, cos_sin2), static(k2, cos_sin2)),
+    }
     for fn in paths.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(repeat):
         for name, fn in paths.items():
             times[name].append(targets.device_seconds(fn, device) if device.type == "cuda" else timed(fn))
-    moved = 2 * 2 * q.numel() * q.element_size()  # read and write q and k; the table is not counted
+    moved = 2 * 2 * q.numel() * q.element_size()  # read and write q and k (same for every row)
     for name, t in times.items():
         say(f"  {name:42s} {fmt(t)}  -> {moved / statistics.median(t) / 1e9:,.0f} GB/s")
 
