@@ -19,13 +19,13 @@ otherwise magnify the model dtype's rounding by ``1 / s``). The grid depends on 
 but carries no gradient.
 
 On CPU the exact grid has just ``2 * span + 1`` nodes, and the score_mod reads the values alone
-(DPB's forward at L=4096 took 394-398 instead of 428-485 ms: benchmarks/results/
-cpu-2026-11-27.txt); on accelerators (and inside a
-caller's torch.compile) every grid has ``table_size`` nodes, chosen on the device, so that nothing
-is read back to the host, and the score_mod reads a value and a slope per score whether or not
-the grid is exact (on an H200 the value alone took 67 instead of 152 ms:
-benchmarks/results/gpu-2026-11-27-b.txt). Values and slopes are two tensors, each read once per
-score element, which FlexAttention's backward requires of captured tensors that need gradients.
+(DPB's forward at L=4096: 394-398 instead of 428-485 ms, benchmarks/results/cpu-2026-11-27.txt).
+On accelerators (and inside a caller's torch.compile) every grid has ``table_size`` nodes,
+chosen on the device so that nothing is read back to the host, and the score_mod reads a value
+and a slope per score whether or not the grid is exact (on an H200 the value alone took 67
+instead of 152 ms: benchmarks/results/gpu-2026-11-27-b.txt). Values and slopes are two tensors,
+each read once per score element, which FlexAttention's backward requires of captured tensors
+that need gradients.
 """
 
 from __future__ import annotations
