@@ -96,7 +96,7 @@ def dpb_steps(length: int) -> dict[str, Callable[[], object]]:
     pos_float = pos_int + torch.rand(B, length)
     dpb = flexpos.DPB(32, H, depth=2)
     span = (pos_float.max() - pos_float.min()).double()
-    grid = DistanceGrid.covering(span, integer=False, table_size=dpb.table_size, adaptive=True)
+    grid = DistanceGrid.covering(span, integer=False, table_size=dpb.table_size)
     return {
         "floor": lambda: F.scaled_dot_product_attention(q, k, v),
         f"table ({dpb.table_size} nodes)": lambda: dpb.tables(grid, torch.float32),

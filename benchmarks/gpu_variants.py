@@ -6,16 +6,17 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
   flex no score_mod       flexpos.attention(q, k, v): the reference (static sizes on CUDA)
   flex no score_mod, symbolic sizes
                           torch.compile(flex_attention, dynamic=True): what symbolic sizes cost
-  ALiBi                   flexpos.ALiBi as shipped
-  ALiBi, symbolic sizes   its score_mod under the symbolic flex
-  ALiBi on indices        score - rate_h * |q_idx - kv_idx|: no position tables, i.e. what reading
-                          positions (hi/lo float pairs) costs
-  ALiBi, one float32 part per position
-                          the hi part alone (exact here): what the lo part costs
+  ALiBi                   flexpos.ALiBi as shipped: these integer positions are less than 2^24
+                          apart, so one float32 table per side is read
+  ALiBi, hi + lo parts    the same score_mod reading both parts per side, as for float positions,
+                          wider spans and inside a caller's torch.compile
+  ALiBi, default positions
+                          no positions given: distances from token indices, no tables
   DPB frozen              flexpos.DPB without parameter gradients (no atomic adds into the
-                          tables' gradients), shipped tiles (flexpos.backends.GATHER_TILES)
-  DPB frozen, one gather  its grid sized on the host (as on CPU): on the exact grid of integer
-                          distances the value alone, no slope
+                          tables' gradients), shipped: an exact grid known on the host, so the
+                          value alone is read per score
+  DPB frozen, grid chosen on the device
+                          as inside a caller's torch.compile: a value and a slope per score
 Rotary rows: the shipped rotation kernel (static sizes until a second shape) against the same
 function compiled with dynamic=True, with a bfloat16 table, and on 16x shorter sequences, in GPU
 time per call over queued calls.
@@ -53,32 +54,12 @@ from flexpos.rotary import _rotate_real, rotate_real, rotation  # noqa: E402
 ScoreFn = Callable[[], Tensor]
 
 
-def alibi_on_indices(alibi: flexpos.ALiBi) -> Callable[..., Tensor]:
-    rates = alibi.slopes.reshape(-1).float()
-
-    def alibi_indices(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return score - rates[h] * (q_idx - kv_idx).abs().to(torch.float32)
-
-    return alibi_indices
-
-
-def dpb_value_only(dpb: flexpos.DPB, positions: Positions) -> Callable[..., Tensor]:
-    """DPB's own score_mod with its grid sized on the host, as on CPU: on the exact grid of
-    integer distances it reads the value alone, no slope."""
-    with mock.patch.object(flexpos.dpb, "adaptive_grid", lambda device: True), torch.no_grad():
-        return dpb.score_mod(positions)
-
-
-def alibi_one_part(alibi: flexpos.ALiBi, positions: Positions) -> Callable[..., Tensor]:
-    """ALiBi from the float32 ``hi`` part of each position alone (exact for integer positions
-    less than 2^24 apart, as here): what the ``lo`` part costs."""
-    rel = positions.relative(torch.float32)
-    rates = (alibi.slopes.reshape(-1).double() / alibi.divisor(torch.float64)).float()
-
-    def alibi_hi(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return score - (rates[h] * (rel.q_hi[b, q_idx] - rel.k_hi[b, kv_idx])).abs()
-
-    return alibi_hi
+def on_device_only(module: flexpos.Positional, pos: Tensor, length: int) -> Callable[..., Tensor]:
+    """``module``'s score_mod as a caller's torch.compile gets it: nothing read back to the host
+    (ALiBi reads hi and lo parts, DPB a value and a slope)."""
+    with mock.patch.object(flexpos.positions, "host_reads", lambda: False), torch.no_grad():
+        positions = Positions.resolve((pos.shape[0],), length, length, pos.device, pos)
+        return module.score_mod(positions)
 
 
 def score_rows(s: Setup, repeat: int) -> None:
@@ -87,7 +68,6 @@ def score_rows(s: Setup, repeat: int) -> None:
     q, k, v = case.leaves
     pos, length = case.pos, s.length
     runner = Runner(device, s.backward, case.leaves)
-    positions = Positions.resolve((s.batch,), length, length, device, pos)
     mask = flexpos.full_mask(length, length, device)
     alibi = case.modules["flexpos"]
     dpb = flexpos.DPB(32, s.heads, depth=2).to(device).requires_grad_(False)
@@ -97,22 +77,16 @@ def score_rows(s: Setup, repeat: int) -> None:
     def direct(mod: Callable[..., Tensor], options: Optional[dict[str, int]]) -> ScoreFn:
         return lambda: backends.run_flex(q, k, v, mod, mask, q.shape[-1] ** -0.5, options)
 
-    alibi_mod = alibi.score_mod(positions)
     rows: list[tuple[str, ScoreFn]] = [
         ("flex no score_mod", case.flex_floor),
         ("flex no score_mod, symbolic sizes", lambda: symbolic(q, k, v, block_mask=mask)),
         ("ALiBi", case.flexpos),
-        ("ALiBi, symbolic sizes", lambda: symbolic(q, k, v, score_mod=alibi_mod, block_mask=mask)),
-        ("ALiBi on indices", direct(alibi_on_indices(alibi), None)),
+        ("ALiBi, hi + lo parts", direct(on_device_only(alibi, pos, length), None)),
+        ("ALiBi, default positions", lambda: flexpos.attention(q, k, v, alibi)),
         ("DPB frozen", lambda: flexpos.attention(q, k, v, dpb, pos=pos)),
-        ("DPB frozen, one gather", direct(dpb_value_only(dpb, positions), tiles)),
+        ("DPB frozen, grid chosen on the device", direct(on_device_only(dpb, pos, length), tiles)),
     ]
-    # timed after the others: Inductor's CPU flex kernel fails to build it (torch 2.13), and a
-    # failed compile slows every later compiled call
-    later = [("ALiBi, one float32 part per position", direct(alibi_one_part(alibi, positions), None))]
-    reference = rows[0]
     time_rows(rows, runner, repeat)
-    time_rows([reference, *later], runner, repeat)
 
 
 def time_rows(rows: Sequence[tuple[str, ScoreFn]], runner: Runner, repeat: int) -> None:

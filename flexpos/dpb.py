@@ -18,19 +18,22 @@ When positions require gradients, the table is computed in float64 (its slopes w
 otherwise magnify the model dtype's rounding by ``1 / s``). The grid depends on the positions
 but carries no gradient.
 
-On CPU the exact grid has just ``2 * span + 1`` nodes, and the score_mod reads the values alone
-(DPB's forward at L=4096: 394-398 instead of 428-485 ms, benchmarks/results/cpu-2026-11-27.txt).
-On accelerators (and inside a caller's torch.compile) every grid has ``table_size`` nodes,
-chosen on the device so that nothing is read back to the host, and the score_mod reads a value
-and a slope per score whether or not the grid is exact (on an H200 the value alone took 67
-instead of 152 ms: benchmarks/results/gpu-2026-11-27-b.txt). Values and slopes are two tensors,
-each read once per score element, which FlexAttention's backward requires of captured tensors
-that need gradients.
+In eager calls the span of integer positions is known on the host (see
+:meth:`Positions.integer_span`): where the grid is exact the score_mod reads the value alone,
+no slope (on an H200, DPB with its MLP frozen took 67 instead of 152 ms that way:
+benchmarks/results/gpu-2026-11-27-b.txt). On CPU the exact grid then has just ``2 * span + 1``
+nodes (DPB's forward at L=4096: 394-398 instead of 428-485 ms, benchmarks/results/cpu-2026-11-27.txt);
+elsewhere it keeps ``table_size`` nodes, so that the table's size, and with it the compiled
+kernel, does not change from call to call. Inside a caller's torch.compile the grid is chosen
+on the device (nothing read back) and the score_mod reads a value and a slope per score. Values
+and slopes are two tensors, each read once per score element, which FlexAttention's backward
+requires of captured tensors that need gradients.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,36 +57,39 @@ class DistanceGrid:
     exact: bool = False
 
     @classmethod
-    def covering(cls, span: Tensor, integer: bool, table_size: int, adaptive: bool) -> "DistanceGrid":
-        """A grid over ``[-span, span]`` (``span`` a 0-d float64 tensor, at least 1 is used):
-        one node per integer distance for ``integer`` positions whose distances fit
-        ``table_size``, else ``table_size`` nodes from ``-span`` to ``span``.
+    def covering(
+        cls, span: Tensor, integer: bool, table_size: int, known_span: Optional[int] = None, shrink: bool = False
+    ) -> "DistanceGrid":
+        """A grid over ``[-span, span]`` (``span`` a 0-d float64 tensor, at least 1 is used).
 
-        ``adaptive``: the exact grid has just ``2 * span + 1`` nodes, which reads ``span``
-        back to the host. Otherwise every grid has ``table_size`` nodes and ``start``/``step``
-        are chosen on the device (no sync, no graph break), the exact one centred on 0.
+        ``known_span``: the same span as a host int, for integer positions (None where not
+        known). Where its ``2 * span + 1`` integer distances fit ``table_size``, the grid is
+        :attr:`exact`: one node per integer distance, ``2 * span + 1`` nodes with ``shrink``,
+        else ``table_size`` nodes centred on 0. Otherwise ``table_size`` nodes from ``-span``
+        to ``span``; with the span unknown on the host, chosen on the device (no sync, no graph
+        break): centred on 0 with step 1 where ``integer`` positions fit, not marked exact.
         """
         span = span.clamp(min=1.0)
-        spread = 2 * span / (table_size - 1)
-        if adaptive:
-            nodes = 2 * float(span.detach()) + 1
-            if integer and nodes <= table_size:
-                return cls(-span, torch.ones_like(span), int(nodes), exact=True)
-            return cls(-span, spread, table_size)
-        exact = (2 * span + 1 <= table_size) & integer
+        ones = torch.ones_like(span)
         centred = torch.full_like(span, -((table_size - 1) // 2))
-        return cls(torch.where(exact, centred, -span), torch.where(exact, 1.0, spread), table_size)
+        spread = 2 * span / (table_size - 1)
+        if known_span is not None:
+            nodes = 2 * max(known_span, 1) + 1
+            if nodes > table_size:
+                return cls(-span, spread, table_size)
+            return cls(-span, ones, nodes, exact=True) if shrink else cls(centred, ones, table_size, exact=True)
+        exact = (2 * span + 1 <= table_size) & integer
+        return cls(torch.where(exact, centred, -span), torch.where(exact, ones, spread), table_size)
 
     def nodes(self) -> Tensor:
         """(size,) float64 grid distances."""
         return self.start + self.step * torch.arange(self.size, device=self.start.device, dtype=torch.float64)
 
 
-def adaptive_grid(device: torch.device) -> bool:
-    """Size DPB's grid to the span (a host read) on CPU, where that costs nothing and saves MLP
-    work on short sequences; keep it at ``table_size`` on accelerators and inside a caller's
-    torch.compile."""
-    return device.type == "cpu" and not torch.compiler.is_compiling()
+def shrinks_grid(device: torch.device) -> bool:
+    """Size an exact grid to the span on CPU, where that saves MLP work on short sequences; keep
+    ``table_size`` nodes elsewhere, where one table size keeps compiled kernels' static sizes."""
+    return device.type == "cpu"
 
 
 class DPB(Positional):
@@ -152,7 +158,11 @@ class DPB(Positional):
         device = positions.q.device
         # The grid is a discretisation, not a function of the positions: no gradient through it.
         grid = DistanceGrid.covering(
-            positions.span_tensor().detach(), positions.is_integer, self.table_size, adaptive_grid(device)
+            positions.span_tensor().detach(),
+            positions.is_integer,
+            self.table_size,
+            positions.integer_span(),
+            shrinks_grid(device),
         )
         values, slopes = self.tables(grid, dtype, positions.q.requires_grad or positions.k.requires_grad)
         rel = positions.relative(dtype)

@@ -10,6 +10,12 @@ and stored as a float32 pair ``hi + lo``: ``(hi_i - hi_j) + (lo_i - lo_j)`` equa
 difference to float32 precision of the *difference itself*, whatever the magnitude of the
 positions. Integer distances below 2**24 are exact.
 
+Score_mods read fewer tables where the host knows that costs nothing in precision: none for the
+default positions ``0 .. L-1`` (the distance is ``q_idx - kv_idx``), and the ``hi`` part alone
+for integer positions less than 2**24 apart. The latter is read back from the positions'
+device once per tensor (and again after an in-place change), in eager calls only: inside a
+caller's torch.compile, where a read would break the graph, every table is read.
+
 Shape legend: B batch, Lq/Lk query/key tokens, Lq'/Lk' positions (<= tokens).
 """
 
@@ -37,31 +43,44 @@ def table_len(length: int) -> int:
     return -(-max(length, 1) // BLOCK) * BLOCK + 1
 
 
+EXACT_INTEGERS = {torch.float32: 2**24, torch.float64: 2**53}
+"""Integers up to these magnitudes are exact in the dtype used for distances."""
+
+
 @dataclass(frozen=True)
 class Relative:
-    """Float ``hi``/``lo`` parts of positions minus a per-sequence offset, padded per token.
+    """Tables from which score_mods form ``p_q - p_k``, padded per token.
 
-    q_hi, q_lo: (B, Lq padded); k_hi, k_lo: (B, Lk padded); off_q, off_k: 0-d int64 tensors,
-    the number of leading tokens without a position; ``complete`` when both are zero.
+    q_hi: (B, Lq padded) and k_hi: (B, Lk padded): positions minus a per-sequence offset in
+    ``dtype``; q_lo, k_lo: what rounding to ``dtype`` left, or None where it is known to be 0
+    (integer positions less than 2**24 apart; always in float64). All four are None for the
+    default positions ``0 .. L-1`` on both sides, whose distance is ``q_idx - kv_idx``.
+    off_q, off_k: 0-d int64 tensors, the number of leading tokens without a position;
+    ``complete`` when both are zero.
     """
 
-    q_hi: Tensor
-    q_lo: Tensor
-    k_hi: Tensor
-    k_lo: Tensor
+    dtype: torch.dtype
     off_q: Tensor
     off_k: Tensor
     complete: bool = False
+    q_hi: Optional[Tensor] = None
+    k_hi: Optional[Tensor] = None
+    q_lo: Optional[Tensor] = None
+    k_lo: Optional[Tensor] = None
 
     def distance(self, b: Tensor, q_idx: Tensor, kv_idx: Tensor) -> tuple[Tensor, Tensor]:
         """Distance ``p_q - p_k`` and whether both tokens have a position (broadcast shapes).
 
         A method rather than ``__call__``: torch 2.6's Dynamo guards the identity of a called
-        object, so a new ``Relative`` per attention call recompiled every time.
+        object, so a new ``Relative`` per attention call recompiled every time. Which tables
+        exist is fixed per call, so each branch below is decided while tracing.
         """
-        delta = (self.q_hi[b, q_idx] - self.k_hi[b, kv_idx]) + (
-            self.q_lo[b, q_idx] - self.k_lo[b, kv_idx]
-        )
+        if self.q_hi is None or self.k_hi is None:
+            delta = (q_idx - kv_idx).to(self.dtype)
+        else:
+            delta = self.q_hi[b, q_idx] - self.k_hi[b, kv_idx]
+            if self.q_lo is not None and self.k_lo is not None:
+                delta = delta + (self.q_lo[b, q_idx] - self.k_lo[b, kv_idx])
         if self.complete:  # a constant, which the compiled kernel folds away
             return delta, torch.ones((), dtype=torch.bool, device=delta.device)
         return delta, (q_idx >= self.off_q) & (kv_idx >= self.off_k)
@@ -74,10 +93,22 @@ class Positions:
     Build one with :meth:`resolve`.
     """
 
-    def __init__(self, q: Tensor, k: Tensor, len_q: int, len_k: int) -> None:
+    def __init__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        len_q: int,
+        len_k: int,
+        given: tuple[Optional[Tensor], Optional[Tensor]] = (None, None),
+    ) -> None:
+        """``given``: the user's tensors for the query and key sides (None for the default
+        positions), as passed: on their own device, leading batch dims not yet flattened."""
         self.q, self.k, self.len_q, self.len_k = q, k, len_q, len_k
+        self._given = given
         self._relative: dict[torch.dtype, Relative] = {}  # shared by the score_mods of one call
         self._offset: Optional[Tensor] = None
+        self._span: Optional[int] = None
+        self._span_read = False
 
     @classmethod
     def resolve(
@@ -113,7 +144,7 @@ class Positions:
         q = _flat_or_default(pos_q, flat, len_q, device)
         shared = pos_k is pos_q and len_q == len_k  # self-attention: one tensor for both sides
         k = q if shared else _flat_or_default(pos_k, flat, len_k, device)
-        return cls(q, k, len_q, len_k)
+        return cls(q, k, len_q, len_k, (pos_q, pos_k))
 
     @property
     def batch(self) -> int:
@@ -130,6 +161,28 @@ class Positions:
     @property
     def is_integer(self) -> bool:
         return not (self.q.is_floating_point() or self.k.is_floating_point())
+
+    @property
+    def indices(self) -> bool:
+        """Both sides hold the default positions ``0 .. L-1``."""
+        return self._given[0] is None and self._given[1] is None
+
+    def integer_span(self) -> Optional[int]:
+        """Largest ``|p_q - p_k|`` of this call for integer positions, as a Python int known on
+        the host: from the lengths for default positions, else read from the positions (one
+        small read per call, none inside a caller's torch.compile: None there, and for floats)."""
+        if not self._span_read:
+            self._span_read = True
+            self._span = self._host_span() if self.is_integer else None
+        return self._span
+
+    def _host_span(self) -> Optional[int]:
+        q = _host_extents(self._given[0], self.len_q, self.batch)
+        k = _host_extents(self._given[1], self.len_k, self.batch)
+        if q is None or k is None:
+            return None
+        rows = zip(*q, *k)  # per sequence: smallest q, largest q, smallest k, largest k
+        return max((max(q_max - k_min, k_max - q_min) for q_min, q_max, k_min, k_max in rows), default=0)
 
     def absolute(self, side: str, centred: bool = False) -> Tensor:
         """Float64 positions of ``side`` ('q' or 'k'), zero-padded on the left to (B, L).
@@ -183,18 +236,25 @@ class Positions:
         return self._relative[dtype]
 
     def _split_relative(self, dtype: torch.dtype) -> Relative:
-        ref = self.offset()
-        q_hi, q_lo = _split(self.q, ref, self.len_q, dtype)
-        k_hi, k_lo = _split(self.k, ref, self.len_k, dtype)
-        if q_hi.shape[0] == 1:
-            # A batch-1 table gets a static stride that Inductor's CPU flex kernel mis-indexes
-            # (torch 2.13); a second, unused row keeps the batch dim symbolic.
-            q_hi, q_lo, k_hi, k_lo = (t.expand(2, -1).contiguous() for t in (q_hi, q_lo, k_hi, k_lo))
         device = self.q.device
         off_q = torch.tensor(self.off_q, device=device)
         off_k = torch.tensor(self.off_k, device=device)
         complete = self.off_q == 0 and self.off_k == 0
-        return Relative(q_hi, q_lo, k_hi, k_lo, off_q, off_k, complete)
+        exact = EXACT_INTEGERS[dtype]
+        fewer = fewer_tables(device)
+        if fewer and self.indices and max(self.len_q, self.len_k) <= exact:
+            return Relative(dtype, off_q, off_k, complete)
+        ref = self.offset()
+        tables = [*_split(self.q, ref, self.len_q, dtype), *_split(self.k, ref, self.len_k, dtype)]
+        if tables[0].shape[0] == 1:
+            # A batch-1 table gets a static stride that Inductor's CPU flex kernel mis-indexes
+            # (torch 2.13); a second, unused row keeps the batch dim symbolic.
+            tables = [t.expand(2, -1).contiguous() for t in tables]
+        q_hi, q_lo, k_hi, k_lo = tables
+        span = self.integer_span() if dtype != torch.float64 else 0  # float64 leaves no remainder
+        if fewer and span is not None and span < exact:
+            q_lo = k_lo = None
+        return Relative(dtype, off_q, off_k, complete, q_hi, k_hi, q_lo, k_lo)
 
 
 def _flat_or_default(p: Optional[Tensor], flat: int, length: int, device: torch.device) -> Tensor:
@@ -204,6 +264,33 @@ def _flat_or_default(p: Optional[Tensor], flat: int, length: int, device: torch.
         return torch.arange(length, device=device).expand(flat, length)
     wide = torch.float64 if p.is_floating_point() else torch.int64
     return p.reshape(flat, p.shape[-1]).to(device=device, dtype=wide)
+
+
+def fewer_tables(device: torch.device) -> bool:
+    """Whether score_mods on ``device`` skip the tables they need not read (see the module
+    docstring). Not on CPU: Inductor's CPU flex kernel (torch 2.13) fails to build ALiBi and DPB
+    from one table per side or from none (C++ error: 'cur_kvSplitSize4' was not declared)."""
+    return device.type != "cpu"
+
+
+def host_reads() -> bool:
+    """Whether flexpos may read position values back to the host: in eager calls, not inside a
+    caller's torch.compile (a graph break there)."""
+    return not torch.compiler.is_compiling()
+
+
+def _host_extents(p: Optional[Tensor], length: int, rows: int) -> Optional[tuple[list[int], list[int]]]:
+    """Smallest and largest integer position per sequence (``rows`` of them), or None where the
+    values may not be read (see :func:`host_reads`). ``p`` (*, L') as given; None: ``0 .. L-1``."""
+    if p is None:
+        return [0] * rows, [length - 1] * rows
+    if p.shape[-1] == 0:
+        return [], []  # no positions, no distance
+    if not host_reads():
+        return None
+    flat = p.detach().reshape(-1, p.shape[-1])
+    smallest, largest = torch.stack((flat.amin(-1), flat.amax(-1))).long().tolist()  # one read
+    return smallest, largest
 
 
 def _minus(p: Tensor, ref: Tensor) -> Tensor:

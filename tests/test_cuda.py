@@ -49,11 +49,12 @@ def run(mods, dtype, backend, q, k, v, grad, **kwargs):
     return [out.double()] + [g.double() for g in grads]
 
 
-def golden_eager_candidate(make_modules, dtype, candidate):
+def golden_eager_candidate(make_modules, dtype, candidate, default_positions=False):
     """float64 'chunked' golden, the test dtype on 'chunked' (eager) and on ``candidate``: a CLS
-    token, padding, a length not a multiple of 128 and a sequence with no valid key."""
+    token (unless ``default_positions``: none given), padding, a length not a multiple of 128
+    and a sequence with no valid key."""
     b, length = 2, 1000
-    pos = torch.randint(0, 20_000, (b, length - 1), device=DEV).sort(-1).values
+    pos = None if default_positions else torch.randint(0, 20_000, (b, length - 1), device=DEV).sort(-1).values
     valid = torch.rand(b, length, device=DEV) > 0.2
     valid[1] = False
     q, k, v = (torch.randn(b, H, length, D, device=DEV) for _ in range(3))
@@ -94,6 +95,12 @@ def assert_within_policy(dtype, names, golden, eager, other):
 def test_flex_forward_backward_against_golden(dtype):
     """PyTorch's policy: golden float64, eager (chunked) and compiled flex in the test dtype."""
     assert_within_policy(dtype, *golden_eager_candidate(modules, dtype, "flex"))
+
+
+def test_flex_default_positions_against_golden():
+    """Without positions ALiBi and DPB read no position tables (distances from token indices)."""
+    dtype = torch.bfloat16
+    assert_within_policy(dtype, *golden_eager_candidate(modules, dtype, "flex", default_positions=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

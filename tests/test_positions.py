@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import flexpos.positions
 from flexpos.positions import Positions
 
 
@@ -70,3 +71,48 @@ def test_narrow_dtypes_give_the_distances_of_their_values(pos):
     wide = pos.long() if not pos.is_floating_point() else pos.double()
     delta, _ = _grid_delta(Positions.resolve((1,), 3, 3, "cpu", pos=pos), torch.float64)
     assert torch.equal(delta, (wide[:, :, None] - wide[:, None, :]).double())
+
+
+@pytest.fixture
+def accelerator_tables(monkeypatch):
+    """Relative tables as built on accelerators (CPU keeps every table: see fewer_tables)."""
+    monkeypatch.setattr(flexpos.positions, "fewer_tables", lambda device: True)
+
+
+def test_default_positions_read_no_tables(accelerator_tables):
+    positions = Positions.resolve((2,), 5, 7, "cpu")
+    rel = positions.relative()
+    assert rel.q_hi is None and rel.k_hi is None and positions.integer_span() == 6
+    delta, valid = _grid_delta(positions)
+    assert valid.all() and torch.equal(delta[0], (torch.arange(5)[:, None] - torch.arange(7)).float())
+
+
+@pytest.mark.parametrize("span", [2**24 - 1, 2**24])
+def test_integers_less_than_2_24_apart_read_one_part(span, accelerator_tables):
+    pos = 3_000_000_000 + torch.tensor([[0, 5, span], [7, 8, 9]])
+    positions = Positions.resolve((2,), 4, 4, "cpu", pos=pos)  # one leading token without a position
+    rel = positions.relative()
+    assert positions.integer_span() == span
+    assert (rel.q_lo is None) == (span < 2**24)
+    delta, valid = _grid_delta(positions)
+    wide = pos[:, :, None] - pos[:, None, :]
+    assert torch.equal(delta[:, 1:, 1:].double(), wide.double()) and not valid[:, 0].any()
+
+
+def test_spans_are_not_read_inside_a_callers_compile(accelerator_tables, monkeypatch):
+    monkeypatch.setattr(flexpos.positions, "host_reads", lambda: False)
+    pos = torch.tensor([[0, 5, 9]])
+    positions = Positions.resolve((1,), 3, 3, "cpu", pos=pos)
+    assert positions.integer_span() is None and positions.relative().q_lo is not None
+    assert Positions.resolve((1,), 3, 3, "cpu").integer_span() == 2  # known from the lengths
+
+
+def test_float_positions_read_two_parts_except_in_float64(accelerator_tables):
+    positions = Positions.resolve((1,), 3, 3, "cpu", pos=torch.tensor([[0.5, 1.0, 2.0]]))
+    assert positions.integer_span() is None and positions.relative().q_lo is not None
+    assert positions.relative(torch.float64).q_lo is None
+
+
+def test_cpu_reads_every_table():
+    rel = Positions.resolve((1,), 3, 3, "cpu", pos=torch.tensor([[0, 5, 9]])).relative()
+    assert rel.q_hi is not None and rel.q_lo is not None

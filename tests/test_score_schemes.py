@@ -36,11 +36,18 @@ def assert_close(out, ref, dtype=F64):
     assert err <= TOLERANCE[dtype], f"max |difference| {err} > {TOLERANCE[dtype]}"
 
 
+@pytest.fixture(params=["every table (CPU)", "fewer tables (accelerators)"])
+def tables(request, monkeypatch):
+    """Position tables as built on CPU, and as on accelerators (one part per side for integers
+    less than 2**24 apart, none for default positions)."""
+    monkeypatch.setattr(flexpos.positions, "fewer_tables", lambda device: request.param.startswith("fewer"))
+
+
 @pytest.mark.parametrize("n_heads", [4, 6])
 @pytest.mark.parametrize("use_n_heads", [None, 3])
 @pytest.mark.parametrize("asymmetric", [False, True])
 @pytest.mark.parametrize("divide", [1.0, 7.5])
-def test_alibi_matches_dense_reference(n_heads, use_n_heads, asymmetric, divide):
+def test_alibi_matches_dense_reference(n_heads, use_n_heads, asymmetric, divide, tables):
     q, k, v = qkv(heads=n_heads)
     pos = irregular(B, L - 2, start=1_200_000_000)
     pq, hq = R.padded_positions(pos, B, L)
@@ -50,18 +57,34 @@ def test_alibi_matches_dense_reference(n_heads, use_n_heads, asymmetric, divide)
     assert_close(out, R.attend(q, k, v, bias))
 
 
+@pytest.mark.parametrize("len_q", [L, 90])
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_default_positions_are_token_indices(len_q, asymmetric, tables):
+    """No positions given: ``0 .. L-1`` on each side, cross-attention included."""
+    q, k, v = qkv(len_q, L)
+    alibi, dpb = ALiBi(H, asymmetric=asymmetric, divide=3.0), DPB(16, H, depth=2, divide=20.0).double()
+    out = flexpos.attention(q, k, v, alibi, dpb)
+    (pq, hq), (pk, hk) = R.padded_positions(None, B, len_q), R.padded_positions(None, B, L)
+    bias = R.alibi_bias(H, pq, pk, hq, hk, asymmetric=asymmetric, divide=3.0) + R.dpb_bias(dpb, pq, pk, hq, hk, 20.0)
+    assert_close(out, R.attend(q, k, v, bias))
+
+
 def test_alibi_slopes_follow_the_paper():
     for n in (1, 2, 3, 5, 8, 12, 16, 24):
         slopes = ALiBi(n).slopes.flatten().double()
         assert torch.allclose(slopes, torch.tensor(R.reference_slopes(n), dtype=F64), rtol=1e-6)
 
 
-@pytest.fixture(params=["adaptive grid", "fixed grid"])
+@pytest.fixture(params=["span on host, shrunk grid", "span on host, full grid", "span on device"])
 def dpb_grid(request, monkeypatch):
-    """DPB's grid sized to the span (CPU) or always table_size (accelerators, compiled callers)."""
-    adaptive = request.param == "adaptive grid"
-    monkeypatch.setattr(flexpos.dpb, "adaptive_grid", lambda device: adaptive)
-    return adaptive
+    """DPB's grid as eager calls size it on CPU (to the span) and on accelerators (table_size
+    nodes), and as a caller's torch.compile does (chosen on the device, nothing read back)."""
+    cpu = request.param.endswith("shrunk grid")
+    monkeypatch.setattr(flexpos.dpb, "shrinks_grid", lambda device: cpu)
+    monkeypatch.setattr(flexpos.positions, "fewer_tables", lambda device: not cpu)
+    if request.param == "span on device":
+        monkeypatch.setattr(flexpos.positions, "host_reads", lambda: False)
+    return request.param
 
 
 @pytest.mark.parametrize("depth, norm", [(1, False), (2, True), (3, False)])
@@ -179,18 +202,19 @@ def test_dpb_padding_positions_decide_its_table(dpb_grid):
     assert (coarse - ref[..., real, :]).abs().max() > 100 * TOLERANCE[F64]
 
 
-def test_dpb_grid_covers_the_span_in_both_modes():
+def test_dpb_grid_covers_the_span_in_every_mode():
     span = torch.tensor(40.0, dtype=F64)
-    for adaptive in (True, False):
-        exact = DistanceGrid.covering(span, True, 101, adaptive).nodes()
+    modes = [{"known_span": 40, "shrink": True}, {"known_span": 40}, {}]  # CPU, accelerators, compiled
+    for mode in modes:
+        exact = DistanceGrid.covering(span, True, 101, **mode).nodes()
         assert exact.diff().eq(1).all() and exact[0] <= -40 and exact[-1] >= 40
-        spread = DistanceGrid.covering(span, True, 51, adaptive).nodes()  # 81 distances > 51 nodes
+        spread = DistanceGrid.covering(span, True, 51, **mode).nodes()  # 81 distances > 51 nodes
         assert len(spread) == 51 and torch.allclose(spread[[0, -1]], torch.tensor([-40.0, 40.0], dtype=F64))
-    assert len(DistanceGrid.covering(span, True, 101, True).nodes()) == 81
-    assert len(DistanceGrid.covering(span, True, 101, False).nodes()) == 101
-    # known exact on the host only where the grid was sized there, for integer positions that fit
-    assert DistanceGrid.covering(span, True, 101, True).exact
-    assert not any(DistanceGrid.covering(span, *args).exact for args in [(True, 51, True), (False, 101, True), (True, 101, False)])
+    assert [len(DistanceGrid.covering(span, True, 101, **mode).nodes()) for mode in modes] == [81, 101, 101]
+    # marked exact (the value alone is read) only where the host knows the integer span fits
+    assert [DistanceGrid.covering(span, True, 101, **mode).exact for mode in modes] == [True, True, False]
+    assert not DistanceGrid.covering(span, True, 51, known_span=40).exact
+    assert not DistanceGrid.covering(span, False, 101).exact
 
 
 def test_dpb_continuous_positions_within_stated_bound(dpb_grid):
