@@ -122,10 +122,12 @@ def rotary_inputs(s: Setup, batch: int, length: int) -> tuple[Tensor, Tensor, Te
 
 def rotary_rows(s: Setup, length: int, repeat: int) -> None:
     """The shipped kernel, the same compiled with symbolic sizes, with a bfloat16 table (numbers
-    differ: timing only), and on as many bytes in 16 times more, 16 times shorter sequences
-    (whose tables stay in L2 across the heads)."""
+    differ: timing only), on as many bytes in 16 times more, 16 times shorter sequences (whose
+    tables stay in L2 across the heads), and on q and k laid out (B, L, H, D) in memory, as
+    AttentionLayer's projections give them (the heads of one position side by side)."""
     device = torch.device(s.device)
     q, k, cos_sin = rotary_inputs(s, s.batch, length)
+    q3, k3 = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))
     q2, k2, cos_sin2 = rotary_inputs(s, s.batch * 16, length // 16)
     half = cos_sin.to(torch.bfloat16)
     dynamic = lazy_compile(rotate_real, dynamic=True)
@@ -135,6 +137,7 @@ def rotary_rows(s: Setup, length: int, repeat: int) -> None:
         "rotation kernel, dynamic=True": lambda: (dynamic(q, cos_sin), dynamic(k, cos_sin)),
         "static, bfloat16 table": lambda: (static(q, half), static(k, half)),
         f"static, ({s.batch * 16}, {s.heads}, {length // 16}, 64)": lambda: (static(q2, cos_sin2), static(k2, cos_sin2)),
+        "static, q and k laid out (B, L, H, D)": lambda: (static(q3, cos_sin), static(k3, cos_sin)),
     }
     for fn in paths.values():
         fn()

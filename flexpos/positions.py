@@ -251,10 +251,15 @@ class Positions:
             # (torch 2.13); a second, unused row keeps the batch dim symbolic.
             tables = [t.expand(2, -1).contiguous() for t in tables]
         q_hi, q_lo, k_hi, k_lo = tables
-        span = self.integer_span() if dtype != torch.float64 else 0  # float64 leaves no remainder
-        if fewer and span is not None and span < exact:
+        if fewer and self._no_remainder(dtype):
             q_lo = k_lo = None
         return Relative(dtype, off_q, off_k, complete, q_hi, k_hi, q_lo, k_lo)
+
+    def _no_remainder(self, dtype: torch.dtype) -> bool:
+        """Whether the ``lo`` parts are known to be 0: in float64 (``hi`` is the float64
+        difference itself) and for integers less than 2**24 apart in float32."""
+        span = self.integer_span()
+        return dtype == torch.float64 or (span is not None and span < EXACT_INTEGERS[dtype])
 
 
 def _flat_or_default(p: Optional[Tensor], flat: int, length: int, device: torch.device) -> Tensor:
