@@ -286,12 +286,13 @@ def host_reads() -> bool:
 
 def _host_extents(p: Optional[Tensor], length: int, rows: int) -> Optional[tuple[list[int], list[int]]]:
     """Smallest and largest integer position per sequence (``rows`` of them), or None where the
-    values may not be read (see :func:`host_reads`). ``p`` (*, L') as given; None: ``0 .. L-1``."""
+    values may not be read (see :func:`host_reads`) or have none (meta). ``p`` (*, L') as
+    given; None: ``0 .. L-1``."""
     if p is None:
         return [0] * rows, [length - 1] * rows
     if p.shape[-1] == 0:
         return [], []  # no positions, no distance
-    if not host_reads():
+    if not host_reads() or p.is_meta:
         return None
     flat = p.detach().reshape(-1, p.shape[-1])
     smallest, largest = torch.stack((flat.amin(-1), flat.amax(-1))).long().tolist()  # one read

@@ -116,3 +116,9 @@ def test_float_positions_read_two_parts_except_in_float64(accelerator_tables):
 def test_cpu_reads_every_table():
     rel = Positions.resolve((1,), 3, 3, "cpu", pos=torch.tensor([[0, 5, 9]])).relative()
     assert rel.q_hi is not None and rel.q_lo is not None
+
+
+def test_meta_positions_have_no_span_to_read(accelerator_tables):
+    pos = torch.zeros(1, 3, dtype=torch.long, device="meta")
+    positions = Positions.resolve((1,), 3, 3, torch.device("meta"), pos=pos)
+    assert positions.integer_span() is None and positions.relative().q_lo is not None
