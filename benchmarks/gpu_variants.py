@@ -17,9 +17,9 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
                           value alone is read per score
   DPB frozen, grid chosen on the device
                           as inside a caller's torch.compile: a value and a slope per score
-Rotary rows: the shipped rotation kernel (static sizes until a second shape) against the same
-function compiled with dynamic=True, with a bfloat16 table, and on 16x shorter sequences, in GPU
-time per call over queued calls.
+Rotary rows: the shipped rotation (q and k in one kernel, static sizes until a second shape)
+against a kernel each (static, dynamic=True, a bfloat16 table, 16x shorter sequences), and on
+q and k laid out (B, L, H, D) in memory; GPU time per call over queued calls.
 
 Positions are sorted integers with gaps 1-3, as in the targets. Score_mod tables are built once
 outside the timed calls for the variants that call flex directly (the shipped rows rebuild them
@@ -49,7 +49,7 @@ from flexpos import backends  # noqa: E402
 from flexpos._compile import lazy_compile  # noqa: E402
 from flexpos.bench import Runner, Setup, build_case, irregular_positions  # noqa: E402
 from flexpos.positions import Positions  # noqa: E402
-from flexpos.rotary import _rotate_real, rotate_real, rotation  # noqa: E402
+from flexpos.rotary import _rotate_real_pair, rotate_real, rotate_real_pair, rotation  # noqa: E402
 
 ScoreFn = Callable[[], Tensor]
 
@@ -121,9 +121,10 @@ def rotary_inputs(s: Setup, batch: int, length: int) -> tuple[Tensor, Tensor, Te
 
 
 def rotary_rows(s: Setup, length: int, repeat: int) -> None:
-    """The shipped kernel, the same compiled with symbolic sizes, with a bfloat16 table (numbers
-    differ: timing only), on as many bytes in 16 times more, 16 times shorter sequences (whose
-    tables stay in L2 across the heads), and on q and k laid out (B, L, H, D) in memory, as
+    """The shipped kernel (q and k in one, reading the table once for both); a kernel each,
+    with static and with symbolic sizes, with a bfloat16 table (numbers differ: timing only),
+    and on as many bytes in 16 times more, 16 times shorter sequences (whose tables stay in L2
+    across the heads); the shipped kernel on q and k laid out (B, L, H, D) in memory, as
     AttentionLayer's projections give them (the heads of one position side by side)."""
     device = torch.device(s.device)
     q, k, cos_sin = rotary_inputs(s, s.batch, length)
@@ -132,12 +133,14 @@ def rotary_rows(s: Setup, length: int, repeat: int) -> None:
     half = cos_sin.to(torch.bfloat16)
     dynamic = lazy_compile(rotate_real, dynamic=True)
     static = lazy_compile(rotate_real, dynamic=False)
+    static_pair = lazy_compile(rotate_real_pair, dynamic=False)
     paths = {
-        "rotation kernel, static sizes (shipped)": lambda: (_rotate_real(q, cos_sin), _rotate_real(k, cos_sin)),
-        "rotation kernel, dynamic=True": lambda: (dynamic(q, cos_sin), dynamic(k, cos_sin)),
-        "static, bfloat16 table": lambda: (static(q, half), static(k, half)),
-        f"static, ({s.batch * 16}, {s.heads}, {length // 16}, 64)": lambda: (static(q2, cos_sin2), static(k2, cos_sin2)),
-        "static, q and k laid out (B, L, H, D)": lambda: (static(q3, cos_sin), static(k3, cos_sin)),
+        "one kernel for q and k, static (shipped)": lambda: _rotate_real_pair(q, k, cos_sin),
+        "a kernel each, static sizes": lambda: (static(q, cos_sin), static(k, cos_sin)),
+        "a kernel each, dynamic=True": lambda: (dynamic(q, cos_sin), dynamic(k, cos_sin)),
+        "a kernel each, bfloat16 table": lambda: (static(q, half), static(k, half)),
+        f"a kernel each, ({s.batch * 16}, {s.heads}, {length // 16}, 64)": lambda: (static(q2, cos_sin2), static(k2, cos_sin2)),
+        "one kernel, q and k laid out (B, L, H, D)": lambda: static_pair(q3, k3, cos_sin),
     }
     for fn in paths.values():
         fn()

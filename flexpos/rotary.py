@@ -46,20 +46,37 @@ def rotate_real(x: Tensor, cos_sin: Tensor) -> Tensor:
     return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), -1).flatten(-2).to(x.dtype)
 
 
+def rotate_real_pair(q: Tensor, k: Tensor, cos_sin: Tensor) -> tuple[Tensor, Tensor]:
+    """q and k (N, H, L, D) rotated by one table: compiled, one kernel that reads each table
+    entry once for both (the table is re-read for every head: at L=131072 a sequence's
+    float32 table is 33.5 MB, as much traffic as q and k themselves)."""
+    return rotate_real(q, cos_sin), rotate_real(k, cos_sin)
+
+
 # Sizes static until a second shape shows up: on an H200, q and k of (4, 16, 131072, 64) bf16,
 # the kernel compiled with symbolic sizes moved 477 GB/s, with static sizes 1695 GB/s
 # (benchmarks/results/gpu-2026-11-27-b.txt). With symbolic sizes each element finds its
 # sequence and position by integer division by those sizes.
 _rotate_real = lazy_compile(rotate_real, dynamic=None)
+_rotate_real_pair = lazy_compile(rotate_real_pair, dynamic=None)
 
 
-def _rotate(x: Tensor, cos_sin: Tensor) -> Tensor:
+def _eager_cpu(x: Tensor) -> bool:
     # Inductor's CPU code for interleaved pairs is scalar, while ATen's complex product is one
     # vectorised kernel already (compiling it gains nothing); on GPUs the compiled real form
     # fuses into one kernel with no float32 round trip. Inside a caller's torch.compile the
     # real form, which Inductor generates code for (it has none for complex operators).
-    eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
-    return rotate_complex(x, cos_sin) if eager_cpu else _rotate_real(x, cos_sin)
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _rotate(x: Tensor, cos_sin: Tensor) -> Tensor:
+    return rotate_complex(x, cos_sin) if _eager_cpu(x) else _rotate_real(x, cos_sin)
+
+
+def _rotate_both(q: Tensor, k: Tensor, cos_sin: Tensor) -> tuple[Tensor, Tensor]:
+    if _eager_cpu(q):
+        return rotate_complex(q, cos_sin), rotate_complex(k, cos_sin)
+    return _rotate_real_pair(q, k, cos_sin)
 
 
 class Rotary(Positional):
@@ -120,7 +137,7 @@ class Rotary(Positional):
             self._check_dim("q", q)
             self._check_dim("k", k)
             cos_sin = self._cos_sin(positions, "q", q.dtype, centred)
-            return QK(_rotate(q, cos_sin), _rotate(k, cos_sin))
+            return QK(*_rotate_both(q, k, cos_sin))
         return QK(self.rotate(q, positions, "q", centred), self.rotate(k, positions, "k", centred))
 
     def transform_qk(self, q: Tensor, k: Tensor, positions: Positions, *, dot_only: bool = False) -> QK:

@@ -31,7 +31,7 @@ def test_rotary_is_a_complex_rotation(n_dims, divide):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_real_form_equals_the_complex_form(dtype):
     """CPU runs the complex product, CUDA the real form: the same numbers, both near float64."""
-    from flexpos.rotary import rotate_complex, rotate_real, rotation
+    from flexpos.rotary import rotate_complex, rotate_real, rotate_real_pair, rotation
 
     x = torch.randn(2, 3, 40, 16, dtype=F64)
     pos = torch.randint(0, 10**6, (2, 38)) + 2_000_000_000
@@ -44,6 +44,9 @@ def test_rotary_real_form_equals_the_complex_form(dtype):
     assert (real.double() - complex_.double()).abs().max() <= TOLERANCE[dtype] / 100
     want = R.rotate(low.double(), p, has, rot.thetas, 7.0)
     assert (real.double() - want).abs().max() <= TOLERANCE[dtype]
+    other = torch.randn_like(x).to(dtype)
+    pair = rotate_real_pair(low, other, cos_sin)
+    assert torch.equal(pair[0], real) and torch.equal(pair[1], rotate_real(other, cos_sin))
 
 
 def test_rotary_scores_depend_only_on_distance():
