@@ -9,6 +9,8 @@ Each step's median time and its ratio to plain SDPA (the floor), compile exclude
   by chunks    the same, one SDPA call per query chunk of flexpos' size with its slice of the bias
   bias kernel  flexpos' compiled bias kernel alone, over every query chunk
   flexpos      flexpos.attention (chunked backend: bias kernel and SDPA, chunk by chunk)
+  one part     the same, reading one float32 part per side of these integer positions, as on
+               accelerators (CPU reads both: see flexpos.positions.fewer_tables)
   cpu flex     Inductor's CPU flex kernel (backend='flex'), with no score_mod and with ALiBi
 
 DPB (dim 32, depth 2; its MLP runs on a grid of distances, see flexpos/dpb.py):
@@ -27,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -82,11 +85,17 @@ def alibi_steps(length: int) -> dict[str, Callable[[], object]]:
         f"by chunks of {rows}": by_chunks,
         "bias kernel": bias_kernel,
         "flexpos": lambda: flexpos.attention(q, k, v, alibi, pos=pos),
+        "flexpos, one part": lambda: one_part(lambda: flexpos.attention(q, k, v, alibi, pos=pos)),
     }
     if torch_version() >= flexpos.backends.CPU_FLEX_MIN_TORCH:
         found["cpu flex, no score_mod"] = lambda: flexpos.attention(q, k, v, backend="flex")
         found["cpu flex, ALiBi"] = lambda: flexpos.attention(q, k, v, alibi, pos=pos, backend="flex")
     return found
+
+
+def one_part(fn: Callable[[], object]) -> object:
+    with mock.patch.object(flexpos.positions, "fewer_tables", lambda device: True):
+        return fn()
 
 
 def dpb_steps(length: int) -> dict[str, Callable[[], object]]:
