@@ -12,9 +12,10 @@ positions. Integer distances below 2**24 are exact.
 
 Score_mods read fewer tables where the host knows that costs nothing in precision: none for the
 default positions ``0 .. L-1`` (the distance is ``q_idx - kv_idx``), and the ``hi`` part alone
-for integer positions less than 2**24 apart. The latter is read back from the positions'
-device once per tensor (and again after an in-place change), in eager calls only: inside a
-caller's torch.compile, where a read would break the graph, every table is read.
+for integer positions less than 2**24 apart. Their span is read back from the positions'
+device once per call (two ints per sequence), in eager calls only: inside a caller's
+torch.compile, where a read would break the graph, every table is read. CPU reads every table
+(see :func:`fewer_tables`).
 
 Shape legend: B batch, Lq/Lk query/key tokens, Lq'/Lk' positions (<= tokens).
 """
