@@ -179,7 +179,8 @@ class Positions:
 
     def _host_span(self) -> Optional[int]:
         q = _host_extents(self._given[0], self.len_q, self.batch)
-        k = _host_extents(self._given[1], self.len_k, self.batch)
+        same = self._given[1] is self._given[0] and self.len_k == self.len_q  # self-attention: one read
+        k = q if same else _host_extents(self._given[1], self.len_k, self.batch)
         if q is None or k is None:
             return None
         rows = zip(*q, *k)  # per sequence: smallest q, largest q, smallest k, largest k

@@ -122,3 +122,14 @@ def test_meta_positions_have_no_span_to_read(accelerator_tables):
     pos = torch.zeros(1, 3, dtype=torch.long, device="meta")
     positions = Positions.resolve((1,), 3, 3, torch.device("meta"), pos=pos)
     assert positions.integer_span() is None and positions.relative().q_lo is not None
+
+
+def test_self_attention_positions_are_read_once(accelerator_tables, monkeypatch):
+    read = flexpos.positions._host_extents
+    calls = []
+    monkeypatch.setattr(flexpos.positions, "_host_extents", lambda p, *a: calls.append(p) or read(p, *a))
+    pos = torch.tensor([[3, 9, 20]])
+    assert Positions.resolve((1,), 3, 3, "cpu", pos=pos).integer_span() == 17
+    assert len(calls) == 1
+    assert Positions.resolve((1,), 3, 4, "cpu", pos_q=pos, pos_k=pos).integer_span() == 17
+    assert len(calls) == 3  # cross-attention: each side read
