@@ -6,6 +6,7 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
   flex no score_mod       flexpos.attention(q, k, v): the reference (static sizes on CUDA)
   flex no score_mod, symbolic sizes
                           torch.compile(flex_attention, dynamic=True): what symbolic sizes cost
+  per-head constant       score - rate_h: what any score_mod costs before per-score work
   ALiBi                   flexpos.ALiBi as shipped: these integer positions are less than 2^24
                           apart, so one float32 table per side is read
   ALiBi, hi + lo parts    the same score_mod reading both parts per side, as for float positions,
@@ -54,6 +55,15 @@ from flexpos.rotary import _rotate_real_pair, rotate_real, rotate_real_pair, rot
 ScoreFn = Callable[[], Tensor]
 
 
+def per_head_constant(alibi: flexpos.ALiBi) -> Callable[..., Tensor]:
+    rates = alibi.slopes.reshape(-1).float()
+
+    def head_constant(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return score - rates[h]
+
+    return head_constant
+
+
 def on_device_only(module: flexpos.Positional, pos: Tensor, length: int) -> Callable[..., Tensor]:
     """``module``'s score_mod as a caller's torch.compile gets it: nothing read back to the host
     (ALiBi reads hi and lo parts, DPB a value and a slope)."""
@@ -80,6 +90,7 @@ def score_rows(s: Setup, repeat: int) -> None:
     rows: list[tuple[str, ScoreFn]] = [
         ("flex no score_mod", case.flex_floor),
         ("flex no score_mod, symbolic sizes", lambda: symbolic(q, k, v, block_mask=mask)),
+        ("per-head constant", direct(per_head_constant(alibi), None)),
         ("ALiBi", case.flexpos),
         ("ALiBi, hi + lo parts", direct(on_device_only(alibi, pos, length), None)),
         ("ALiBi, default positions", lambda: flexpos.attention(q, k, v, alibi)),
