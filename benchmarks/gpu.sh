@@ -98,10 +98,9 @@ run_step() {
 main() {
     local start_all=$SECONDS
     preamble "$@" || { echo "# stopped: see above"; return; }
-    local name
-    for name in "${@:-tests targets table}"; do
-        for name in $name; do run_step "$name"; done
-    done
+    local steps=("$@") name
+    [ "${#steps[@]}" -gt 0 ] || steps=(tests targets table)
+    for name in "${steps[@]}"; do run_step "$name"; done
     echo
     echo "# total $((SECONDS - start_all)) s; log: $log"
 }

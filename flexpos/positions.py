@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_positions
@@ -196,7 +197,7 @@ class Positions:
         """
         p, length = (self.q, self.len_q) if side == "q" else (self.k, self.len_k)
         p = _minus(p, self.offset()) if centred else p.to(torch.float64)
-        return torch.nn.functional.pad(p, (length - p.shape[-1], 0))
+        return F.pad(p, (length - p.shape[-1], 0))
 
     def has_position(self, side: str) -> Tensor:
         """(L,) bool: which tokens of ``side`` have a position."""
@@ -247,14 +248,16 @@ class Positions:
         if fewer and self.indices and max(self.len_q, self.len_k) <= exact:
             return Relative(dtype, off_q, off_k, complete)
         ref = self.offset()
-        tables = [*_split(self.q, ref, self.len_q, dtype), *_split(self.k, ref, self.len_k, dtype)]
+        remainder = not (fewer and self._no_remainder(dtype))
+        tables = [
+            *_split(self.q, ref, self.len_q, dtype, remainder),
+            *_split(self.k, ref, self.len_k, dtype, remainder),
+        ]
         if tables[0].shape[0] == 1:
             # A batch-1 table gets a static stride that Inductor's CPU flex kernel mis-indexes
             # (torch 2.13); a second, unused row keeps the batch dim symbolic.
-            tables = [t.expand(2, -1).contiguous() for t in tables]
+            tables = [None if t is None else t.expand(2, -1).contiguous() for t in tables]
         q_hi, q_lo, k_hi, k_lo = tables
-        if fewer and self._no_remainder(dtype):
-            q_lo = k_lo = None
         return Relative(dtype, off_q, off_k, complete, q_hi, k_hi, q_lo, k_lo)
 
     def _no_remainder(self, dtype: torch.dtype) -> bool:
@@ -308,11 +311,13 @@ def _minus(p: Tensor, ref: Tensor) -> Tensor:
     return (p - ref).double()
 
 
-def _split(p: Tensor, ref: Tensor, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(B, L') positions -> hi/lo parts of ``p - ref`` in ``dtype``, padded to (B, pad(L))."""
+def _split(
+    p: Tensor, ref: Tensor, length: int, dtype: torch.dtype, remainder: bool = True
+) -> tuple[Tensor, Optional[Tensor]]:
+    """(B, L') positions -> hi/lo parts of ``p - ref`` in ``dtype``, padded to (B, pad(L));
+    lo is None without ``remainder`` (known to be 0)."""
     rel = _minus(p, ref)
     hi = rel.to(dtype)
-    lo = (rel - hi.double()).to(dtype)
-    total = table_len(length)
-    pad = (length - p.shape[-1], total - length)
-    return torch.nn.functional.pad(hi, pad), torch.nn.functional.pad(lo, pad)
+    pad = (length - p.shape[-1], table_len(length) - length)
+    lo = F.pad((rel - hi.double()).to(dtype), pad) if remainder else None
+    return F.pad(hi, pad), lo
