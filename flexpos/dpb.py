@@ -131,7 +131,7 @@ class DPB(Positional):
 
     def bias_at(self, distances: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """(...,) distances in position units -> (..., n_heads) MLP outputs, computed in
-        ``dtype`` (default: the MLP's)."""
+        ``dtype`` (default: the MLP's, at least float32)."""
         return run_mlp(self.mlp, (distances.double() / self.divisor(torch.float64))[..., None], dtype)
 
     def tables(self, grid: DistanceGrid, dtype: torch.dtype, precise: bool = False) -> tuple[Tensor, Tensor]:

@@ -27,11 +27,12 @@ def position_mlp(dim: int, depth: int, norm: bool, out: int | None = None) -> nn
 
 
 def run_mlp(mlp: nn.ModuleList, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """x (..., 1) -> (..., features), in ``dtype`` (default: the MLP's), also under autocast:
-    inputs are positions (up to 1e9 / divide), whose features bf16 would round by up to 0.4% of
-    their size. Another ``dtype`` runs on cast copies of the parameters (gradients reach them)."""
+    """x (..., 1) -> (..., features), in ``dtype`` (default: the MLP's, at least float32), also
+    under autocast or in a ``.half()`` model: inputs are positions (up to 1e9 / divide), whose
+    features bf16 would round by up to 0.4% of their size and float16 overflows (65504). Another
+    ``dtype`` runs on cast copies of the parameters (gradients reach them)."""
     own = mlp[0][0].weight.dtype
-    dtype = dtype or own
+    dtype = dtype or (own if own.itemsize >= 4 else torch.float32)
     with torch.autocast(x.device.type, enabled=False):
         x = x.to(dtype)
         for layer in mlp:

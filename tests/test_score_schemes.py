@@ -182,6 +182,18 @@ def test_autocast_leaves_the_bias_in_float32(scheme):
     assert_close(out, ref, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dpb_in_a_half_precision_model(dtype):
+    """A ``.half()`` DPB builds its table in float32 from its rounded weights: in float16 the
+    MLP's first layer at distances / divide ~ 1e5 would overflow (65504) to NaN."""
+    q, k, v = (t.to(dtype) for t in qkv())
+    pos = irregular(B, L)  # distances up to ~6000: an exact table
+    dpb = DPB(16, H, depth=2, norm=True, divide=0.05).to(dtype)
+    pq, hq = R.padded_positions(pos, B, L)
+    ref = R.attend(q.double(), k.double(), v.double(), R.dpb_bias(dpb, pq, pq, hq, hq, 0.05))
+    assert_close(flexpos.attention(q, k, v, dpb, pos=pos), ref, dtype)
+
+
 def test_dpb_padding_positions_decide_its_table(dpb_grid):
     """README: padded tokens count in DPB's table span. Padding that repeats the last real
     position keeps the biases between real tokens exact; padding with 0 at positions near 3e9

@@ -95,6 +95,19 @@ def test_learned_vocab_and_continuous():
     assert torch.allclose(cont(x, pos=fpos), expected, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_learned_continuous_in_a_half_precision_model(dtype):
+    """A ``.half()`` model runs the MLP in float32 on its (rounded) weights: in float16 the
+    first layer's outputs at positions / divide ~ 1e5 would overflow (65504) to NaN."""
+    cont = LearnedContinuous(16, depth=2, norm=True, divide=0.05).to(dtype)
+    x = torch.randn(2, 30, 16).to(dtype)
+    pos = torch.randint(0, 6000, (2, 30))
+    out = cont(x, pos=pos)
+    want = x.double() + R.mlp64(cont.mlp, (pos.double() / 0.05)[..., None])
+    assert out.dtype == dtype
+    assert (out.double() - want).abs().max() <= TOLERANCE[dtype] * want.abs().max()
+
+
 @pytest.mark.parametrize("enc", [Sinusoidal(8), LearnedContinuous(8), LearnedVocab(8, 5)], ids=lambda m: type(m).__name__)
 def test_all_tokens_without_positions_are_left_as_they_are(enc):
     """Zero positions (every token a CLS token), with or without a mask of the positions."""
