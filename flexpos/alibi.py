@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_positive_int
+from ._checks import check_bool, check_positive_int
 from .base import Positional, ScoreMod
 from .positions import Positions
 
@@ -50,6 +50,9 @@ class ALiBi(Positional):
     only; ``asymmetric`` splits head pairs into forward- and backward-looking heads (the other
     direction is masked to -inf). Tokens without a position get no bias.
 
+    A score_mod, passed to :func:`flexpos.attention` with q (B, *, n_heads, Lq, D) and positions
+    ``pos`` (B, *, L') or ``pos_q`` (B, *, Lq') / ``pos_k`` (B, *, Lk').
+
     Example::
 
         alibi = ALiBi(n_heads=8)
@@ -74,7 +77,7 @@ class ALiBi(Positional):
         if use > n_heads:
             raise ValueError(f"use_n_heads must be <= n_heads={n_heads}, got {use}")
         self.use_n_heads = use
-        self.asymmetric = bool(asymmetric)
+        self.asymmetric = check_bool("asymmetric", asymmetric)
         self._init_divisor(divide, learned_div)
         self._register_constants()
 

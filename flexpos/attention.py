@@ -135,15 +135,21 @@ def _check_positional(
                 f"{type(m).__name__} transforms the input x, not q/k/scores: call it on x before "
                 "the projections (flexpos.AttentionLayer does this)"
             )
-        n_heads = getattr(m, "n_heads", heads)
-        if n_heads != heads:
-            raise ValueError(f"{type(m).__name__} was built for n_heads={n_heads} but q has {heads} heads")
-        own_dim = getattr(m, "head_dim", head_dim)
-        if own_dim != head_dim:
-            raise ValueError(f"{type(m).__name__} was built for head_dim={own_dim} but q has head dim {head_dim}")
+        check_heads(m, heads, head_dim, "q has")
         check_module_device(m, device)
         checked.append(m)
     return checked
+
+
+def check_heads(module: Positional, heads: int, head_dim: int, where: str) -> None:
+    """``module``'s own head count and head dim, where it has them, must be ``heads`` and
+    ``head_dim``; ``where`` names their source in the message ("q has", "the layer has")."""
+    n_heads = getattr(module, "n_heads", heads)
+    if n_heads != heads:
+        raise ValueError(f"{type(module).__name__} was built for n_heads={n_heads} but {where} {heads} heads")
+    own_dim = getattr(module, "head_dim", head_dim)
+    if own_dim != head_dim:
+        raise ValueError(f"{type(module).__name__} was built for head_dim={own_dim} but {where} head dim {head_dim}")
 
 
 def _resolve_mask(
@@ -156,7 +162,10 @@ def _resolve_mask(
         if tuple(mask.BLOCK_SIZE) != (BLOCK, BLOCK):
             raise ValueError(f"mask (a BlockMask) must use {BLOCK}x{BLOCK} blocks, got {tuple(mask.BLOCK_SIZE)}")
         if tuple(mask.seq_lengths) != (len_q, len_k):
-            raise ValueError(f"mask (a BlockMask) is for (Lq, Lk)={tuple(mask.seq_lengths)}, inputs have {(len_q, len_k)}")
+            raise ValueError(
+                f"mask (a BlockMask) is for (Lq, Lk)={tuple(mask.seq_lengths)}, inputs have {(len_q, len_k)} "
+                "(with fewer positions than tokens, build masks from positions with len_q=/len_k=)"
+            )
         if mask.kv_num_blocks.shape[0] not in (1, flat) or mask.kv_num_blocks.shape[1] not in (1, heads):
             raise ValueError(
                 f"mask (a BlockMask) must have batch 1 or {flat} and heads 1 or {heads}, "

@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_positive_float
+from ._checks import check_bool, check_positive_float
 from .positions import Positions
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -81,7 +81,7 @@ class Positional(nn.Module):
 
     def _init_divisor(self, divide: float, learned_div: bool) -> None:
         self.divide = check_positive_float("divide", divide)
-        self.learned = bool(learned_div)
+        self.learned = check_bool("learned_div", learned_div)
         if self.learned:
             self.div = nn.Parameter(torch.empty(()))
         else:
@@ -144,6 +144,14 @@ class Positional(nn.Module):
             # exp in float64: absolute angles at positions ~1e9 amplify any rounding of it
             return self.div.double().exp().clamp(min=1e-8).to(dtype)
         return self.div.to(dtype)
+
+    def forward(self, *args: object, **kwargs: object) -> Tensor:
+        """Input transforms and Rotary are called on tensors; the others are not."""
+        name = type(self).__name__
+        raise TypeError(
+            f"{name} is not called on tensors: pass it to flexpos.attention(q, k, v, {name.lower()}, pos=pos) "
+            f"or to AttentionLayer(dim, n_heads, positional=[...])"
+        )
 
     def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
         """q (B, H, Lq, D), k (B, H, Lk, D) -> :class:`QK`. A class with ``takes_dot_only``

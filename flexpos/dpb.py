@@ -97,8 +97,14 @@ class DPB(Positional):
 
     The MLP has bio-attention's layout (``mlp.0`` ... ``mlp.depth``: Linear(1, dim) with
     optional LayerNorm, then ``depth - 1`` SiLU/Linear blocks, then Linear(dim, n_heads)).
-    ``table_size`` bounds the grid the MLP is evaluated on (see the module docstring for when
-    the bias is exact and the error bound otherwise). Tokens without a position get no bias.
+    The MLP runs once per call on a grid of at most ``table_size`` distances, not per score: for
+    integer positions with ``2 * span + 1 <= table_size`` (span: the largest ``|p_q - p_k|`` in
+    the call) the bias is the MLP's exact value; otherwise a linear interpolation, off by at
+    most ``(step / divide)^2 / 8 * max|MLP''|`` with ``step = 2 * span / (table_size - 1)``
+    (details in :mod:`flexpos.dpb`). Tokens without a position get no bias.
+
+    A score_mod, passed to :func:`flexpos.attention` with q (B, *, n_heads, Lq, D) and positions
+    ``pos`` (B, *, L') or ``pos_q`` (B, *, Lq') / ``pos_k`` (B, *, Lk').
 
     Example::
 

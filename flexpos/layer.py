@@ -8,8 +8,16 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ._checks import check_float, check_module_device, check_positions, check_positive_int, check_rank, check_tensor
-from .attention import Mask, attention
+from ._checks import (
+    check_bool,
+    check_float,
+    check_module_device,
+    check_positions,
+    check_positive_int,
+    check_rank,
+    check_tensor,
+)
+from .attention import Mask, attention, check_heads
 from .backends import Backend, check_backend
 from .base import Positional
 
@@ -43,11 +51,11 @@ class AttentionLayer(nn.Module):
             raise TypeError(f"positional must be a sequence of modules, got a single {type(positional).__name__}")
         positional = [] if positional is None else list(positional)  # a generator is read once
         for m in positional:
-            if not isinstance(m, Positional):
-                raise TypeError(f"positional must hold flexpos positional modules, got {type(m).__name__}")
+            _check_fits(m, dim, n_heads)
         check_backend(backend)
         self.dim = dim
         self.n_heads = n_heads
+        bias = check_bool("bias", bias)
         self.to_q = nn.Linear(dim, dim, bias=bias)
         self.to_kv = nn.Linear(dim, 2 * dim, bias=bias)
         self.to_out = nn.Linear(dim, dim, bias=bias)
@@ -103,6 +111,11 @@ class AttentionLayer(nn.Module):
             if pos_context is not None:
                 raise ValueError("pos_context is for cross-attention: pass context too")
             return
+        if isinstance(context, Tensor) and context.ndim == x.ndim - 1:
+            raise ValueError(
+                f"context must have shape (B, *, Lc, dim), got {tuple(context.shape)}: positions are "
+                "keyword-only, pass them as pos=..."
+            )
         length = self._check_input("context", context, batch=batch).shape[-2]
         if pos_context is not None:
             check_positions("pos_context", pos_context, batch, length, x.device)
@@ -121,6 +134,17 @@ class AttentionLayer(nn.Module):
         if t.shape[-1] != self.dim or tuple(t.shape[:-2]) != batch:
             raise ValueError(f"{name} must have shape {(*batch, 'L', self.dim)}, got {tuple(t.shape)}")
         return t
+
+
+def _check_fits(module: object, dim: int, n_heads: int) -> None:
+    """A positional module of a layer with ``dim`` features in ``n_heads`` heads."""
+    if not isinstance(module, Positional):
+        raise TypeError(f"positional must hold flexpos positional modules, got {type(module).__name__}")
+    if module.transforms_input and module.dim != dim:  # type: ignore[attr-defined]
+        name = type(module).__name__
+        raise ValueError(f"{name} was built for dim={module.dim} but the layer has dim={dim}")  # type: ignore[attr-defined]
+    if not module.transforms_input:
+        check_heads(module, n_heads, dim // n_heads, "the layer has")
 
 
 def _encode(encoders: Sequence[nn.Module], x: Tensor, pos: Optional[Tensor]) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_positive_int
+from ._checks import check_bool, check_positive_int
 from ._compile import lazy_compile
 from .inputs import InputTransform
 
@@ -17,7 +17,7 @@ def position_mlp(dim: int, depth: int, norm: bool, out: int | None = None) -> nn
     """
     check_positive_int("dim", dim)
     check_positive_int("depth", depth)
-    norm_layer = (lambda: nn.LayerNorm(dim)) if norm else nn.Identity
+    norm_layer = (lambda: nn.LayerNorm(dim)) if check_bool("norm", norm) else nn.Identity
     layers = nn.ModuleList([nn.Sequential(nn.Linear(1, dim), norm_layer())])
     for _ in range(depth - 1):
         layers.append(nn.Sequential(nn.SiLU(), nn.Linear(dim, dim), norm_layer()))
@@ -56,7 +56,8 @@ def _vocab_add(emb: nn.Embedding, x: Tensor, pos: Tensor, keep: Tensor) -> Tenso
 
 
 class LearnedVocab(InputTransform):
-    """Adds a learned embedding of integer positions ``0 <= p < max_seq_len``.
+    """Adds a learned embedding of integer positions ``0 <= p < max_seq_len``: x (B, *, L, dim)
+    and pos (B, *, L') -> (B, *, L, dim); the first L - L' tokens get nothing added.
 
     Example::
 
@@ -84,6 +85,8 @@ class LearnedVocab(InputTransform):
 
 class LearnedContinuous(InputTransform):
     """Adds ``MLP(p / divide)``: a learned embedding that is continuous in the position.
+    x (B, *, L, dim) and pos (B, *, L') int or float -> (B, *, L, dim); the first L - L' tokens
+    get nothing added.
 
     Example::
 

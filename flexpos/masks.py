@@ -242,7 +242,9 @@ def _check_window(window: object) -> float:
 def sliding_window_mask(
     len_q: int, window: float, len_k: Optional[int] = None, device: torch.device | str = "cpu"
 ) -> BlockMask:
-    """Query i attends to keys j with ``|i - j| <= window`` (token indices)."""
+    """Query i attends to keys j with ``|i - j| <= window`` (token indices): a BlockMask for
+    (len_q, len_k) tokens (``len_k`` defaults to ``len_q``), batch 1 and one head, which serve
+    any batch and head count."""
     len_q = check_length("len_q", len_q)
     len_k = len_q if len_k is None else check_length("len_k", len_k)
     # Index distances are integers: compare them with the whole part of the window, exactly.

@@ -97,6 +97,13 @@ def test_arguments_are_checked():
     assert args.schemes == ["alibi", "dpb"] and args.lengths == [128, 256] and args.dtype == "float32"
 
 
+def test_plot_without_matplotlib_is_refused_before_the_run(monkeypatch, capsys):
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)  # as without matplotlib
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--plot", "p.png", "--device", "cpu"])
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
 def test_flexpos_memory_is_foreseen_from_smaller_lengths():
     assert bench.foresee([], 4096) is None
     assert bench.foresee([(1024, 8.0)], 4096) == pytest.approx(128 * 2**20)  # as L**2 from one length

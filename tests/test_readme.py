@@ -1,4 +1,4 @@
-"""The README's Python examples run as written."""
+"""The Python examples of README.md and docs/legacy.md run as written."""
 
 import re
 import subprocess
@@ -6,14 +6,25 @@ import sys
 from pathlib import Path
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_examples(path: Path) -> None:
+    """Run the unindented ```python blocks of ``path`` in order, in one namespace (indented ones
+    are fragments inside lists)."""
+    blocks = re.findall(r"^```python\n(.*?)^```", path.read_text(), re.S | re.M)
+    assert blocks
+    namespace = {"__name__": "example"}
+    for block in blocks:
+        exec(compile(block, str(path), "exec"), namespace)
 
 
 def test_readme_examples_run():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert blocks
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), {"__name__": "readme"})
+    run_examples(ROOT / "README.md")
+
+
+def test_legacy_doc_examples_run():
+    run_examples(ROOT / "docs" / "legacy.md")
 
 
 def test_import_compiles_nothing():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import shlex
@@ -87,6 +88,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # before the run, not after it
+        p.error("--plot needs matplotlib: pip install 'flexpos[plot]'")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     return args
 
