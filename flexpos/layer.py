@@ -137,12 +137,13 @@ class AttentionLayer(nn.Module):
 
 
 def _check_fits(module: object, dim: int, n_heads: int) -> None:
-    """A positional module of a layer with ``dim`` features in ``n_heads`` heads."""
+    """A positional module of a layer with ``dim`` features in ``n_heads`` heads: its own
+    ``dim`` (input transforms, XL), heads and head dim, where it has them."""
     if not isinstance(module, Positional):
         raise TypeError(f"positional must hold flexpos positional modules, got {type(module).__name__}")
-    if module.transforms_input and module.dim != dim:  # type: ignore[attr-defined]
-        name = type(module).__name__
-        raise ValueError(f"{name} was built for dim={module.dim} but the layer has dim={dim}")  # type: ignore[attr-defined]
+    own = getattr(module, "dim", dim)
+    if own != dim:
+        raise ValueError(f"{type(module).__name__} was built for dim={own} but the layer has dim={dim}")
     if not module.transforms_input:
         check_heads(module, n_heads, dim // n_heads, "the layer has")
 

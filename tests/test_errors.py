@@ -117,6 +117,7 @@ def attn(*args, **kwargs):
         (lambda: AttentionLayer(32, 4, positional=[ALiBi(8)]), ValueError, "ALiBi was built for n_heads=8 but the layer has 4 heads"),
         (lambda: AttentionLayer(32, 4, positional=[Rotary(16)]), ValueError, "Rotary was built for head_dim=16 but the layer has head dim 8"),
         (lambda: AttentionLayer(32, 4, positional=[Sinusoidal(16)]), ValueError, "Sinusoidal was built for dim=16 but the layer has dim=32"),
+        (lambda: AttentionLayer(32, 4, positional=[XL(64, 4)]), ValueError, "XL was built for dim=64 but the layer has dim=32"),
         (lambda: AttentionLayer(32, 4)(torch.randn(2, 10, 32), torch.zeros(2, 10)), ValueError, "positions are keyword-only, pass them as pos="),
         (lambda: ALiBi(4)(sq), TypeError, r"ALiBi is not called on tensors: pass it to flexpos.attention\(q, k, v, alibi"),
         (lambda: XL(32, 4)(sq, sq), TypeError, "XL is not called on tensors"),
