@@ -499,3 +499,15 @@ def test_hint_is_shown_once_and_points_to_flexpos():
     hints = [w for w in caught if issubclass(w.category, FutureWarning)]
     assert len(hints) == 1
     assert "flexpos.ALiBi" in str(hints[0].message) and "\n" not in str(hints[0].message)
+
+
+@pytest.mark.parametrize("learned_div", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_base_helpers_match(learned_div, dtype):
+    """The plugin base's public helpers: positions over the divisor, and default positions."""
+    orig, new = pair("Sinusoidal", DIM, divide=2.5, learned_div=learned_div, dtype=dtype)
+    pos = torch.rand(2, 3, L, dtype=dtype) * 1e4
+    torch.testing.assert_close(new.apply_pos_division(pos), orig.apply_pos_division(pos), rtol=1e-6, atol=0)
+    x = torch.randn(2, 3, L, DIM)
+    assert torch.equal(new.default_pos_x(x), orig.default_pos_x(x))
+    assert new.default_pos_x(x).shape == (2, 3, L)
