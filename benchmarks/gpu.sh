@@ -81,10 +81,10 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 run_step() {
     case "$1" in
         # correctness on the GPU: compiled flex forward/backward against float64 references
-        tests) step "CUDA tests" 170 "$PY" -m pytest -q -p no:cacheprovider -p no:logging -rs --durations=0 tests/test_cuda.py ;;
+        tests) step "CUDA tests" 230 "$PY" -m pytest -q -p no:cacheprovider -p no:logging -rs --durations=0 tests/test_cuda.py ;;
         # Rotary bandwidth; ALiBi/DPB vs flex with no score_mod and vs dense at L=8192; L=32768.
         # Each verdict is printed as it is reached; an interrupted run still prints its summary.
-        targets) step "GPU targets" 230 "$PY" benchmarks/targets.py --gpu-only --repeat 5 ;;
+        targets) step "GPU targets" 200 "$PY" benchmarks/targets.py --gpu-only --repeat 5 ;;
         targets-8k) step "GPU targets, L=8192" 130 "$PY" benchmarks/targets.py --gpu-only --skip-32k --repeat 5 ;;
         variants) step "GPU variants" 140 "$PY" benchmarks/gpu_variants.py --repeat 5 ;;
         # the side-by-side table at L=8192; its kernels are in Inductor's cache by now

@@ -12,8 +12,9 @@ positions. Integer distances below 2**24 are exact.
 
 Score_mods read fewer tables where the host knows that costs nothing in precision: none for the
 default positions ``0 .. L-1`` (the distance is ``q_idx - kv_idx``), and the ``hi`` part alone
-for integer positions less than 2**24 apart. Their span is read back from the positions'
-device once per call (two ints per sequence), in eager calls only: inside a caller's
+for integer positions that lie within 2**24 of each other, queries and keys together (each
+sequence's largest minus smallest position). Those extents are read back from the positions'
+device once per call (two ints per sequence and side), in eager calls only: inside a caller's
 torch.compile, where a read would break the graph, every table is read. CPU reads every table
 (see :func:`fewer_tables`).
 
@@ -55,7 +56,7 @@ class Relative:
 
     q_hi: (B, Lq padded) and k_hi: (B, Lk padded): positions minus a per-sequence offset in
     ``dtype``; q_lo, k_lo: what rounding to ``dtype`` left, or None where it is known to be 0
-    (integer positions less than 2**24 apart; always in float64). All four are None for the
+    (integer positions within 2**24 of each other; always in float64). All four are None for the
     default positions ``0 .. L-1`` on both sides, whose distance is ``q_idx - kv_idx``.
     off_q, off_k: 0-d int64 tensors, the number of leading tokens without a position;
     ``complete`` when both are zero.
@@ -109,8 +110,8 @@ class Positions:
         self._given = given
         self._relative: dict[torch.dtype, Relative] = {}  # shared by the score_mods of one call
         self._offset: Optional[Tensor] = None
-        self._span: Optional[int] = None
-        self._span_read = False
+        self._extents: Optional[list[tuple[int, int, int, int]]] = None
+        self._extents_read = False
 
     @classmethod
     def resolve(
@@ -173,19 +174,34 @@ class Positions:
         """Largest ``|p_q - p_k|`` of this call for integer positions, as a Python int known on
         the host: from the lengths for default positions, else read from the positions (one
         small read per call, none inside a caller's torch.compile: None there, and for floats)."""
-        if not self._span_read:
-            self._span_read = True
-            self._span = self._host_span() if self.is_integer else None
-        return self._span
+        rows = self._host_extents()
+        if rows is None:
+            return None
+        return max((max(q_max - k_min, k_max - q_min) for q_min, q_max, k_min, k_max in rows), default=0)
 
-    def _host_span(self) -> Optional[int]:
+    def _integer_extent(self) -> Optional[int]:
+        """Largest ``p - offset`` (see :meth:`offset`) over both sides, as :meth:`integer_span`.
+        In cross-attention it can be up to twice the span: ``pos_q`` [0, 2s] and ``pos_k`` [s]."""
+        rows = self._host_extents()
+        if rows is None:
+            return None
+        return max((max(q_max, k_max) - min(q_min, k_min) for q_min, q_max, k_min, k_max in rows), default=0)
+
+    def _host_extents(self) -> Optional[list[tuple[int, int, int, int]]]:
+        """Per sequence: smallest and largest query position, smallest and largest key position
+        (rows without positions on a side are left out), read once per call; None where unknown."""
+        if not self._extents_read:
+            self._extents_read = True
+            self._extents = self._read_extents() if self.is_integer else None
+        return self._extents
+
+    def _read_extents(self) -> Optional[list[tuple[int, int, int, int]]]:
         q = _host_extents(self._given[0], self.len_q, self.batch)
         same = self._given[1] is self._given[0] and self.len_k == self.len_q  # self-attention: one read
         k = q if same else _host_extents(self._given[1], self.len_k, self.batch)
         if q is None or k is None:
             return None
-        rows = zip(*q, *k)  # per sequence: smallest q, largest q, smallest k, largest k
-        return max((max(q_max - k_min, k_max - q_min) for q_min, q_max, k_min, k_max in rows), default=0)
+        return list(zip(*q, *k))
 
     def absolute(self, side: str, centred: bool = False) -> Tensor:
         """Float64 positions of ``side`` ('q' or 'k'), zero-padded on the left to (B, L).
@@ -262,9 +278,9 @@ class Positions:
 
     def _no_remainder(self, dtype: torch.dtype) -> bool:
         """Whether the ``lo`` parts are known to be 0: in float64 (``hi`` is the float64
-        difference itself) and for integers less than 2**24 apart in float32."""
-        span = self.integer_span()
-        return dtype == torch.float64 or (span is not None and span < EXACT_INTEGERS[dtype])
+        difference itself) and where every ``hi``, an integer ``p - offset``, is below 2**24."""
+        extent = self._integer_extent()
+        return dtype == torch.float64 or (extent is not None and extent < EXACT_INTEGERS[dtype])
 
 
 def _flat_or_default(p: Optional[Tensor], flat: int, length: int, device: torch.device) -> Tensor:
@@ -299,8 +315,8 @@ def _host_extents(p: Optional[Tensor], length: int, rows: int) -> Optional[tuple
         return [], []  # no positions, no distance
     if not host_reads() or p.is_meta:
         return None
-    flat = p.detach().reshape(-1, p.shape[-1])
-    smallest, largest = torch.stack((flat.amin(-1), flat.amax(-1))).long().tolist()  # one read
+    flat = p.detach().reshape(-1, p.shape[-1]).long()  # amin/amax have no unsigned kernels
+    smallest, largest = torch.stack((flat.amin(-1), flat.amax(-1))).tolist()  # one read
     return smallest, largest
 
 

@@ -50,7 +50,8 @@ def run(mods, dtype, backend, q, k, v, grad, **kwargs):
 
 
 def golden_eager_candidate(make_modules, dtype, candidate, default_positions=False):
-    """float64 'chunked' golden, the test dtype on 'chunked' (eager) and on ``candidate``: a CLS
+    """float64 'chunked' golden, the test dtype on 'chunked' (eager) and on ``candidate`` (with
+    flexpos' compiled transforms and bias kernels, which the rest of the suite runs eagerly): a CLS
     token (unless ``default_positions``: none given), padding, a length not a multiple of 128
     and a sequence with no valid key."""
     b, length = 2, 1000
@@ -67,7 +68,11 @@ def golden_eager_candidate(make_modules, dtype, candidate, default_positions=Fal
     kwargs = dict(pos=pos, mask=valid)
     golden = run(golden_mods, torch.float64, "chunked", q, k, v, grad, **kwargs)
     eager = run(mods, dtype, "chunked", q, k, v, grad, **kwargs)
-    other = run(mods, dtype, candidate, q, k, v, grad, **kwargs)
+    previous = flexpos.set_compile(True)  # the candidate as users run it: Triton transforms too
+    try:
+        other = run(mods, dtype, candidate, q, k, v, grad, **kwargs)
+    finally:
+        flexpos.set_compile(previous)
     names = ["out", "dq", "dk", "dv"] + [n for m in mods for n, _ in m.named_parameters()]
     return names, golden, eager, other
 

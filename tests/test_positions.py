@@ -99,6 +99,30 @@ def test_integers_less_than_2_24_apart_read_one_part(span, accelerator_tables):
     assert torch.equal(delta[:, 1:, 1:].double(), wide.double()) and not valid[:, 0].any()
 
 
+@pytest.mark.parametrize("q_top", [2**24 - 1, 2**24 + 3])
+def test_cross_attention_reads_one_part_only_within_2_24_of_both_sides(q_top, accelerator_tables):
+    """Each side's ``hi`` is its positions minus the smallest of both sides: with queries at
+    [0, q_top] and keys at 2**23 + 3 the largest distance stays below 2**24 while ``hi`` of the
+    last query does not when q_top >= 2**24."""
+    start = 3_000_000_000
+    pos_q = start + torch.tensor([[0, q_top]])
+    pos_k = start + torch.tensor([[2**23 + 3, 2**23 + 3]])
+    positions = Positions.resolve((1,), 2, 2, "cpu", pos_q=pos_q, pos_k=pos_k)
+    assert positions.integer_span() == max(q_top - 2**23 - 3, 2**23 + 3) < 2**24
+    assert (positions.relative().q_lo is None) == (q_top < 2**24)
+    delta, _ = _grid_delta(positions)
+    assert torch.equal(delta.double(), (pos_q[:, :, None] - pos_k[:, None, :]).double())
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_unsigned_positions_are_read_as_their_values(dtype, accelerator_tables):
+    pos = torch.tensor([[3, 70, 1000]])
+    positions = Positions.resolve((1,), 3, 3, "cpu", pos=pos.to(dtype))
+    assert positions.integer_span() == 997 and positions.relative().q_lo is None
+    delta, _ = _grid_delta(positions)
+    assert torch.equal(delta.double(), (pos[:, :, None] - pos[:, None, :]).double())
+
+
 def test_spans_are_not_read_inside_a_callers_compile(accelerator_tables, monkeypatch):
     monkeypatch.setattr(flexpos.positions, "host_reads", lambda: False)
     pos = torch.tensor([[0, 5, 9]])

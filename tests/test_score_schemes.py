@@ -194,6 +194,15 @@ def test_dpb_in_a_half_precision_model(dtype):
     assert_close(flexpos.attention(q, k, v, dpb, pos=pos), ref, dtype)
 
 
+def test_unsigned_positions_equal_int64_ones(tables):
+    q, k, v = qkv()
+    pos = irregular(B, L)
+    dpb = DPB(16, H, depth=2).double()
+    for module in (ALiBi(H), dpb):
+        want = flexpos.attention(q, k, v, module, pos=pos)
+        assert torch.equal(flexpos.attention(q, k, v, module, pos=pos.to(torch.uint16)), want)
+
+
 def test_dpb_padding_positions_decide_its_table(dpb_grid):
     """README: padded tokens count in DPB's table span. Padding that repeats the last real
     position keeps the biases between real tokens exact; padding with 0 at positions near 3e9
