@@ -104,6 +104,29 @@ def test_plot_without_matplotlib_is_refused_before_the_run(monkeypatch, capsys):
     assert "--plot needs matplotlib" in capsys.readouterr().err
 
 
+def test_the_memory_round_is_not_timed_unless_a_path_is_slow():
+    """The round that probes peak memory carries the probe's cost: medians come from the
+    ``repeat`` rounds after it, except for paths slower than ``slow_s``, which run once."""
+    from flexpos.bench.run import Row, Runner, _time_paths
+
+    def run(probe_seconds: float) -> tuple[float, int]:
+        class Probe:
+            def measure(self, fn):
+                fn()
+                return probe_seconds, 1.0
+
+        calls = []
+        path = lambda: calls.append(1) or torch.zeros(1)  # noqa: E731
+        row = Row("alibi", 8, 1, 1, 1, "float32", "fwd", "cpu")
+        times = _time_paths({"flexpos": path}, Runner(torch.device("cpu"), False, []), Probe(), row, 3, 5.0)
+        assert row.flexpos_peak_mb == 1.0
+        return times["flexpos"], len(calls)
+
+    seconds, calls = run(0.5)  # a fast path: the probe's 0.5 s is not in its median
+    assert seconds < 0.1 and calls == 4
+    assert run(9.0) == (9.0, 1)  # a slow path runs once
+
+
 def test_flexpos_memory_is_foreseen_from_smaller_lengths():
     assert bench.foresee([], 4096) is None
     assert bench.foresee([(1024, 8.0)], 4096) == pytest.approx(128 * 2**20)  # as L**2 from one length

@@ -157,16 +157,17 @@ def _first_dense(
 def _time_paths(
     paths: dict[str, Callable[[], Tensor]], runner: Runner, memory: PeakMemory, row: Row, repeat: int, slow_s: float
 ) -> dict[str, float]:
-    """Median seconds per path over ``repeat`` interleaved rounds. Round 0 also records each
-    path's peak memory into ``row``; paths slower than ``slow_s`` run only once."""
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    for round_ in range(repeat):
+    """Median seconds per path over ``repeat`` interleaved rounds, after one round that records
+    each path's peak memory into ``row`` (its times, which include the memory probe, count only
+    for paths slower than ``slow_s``: those run just once)."""
+    times: dict[str, list[float]] = {}
+    for name, fn in paths.items():
+        seconds, peak = memory.measure(lambda: runner.timed(fn))
+        setattr(row, f"{name}_peak_mb", None if peak is None else round(peak, 1))
+        times[name] = [seconds] if seconds >= slow_s else []
+    for _ in range(repeat):
         for name, fn in paths.items():
-            if round_ == 0:
-                seconds, peak = memory.measure(lambda: runner.timed(fn))
-                setattr(row, f"{name}_peak_mb", None if peak is None else round(peak, 1))
-                times[name].append(seconds)
-            elif times[name][0] < slow_s:
+            if not times[name] or times[name][0] < slow_s:
                 times[name].append(runner.timed(fn))
     return {name: statistics.median(t) for name, t in times.items()}
 
