@@ -174,7 +174,7 @@ class Positions:
         """Largest ``|p_q - p_k|`` of this call for integer positions, as a Python int known on
         the host: from the lengths for default positions, else read from the positions (one
         small read per call, none inside a caller's torch.compile: None there, and for floats)."""
-        rows = self._host_extents()
+        rows = self._extent_rows()
         if rows is None:
             return None
         return max((max(q_max - k_min, k_max - q_min) for q_min, q_max, k_min, k_max in rows), default=0)
@@ -182,12 +182,12 @@ class Positions:
     def _integer_extent(self) -> Optional[int]:
         """Largest ``p - offset`` (see :meth:`offset`) over both sides, as :meth:`integer_span`.
         In cross-attention it can be up to twice the span: ``pos_q`` [0, 2s] and ``pos_k`` [s]."""
-        rows = self._host_extents()
+        rows = self._extent_rows()
         if rows is None:
             return None
         return max((max(q_max, k_max) - min(q_min, k_min) for q_min, q_max, k_min, k_max in rows), default=0)
 
-    def _host_extents(self) -> Optional[list[tuple[int, int, int, int]]]:
+    def _extent_rows(self) -> Optional[list[tuple[int, int, int, int]]]:
         """Per sequence: smallest and largest query position, smallest and largest key position
         (rows without positions on a side are left out), read once per call; None where unknown."""
         if not self._extents_read:
