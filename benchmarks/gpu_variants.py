@@ -18,9 +18,10 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
                           value alone is read per score
   DPB frozen, grid chosen on the device
                           as inside a caller's torch.compile: a value and a slope per score
-Rotary rows: the shipped rotation (q and k in one kernel, static sizes until a second shape)
-against a kernel each (static, dynamic=True, a bfloat16 table, 16x shorter sequences), and on
-q and k laid out (B, L, H, D) in memory; GPU time per call over queued calls.
+Rotary rows: the shipped module call and its kernel (q and k in one, each angle formed where it
+is used, static sizes until a second shape) against the former path (a float32 cos/sin table
+per call, read for every head), a kernel each, and q and k laid out (B, L, H, D) in memory; GPU
+time per call over queued calls.
 
 Positions are sorted integers with gaps 1-3, as in the targets. Score_mod tables are built once
 outside the timed calls for the variants that call flex directly (the shipped rows rebuild them
@@ -50,7 +51,7 @@ from flexpos import backends  # noqa: E402
 from flexpos._compile import lazy_compile  # noqa: E402
 from flexpos.bench import Runner, Setup, build_case, irregular_positions  # noqa: E402
 from flexpos.positions import Positions  # noqa: E402
-from flexpos.rotary import _rotate_real_pair, rotate_real, rotate_real_pair, rotation  # noqa: E402
+from flexpos.rotary import _rotate_at, _rotate_pair_at, rotate_real, rotation  # noqa: E402
 
 ScoreFn = Callable[[], Tensor]
 
@@ -117,41 +118,34 @@ def time_rows(rows: Sequence[tuple[str, ScoreFn]], runner: Runner, repeat: int) 
     say()
 
 
-def rotary_inputs(s: Setup, batch: int, length: int) -> tuple[Tensor, Tensor, Tensor]:
-    """q and k of (batch, H, length, 64) bf16 and their float32 (cos, sin) table."""
-    device = torch.device(s.device)
-    gen = torch.Generator(device).manual_seed(0)
-    shape = (batch, s.heads, length, s.head_dim)
-    q, k = (torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(2))
-    pos = irregular_positions(batch, length, torch.Generator().manual_seed(0)).to(device)
-    rot = flexpos.Rotary(s.head_dim).to(device)
-    positions = Positions.resolve((batch,), length, length, device, pos)
-    cos_sin = rotation(positions.absolute("q"), positions.has_position("q"), rot.thetas,
-                       rot.divisor(torch.float64), torch.float32)
-    return q, k, cos_sin
+def table_pair(q: Tensor, k: Tensor, cos_sin: Tensor) -> tuple[Tensor, Tensor]:
+    """The former rotation: q and k in one kernel reading a (B, 1, L, D/2, 2) table."""
+    return rotate_real(q, cos_sin), rotate_real(k, cos_sin)
 
 
 def rotary_rows(s: Setup, length: int, repeat: int) -> None:
-    """The shipped kernel (q and k in one, reading the table once for both); a kernel each,
-    with static and with symbolic sizes, with a bfloat16 table (numbers differ: timing only),
-    and on as many bytes in 16 times more, 16 times shorter sequences (whose tables stay in L2
-    across the heads); the shipped kernel on q and k laid out (B, L, H, D) in memory, as
-    AttentionLayer's projections give them (the heads of one position side by side)."""
+    """The shipped module call and its kernel (angles formed in the kernel, q and k together),
+    against the former path (a float32 cos/sin table built per call, read for every head) with
+    and without building its table, a kernel each, and q and k laid out (B, L, H, D) in memory,
+    as AttentionLayer's projections give them."""
     device = torch.device(s.device)
-    q, k, cos_sin = rotary_inputs(s, s.batch, length)
+    gen = torch.Generator(device).manual_seed(0)
+    shape = (s.batch, s.heads, length, s.head_dim)
+    q, k = (torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(2))
     q3, k3 = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))
-    q2, k2, cos_sin2 = rotary_inputs(s, s.batch * 16, length // 16)
-    half = cos_sin.to(torch.bfloat16)
-    dynamic = lazy_compile(rotate_real, dynamic=True)
-    static = lazy_compile(rotate_real, dynamic=False)
-    static_pair = lazy_compile(rotate_real_pair, dynamic=False)
+    pos = irregular_positions(s.batch, length, torch.Generator().manual_seed(0)).to(device)
+    rot = flexpos.Rotary(s.head_dim).to(device)
+    positions = Positions.resolve((s.batch,), length, length, device, pos)
+    inputs = (positions.absolute("q"), positions.has_position("q"), rot.thetas, rot.divisor(torch.float64))
+    cos_sin = rotation(*inputs, torch.float32)
+    former = lazy_compile(table_pair, dynamic=False)
     paths = {
-        "one kernel for q and k, static (shipped)": lambda: _rotate_real_pair(q, k, cos_sin),
-        "a kernel each, static sizes": lambda: (static(q, cos_sin), static(k, cos_sin)),
-        "a kernel each, dynamic=True": lambda: (dynamic(q, cos_sin), dynamic(k, cos_sin)),
-        "a kernel each, bfloat16 table": lambda: (static(q, half), static(k, half)),
-        f"a kernel each, ({s.batch * 16}, {s.heads}, {length // 16}, 64)": lambda: (static(q2, cos_sin2), static(k2, cos_sin2)),
-        "one kernel, q and k laid out (B, L, H, D)": lambda: static_pair(q3, k3, cos_sin),
+        "Rotary module call (shipped)": lambda: rot(q, k, pos=pos),
+        "its kernel: angles formed in it": lambda: _rotate_pair_at(q, k, *inputs),
+        "former: table per call + kernel": lambda: former(q, k, rotation(*inputs, torch.float32)),
+        "former kernel alone (table built)": lambda: former(q, k, cos_sin),
+        "a kernel each, angles formed in it": lambda: (_rotate_at(q, *inputs), _rotate_at(k, *inputs)),
+        "its kernel, q and k laid out (B, L, H, D)": lambda: _rotate_pair_at(q3, k3, *inputs),
     }
     for fn in paths.values():
         fn()

@@ -24,6 +24,12 @@ ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # ... + ATOL * max(1, max|go
 # divisor gradient, whose terms of both signs cancel to a sum far below their magnitudes, was
 # off by 3.5e-4 of it (0.26 on 741; benchmarks/results/gpu-2026-11-27-b.txt).
 PARAM_ATOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
+# DPB's output bias shifts every score of a row by a per-head constant, which softmax ignores:
+# its gradient is exactly 0, a sum of terms that cancel. Flex's backward forms each row's
+# correction from the output rounded to the test dtype, so it gets sum over rows of
+# dO . (O - rounded O) per head instead (0.07 in bf16 on an H200, gpu-2026-11-27-c.txt), which
+# shift_rounding() bounds at 6 standard deviations; a wrong term would be of the size of the terms.
+SIGMAS = 6.0
 
 
 def modules():
@@ -74,25 +80,49 @@ def golden_eager_candidate(make_modules, dtype, candidate, default_positions=Fal
     finally:
         flexpos.set_compile(previous)
     names = ["out", "dq", "dk", "dv"] + [n for m in mods for n, _ in m.named_parameters()]
-    return names, golden, eager, other
+    shifts = {i + 4: shift_rounding(other[0], grad, dtype) for i, p in enumerate(params(mods)) if is_shift(mods, p)}
+    return names, golden, eager, other, shifts
 
 
-def assert_errors_within_policy(dtype, names, golden, eager, other, n_inputs=4):
-    """The first ``n_inputs`` entries are outputs and input gradients, the rest parameter gradients."""
+def params(mods):
+    return [p for m in mods for p in m.parameters()]
+
+
+def is_shift(mods, param) -> bool:
+    """Whether ``param`` is a DPB output bias (a per-head score shift)."""
+    return any(isinstance(m, DPB) and param is m.mlp[-1].bias for m in mods)
+
+
+def shift_rounding(out, grad, dtype):
+    """(H,) SIGMAS standard deviations of sum over rows of dO . (O - rounded O), per head:
+    out (B, H, L, D) already rounded to ``dtype``, each rounding error uniform within half an
+    ulp (variance ulp^2 / 12); exact zeros (rows with no key) are not rounded."""
+    exponent = torch.frexp(out.float()).exponent
+    ulp = torch.ldexp(torch.full_like(out, torch.finfo(dtype).eps / 2), exponent) * (out != 0)
+    variance = (grad.to(dtype).double() ** 2 * ulp**2 / 12).sum((0, 2, 3))
+    return SIGMAS * variance.sqrt()
+
+
+def assert_errors_within_policy(dtype, names, golden, eager, other, shifts=None, n_inputs=4):
+    """The first ``n_inputs`` entries are outputs and input gradients, the rest parameter
+    gradients; ``shifts``: index -> per-element allowance for shift_rounding()."""
     assert len(names) == len(golden) == len(eager) == len(other)
     failures = []
     for i, (name, g, e, c) in enumerate(zip(names, golden, eager, other)):
         eager_err = (e - g).abs().max().item()
-        other_err = (c - g).abs().max().item()
         atol = (ATOL if i < n_inputs else PARAM_ATOL)[dtype]
-        bound = FUDGE[dtype] * eager_err + atol * max(1.0, g.abs().max().item())
-        if not other_err <= bound:
-            failures.append(f"{name}: error {other_err:.3g} > {bound:.3g} (max|golden| {g.abs().max().item():.3g})")
+        bound = FUDGE[dtype] * eager_err + atol * max(1.0, g.abs().max().item()) + (shifts or {}).get(i, 0.0)
+        excess = (c - g).abs() - bound
+        if not (excess <= 0).all():
+            at = excess.argmax()
+            failures.append(f"{name}: error {(c - g).abs().flatten()[at].item():.3g} > "
+                            f"{torch.as_tensor(bound).broadcast_to(g.shape).flatten()[at].item():.3g} "
+                            f"(max|golden| {g.abs().max().item():.3g})")
     assert not failures, "; ".join(failures)
 
 
-def assert_within_policy(dtype, names, golden, eager, other):
-    assert_errors_within_policy(dtype, names, golden, eager, other)
+def assert_within_policy(dtype, names, golden, eager, other, shifts):
+    assert_errors_within_policy(dtype, names, golden, eager, other, shifts)
     assert torch.equal(other[0][1], torch.zeros_like(other[0][1]))
 
 
