@@ -18,10 +18,10 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
                           value alone is read per score
   DPB frozen, grid chosen on the device
                           as inside a caller's torch.compile: a value and a slope per score
-Rotary rows: the shipped module call and its kernel (q and k in one, each angle formed where it
-is used, static sizes until a second shape) against the former path (a float32 cos/sin table
-per call, read for every head), a kernel each, and q and k laid out (B, L, H, D) in memory; GPU
-time per call over queued calls.
+Rotary rows: the shipped module call and its parts (a float32 cos/sin table per call, static
+sizes until a second shape, then q and k rotated in one kernel), the table with symbolic sizes,
+the kernel with a bfloat16 table and on q and k laid out (B, L, H, D); GPU time per call over
+queued calls.
 
 Positions are sorted integers with gaps 1-3, as in the targets. Score_mod tables are built once
 outside the timed calls for the variants that call flex directly (the shipped rows rebuild them
@@ -51,7 +51,7 @@ from flexpos import backends  # noqa: E402
 from flexpos._compile import lazy_compile  # noqa: E402
 from flexpos.bench import Runner, Setup, build_case, irregular_positions  # noqa: E402
 from flexpos.positions import Positions  # noqa: E402
-from flexpos.rotary import _rotate_at, _rotate_pair_at, rotate_real, rotation  # noqa: E402
+from flexpos.rotary import _rotate_real_pair, cos_sin_table, rotate_real_pair, rotation  # noqa: E402
 
 ScoreFn = Callable[[], Tensor]
 
@@ -118,16 +118,11 @@ def time_rows(rows: Sequence[tuple[str, ScoreFn]], runner: Runner, repeat: int) 
     say()
 
 
-def table_pair(q: Tensor, k: Tensor, cos_sin: Tensor) -> tuple[Tensor, Tensor]:
-    """The former rotation: q and k in one kernel reading a (B, 1, L, D/2, 2) table."""
-    return rotate_real(q, cos_sin), rotate_real(k, cos_sin)
-
-
 def rotary_rows(s: Setup, length: int, repeat: int) -> None:
-    """The shipped module call and its kernel (angles formed in the kernel, q and k together),
-    against the former path (a float32 cos/sin table built per call, read for every head) with
-    and without building its table, a kernel each, and q and k laid out (B, L, H, D) in memory,
-    as AttentionLayer's projections give them."""
+    """The shipped module call; its parts (the cos/sin table built per call with static and with
+    symbolic sizes, then q and k in one kernel); the kernel alone with a bfloat16 table (other
+    numbers: timing only) and on q and k laid out (B, L, H, D) in memory, as AttentionLayer's
+    projections give them."""
     device = torch.device(s.device)
     gen = torch.Generator(device).manual_seed(0)
     shape = (s.batch, s.heads, length, s.head_dim)
@@ -138,14 +133,16 @@ def rotary_rows(s: Setup, length: int, repeat: int) -> None:
     positions = Positions.resolve((s.batch,), length, length, device, pos)
     inputs = (positions.absolute("q"), positions.has_position("q"), rot.thetas, rot.divisor(torch.float64))
     cos_sin = rotation(*inputs, torch.float32)
-    former = lazy_compile(table_pair, dynamic=False)
+    half = cos_sin.to(torch.bfloat16)
+    symbolic_table = lazy_compile(cos_sin_table, dynamic=True)
+    static_pair = lazy_compile(rotate_real_pair, dynamic=False)
     paths = {
         "Rotary module call (shipped)": lambda: rot(q, k, pos=pos),
-        "its kernel: angles formed in it": lambda: _rotate_pair_at(q, k, *inputs),
-        "former: table per call + kernel": lambda: former(q, k, rotation(*inputs, torch.float32)),
-        "former kernel alone (table built)": lambda: former(q, k, cos_sin),
-        "a kernel each, angles formed in it": lambda: (_rotate_at(q, *inputs), _rotate_at(k, *inputs)),
-        "its kernel, q and k laid out (B, L, H, D)": lambda: _rotate_pair_at(q3, k3, *inputs),
+        "table (static sizes) + kernel": lambda: _rotate_real_pair(q, k, rotation(*inputs, torch.float32)),
+        "table (symbolic sizes) + kernel": lambda: _rotate_real_pair(q, k, symbolic_table(*inputs, torch.float32)),
+        "kernel alone (table built)": lambda: _rotate_real_pair(q, k, cos_sin),
+        "kernel alone, bfloat16 table": lambda: static_pair(q, k, half),
+        "kernel alone, q and k laid out (B, L, H, D)": lambda: static_pair(q3, k3, cos_sin),
     }
     for fn in paths.values():
         fn()
@@ -155,7 +152,7 @@ def rotary_rows(s: Setup, length: int, repeat: int) -> None:
             times[name].append(targets.device_seconds(fn, device) if device.type == "cuda" else timed(fn))
     moved = 2 * 2 * q.numel() * q.element_size()  # read and write q and k (same for every row)
     for name, t in times.items():
-        say(f"  {name:42s} {fmt(t)}  -> {moved / statistics.median(t) / 1e9:,.0f} GB/s")
+        say(f"  {name:44s} {fmt(t)}  -> {moved / statistics.median(t) / 1e9:,.0f} GB/s")
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -22,50 +21,14 @@ def rotary_frequencies(head_dim: int, n_dims: Optional[int]) -> Tensor:
     return thetas
 
 
-def _three_part_tau() -> tuple[float, float, float]:
-    """2*pi as c1 + c2 + c3, c1 and c2 of 21 significant bits: for whole turns n < 2^32,
-    ``n * c1`` and ``n * c2`` are exact in float64 (Cody-Waite reduction)."""
-    tail = 2.4492935982947064e-16  # 2*pi minus its float64 value
-    c1 = math.ldexp(round(math.ldexp(math.tau, 18)), -18)
-    rest = math.tau - c1
-    exponent = math.frexp(rest)[1]
-    c2 = math.ldexp(round(math.ldexp(rest, 21 - exponent)), exponent - 21)
-    return c1, c2, (rest - c2) + tail
-
-
-_TAU = _three_part_tau()
-
-
-def rotary_angles(pos: Tensor, keep: Tensor, thetas: Tensor, div: Tensor) -> Tensor:
-    """(N, 1, L, D/2) float64 angles ``pos / div * theta``; pos (N, L), keep (L,): tokens
-    without a position get angle 0 (identity), thetas (D/2,)."""
-    return (pos.double() / div)[:, None, :, None] * thetas.double() * keep[:, None]
-
-
-def cos_sin(angles: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin of float64 ``angles`` in ``dtype`` (float32 or float64).
-
-    For float32 each angle is reduced to [-pi, pi] in float64 (exactly, for angles below
-    2.7e10) and evaluated in float32, with a first-order correction for the reduced angle's
-    rounding: within an ulp of float64 trig rounded to float32, at float32 cost (the fused GPU
-    kernels evaluate it for every head).
-    """
-    if dtype == torch.float64:
-        return angles.cos(), angles.sin()
-    turns = torch.round(angles / math.tau)
-    reduced = ((angles - turns * _TAU[0]) - turns * _TAU[1]) - turns * _TAU[2]
-    near = reduced.to(dtype)
-    rest = (reduced - near.double()).to(dtype)
-    cos, sin = near.cos(), near.sin()
-    return cos - sin * rest, sin + cos * rest
-
-
 def cos_sin_table(pos: Tensor, keep: Tensor, thetas: Tensor, div: Tensor, dtype: torch.dtype) -> Tensor:
-    """(N, 1, L, D/2, 2) cos and sin, in ``dtype``, of :func:`rotary_angles`."""
-    return torch.stack(cos_sin(rotary_angles(pos, keep, thetas, div), dtype), -1)
+    """(N, 1, L, D/2, 2) cos and sin, in ``dtype``, of the angles ``pos / div * theta`` formed
+    and evaluated in float64 (one compiled kernel).
 
-
-rotation = lazy_compile(cos_sin_table)
+    pos (N, L); keep (L,): tokens without a position get angle 0 (identity).
+    """
+    angles = (pos.double() / div)[:, None, :, None] * thetas.double() * keep[:, None]
+    return torch.stack((angles.cos(), angles.sin()), -1).to(dtype)
 
 
 def rotate_complex(x: Tensor, cos_sin: Tensor) -> Tensor:
@@ -77,46 +40,45 @@ def rotate_complex(x: Tensor, cos_sin: Tensor) -> Tensor:
 
 def rotate_real(x: Tensor, cos_sin: Tensor) -> Tensor:
     """Same as :func:`rotate_complex` in real arithmetic, which compiles to one fused kernel."""
-    return _rotate_pairs(x, *cos_sin.unbind(-1))
-
-
-def _rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    x0, x1 = x.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos_sin.unbind(-1)
+    x0, x1 = x.to(cos_sin.dtype).unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), -1).flatten(-2).to(x.dtype)
 
 
-def rotate_at(x: Tensor, pos: Tensor, keep: Tensor, thetas: Tensor, div: Tensor) -> Tensor:
-    """x (N, H, L, D) rotated by :func:`rotary_angles` (pos (N, L)); compiled, one kernel
-    that forms each angle where it is used: no table in memory."""
-    return _rotate_pairs(x, *cos_sin(rotary_angles(pos, keep, thetas, div), _work_dtype(x)))
-
-
-def rotate_pair_at(q: Tensor, k: Tensor, pos: Tensor, keep: Tensor, thetas: Tensor, div: Tensor) -> tuple[Tensor, Tensor]:
-    """q and k (N, H, L, D) at the same positions, in one kernel (each angle formed once for
-    both). A table of float32 cos and sin, read again for every head, moved as many bytes as
-    q and k themselves at L=131072, where it no longer stays in cache."""
-    cos, sin = cos_sin(rotary_angles(pos, keep, thetas, div), _work_dtype(q))
-    return _rotate_pairs(q, cos, sin), _rotate_pairs(k, cos, sin)
-
-
-def _work_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
+def rotate_real_pair(q: Tensor, k: Tensor, cos_sin: Tensor) -> tuple[Tensor, Tensor]:
+    """q and k (N, H, L, D) rotated by one table: compiled, one kernel that reads each table
+    entry once for both (the table is re-read for every head: at L=131072 a sequence's
+    float32 table is 33.5 MB, as much traffic as q and k themselves)."""
+    return rotate_real(q, cos_sin), rotate_real(k, cos_sin)
 
 
 # Sizes static until a second shape shows up: on an H200, q and k of (4, 16, 131072, 64) bf16,
-# a rotation kernel compiled with symbolic sizes moved 477 GB/s, with static sizes 1695 GB/s
+# the kernel compiled with symbolic sizes moved 477 GB/s, with static sizes 1695 GB/s
 # (benchmarks/results/gpu-2026-11-27-b.txt). With symbolic sizes each element finds its
-# sequence and position by integer division by those sizes.
-_rotate_at = lazy_compile(rotate_at, dynamic=None)
-_rotate_pair_at = lazy_compile(rotate_pair_at, dynamic=None)
+# sequence and position by integer division by those sizes. Forming the angles in the
+# rotation kernel instead of reading a table took 2.5x longer there (float64 work for every
+# head; gpu-2026-11-27-d.txt).
+rotation = lazy_compile(cos_sin_table, dynamic=None)
+_rotate_real = lazy_compile(rotate_real, dynamic=None)
+_rotate_real_pair = lazy_compile(rotate_real_pair, dynamic=None)
 
 
 def _eager_cpu(x: Tensor) -> bool:
     # Inductor's CPU code for interleaved pairs is scalar, while ATen's complex product is one
-    # vectorised kernel already (compiling it gains nothing): on CPU one table per call, then
-    # the complex product. On GPUs (and inside a caller's torch.compile, as Inductor has no
-    # code for complex operators) the real form, with the angles formed in the same kernel.
+    # vectorised kernel already (compiling it gains nothing); on GPUs the compiled real form
+    # fuses into one kernel with no float32 round trip. Inside a caller's torch.compile the
+    # real form, which Inductor generates code for (it has none for complex operators).
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _rotate(x: Tensor, cos_sin: Tensor) -> Tensor:
+    return rotate_complex(x, cos_sin) if _eager_cpu(x) else _rotate_real(x, cos_sin)
+
+
+def _rotate_both(q: Tensor, k: Tensor, cos_sin: Tensor) -> tuple[Tensor, Tensor]:
+    if _eager_cpu(q):
+        return rotate_complex(q, cos_sin), rotate_complex(k, cos_sin)
+    return _rotate_real_pair(q, k, cos_sin)
 
 
 class Rotary(Positional):
@@ -152,10 +114,11 @@ class Rotary(Positional):
     def constants(self) -> dict[str, Tensor]:
         return {"thetas": rotary_frequencies(self.head_dim, self.n_dims)}
 
-    def _angle_inputs(self, positions: Positions, side: str, centred: bool) -> tuple[Tensor, ...]:
-        """(pos, keep, thetas, div) of :func:`rotary_angles` for ``side``'s positions."""
+    def _cos_sin(self, positions: Positions, side: str, dtype: torch.dtype, centred: bool) -> Tensor:
+        work = torch.promote_types(dtype, torch.float32)
+        keep = positions.has_position(side)
         pos = positions.absolute(side, centred)
-        return pos, positions.has_position(side), self.thetas, self.divisor(torch.float64)
+        return rotation(pos, keep, self.thetas, self.divisor(torch.float64), work)
 
     def _check_dim(self, name: str, x: Tensor) -> None:
         if x.shape[-1] != self.head_dim:
@@ -168,21 +131,15 @@ class Rotary(Positional):
         """x (B, H, L, head_dim) with ``side``'s positions ('q' or 'k') -> rotated x; ``centred``:
         by positions minus the per-sequence offset (see :meth:`transform_qk`)."""
         self._check_dim(side, x)
-        inputs = self._angle_inputs(positions, side, centred)
-        if _eager_cpu(x):
-            return rotate_complex(x, rotation(*inputs, _work_dtype(x)))
-        return _rotate_at(x, *inputs)
+        return _rotate(x, self._cos_sin(positions, side, x.dtype, centred))
 
     def rotate_qk(self, q: Tensor, k: Tensor, positions: Positions, centred: bool = False) -> QK:
         """q (B, H, Lq, head_dim) and k (B, H, Lk, head_dim) rotated, see :meth:`rotate`."""
         if positions.q is positions.k and q.shape[-2] == k.shape[-2]:  # self-attention: share angles
             self._check_dim("q", q)
             self._check_dim("k", k)
-            inputs = self._angle_inputs(positions, "q", centred)
-            if _eager_cpu(q):
-                cos_sin = rotation(*inputs, _work_dtype(q))
-                return QK(rotate_complex(q, cos_sin), rotate_complex(k, cos_sin))
-            return QK(*_rotate_pair_at(q, k, *inputs))
+            cos_sin = self._cos_sin(positions, "q", q.dtype, centred)
+            return QK(*_rotate_both(q, k, cos_sin))
         return QK(self.rotate(q, positions, "q", centred), self.rotate(k, positions, "k", centred))
 
     def transform_qk(self, q: Tensor, k: Tensor, positions: Positions, *, dot_only: bool = False) -> QK:

@@ -30,16 +30,14 @@ def test_rotary_is_a_complex_rotation(n_dims, divide):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_real_form_equals_the_complex_form(dtype):
-    """CPU runs the complex product on a table, CUDA the real form with the angles formed in its
-    kernel: the same numbers, both near float64."""
-    from flexpos.rotary import rotate_at, rotate_complex, rotate_pair_at, rotate_real, rotation
+    """CPU runs the complex product, CUDA the real form: the same numbers, both near float64."""
+    from flexpos.rotary import rotate_complex, rotate_real, rotate_real_pair, rotation
 
     x = torch.randn(2, 3, 40, 16, dtype=F64)
     pos = torch.randint(0, 10**6, (2, 38)) + 2_000_000_000
     rot = Rotary(16, divide=7.0)
     p, has = R.padded_positions(pos, 2, 40)
-    inputs = (p, has, rot.thetas, rot.divisor(F64))
-    cos_sin = rotation(*inputs, torch.promote_types(dtype, torch.float32))
+    cos_sin = rotation(p, has, rot.thetas, rot.divisor(F64), torch.promote_types(dtype, torch.float32))
     low = x.to(dtype)
     real, complex_ = rotate_real(low, cos_sin), rotate_complex(low, cos_sin)
     assert real.dtype == complex_.dtype == dtype
@@ -47,22 +45,8 @@ def test_rotary_real_form_equals_the_complex_form(dtype):
     want = R.rotate(low.double(), p, has, rot.thetas, 7.0)
     assert (real.double() - want).abs().max() <= TOLERANCE[dtype]
     other = torch.randn_like(x).to(dtype)
-    pair = rotate_pair_at(low, other, *inputs)
+    pair = rotate_real_pair(low, other, cos_sin)
     assert torch.equal(pair[0], real) and torch.equal(pair[1], rotate_real(other, cos_sin))
-    assert torch.equal(rotate_at(other, *inputs), pair[1])
-
-
-def test_rotary_float32_cos_sin_within_an_ulp_of_float64():
-    """Angles reduced in float64, then evaluated in float32 (as the GPU kernels do per element):
-    as close to float64 trig as rounding it to float32, also at angles near 1e10."""
-    from flexpos.rotary import cos_sin
-
-    angles = torch.cat([torch.linspace(-20, 20, 4001, dtype=F64), torch.rand(20000, dtype=F64) * 1e10])
-    for got, want in zip(cos_sin(angles, torch.float32), (angles.cos(), angles.sin())):
-        assert got.dtype == torch.float32
-        ulp = torch.finfo(torch.float32).eps * want.abs().clamp_min(2**-10)
-        assert ((got.double() - want).abs() <= ulp).all()
-    assert all(torch.equal(a, b) for a, b in zip(cos_sin(angles, F64), (angles.cos(), angles.sin())))
 
 
 def test_rotary_scores_depend_only_on_distance():
