@@ -18,8 +18,8 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
                           value alone is read per score
   DPB frozen, grid chosen on the device
                           as inside a caller's torch.compile: a value and a slope per score
-Rotary rows: the shipped module call and its parts (a float32 cos/sin table per call, static
-sizes until a second shape, then q and k rotated in one kernel), the table with symbolic sizes,
+Rotary rows: the shipped module call and its parts (a float32 cos/sin table per call, then q and
+k rotated in one kernel, static sizes until a second shape), the table with static sizes,
 the kernel with a bfloat16 table and on q and k laid out (B, L, H, D); GPU time per call over
 queued calls.
 
@@ -51,7 +51,7 @@ from flexpos import backends  # noqa: E402
 from flexpos._compile import lazy_compile  # noqa: E402
 from flexpos.bench import Runner, Setup, build_case, irregular_positions  # noqa: E402
 from flexpos.positions import Positions  # noqa: E402
-from flexpos.rotary import _rotate_real_pair, cos_sin_table, rotate_real_pair, rotation  # noqa: E402
+from flexpos.rotary import _rotate_real_pair, rotate_real_pair, rotation  # noqa: E402
 
 ScoreFn = Callable[[], Tensor]
 
@@ -119,8 +119,8 @@ def time_rows(rows: Sequence[tuple[str, ScoreFn]], runner: Runner, repeat: int) 
 
 
 def rotary_rows(s: Setup, length: int, repeat: int) -> None:
-    """The shipped module call; its parts (the cos/sin table built per call with static and with
-    symbolic sizes, then q and k in one kernel); the kernel alone with a bfloat16 table (other
+    """The shipped module call; its parts (the cos/sin table built per call, with symbolic and
+    with static sizes, then q and k in one kernel); the kernel alone with a bfloat16 table (other
     numbers: timing only) and on q and k laid out (B, L, H, D) in memory, as AttentionLayer's
     projections give them."""
     device = torch.device(s.device)
@@ -134,12 +134,12 @@ def rotary_rows(s: Setup, length: int, repeat: int) -> None:
     inputs = (positions.absolute("q"), positions.has_position("q"), rot.thetas, rot.divisor(torch.float64))
     cos_sin = rotation(*inputs, torch.float32)
     half = cos_sin.to(torch.bfloat16)
-    symbolic_table = lazy_compile(cos_sin_table, dynamic=True)
+    static_table = lazy_compile(rotation.fn, dynamic=False)
     static_pair = lazy_compile(rotate_real_pair, dynamic=False)
     paths = {
         "Rotary module call (shipped)": lambda: rot(q, k, pos=pos),
-        "table (static sizes) + kernel": lambda: _rotate_real_pair(q, k, rotation(*inputs, torch.float32)),
-        "table (symbolic sizes) + kernel": lambda: _rotate_real_pair(q, k, symbolic_table(*inputs, torch.float32)),
+        "table (symbolic sizes) + kernel": lambda: _rotate_real_pair(q, k, rotation(*inputs, torch.float32)),
+        "table (static sizes) + kernel": lambda: _rotate_real_pair(q, k, static_table(*inputs, torch.float32)),
         "kernel alone (table built)": lambda: _rotate_real_pair(q, k, cos_sin),
         "kernel alone, bfloat16 table": lambda: static_pair(q, k, half),
         "kernel alone, q and k laid out (B, L, H, D)": lambda: static_pair(q3, k3, cos_sin),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -21,14 +22,47 @@ def rotary_frequencies(head_dim: int, n_dims: Optional[int]) -> Tensor:
     return thetas
 
 
-def cos_sin_table(pos: Tensor, keep: Tensor, thetas: Tensor, div: Tensor, dtype: torch.dtype) -> Tensor:
-    """(N, 1, L, D/2, 2) cos and sin, in ``dtype``, of the angles ``pos / div * theta`` formed
-    and evaluated in float64 (one compiled kernel).
+def _three_part_tau() -> tuple[float, float, float]:
+    """2*pi as c1 + c2 + c3, c1 and c2 of 21 significant bits: for whole turns n < 2^32,
+    ``n * c1`` and ``n * c2`` are exact in float64 (Cody-Waite reduction)."""
+    tail = 2.4492935982947064e-16  # 2*pi minus its float64 value
+    c1 = math.ldexp(round(math.ldexp(math.tau, 18)), -18)
+    rest = math.tau - c1
+    exponent = math.frexp(rest)[1]
+    c2 = math.ldexp(round(math.ldexp(rest, 21 - exponent)), exponent - 21)
+    return c1, c2, (rest - c2) + tail
+
+
+_TAU = _three_part_tau()
+
+
+def cos_sin(angles: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin of float64 ``angles`` in ``dtype`` (float32 or float64).
+
+    For float32 each angle is reduced to [-pi, pi] in float64 (exactly, for angles below
+    2.7e10) and evaluated in float32, with a first-order correction for the reduced angle's
+    rounding: within an ulp of float64 trig rounded to float32. Float64 trig made the table
+    kernel take half as long as rotating q and k on an H200 (gpu-2026-11-27-e.txt).
+    """
+    if dtype == torch.float64:
+        return angles.cos(), angles.sin()
+    turns = torch.round(angles / math.tau)
+    reduced = ((angles - turns * _TAU[0]) - turns * _TAU[1]) - turns * _TAU[2]
+    near = reduced.to(dtype)
+    rest = (reduced - near.double()).to(dtype)
+    cos, sin = near.cos(), near.sin()
+    return cos - sin * rest, sin + cos * rest
+
+
+@lazy_compile
+def rotation(pos: Tensor, keep: Tensor, thetas: Tensor, div: Tensor, dtype: torch.dtype) -> Tensor:
+    """(N, 1, L, D/2, 2) cos and sin, in ``dtype`` (float32 or float64), of the angles
+    ``pos / div * theta`` formed in float64 (one compiled kernel; see :func:`cos_sin`).
 
     pos (N, L); keep (L,): tokens without a position get angle 0 (identity).
     """
     angles = (pos.double() / div)[:, None, :, None] * thetas.double() * keep[:, None]
-    return torch.stack((angles.cos(), angles.sin()), -1).to(dtype)
+    return torch.stack(cos_sin(angles, dtype), -1)
 
 
 def rotate_complex(x: Tensor, cos_sin: Tensor) -> Tensor:
@@ -58,7 +92,6 @@ def rotate_real_pair(q: Tensor, k: Tensor, cos_sin: Tensor) -> tuple[Tensor, Ten
 # sequence and position by integer division by those sizes. Forming the angles in the
 # rotation kernel instead of reading a table took 2.5x longer there (float64 work for every
 # head; gpu-2026-11-27-d.txt).
-rotation = lazy_compile(cos_sin_table, dynamic=None)
 _rotate_real = lazy_compile(rotate_real, dynamic=None)
 _rotate_real_pair = lazy_compile(rotate_real_pair, dynamic=None)
 
