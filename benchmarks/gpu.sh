@@ -80,8 +80,9 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 
 run_step() {
     case "$1" in
-        # correctness on the GPU: compiled flex forward/backward against float64 references
-        tests) step "CUDA tests" 230 "$PY" -m pytest -q -p no:cacheprovider -p no:logging -rs --durations=0 tests/test_cuda.py ;;
+        # correctness on the GPU: compiled flex forward/backward against float64 references, and
+        # the candidate Rotary kernel (benchmarks/rotary_heads.py) against flexpos' rotation
+        tests) step "CUDA tests" 230 "$PY" -m pytest -q -p no:cacheprovider -p no:logging -rs --durations=0 tests/test_cuda.py tests/test_rotary_heads.py ;;
         # Rotary bandwidth; ALiBi/DPB vs flex with no score_mod and vs dense at L=8192; L=32768.
         # Each verdict is printed as it is reached; an interrupted run still prints its summary.
         targets) step "GPU targets" 200 "$PY" benchmarks/targets.py --gpu-only --repeat 5 ;;

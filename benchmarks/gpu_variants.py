@@ -20,8 +20,10 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
                           as inside a caller's torch.compile: a value and a slope per score
 Rotary rows: the shipped module call and its parts (a float32 cos/sin table per call, then q and
 k rotated in one kernel, static sizes until a second shape), the table with static sizes,
-the kernel with a bfloat16 table and on q and k laid out (B, L, H, D); GPU time per call over
-queued calls.
+the kernel with a bfloat16 table and on q and k laid out (B, L, H, D); on CUDA also the
+candidate kernel of benchmarks/rotary_heads.py (all heads of a tile of positions per program,
+no table) and its largest difference from the shipped kernel; GPU time per call over queued
+calls.
 
 Positions are sorted integers with gaps 1-3, as in the targets. Score_mod tables are built once
 outside the timed calls for the variants that call flex directly (the shipped rows rebuild them
@@ -31,6 +33,7 @@ per call: a few small kernels).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -144,6 +147,11 @@ def rotary_rows(s: Setup, length: int, repeat: int) -> None:
         "kernel alone, bfloat16 table": lambda: static_pair(q, k, half),
         "kernel alone, q and k laid out (B, L, H, D)": lambda: static_pair(q3, k3, cos_sin),
     }
+    candidate = head_looping_candidate(device)
+    if candidate is not None:
+        angle_inputs = (inputs[0], rot.thetas, inputs[3])
+        paths["candidate: all heads per program (no table)"] = lambda: candidate(q, k, *angle_inputs)
+        paths["candidate, q and k laid out (B, L, H, D)"] = lambda: candidate(q3, k3, *angle_inputs)
     for fn in paths.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in paths}
@@ -153,6 +161,22 @@ def rotary_rows(s: Setup, length: int, repeat: int) -> None:
     moved = 2 * 2 * q.numel() * q.element_size()  # read and write q and k (same for every row)
     for name, t in times.items():
         say(f"  {name:44s} {fmt(t)}  -> {moved / statistics.median(t) / 1e9:,.0f} GB/s")
+    if candidate is not None:
+        pairs = zip(candidate(q, k, *angle_inputs), _rotate_real_pair(q, k, cos_sin))
+        say(f"  max |candidate - shipped kernel| over q and k: {max(float((a.float() - b.float()).abs().max()) for a, b in pairs):.2e}")
+
+
+def head_looping_candidate(device: torch.device) -> Optional[Callable[..., tuple[Tensor, Tensor]]]:
+    """benchmarks/rotary_heads.py's kernel where it can run (CUDA with Triton, or Triton's
+    interpreter on CPU), else None."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        from rotary_heads import rotate_heads
+    except ImportError as err:
+        say(f"  (candidate kernel not timed: {err})")
+        return None
+    return rotate_heads
 
 
 def timed(fn: Callable[[], object]) -> float:

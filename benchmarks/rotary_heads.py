@@ -1,0 +1,111 @@
+"""Candidate Rotary kernel for CUDA, not used by flexpos yet: timed by gpu_variants.py.
+
+flexpos' rotation kernel (Inductor, one pointwise kernel for q and k) reads a float32 cos/sin
+table of (B, 1, L, D/2, 2) for every head: at L=131072 the table no longer stays in L2 and the
+kernel moves half as many bytes again as q and k themselves (benchmarks/README.md, "GPU
+results"). Here each program takes one tile of positions of one sequence, forms the tile's cos
+and sin once (as flexpos.rotary.cos_sin: a float64 reduction to [-pi, pi], float32 trig with a
+first-order correction) and rotates that tile of q and k for every head: q and k are read and
+written once, and there is no table. Backward is the rotation by minus the angle. Positions and
+the divisor get no gradient (flexpos would keep its compiled path where they need one).
+
+Checked on CPU with Triton's interpreter (tests/test_rotary_heads.py, where Triton is
+installed); `gpu_variants.py` prints its bandwidth and its largest difference from flexpos.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from flexpos.rotary import _TAU
+
+
+@triton.jit
+def _rotate_heads_kernel(
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, theta_ptr, div_ptr, consts_ptr,
+    length, sqb, sqh, sql, skb, skh, skl, sign,
+    N_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # q, k: (B, H, L, 2 * HALF) with unit stride in the last dim; outputs contiguous; pos (B, L)
+    # float64; consts: float64 2*pi in three parts and 1 / (2*pi).
+    tile, b = tl.program_id(0), tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements
+    rows = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+    pairs = tl.arange(0, BLOCK_M)
+    row_ok = rows < length
+    ok = row_ok[:, None] & (pairs < HALF)[None, :]
+
+    p = tl.load(pos_ptr + b * length + rows, mask=row_ok, other=0.0) / tl.load(div_ptr)
+    theta = tl.load(theta_ptr + pairs, mask=pairs < HALF, other=0.0).to(tl.float64)
+    angle = p[:, None] * theta[None, :]
+    turns = tl.floor(angle * tl.load(consts_ptr + 3) + 0.5)
+    reduced = angle - turns * tl.load(consts_ptr)
+    reduced = (reduced - turns * tl.load(consts_ptr + 1)) - turns * tl.load(consts_ptr + 2)
+    near = reduced.to(tl.float32)
+    rest = (reduced - near.to(tl.float64)).to(tl.float32)
+    c, s = tl.cos(near), tl.sin(near)  # as Inductor's kernels (tl.math)
+    cos = c - s * rest
+    sin = (s + c * rest) * sign
+
+    even = rows[:, None] * (2 * HALF) + 2 * pairs[None, :]
+    for h in range(N_HEADS):
+        out = (b * N_HEADS + h) * length * (2 * HALF) + even
+        _rotate_tile(q_ptr + b * sqb + h * sqh, sql, q_out_ptr + out, rows, pairs, ok, cos, sin)
+        _rotate_tile(k_ptr + b * skb + h * skh, skl, k_out_ptr + out, rows, pairs, ok, cos, sin)
+
+
+@triton.jit
+def _rotate_tile(x_ptr, stride_l, out_ptrs, rows, pairs, ok, cos, sin):
+    at = x_ptr + rows[:, None] * stride_l + 2 * pairs[None, :]
+    x0 = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+    x1 = tl.load(at + 1, mask=ok, other=0.0).to(tl.float32)
+    dtype = out_ptrs.dtype.element_ty
+    tl.store(out_ptrs, (x0 * cos - x1 * sin).to(dtype), mask=ok)
+    tl.store(out_ptrs + 1, (x1 * cos + x0 * sin).to(dtype), mask=ok)
+
+
+def _launch(q: Tensor, k: Tensor, pos: Tensor, thetas: Tensor, div: Tensor, sign: float,
+            block_l: int = 64) -> tuple[Tensor, Tensor]:
+    q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
+    batch, heads, length, dim = q.shape
+    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    consts = _constants(q.device)
+    grid = (triton.cdiv(length, block_l), batch)
+    _rotate_heads_kernel[grid](
+        q, k, q_out, k_out, pos.double().contiguous(), thetas.float().contiguous(), div.double().reshape(1), consts,
+        length, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), sign,
+        N_HEADS=heads, HALF=dim // 2, BLOCK_L=block_l, BLOCK_M=triton.next_power_of_2(dim // 2),
+    )
+    return q_out, k_out
+
+
+@functools.lru_cache(maxsize=None)
+def _constants(device: torch.device) -> Tensor:
+    # made once per device: copying a new host tensor in would wait for the queued GPU work
+    return torch.tensor([*_TAU, 1 / math.tau], dtype=torch.float64, device=device)
+
+
+class _RotateHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, pos: Tensor, thetas: Tensor, div: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(pos, thetas, div)
+        return _launch(q, k, pos, thetas, div, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad_q: Tensor, grad_k: Tensor):
+        pos, thetas, div = ctx.saved_tensors
+        return (*_launch(grad_q, grad_k, pos, thetas, div, -1.0), None, None, None)
+
+
+def rotate_heads(q: Tensor, k: Tensor, pos: Tensor, thetas: Tensor, div: Tensor) -> tuple[Tensor, Tensor]:
+    """q and k (B, H, L, D) at the same positions pos (B, L) (0 for tokens without one), rotated
+    by ``pos / div * theta`` (thetas (D/2,), div 0-d): flexpos.rotary's rotation, one kernel."""
+    if q.shape != k.shape or pos.shape != (q.shape[0], q.shape[2]) or q.shape[-1] % 2:
+        raise ValueError(f"expected q, k (B, H, L, D) with even D and pos (B, L), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(pos.shape)}")
+    return _RotateHeads.apply(q, k, pos, thetas, div)
