@@ -150,7 +150,8 @@ def rotary_rows(s: Setup, length: int, repeat: int) -> None:
     candidate = head_looping_candidate(device)
     if candidate is not None:
         angle_inputs = (inputs[0], rot.thetas, inputs[3])
-        paths["candidate: all heads per program (no table)"] = lambda: candidate(q, k, *angle_inputs)
+        for tiles in CANDIDATE_TILES:
+            paths[f"candidate: all heads per program, tiles {tiles}"] = lambda t=tiles: candidate(q, k, *angle_inputs, t)
         paths["candidate, q and k laid out (B, L, H, D)"] = lambda: candidate(q3, k3, *angle_inputs)
     for fn in paths.values():
         fn()
@@ -160,10 +161,14 @@ def rotary_rows(s: Setup, length: int, repeat: int) -> None:
             times[name].append(targets.device_seconds(fn, device) if device.type == "cuda" else timed(fn))
     moved = 2 * 2 * q.numel() * q.element_size()  # read and write q and k (same for every row)
     for name, t in times.items():
-        say(f"  {name:44s} {fmt(t)}  -> {moved / statistics.median(t) / 1e9:,.0f} GB/s")
+        say(f"  {name:50s} {fmt(t)}  -> {moved / statistics.median(t) / 1e9:,.0f} GB/s")
     if candidate is not None:
         pairs = zip(candidate(q, k, *angle_inputs), _rotate_real_pair(q, k, cos_sin))
         say(f"  max |candidate - shipped kernel| over q and k: {max(float((a.float() - b.float()).abs().max()) for a, b in pairs):.2e}")
+
+
+CANDIDATE_TILES = ((64, 4), (32, 4), (128, 8))
+"""(positions, warps) per program of the candidate Rotary kernel"""
 
 
 def head_looping_candidate(device: torch.device) -> Optional[Callable[..., tuple[Tensor, Tensor]]]:

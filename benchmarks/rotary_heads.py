@@ -69,17 +69,23 @@ def _rotate_tile(x_ptr, stride_l, out_ptrs, rows, pairs, ok, cos, sin):
     tl.store(out_ptrs + 1, (x1 * cos + x0 * sin).to(dtype), mask=ok)
 
 
+Tiles = tuple[int, int]
+"""(positions per program, warps per program)"""
+
+
 def _launch(q: Tensor, k: Tensor, pos: Tensor, thetas: Tensor, div: Tensor, sign: float,
-            block_l: int = 64) -> tuple[Tensor, Tensor]:
+            tiles: Tiles) -> tuple[Tensor, Tensor]:
     q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
     batch, heads, length, dim = q.shape
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
     consts = _constants(q.device)
+    block_l, warps = tiles
     grid = (triton.cdiv(length, block_l), batch)
     _rotate_heads_kernel[grid](
         q, k, q_out, k_out, pos.double().contiguous(), thetas.float().contiguous(), div.double().reshape(1), consts,
         length, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), sign,
         N_HEADS=heads, HALF=dim // 2, BLOCK_L=block_l, BLOCK_M=triton.next_power_of_2(dim // 2),
+        num_warps=warps,
     )
     return q_out, k_out
 
@@ -92,20 +98,23 @@ def _constants(device: torch.device) -> Tensor:
 
 class _RotateHeads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, pos: Tensor, thetas: Tensor, div: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx, q: Tensor, k: Tensor, pos: Tensor, thetas: Tensor, div: Tensor, tiles: Tiles) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(pos, thetas, div)
-        return _launch(q, k, pos, thetas, div, 1.0)
+        ctx.tiles = tiles
+        return _launch(q, k, pos, thetas, div, 1.0, tiles)
 
     @staticmethod
     def backward(ctx, grad_q: Tensor, grad_k: Tensor):
         pos, thetas, div = ctx.saved_tensors
-        return (*_launch(grad_q, grad_k, pos, thetas, div, -1.0), None, None, None)
+        return (*_launch(grad_q, grad_k, pos, thetas, div, -1.0, ctx.tiles), None, None, None, None)
 
 
-def rotate_heads(q: Tensor, k: Tensor, pos: Tensor, thetas: Tensor, div: Tensor) -> tuple[Tensor, Tensor]:
+def rotate_heads(q: Tensor, k: Tensor, pos: Tensor, thetas: Tensor, div: Tensor,
+                 tiles: Tiles = (64, 4)) -> tuple[Tensor, Tensor]:
     """q and k (B, H, L, D) at the same positions pos (B, L) (0 for tokens without one), rotated
-    by ``pos / div * theta`` (thetas (D/2,), div 0-d): flexpos.rotary's rotation, one kernel."""
+    by ``pos / div * theta`` (thetas (D/2,), div 0-d): flexpos.rotary's rotation, one kernel.
+    ``tiles``: positions and warps per program."""
     if q.shape != k.shape or pos.shape != (q.shape[0], q.shape[2]) or q.shape[-1] % 2:
         raise ValueError(f"expected q, k (B, H, L, D) with even D and pos (B, L), got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(pos.shape)}")
-    return _RotateHeads.apply(q, k, pos, thetas, div)
+    return _RotateHeads.apply(q, k, pos, thetas, div, tiles)

@@ -55,9 +55,10 @@ def one_step(want, x, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [16, 24])
 @pytest.mark.parametrize("layout_blhd", [False, True])
-def test_matches_flexpos_rotation(dtype, head_dim, layout_blhd):
+@pytest.mark.parametrize("tiles", [(64, 4), (32, 2)])
+def test_matches_flexpos_rotation(dtype, head_dim, layout_blhd, tiles):
     q, k, p, has, rot, inputs, table = case(dtype, head_dim, layout_blhd)
-    got_q, got_k = rotate_heads(q, k, *inputs)
+    got_q, got_k = rotate_heads(q, k, *inputs, tiles)
     for got, x in ((got_q, q), (got_k, k)):
         assert got.dtype == dtype and got.shape == x.shape
         shipped = rotate_real(x, table).double()
