@@ -15,6 +15,7 @@ installed); `gpu_variants.py` prints its bandwidth and its largest difference fr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -34,8 +35,8 @@ def _rotate_heads_kernel(
 ):
     # q, k: (B, H, L, 2 * HALF) with unit stride in the last dim; outputs contiguous; pos (B, L)
     # float64; consts: float64 2*pi in three parts and 1 / (2*pi).
-    tile, b = tl.program_id(0), tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements
-    rows = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+    tile, b = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets throughout
+    rows = (tile * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
     pairs = tl.arange(0, BLOCK_M)
     row_ok = rows < length
     ok = row_ok[:, None] & (pairs < HALF)[None, :]
@@ -53,7 +54,8 @@ def _rotate_heads_kernel(
     sin = (s + c * rest) * sign
 
     even = rows[:, None] * (2 * HALF) + 2 * pairs[None, :]
-    for h in range(N_HEADS):
+    for head in range(N_HEADS):
+        h = tl.cast(head, tl.int64)
         out = (b * N_HEADS + h) * length * (2 * HALF) + even
         _rotate_tile(q_ptr + b * sqb + h * sqh, sql, q_out_ptr + out, rows, pairs, ok, cos, sin)
         _rotate_tile(k_ptr + b * skb + h * skh, skl, k_out_ptr + out, rows, pairs, ok, cos, sin)
@@ -77,16 +79,16 @@ def _launch(q: Tensor, k: Tensor, pos: Tensor, thetas: Tensor, div: Tensor, sign
             tiles: Tiles) -> tuple[Tensor, Tensor]:
     q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
     batch, heads, length, dim = q.shape
-    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    consts = _constants(q.device)
+    q_out, k_out = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
     block_l, warps = tiles
-    grid = (triton.cdiv(length, block_l), batch)
-    _rotate_heads_kernel[grid](
-        q, k, q_out, k_out, pos.double().contiguous(), thetas.float().contiguous(), div.double().reshape(1), consts,
-        length, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), sign,
-        N_HEADS=heads, HALF=dim // 2, BLOCK_L=block_l, BLOCK_M=triton.next_power_of_2(dim // 2),
-        num_warps=warps,
-    )
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _rotate_heads_kernel[(triton.cdiv(length, block_l), batch)](
+            q, k, q_out, k_out, pos.double().contiguous(), thetas.float().contiguous(),
+            div.double().reshape(1), _constants(q.device),
+            length, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), sign,
+            N_HEADS=heads, HALF=dim // 2, BLOCK_L=block_l, BLOCK_M=triton.next_power_of_2(dim // 2),
+            num_warps=warps,
+        )
     return q_out, k_out
 
 
@@ -117,4 +119,7 @@ def rotate_heads(q: Tensor, k: Tensor, pos: Tensor, thetas: Tensor, div: Tensor,
     if q.shape != k.shape or pos.shape != (q.shape[0], q.shape[2]) or q.shape[-1] % 2:
         raise ValueError(f"expected q, k (B, H, L, D) with even D and pos (B, L), got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(pos.shape)}")
+    if thetas.shape != (q.shape[-1] // 2,) or div.numel() != 1:
+        raise ValueError(f"expected thetas ({q.shape[-1] // 2},) and a one-element div, got "
+                         f"{tuple(thetas.shape)} and {tuple(div.shape)}")
     return _RotateHeads.apply(q, k, pos, thetas, div, tiles)

@@ -83,3 +83,5 @@ def test_rejects_mismatched_shapes():
     q, k, p, has, rot, inputs, table = case(torch.float32, 16)
     with pytest.raises(ValueError, match=r"pos \(B, L\)"):
         rotate_heads(q, k, p[:, 1:], *inputs[1:])
+    with pytest.raises(ValueError, match=r"thetas \(8,\)"):
+        rotate_heads(q, k, p, inputs[1][:4], inputs[2])
