@@ -151,7 +151,7 @@ def rotary_rows(s: Setup, length: int, repeat: int) -> None:
     if candidate is not None:
         angle_inputs = (inputs[0], rot.thetas, inputs[3])
         for tiles in CANDIDATE_TILES:
-            paths[f"candidate: all heads per program, tiles {tiles}"] = lambda t=tiles: candidate(q, k, *angle_inputs, t)
+            paths[f"candidate, tiles {tiles}"] = lambda t=tiles: candidate(q, k, *angle_inputs, t)
         paths["candidate, q and k laid out (B, L, H, D)"] = lambda: candidate(q3, k3, *angle_inputs)
     for fn in paths.values():
         fn()
@@ -167,8 +167,8 @@ def rotary_rows(s: Setup, length: int, repeat: int) -> None:
         say(f"  max |candidate - shipped kernel| over q and k: {max(float((a.float() - b.float()).abs().max()) for a, b in pairs):.2e}")
 
 
-CANDIDATE_TILES = ((64, 4), (32, 4), (128, 8))
-"""(positions, warps) per program of the candidate Rotary kernel"""
+CANDIDATE_TILES = ((64, 4, False), (32, 4, False), (128, 8, False), (64, 4, True), (32, 4, True))
+"""Configurations of the candidate Rotary kernel (rotary_heads.Tiles)"""
 
 
 def head_looping_candidate(device: torch.device) -> Optional[Callable[..., tuple[Tensor, Tensor]]]:

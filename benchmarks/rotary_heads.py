@@ -32,6 +32,7 @@ def _rotate_heads_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, theta_ptr, div_ptr, consts_ptr,
     length, sqb, sqh, sql, skb, skh, skl, sign,
     N_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr,
+    SPLIT_PAIRS: tl.constexpr,
 ):
     # q, k: (B, H, L, 2 * HALF) with unit stride in the last dim; outputs contiguous; pos (B, L)
     # float64; consts: float64 2*pi in three parts and 1 / (2*pi).
@@ -53,26 +54,44 @@ def _rotate_heads_kernel(
     cos = c - s * rest
     sin = (s + c * rest) * sign
 
-    even = rows[:, None] * (2 * HALF) + 2 * pairs[None, :]
     for head in range(N_HEADS):
         h = tl.cast(head, tl.int64)
-        out = (b * N_HEADS + h) * length * (2 * HALF) + even
-        _rotate_tile(q_ptr + b * sqb + h * sqh, sql, q_out_ptr + out, rows, pairs, ok, cos, sin)
-        _rotate_tile(k_ptr + b * skb + h * skh, skl, k_out_ptr + out, rows, pairs, ok, cos, sin)
+        out = (b * N_HEADS + h) * length * (2 * HALF)
+        if SPLIT_PAIRS:
+            _rotate_rows(q_ptr + b * sqb + h * sqh, sql, q_out_ptr + out, rows, row_ok, cos, sin, HALF, BLOCK_L, BLOCK_M)
+            _rotate_rows(k_ptr + b * skb + h * skh, skl, k_out_ptr + out, rows, row_ok, cos, sin, HALF, BLOCK_L, BLOCK_M)
+        else:
+            _rotate_pairs(q_ptr + b * sqb + h * sqh, sql, q_out_ptr + out, rows, pairs, ok, cos, sin, HALF)
+            _rotate_pairs(k_ptr + b * skb + h * skh, skl, k_out_ptr + out, rows, pairs, ok, cos, sin, HALF)
 
 
 @triton.jit
-def _rotate_tile(x_ptr, stride_l, out_ptrs, rows, pairs, ok, cos, sin):
-    at = x_ptr + rows[:, None] * stride_l + 2 * pairs[None, :]
-    x0 = tl.load(at, mask=ok, other=0.0).to(tl.float32)
-    x1 = tl.load(at + 1, mask=ok, other=0.0).to(tl.float32)
-    dtype = out_ptrs.dtype.element_ty
-    tl.store(out_ptrs, (x0 * cos - x1 * sin).to(dtype), mask=ok)
-    tl.store(out_ptrs + 1, (x1 * cos + x0 * sin).to(dtype), mask=ok)
+def _rotate_pairs(x_ptr, stride_l, out_ptr, rows, pairs, ok, cos, sin, HALF: tl.constexpr):
+    # x_2m and x_2m+1 loaded and stored as two strided accesses
+    at = rows[:, None] * stride_l + 2 * pairs[None, :]
+    to = rows[:, None] * (2 * HALF) + 2 * pairs[None, :]
+    x0 = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    x1 = tl.load(x_ptr + at + 1, mask=ok, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + to, (x0 * cos - x1 * sin).to(dtype), mask=ok)
+    tl.store(out_ptr + to + 1, (x1 * cos + x0 * sin).to(dtype), mask=ok)
 
 
-Tiles = tuple[int, int]
-"""(positions per program, warps per program)"""
+@triton.jit
+def _rotate_rows(x_ptr, stride_l, out_ptr, rows, row_ok, cos, sin,
+                 HALF: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr):
+    # whole rows loaded and stored contiguously, the pairs split and joined in registers
+    cols = tl.arange(0, 2 * BLOCK_M)
+    ok = row_ok[:, None] & (cols < 2 * HALF)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_l + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    x0, x1 = tl.split(tl.reshape(x, (BLOCK_L, BLOCK_M, 2)))
+    y = tl.reshape(tl.join(x0 * cos - x1 * sin, x1 * cos + x0 * sin), (BLOCK_L, 2 * BLOCK_M))
+    tl.store(out_ptr + rows[:, None] * (2 * HALF) + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+Tiles = tuple[int, int, bool]
+"""Positions per program, warps per program, and whether to split the pairs in registers
+(whole rows loaded and stored contiguously) instead of two strided accesses."""
 
 
 def _launch(q: Tensor, k: Tensor, pos: Tensor, thetas: Tensor, div: Tensor, sign: float,
@@ -80,14 +99,14 @@ def _launch(q: Tensor, k: Tensor, pos: Tensor, thetas: Tensor, div: Tensor, sign
     q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
     batch, heads, length, dim = q.shape
     q_out, k_out = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
-    block_l, warps = tiles
+    block_l, warps, split_pairs = tiles
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _rotate_heads_kernel[(triton.cdiv(length, block_l), batch)](
             q, k, q_out, k_out, pos.double().contiguous(), thetas.float().contiguous(),
             div.double().reshape(1), _constants(q.device),
             length, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), sign,
             N_HEADS=heads, HALF=dim // 2, BLOCK_L=block_l, BLOCK_M=triton.next_power_of_2(dim // 2),
-            num_warps=warps,
+            SPLIT_PAIRS=split_pairs, num_warps=warps,
         )
     return q_out, k_out
 
@@ -112,10 +131,10 @@ class _RotateHeads(torch.autograd.Function):
 
 
 def rotate_heads(q: Tensor, k: Tensor, pos: Tensor, thetas: Tensor, div: Tensor,
-                 tiles: Tiles = (64, 4)) -> tuple[Tensor, Tensor]:
+                 tiles: Tiles = (64, 4, False)) -> tuple[Tensor, Tensor]:
     """q and k (B, H, L, D) at the same positions pos (B, L) (0 for tokens without one), rotated
     by ``pos / div * theta`` (thetas (D/2,), div 0-d): flexpos.rotary's rotation, one kernel.
-    ``tiles``: positions and warps per program."""
+    ``tiles``: see :data:`Tiles`."""
     if q.shape != k.shape or pos.shape != (q.shape[0], q.shape[2]) or q.shape[-1] % 2:
         raise ValueError(f"expected q, k (B, H, L, D) with even D and pos (B, L), got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(pos.shape)}")

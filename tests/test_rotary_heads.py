@@ -55,7 +55,7 @@ def one_step(want, x, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [16, 24])
 @pytest.mark.parametrize("layout_blhd", [False, True])
-@pytest.mark.parametrize("tiles", [(64, 4), (32, 2)])
+@pytest.mark.parametrize("tiles", [(64, 4, False), (32, 2, False), (64, 4, True), (16, 2, True)])
 def test_matches_flexpos_rotation(dtype, head_dim, layout_blhd, tiles):
     q, k, p, has, rot, inputs, table = case(dtype, head_dim, layout_blhd)
     got_q, got_k = rotate_heads(q, k, *inputs, tiles)
