@@ -7,7 +7,7 @@
 #
 # STEPs (default: tests targets table): tests, targets, targets-8k (the targets without
 # L=32768), variants (benchmarks/gpu_variants.py: where the score_mods' and Rotary's time goes,
-# about 2 minutes), table.
+# about 1 minute), table.
 #
 # Needs torch with CUDA (+ triton), einops, pytest; bio-attention is not needed (the dense
 # baseline is flexpos.bench's own dense formulas, `--dense formula`). Everything printed goes
