@@ -16,6 +16,9 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
   DPB frozen              flexpos.DPB without parameter gradients (no atomic adds into the
                           tables' gradients), shipped: an exact grid known on the host, so the
                           value alone is read per score
+  DPB frozen, bfloat16 table
+                          the same with its table in bfloat16 (half the bytes per gather; other
+                          numbers: timing only)
   DPB frozen, grid chosen on the device
                           as inside a caller's torch.compile: a value and a slope per score
 Rotary rows: the shipped module call and its parts (a float32 cos/sin table per call, then q and
@@ -76,6 +79,18 @@ def on_device_only(module: flexpos.Positional, pos: Tensor, length: int) -> Call
         return module.score_mod(positions)
 
 
+def with_bf16_tables(dpb: flexpos.DPB, fn: ScoreFn) -> Tensor:
+    """``fn()`` while ``dpb`` hands its score_mod bfloat16 tables (half the bytes per gather;
+    other numbers, so timing only)."""
+    tables = dpb.tables
+
+    def half_tables(grid: object, dtype: torch.dtype, precise: bool = False) -> tuple[Tensor, ...]:
+        return tuple(t.to(torch.bfloat16) for t in tables(grid, dtype, precise))
+
+    with mock.patch.object(dpb, "tables", half_tables):
+        return fn()
+
+
 def score_rows(s: Setup, repeat: int) -> None:
     device = torch.device(s.device)
     case = build_case(s)
@@ -99,6 +114,7 @@ def score_rows(s: Setup, repeat: int) -> None:
         ("ALiBi, hi + lo parts", direct(on_device_only(alibi, pos, length), None)),
         ("ALiBi, default positions", lambda: flexpos.attention(q, k, v, alibi)),
         ("DPB frozen", lambda: flexpos.attention(q, k, v, dpb, pos=pos)),
+        ("DPB frozen, bfloat16 table", lambda: with_bf16_tables(dpb, lambda: flexpos.attention(q, k, v, dpb, pos=pos))),
         ("DPB frozen, grid chosen on the device", direct(on_device_only(dpb, pos, length), tiles)),
     ]
     time_rows(rows, runner, repeat)
