@@ -150,7 +150,8 @@ def rotary_rows(s: Setup, length: int, repeat: int) -> None:
     pos = irregular_positions(s.batch, length, torch.Generator().manual_seed(0)).to(device)
     rot = flexpos.Rotary(s.head_dim).to(device)
     positions = Positions.resolve((s.batch,), length, length, device, pos)
-    inputs = (positions.absolute("q"), positions.has_position("q"), rot.thetas, rot.divisor(torch.float64))
+    pos64, div = positions.absolute("q"), rot.divisor(torch.float64)
+    inputs = (pos64, positions.has_position("q"), rot.thetas, div)
     cos_sin = rotation(*inputs, torch.float32)
     half = cos_sin.to(torch.bfloat16)
     static_table = lazy_compile(rotation.fn, dynamic=False)
@@ -165,7 +166,7 @@ def rotary_rows(s: Setup, length: int, repeat: int) -> None:
     }
     candidate = head_looping_candidate(device)
     if candidate is not None:
-        angle_inputs = (inputs[0], rot.thetas, inputs[3])
+        angle_inputs = (pos64, rot.thetas, div)
         for tiles in CANDIDATE_TILES:
             paths[f"candidate, tiles {tiles}"] = lambda t=tiles: candidate(q, k, *angle_inputs, t)
         paths["candidate, q and k laid out (B, L, H, D)"] = lambda: candidate(q3, k3, *angle_inputs)

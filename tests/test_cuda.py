@@ -54,7 +54,7 @@ def run(mods, dtype, backend, q, k, v, grad, **kwargs):
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     out = flexpos.attention(*leaves, *mods, backend=backend, **kwargs)
     out.backward(grad.to(dtype))
-    grads = [t.grad for t in leaves] + [p.grad for m in mods for p in m.parameters()]
+    grads = [t.grad for t in leaves] + [p.grad for p in params(mods)]
     return [out.double()] + [g.double() for g in grads]
 
 

@@ -49,8 +49,8 @@ def test_rotary_real_form_equals_the_complex_form(dtype):
     assert torch.equal(pair[0], real) and torch.equal(pair[1], rotate_real(other, cos_sin))
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_rotary_float32_table_as_accurate_as_float32_trig(compiled):
+@pytest.mark.parametrize("compile_table", [False, True])
+def test_rotary_float32_table_as_accurate_as_float32_trig(request, compile_table):
     """Angles reduced in float64, then evaluated in float32 (Inductor's float32 trig is accurate
     to 2 ulps): within 1.2e-7 of float64 trig of the same angles, also at angles near 1e10."""
     from flexpos.rotary import rotation
@@ -59,12 +59,10 @@ def test_rotary_float32_table_as_accurate_as_float32_trig(compiled):
     keep = torch.ones(pos.shape[1], dtype=torch.bool)
     thetas, div = torch.tensor([1.0, 0.37, 1e-4]), torch.tensor(1.0, dtype=F64)
     angles = pos[:, None, :, None] * thetas.double()
-    previous = flexpos.set_compile(compiled)
-    try:
-        table = rotation(pos, keep, thetas, div, torch.float32)
-        exact = rotation(pos, keep, thetas, div, F64)
-    finally:
-        flexpos.set_compile(previous)
+    if compile_table:
+        request.getfixturevalue("compiled")
+    table = rotation(pos, keep, thetas, div, torch.float32)
+    exact = rotation(pos, keep, thetas, div, F64)
     assert table.dtype == torch.float32
     for i, want in enumerate((angles.cos(), angles.sin())):
         assert (table[..., i].double() - want).abs().max() <= torch.finfo(torch.float32).eps
