@@ -14,7 +14,17 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from ._checks import check_bool, check_float, check_module_device, check_positive_float, check_rank, check_tensor
-from .backends import Backend, choose_backend, flex_kernel_options, functorch_active, run_chunked, run_flex, vmapped
+from .backends import (
+    Backend,
+    KernelOptions,
+    check_kernel_options,
+    choose_backend,
+    flex_kernel_options,
+    functorch_active,
+    run_chunked,
+    run_flex,
+    vmapped,
+)
 from .base import Positional, ScoreMod
 from .masks import and_masks, causal_mask, dense_mask, full_mask
 from .positions import BLOCK, Positions
@@ -34,6 +44,7 @@ def attention(
     causal: bool = False,
     scale: Optional[float] = None,
     backend: Backend = "auto",
+    kernel_options: Optional[KernelOptions] = None,
 ) -> Tensor:
     """Attention with any mix of Rotary, XL, ALiBi and DPB modules.
 
@@ -52,6 +63,9 @@ def attention(
         scale: score scale, default ``1 / sqrt(D)``.
         backend: 'auto' ('chunked' on CPU, fused 'flex' elsewhere), 'flex' or 'chunked'
             (see :mod:`flexpos.backends`).
+        kernel_options: FlexAttention ``kernel_options`` for the flex backend on a GPU (tile
+            sizes such as ``BLOCK_M``, ``num_stages``; ``fwd_``/``bwd_`` prefixes for one
+            pass), over flexpos' own choice; the chunked backend ignores them.
 
     Returns:
         (B, *, H, Lq, Dv). Query rows with no key to attend to are zeros.
@@ -68,6 +82,7 @@ def attention(
     if scale > largest:
         raise ValueError(f"scale must be finite in q's dtype {q.dtype} (at most {largest:.3g}), got {scale}")
     causal = check_bool("causal", causal)
+    kernel_options = check_kernel_options(kernel_options)
     if functorch_active():
         _check_not_vmapped(pos=pos, pos_q=pos_q, pos_k=pos_k, mask=mask)
     positions = Positions.resolve(batch, len_q, len_k, q.device, pos, pos_q, pos_k)
@@ -81,7 +96,7 @@ def attention(
         or any(p.requires_grad for m in modules for p in m.parameters())
     )
     if choose_backend(backend, q, needs_grad, block_mask, modules) == "flex":
-        out = run_flex(q, k, v, score_mod, block_mask, scale, flex_kernel_options(q.device, modules))
+        out = run_flex(q, k, v, score_mod, block_mask, scale, flex_kernel_options(q.device, modules, kernel_options))
     else:
         out = run_chunked(q, k, v, score_mod, block_mask, scale, needs_grad)
     return out.reshape(*batch, heads, len_q, v.shape[-1])

@@ -16,7 +16,7 @@ calls in the process on a slow path.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Literal, NamedTuple, Optional, Sequence, TypeVar
+from typing import Callable, Literal, Mapping, NamedTuple, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -124,12 +124,35 @@ with CUDA's default bf16 tiles on an H100/H200 (forward 128x128) DPB with a padd
 444,416 bytes of the 232,448 there are (benchmarks/results/gpu-2026-11-27.txt)."""
 
 
-def flex_kernel_options(device: torch.device, modules: Sequence[Positional]) -> Optional[dict[str, int]]:
+KernelOptions = Mapping[str, Union[int, bool, str]]
+
+
+def check_kernel_options(options: object) -> Optional[dict[str, Union[int, bool, str]]]:
+    """None, or a mapping of FlexAttention kernel option names (str) to int, bool or str values,
+    copied into a dict."""
+    if options is None:
+        return None
+    if not isinstance(options, Mapping):
+        raise TypeError(f"kernel_options must be a dict of option names to values, got {type(options).__name__}")
+    for key, value in options.items():
+        if not isinstance(key, str):
+            raise TypeError(f"kernel_options keys must be option names (str), got {key!r}")
+        if not isinstance(value, (int, str)):  # bool is an int
+            raise TypeError(f"kernel_options[{key!r}] must be an int, bool or str, got {type(value).__name__}")
+    return dict(options)
+
+
+def flex_kernel_options(
+    device: torch.device, modules: Sequence[Positional], given: Optional[KernelOptions] = None
+) -> Optional[dict[str, Union[int, bool, str]]]:
     """Triton kernel options for flex on ``device`` with these modules: :data:`GATHER_TILES`
-    on CUDA when a score_mod gathers per score, else None (flex's defaults)."""
+    on CUDA when a score_mod gathers per score, then the caller's ``given`` options over them
+    (``fwd_``/``bwd_`` prefixed names take precedence in flex itself); None for flex's defaults."""
+    options: dict[str, Union[int, bool, str]] = {}
     if device.type == "cuda" and any(m.gathers_per_score for m in modules):
-        return dict(GATHER_TILES)
-    return None
+        options.update(GATHER_TILES)
+    options.update(given or {})
+    return options or None
 
 
 def run_flex(
@@ -139,7 +162,7 @@ def run_flex(
     score_mod: Optional[ScoreMod],
     block_mask: BlockMask,
     scale: float,
-    kernel_options: Optional[dict[str, int]] = None,
+    kernel_options: Optional[KernelOptions] = None,
 ) -> Tensor:
     """q (B, H, Lq, E), k (B, H, Lk, E), v (B, H, Lk, Dv) -> (B, H, Lq, Dv); ``kernel_options``
     go to flex's Triton kernels (see :func:`flex_kernel_options`)."""

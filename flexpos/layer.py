@@ -18,7 +18,7 @@ from ._checks import (
     check_tensor,
 )
 from .attention import Mask, attention, check_heads
-from .backends import Backend, check_backend
+from .backends import Backend, KernelOptions, check_backend, check_kernel_options
 from .base import Positional
 
 
@@ -42,7 +42,9 @@ class AttentionLayer(nn.Module):
         positional: Optional[Sequence[Positional]] = (),
         bias: bool = True,
         backend: Backend = "auto",
+        kernel_options: Optional[KernelOptions] = None,
     ) -> None:
+        """``backend`` and ``kernel_options``: as in :func:`flexpos.attention`, for every call."""
         super().__init__()
         check_positive_int("dim", dim)
         if dim % check_positive_int("n_heads", n_heads):
@@ -61,6 +63,7 @@ class AttentionLayer(nn.Module):
         self.to_out = nn.Linear(dim, dim, bias=bias)
         self.positional = nn.ModuleList(positional)
         self.backend = backend
+        self.kernel_options = check_kernel_options(kernel_options)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, n_heads={self.n_heads}, backend={self.backend!r}"
@@ -96,7 +99,7 @@ class AttentionLayer(nn.Module):
         out = attention(
             q, k, v, *others,
             pos=None if cross else pos, pos_q=pos if cross else None, pos_k=pos_context,
-            mask=mask, causal=causal, backend=self.backend,
+            mask=mask, causal=causal, backend=self.backend, kernel_options=self.kernel_options,
         )  # fmt: skip
         return self.to_out(rearrange(out, "... h l d -> ... l (h d)"))
 

@@ -405,6 +405,29 @@ def test_compiled_position_gradients_on_one_thread(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+def test_kernel_options_given_go_over_flexposs_own_and_reach_flex(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    given = {"BLOCK_M": 128, "bwd_num_stages": 2}
+    assert backends.flex_kernel_options(cuda, [DPB(8, 2)], given) == {**backends.GATHER_TILES, **given}
+    assert backends.flex_kernel_options(cpu, [DPB(8, 2)], given) == given
+    assert backends.flex_kernel_options(cuda, [ALiBi(2)], {}) is None
+    seen = []
+
+    def fake_run_flex(q, k, v, score_mod, block_mask, scale, kernel_options=None):
+        seen.append(kernel_options)
+        return v
+
+    monkeypatch.setattr(sys.modules["flexpos.attention"], "run_flex", fake_run_flex)
+    x = torch.randn(1, 2, 8, 16)
+    flexpos.attention(x, x, x, backend="flex", kernel_options=given)
+    layer = flexpos.AttentionLayer(32, 2, backend="flex", kernel_options=given)
+    with torch.no_grad():
+        layer(torch.randn(1, 8, 32))
+        given["BLOCK_M"] = 64  # the layer kept its own copy
+        layer(torch.randn(1, 8, 32))
+    assert seen == [{"BLOCK_M": 128, "bwd_num_stages": 2}] * 3
+
+
 def test_flex_kernel_options_shrink_tiles_for_score_mods_that_gather_per_score_on_cuda():
     cuda = torch.device("cuda")
     tiles = backends.flex_kernel_options(cuda, [flexpos.Rotary(8), flexpos.DPB(8, 2)])

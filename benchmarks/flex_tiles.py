@@ -1,0 +1,147 @@
+"""FlexAttention tile configurations for ALiBi and DPB on a GPU, timed against flex with no
+score_mod (the GPU target's reference), through ``flexpos.attention(..., kernel_options=...)``.
+
+    PYTHONPATH=. python benchmarks/flex_tiles.py                 # bf16, B=4 H=16 D=64, L=8192, fwd+bwd
+    PYTHONPATH=. python benchmarks/flex_tiles.py --schemes dpb --configs "fwd 128x64" "bwd 64x64, 2 stages"
+
+Each configuration's options go over flexpos' own (for DPB, ``flexpos.backends.GATHER_TILES``:
+forward 64x64, backward 32x64 / 64x32; flex's defaults for ALiBi). A configuration whose kernels
+do not fit the GPU's shared memory fails at its first call, and a failed compiled call leaves
+later compiled calls in its process on a slow path: the configurations run in a worker process,
+and after a failure a fresh worker goes on with the rest. Each worker times flex with no score_mod
+too, interleaved with the rows it times, so every ratio comes from one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import targets  # noqa: E402  (the timing helpers of benchmarks/targets.py)
+from targets import fmt, interleaved, say  # noqa: E402
+
+import flexpos  # noqa: E402
+from flexpos.bench import Runner, Setup, build_case  # noqa: E402
+
+BWD = ("bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2")
+
+
+def backward_tiles(m: int, n: int, **more: int) -> dict[str, int]:
+    """Backward tiles as flex pairs them: dK/dV M1 x N1 = m x n, dQ M2 x N2 = n x m."""
+    return {**dict(zip(BWD, (m, n, n, m))), **{f"bwd_{key}": value for key, value in more.items()}}
+
+
+CONFIGS: dict[str, dict[str, int]] = {
+    "flexpos": {},
+    "fwd 128x64": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64},
+    "fwd 128x64, 2 stages": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 2},
+    "fwd 128x128, 2 stages, 8 warps": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_stages": 2, "fwd_num_warps": 8},
+    "fwd 64x64, 2 stages": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 2},
+    "bwd 64x64, 2 stages": backward_tiles(64, 64, num_stages=2),
+    "bwd 64x64, 3 stages": backward_tiles(64, 64, num_stages=3),
+    "bwd 64x128, 2 stages, 8 warps": backward_tiles(64, 128, num_stages=2, num_warps=8),
+    "bwd 32x64, 2 stages": backward_tiles(32, 64, num_stages=2),
+}
+"""Named kernel_options. Flex requires tiles that divide 128 (the BlockMask's blocks) and, in
+the backward, N1 % M1 == 0 and M2 % N2 == 0."""
+
+DONE, FAILED = "## done: ", "## failed: "  # a worker's markers, one line per configuration
+
+
+def time_configs(scheme: str, names: Sequence[str], s: Setup, repeat: int) -> None:
+    """In this process: flex with no score_mod and ``scheme`` under each configuration in
+    ``names``, in order; exits with status 3 at the first configuration that fails."""
+    case = build_case(Setup(scheme, s.length, batch=s.batch, heads=s.heads, head_dim=s.head_dim,
+                            dtype=s.dtype, device=s.device, backward=s.backward, dense="formula"))
+    runner = Runner(torch.device(s.device), s.backward, case.leaves)
+    q, k, v = case.leaves
+    module = case.modules["flexpos"]
+    fns: dict[str, Callable[[], object]] = {}
+    for name in ["flex no score_mod", *names]:
+        fn = case.flex_floor if name == "flex no score_mod" else (
+            lambda o=CONFIGS[name]: flexpos.attention(q, k, v, module, pos=case.pos, kernel_options=o))
+        seconds = targets.first_call(f"{scheme}, {name}", runner, fn)
+        if seconds is None:
+            say(f"{FAILED}{name}")
+            break
+        say(f"  {scheme}, {name}: first call (compile + run) {seconds:.1f} s")
+        fns[name] = lambda fn=fn: runner.call(fn)
+    times = interleaved(fns, runner.sync, repeat)
+    ref = times.pop("flex no score_mod", None)
+    if ref:
+        say(f"  {scheme}, flex no score_mod: {fmt(ref)}")
+    for name, t in times.items():
+        ratio = f"{statistics.median(ref) / statistics.median(t):.2f}x" if ref else "-"
+        say(f"  {scheme}, {name:32s} {fmt(t):>24s}  {ratio} of flex no score_mod")
+        say(f"{DONE}{name}")
+    if len(fns) <= len(names):
+        sys.exit(3)
+
+
+def run_workers(scheme: str, names: Sequence[str], worker_args: Sequence[str], limit: float) -> None:
+    """Time ``names`` in worker processes, a fresh one after each failure; their output is
+    printed as it comes."""
+    remaining = list(names)
+    while remaining:
+        cmd = [sys.executable, __file__, "--worker", "--schemes", scheme, *worker_args, "--configs", *remaining]
+        finished: set[str] = set()
+        failed: Optional[str] = None
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                print(line, end="", flush=True)
+                if line.startswith(DONE):
+                    finished.add(line[len(DONE):].strip())
+                elif line.startswith(FAILED):
+                    failed = line[len(FAILED):].strip()
+            try:
+                proc.wait(timeout=limit)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if failed not in remaining and proc.returncode != 0:  # not a configuration's failure
+            say(f"  worker exited with status {proc.returncode}; not timed: {', '.join(remaining)}")
+            return
+        remaining = [n for n in remaining if n not in finished and n != failed]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--schemes", nargs="+", default=["dpb", "alibi"], choices=["dpb", "alibi"])
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME",
+                   help=f"named configurations (default: all): {', '.join(CONFIGS)}")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--length", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--forward-only", action="store_true")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--worker-limit", type=float, default=300.0, help="seconds per worker process")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    s = Setup("alibi", args.length, batch=args.batch, heads=args.heads, head_dim=64, dtype=args.dtype,
+              device=args.device, backward=not args.forward_only)
+    if args.worker:
+        time_configs(args.schemes[0], args.configs, s, args.repeat)
+        return 0
+    say(f"flexpos flex tiles: {args.device} {torch.cuda.get_device_name() if args.device == 'cuda' else ''}; "
+        f"torch {torch.__version__}; {args.dtype}; B={args.batch} H={args.heads} D=64 L={args.length}; "
+        f"{'forward' if args.forward_only else 'forward+backward'}")
+    shared = ["--device", args.device, "--dtype", args.dtype, "--length", str(args.length), "--batch",
+              str(args.batch), "--heads", str(args.heads), "--repeat", str(args.repeat)]
+    shared += ["--forward-only"] if args.forward_only else []
+    for scheme in args.schemes:
+        say(f"\n[{scheme}]")
+        run_workers(scheme, args.configs, shared, args.worker_limit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
