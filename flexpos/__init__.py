@@ -7,6 +7,7 @@ from :mod:`flexpos.masks`.
 """
 
 from ._compile import set_compile
+from ._host import no_host_reads
 from .alibi import ALiBi
 from .attention import attention
 from .base import Positional
@@ -45,6 +46,7 @@ __all__ = [
     "dense_mask",
     "distance_window_mask",
     "full_mask",
+    "no_host_reads",
     "padding_mask",
     "segment_mask",
     "set_compile",

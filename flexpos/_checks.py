@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._host import host_reads
+
 # Position dtypes: every int, and the floats whose values torch can check and subtract.
 _FLOAT_POSITIONS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -109,8 +111,7 @@ def check_positions(
             f"{name} has {pos.shape[-1]} positions but the sequence has only {length} tokens; "
             f"expected shape {expected()}"
         )
-    # A value check needs a host sync: it runs in eager calls, not inside a caller's torch.compile.
-    if pos.is_floating_point() and not torch.compiler.is_compiling() and not bool(torch.isfinite(pos).all()):
+    if pos.is_floating_point() and host_reads() and not bool(torch.isfinite(pos).all()):
         raise ValueError(f"{name} must be finite, found NaN or inf")
 
 

@@ -29,6 +29,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from ._compile import CPU_FLEX_MIN_TORCH, lazy_compile, more_variants, torch_version
+from ._host import blind
 from .base import Positional, ScoreMod, index_grids
 from .masks import EMPTY, FULL, MaskMod, cpu_flex_safe, states_of
 from .positions import BLOCK
@@ -304,6 +305,7 @@ def _attend_chunk(
     work = torch.promote_types(q.dtype, torch.float32)
     q, k, v_work = q.to(work), k.to(work), v.to(work)
     functional = functorch_active()
+    unread = functional or blind()  # which rows are alive may not be read back here
     # Under torch.func, SDPA's math kernel: differentiable in every input (vmap may otherwise
     # pick a kernel that is not, for a bias that needs gradients), and twice.
     kernel = sdpa_kernel(SDPBackend.MATH) if functional else contextlib.nullcontext()
@@ -314,7 +316,7 @@ def _attend_chunk(
     with _sizes_apart():
         bias = _compiled_bias(score_mod, mask_mod, *shape)
     alive = bias.amax(-1, keepdim=True) != float("-inf")  # a NaN row stays alive: NaN, not 0
-    dead = functional or not bool(alive.all())  # vmap cannot branch on values
+    dead = unread or not bool(alive.all())
     if dead:  # rows with no key: give SDPA finite rows (no NaN in forward or backward), then zero them
         bias = torch.where(alive, bias, 0.0)
     # Outside autocast, which would round the bias to bf16 (by up to 0.4% of its size: whole
@@ -351,11 +353,14 @@ def run_chunked(
     """
     functional = functorch_active()
     states = _without_grad_wrappers(states_of(block_mask)) if functional else states_of(block_mask)
-    if score_mod is None and _on_host(functional, _all_full, states):  # no bias: one plain SDPA call
+    # Where tile states may not be read (no_host_reads, CUDA graph capture) every chunk takes
+    # every key and evaluates the mask_mod.
+    unread = blind()
+    if score_mod is None and not unread and _on_host(functional, _all_full, states):  # no bias: one SDPA call
         return _attend_chunk(q, k, v, 0, 0, None, None, scale)
     len_q, len_k = q.shape[-2], k.shape[-2]
     rows = chunk_rows(q.shape[0] * q.shape[1], len_k, q.device)
-    plan = _on_host(functional, _plan, states, len_q, len_k, rows)
+    plan = _blind_plan(len_q, len_k, rows) if unread else _on_host(functional, _plan, states, len_q, len_k, rows)
     # One output buffer, filled chunk by chunk: a list of chunk outputs would interleave small
     # long-lived blocks with the freed bias buffers and fragment the heap. torch.func's
     # transforms take neither in-place writes of batched chunks nor checkpoint's hooks: there
@@ -404,6 +409,11 @@ def _plan(states: Tensor, len_q: int, len_k: int, rows: int) -> list[_Chunk]:
             partial = not bool(tiles[..., first:last].eq(FULL).all())
             plan.append(_Chunk(start, stop, first * BLOCK, min(last * BLOCK, len_k), partial))
     return plan
+
+
+def _blind_plan(len_q: int, len_k: int, rows: int) -> list[_Chunk]:
+    """The chunks of ``rows`` queries without reading tile states: every key, mask_mod evaluated."""
+    return [_Chunk(start, min(start + rows, len_q), 0, len_k, True) for start in range(0, len_q, rows)]
 
 
 def _concatenate(zeros: Tensor, pieces: list[tuple[int, int, Tensor]]) -> Tensor:

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ._checks import check_bool, check_positive_int
 from ._compile import lazy_compile
+from ._host import host_reads
 from .inputs import InputTransform
 
 
@@ -74,8 +75,7 @@ class LearnedVocab(InputTransform):
         if pos.is_floating_point():
             raise TypeError("pos must hold integer positions for LearnedVocab, got a floating point dtype")
         n = self.emb.num_embeddings
-        # A host read, as check_positions: eager calls only, not inside a caller's compile.
-        if not torch.compiler.is_compiling() and pos.numel() > 0 and (int(pos.min()) < 0 or int(pos.max()) >= n):
+        if host_reads() and pos.numel() > 0 and (int(pos.min()) < 0 or int(pos.max()) >= n):
             raise ValueError(
                 f"pos must lie in [0, {n - 1}] for LearnedVocab(max_seq_len={n}), "
                 f"got range [{int(pos.min())}, {int(pos.max())}]"

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_positions
+from ._host import host_reads
 
 BLOCK = 128  # FlexAttention's block size; per-token tables are padded to a multiple of it
 
@@ -297,12 +298,6 @@ def fewer_tables(device: torch.device) -> bool:
     docstring). Not on CPU: Inductor's CPU flex kernel (torch 2.13) fails to build ALiBi and DPB
     from one table per side or from none (C++ error: 'cur_kvSplitSize4' was not declared)."""
     return device.type != "cpu"
-
-
-def host_reads() -> bool:
-    """Whether flexpos may read position values back to the host: in eager calls, not inside a
-    caller's torch.compile (a graph break there)."""
-    return not torch.compiler.is_compiling()
 
 
 def _host_extents(p: Optional[Tensor], length: int, rows: int) -> Optional[tuple[list[int], list[int]]]:

@@ -3,6 +3,7 @@
 Compiled variants are few on purpose: each costs ~15 s on a 2-core CPU.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -437,3 +438,53 @@ def test_flex_kernel_options_shrink_tiles_for_score_mods_that_gather_per_score_o
     # flex's own constraints: tiles divide the BlockMask's blocks; backward N1 % M1 and M2 % N2
     assert all(BLOCK % size == 0 for size in tiles.values())
     assert tiles["BLOCK_N1"] % tiles["BLOCK_M1"] == 0 and tiles["BLOCK_M2"] % tiles["BLOCK_N2"] == 0
+
+
+@contextlib.contextmanager
+def _reads_forbidden(monkeypatch, mode):
+    """Any read of a tensor's values back to the host fails the test, within
+    ``flexpos.no_host_reads()`` or as while a CUDA graph is captured (flexpos sees a capturing
+    stream)."""
+    with monkeypatch.context() as m, (flexpos.no_host_reads() if mode == "no_host_reads" else contextlib.nullcontext()):
+        if mode == "capture":
+            m.setattr(torch.cuda, "is_initialized", lambda: True)
+            m.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+        def host_read(*args, **kwargs):
+            raise AssertionError("host read")
+
+        for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+            m.setattr(torch.Tensor, name, host_read)
+        yield
+
+
+@pytest.mark.parametrize("mode", ["no_host_reads", "capture"])
+@pytest.mark.parametrize("pos_dtype", [torch.int64, torch.float32])
+def test_no_host_reads_in_no_host_reads_or_while_a_cuda_graph_is_captured(monkeypatch, pos_dtype, mode):
+    """Eager calls read positions' extents, check float positions are finite and plan chunks from
+    tile states; in no_host_reads() or under capture they read nothing and give the same numbers:
+    DPB from a grid chosen on the device, every chunk over every key, rows without keys zeroed."""
+    b, length = 2, 40
+    q, k, v = (torch.randn(b, 2, length, 16, dtype=torch.float64) for _ in range(3))
+    pos = (torch.randint(0, 3, (b, length)).cumsum(-1) - 30).to(pos_dtype)
+    keep = torch.rand(b, length, length) > 0.3
+    keep[:, 5] = False  # a query with no key
+    dpb, alibi = DPB(8, 2, depth=2).double(), ALiBi(2)
+    p, has = R.padded_positions(pos.double(), b, length)
+    bias = R.dpb_bias(dpb, p, p, has, has, 1.0) + R.alibi_bias(2, p, p, has, has)
+    ref = R.attend(q, k, v, bias, keep[:, None])
+    step = 2 * float((p.amax(-1) - p.amin(-1)).max()) / (dpb.table_size - 1)  # grid of float positions
+    rotary, vocab = flexpos.Rotary(16), flexpos.LearnedVocab(8, 100)
+    x = torch.randn(b, length, 8)
+    with _reads_forbidden(monkeypatch, mode), torch.no_grad():
+        out = flexpos.attention(q, k, v, dpb, alibi, pos=pos, mask=keep, backend="chunked")
+        rotated = flexpos.attention(q, k, v, rotary, pos=pos, backend="chunked")
+        encoded = vocab(x, pos=pos.long() + 30) if pos_dtype == torch.int64 else None
+    assert flexpos._host.host_reads()  # back to reading after the block
+    assert torch.equal(rotated, flexpos.attention(q, k, v, rotary, pos=pos, backend="chunked"))
+    if encoded is not None:
+        assert torch.equal(encoded, vocab(x, pos=pos.long() + 30))
+    # integer positions fit the grid exactly; float ones interpolate: step^2 / 8 * |MLP''|
+    # (measured 4e-9 against step^2 = 2e-6)
+    assert (out - ref).abs().max() <= (1e-9 if pos_dtype == torch.int64 else step**2)
+    assert out[:, :, 5].abs().max() == 0

@@ -186,3 +186,38 @@ def test_layer_inside_the_callers_torch_compile_trains():
         results.append([out.double(), xin.grad.double()] + [p.grad.double() for p in layers[name].parameters()])
     names = ["out", "dx"] + [n for n, _ in layers["golden"].named_parameters()]
     assert_errors_within_policy(torch.float32, names, *results, n_inputs=2)
+
+
+@pytest.mark.parametrize("backend, dtype", [("flex", torch.bfloat16), ("chunked", torch.float32)])
+def test_cuda_graph_replays_attention(backend, dtype):
+    """flexpos.attention captured in a CUDA graph (warm-up on a side stream and capture, both in
+    no_host_reads, so that the capture launches the kernels the warm-up compiled) and replayed on
+    new q, k, v: the eager call's output (which reads positions' extents and takes cheaper
+    score_mods with the same numbers) within the dtype's tolerance."""
+    b, length = 2, 1000
+    pos = torch.randint(0, 20_000, (b, length - 1), device=DEV).sort(-1).values
+    mask = flexpos.padding_mask(torch.rand(b, length, device=DEV) > 0.2, length)
+    mods = [m.to(DEV).requires_grad_(False) for m in modules()]
+    static = [torch.randn(b, H, length, D, device=DEV, dtype=dtype) for _ in range(3)]
+
+    def call():
+        return flexpos.attention(*static, *mods, pos=pos, mask=mask, backend=backend)
+
+    graph = torch.cuda.CUDAGraph()
+    with flexpos.no_host_reads(), torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            out = call()
+    fresh = [torch.randn_like(t) for t in static]
+    for buffer, new in zip(static, fresh):
+        buffer.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        expected = flexpos.attention(*fresh, *mods, pos=pos, mask=mask, backend=backend)
+    assert (out.double() - expected.double()).abs().max() <= ATOL[dtype] * max(1.0, expected.abs().max().item())

@@ -1,0 +1,57 @@
+"""When flexpos reads tensor values back to the host (a device sync): value checks of positions,
+the extents of integer positions (which pick cheaper score_mods and DPB's exact grid) and the
+chunked backend's plan of which keys each query chunk needs.
+
+In eager calls it does; inside a caller's torch.compile it does not (each read would be a graph
+break); in :func:`no_host_reads` and while a CUDA graph is captured it reads nothing at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
+
+import torch
+
+_reads_allowed: contextvars.ContextVar[bool] = contextvars.ContextVar("flexpos_host_reads", default=True)
+
+
+@contextlib.contextmanager
+def no_host_reads() -> Iterator[None]:
+    """Within this block flexpos reads no tensor value back to the host, so it never waits for
+    the GPU: what CUDA graph capture requires, and what a capture's warm-up calls must do too
+    (so that they compile the kernels the capture will launch). flexpos enters this mode by itself
+    while a CUDA graph is captured.
+
+    It costs: float positions are not checked for NaN/inf nor LearnedVocab's for range; DPB
+    chooses its grid on the device and reads a value and a slope per score; ALiBi reads two
+    parts of each position; the chunked backend attends every query chunk to every key.
+
+    Example::
+
+        with flexpos.no_host_reads():
+            out = layer(x, pos=pos)  # warm-up (on a side stream), then torch.cuda.graph capture
+    """
+    token = _reads_allowed.set(False)
+    try:
+        yield
+    finally:
+        _reads_allowed.reset(token)
+
+
+def capturing_cuda_graph() -> bool:
+    """Whether the current CUDA stream is capturing a CUDA graph (which forbids host syncs)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def blind() -> bool:
+    """Whether no tensor value may be read back at all: :func:`no_host_reads`, or a capture."""
+    return not _reads_allowed.get() or capturing_cuda_graph()
+
+
+def host_reads() -> bool:
+    """Whether flexpos may read tensor values back to the host (value checks, extents of integer
+    positions): in eager calls, not inside a caller's torch.compile (a graph break there), nor
+    where :func:`blind`."""
+    return not (torch.compiler.is_compiling() or blind())
