@@ -136,12 +136,21 @@ def _memoised(build: Callable[..., BlockMask]) -> Callable[..., BlockMask]:
     return get
 
 
+def _indexed(device: torch.device | str) -> torch.device:
+    """``device`` with its index where it has one ('cuda' -> 'cuda:0'): masks are memoised per
+    device, and 'cuda' names another GPU after ``torch.cuda.set_device``."""
+    device = torch.device(device)
+    if device.index is None and device.type not in ("cpu", "meta"):
+        return torch.empty(0, device=device).device
+    return device
+
+
 def full_mask(len_q: int, len_k: int, device: torch.device | str = "cpu") -> BlockMask:
     """Every query attends to every key (a BlockMask still bounds FlexAttention's scratch).
 
     Built once per (Lq, Lk, device) and shared: it is what every unmasked call uses.
     """
-    return _full_mask(check_length("len_q", len_q), check_length("len_k", len_k), torch.device(device))
+    return _full_mask(check_length("len_q", len_q), check_length("len_k", len_k), _indexed(device))
 
 
 @_memoised
@@ -200,7 +209,7 @@ def causal_mask(len_q: int, len_k: Optional[int] = None, device: torch.device | 
     """
     len_q = check_length("len_q", len_q)
     len_k = len_q if len_k is None else check_length("len_k", len_k)
-    return _causal_mask(len_q, len_k, torch.device(device))
+    return _causal_mask(len_q, len_k, _indexed(device))
 
 
 @_memoised

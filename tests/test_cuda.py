@@ -221,3 +221,11 @@ def test_cuda_graph_replays_attention(backend, dtype):
     with torch.no_grad():
         expected = flexpos.attention(*fresh, *mods, pos=pos, mask=mask, backend=backend)
     assert (out.double() - expected.double()).abs().max() <= ATOL[dtype] * max(1.0, expected.abs().max().item())
+
+
+def test_shared_masks_are_kept_per_gpu():
+    """'cuda' means the current GPU: its masks are those of 'cuda:<index>', not another GPU's."""
+    here = f"cuda:{torch.cuda.current_device()}"
+    assert flexpos.full_mask(300, 300, "cuda") is flexpos.full_mask(300, 300, here)
+    assert flexpos.causal_mask(300, device="cuda") is flexpos.causal_mask(300, device=here)
+    assert flexpos.full_mask(300, 300, "cuda").kv_num_blocks.device == torch.device(here)
