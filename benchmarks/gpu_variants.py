@@ -6,6 +6,9 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
   flex no score_mod       flexpos.attention(q, k, v): the reference (static sizes on CUDA)
   flex no score_mod, symbolic sizes
                           torch.compile(flex_attention, dynamic=True): what symbolic sizes cost
+  flex no score_mod, DPB's tiles
+                          the same with flexpos.backends.GATHER_TILES: what DPB's smaller tiles
+                          cost before any per-score work
   per-head constant       score - rate_h: what any score_mod costs before per-score work
   ALiBi                   flexpos.ALiBi as shipped: these integer positions are less than 2^24
                           apart, so one float32 table per side is read
@@ -109,6 +112,7 @@ def score_rows(s: Setup, repeat: int) -> None:
     rows: list[tuple[str, ScoreFn]] = [
         ("flex no score_mod", case.flex_floor),
         ("flex no score_mod, symbolic sizes", lambda: symbolic(q, k, v, block_mask=mask)),
+        ("flex no score_mod, DPB's tiles", lambda: flexpos.attention(q, k, v, kernel_options=backends.GATHER_TILES)),
         ("per-head constant", direct(per_head_constant(alibi), None)),
         ("ALiBi", case.flexpos),
         ("ALiBi, hi + lo parts", direct(on_device_only(alibi, pos, length), None)),
