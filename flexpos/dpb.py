@@ -24,8 +24,9 @@ no slope (on an H200, DPB with its MLP frozen took 67 instead of 152 ms that way
 benchmarks/results/gpu-2026-11-27-b.txt). On CPU the exact grid then has just ``2 * span + 1``
 nodes (DPB's forward at L=4096: 394-398 instead of 428-485 ms, benchmarks/results/cpu-2026-11-27.txt);
 elsewhere it keeps ``table_size`` nodes, so that the table's size, and with it the compiled
-kernel, does not change from call to call. Inside a caller's torch.compile the grid is chosen
-on the device (nothing read back) and the score_mod reads a value and a slope per score. Values
+kernel, does not change from call to call. Inside a caller's torch.compile (and in
+:func:`flexpos.no_host_reads`) the grid is chosen on the device (nothing read back) and the
+score_mod reads a value and a slope per score. Values
 and slopes are two tensors, each read once per score element, which FlexAttention's backward
 requires of captured tensors that need gradients.
 """

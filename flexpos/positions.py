@@ -14,9 +14,10 @@ Score_mods read fewer tables where the host knows that costs nothing in precisio
 default positions ``0 .. L-1`` (the distance is ``q_idx - kv_idx``), and the ``hi`` part alone
 for integer positions that lie within 2**24 of each other, queries and keys together (each
 sequence's largest minus smallest position). Those extents are read back from the positions'
-device once per call (two ints per sequence and side), in eager calls only: inside a caller's
-torch.compile, where a read would break the graph, every table is read. CPU reads every table
-(see :func:`fewer_tables`).
+device once per call (two ints per sequence and side), in eager calls only (see
+:mod:`flexpos._host`): inside a caller's torch.compile, where a read would break the graph, and
+in :func:`flexpos.no_host_reads`, every table is read. CPU reads every table (see
+:func:`fewer_tables`).
 
 Shape legend: B batch, Lq/Lk query/key tokens, Lq'/Lk' positions (<= tokens).
 """
