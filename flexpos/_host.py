@@ -46,7 +46,11 @@ def capturing_cuda_graph() -> bool:
 
 
 def blind() -> bool:
-    """Whether no tensor value may be read back at all: :func:`no_host_reads`, or a capture."""
+    """Whether no tensor value may be read back at all: :func:`no_host_reads`, or a capture.
+    Never inside a caller's torch.compile, which decides for itself (Dynamo cannot trace a
+    ContextVar: it would break the graph here)."""
+    if torch.compiler.is_compiling():
+        return False
     return not _reads_allowed.get() or capturing_cuda_graph()
 
 

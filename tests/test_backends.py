@@ -488,3 +488,15 @@ def test_no_host_reads_in_no_host_reads_or_while_a_cuda_graph_is_captured(monkey
     # (measured 4e-9 against step^2 = 2e-6)
     assert (out - ref).abs().max() <= (1e-9 if pos_dtype == torch.int64 else step**2)
     assert out[:, :, 5].abs().max() == 0
+
+
+def test_host_read_rules_trace_without_a_graph_break():
+    """The rules run inside a caller's torch.compile (chunked backend) without breaking its graph."""
+    from flexpos import _host
+
+    def rules(x):
+        return x + 1 if _host.blind() or _host.host_reads() else x - 1
+
+    with flexpos.no_host_reads():
+        out = torch.compile(rules, backend="eager", fullgraph=True)(torch.zeros(()))
+    assert out == -1  # compiling: no reads, and not blind (the caller's compile decides)
