@@ -40,17 +40,27 @@ def backward_tiles(m: int, n: int, **more: int) -> dict[str, int]:
 
 CONFIGS: dict[str, dict[str, int]] = {
     "flexpos": {},
+    "fwd 128x128": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128},
     "fwd 128x64": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64},
     "fwd 128x64, 2 stages": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 2},
     "fwd 128x128, 2 stages, 8 warps": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_stages": 2, "fwd_num_warps": 8},
     "fwd 64x64, 2 stages": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 2},
+    "bwd 64x128": backward_tiles(64, 128),
     "bwd 64x64, 2 stages": backward_tiles(64, 64, num_stages=2),
     "bwd 64x64, 3 stages": backward_tiles(64, 64, num_stages=3),
     "bwd 64x128, 2 stages, 8 warps": backward_tiles(64, 128, num_stages=2, num_warps=8),
     "bwd 32x64, 2 stages": backward_tiles(32, 64, num_stages=2),
 }
-"""Named kernel_options. Flex requires tiles that divide 128 (the BlockMask's blocks) and, in
-the backward, N1 % M1 == 0 and M2 % N2 == 0."""
+"""Named kernel_options (stages and warps not named: flex's defaults for the GPU). Flex requires
+tiles that divide 128 (the BlockMask's blocks) and, in the backward, N1 % M1 == 0 and
+M2 % N2 == 0."""
+
+DEFAULT_CONFIGS = {
+    "dpb": list(CONFIGS),
+    # flex's defaults are ALiBi's: 128x128 forward, 64x128 backward on an H100/H200
+    "alibi": ["flexpos", "fwd 128x64", "fwd 128x128, 2 stages, 8 warps", "bwd 64x64, 2 stages",
+              "bwd 64x128, 2 stages, 8 warps"],
+}
 
 DONE, FAILED = "## done: ", "## failed: "  # a worker's markers, one line per configuration
 
@@ -114,8 +124,8 @@ def run_workers(scheme: str, names: Sequence[str], worker_args: Sequence[str], l
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schemes", nargs="+", default=["dpb", "alibi"], choices=["dpb", "alibi"])
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME",
-                   help=f"named configurations (default: all): {', '.join(CONFIGS)}")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), metavar="NAME",
+                   help=f"named configurations (default: all for DPB, five for ALiBi): {', '.join(CONFIGS)}")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--length", type=int, default=8192)
@@ -139,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shared += ["--forward-only"] if args.forward_only else []
     for scheme in args.schemes:
         say(f"\n[{scheme}]")
-        run_workers(scheme, args.configs, shared, args.worker_limit)
+        run_workers(scheme, args.configs or DEFAULT_CONFIGS[scheme], shared, args.worker_limit)
     return 0
 
 

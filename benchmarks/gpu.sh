@@ -90,7 +90,7 @@ run_step() {
         targets-8k) step "GPU targets, L=8192" 130 "$PY" benchmarks/targets.py --gpu-only --skip-32k --repeat 5 ;;
         variants) step "GPU variants" 140 "$PY" benchmarks/gpu_variants.py --repeat 5 ;;
         # flex tile configurations for DPB and ALiBi (kernel_options), a worker process per failure
-        tiles) step "flex tiles" 220 "$PY" benchmarks/flex_tiles.py --repeat 3 ;;
+        tiles) step "flex tiles" 280 "$PY" benchmarks/flex_tiles.py --repeat 3 ;;
         # the side-by-side table at L=8192; its kernels are in Inductor's cache by now
         table) step "bench table" 80 "$PY" -m flexpos.bench --device cuda --dtype bfloat16 --mode fwdbwd \
             --batch 4 --heads 16 --head-dim 64 --schemes alibi dpb --lengths 8192 \
