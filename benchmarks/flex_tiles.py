@@ -67,7 +67,8 @@ DONE, FAILED = "## done: ", "## failed: "  # a worker's markers, one line per co
 
 def time_configs(scheme: str, names: Sequence[str], s: Setup, repeat: int) -> None:
     """In this process: flex with no score_mod and ``scheme`` under each configuration in
-    ``names``, in order; exits with status 3 at the first configuration that fails."""
+    ``names``. At the first configuration that fails to run, exits with status 3 before timing
+    anything (the parent times the others in a fresh worker)."""
     case = build_case(Setup(scheme, s.length, batch=s.batch, heads=s.heads, head_dim=s.head_dim,
                             dtype=s.dtype, device=s.device, backward=s.backward, dense="formula"))
     runner = Runner(torch.device(s.device), s.backward, case.leaves)
@@ -80,7 +81,7 @@ def time_configs(scheme: str, names: Sequence[str], s: Setup, repeat: int) -> No
         seconds = targets.first_call(f"{scheme}, {name}", runner, fn)
         if seconds is None:
             say(f"{FAILED}{name}")
-            break
+            sys.exit(3)
         say(f"  {scheme}, {name}: first call (compile + run) {seconds:.1f} s")
         fns[name] = lambda fn=fn: runner.call(fn)
     times = interleaved(fns, runner.sync, repeat)
@@ -91,13 +92,11 @@ def time_configs(scheme: str, names: Sequence[str], s: Setup, repeat: int) -> No
         ratio = f"{statistics.median(ref) / statistics.median(t):.2f}x" if ref else "-"
         say(f"  {scheme}, {name:32s} {fmt(t):>24s}  {ratio} of flex no score_mod")
         say(f"{DONE}{name}")
-    if len(fns) <= len(names):
-        sys.exit(3)
 
 
-def run_workers(scheme: str, names: Sequence[str], worker_args: Sequence[str], limit: float) -> None:
+def run_workers(scheme: str, names: Sequence[str], worker_args: Sequence[str]) -> None:
     """Time ``names`` in worker processes, a fresh one after each failure; their output is
-    printed as it comes."""
+    printed as it comes (a hung worker is left to the caller's time limit, gpu.sh's step)."""
     remaining = list(names)
     while remaining:
         cmd = [sys.executable, __file__, "--worker", "--schemes", scheme, *worker_args, "--configs", *remaining]
@@ -111,10 +110,6 @@ def run_workers(scheme: str, names: Sequence[str], worker_args: Sequence[str], l
                     finished.add(line[len(DONE):].strip())
                 elif line.startswith(FAILED):
                     failed = line[len(FAILED):].strip()
-            try:
-                proc.wait(timeout=limit)
-            except subprocess.TimeoutExpired:
-                proc.kill()
         if failed not in remaining and proc.returncode != 0:  # not a configuration's failure
             say(f"  worker exited with status {proc.returncode}; not timed: {', '.join(remaining)}")
             return
@@ -133,7 +128,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--forward-only", action="store_true")
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--worker-limit", type=float, default=300.0, help="seconds per worker process")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     s = Setup("alibi", args.length, batch=args.batch, heads=args.heads, head_dim=64, dtype=args.dtype,
@@ -149,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shared += ["--forward-only"] if args.forward_only else []
     for scheme in args.schemes:
         say(f"\n[{scheme}]")
-        run_workers(scheme, args.configs or DEFAULT_CONFIGS[scheme], shared, args.worker_limit)
+        run_workers(scheme, args.configs or DEFAULT_CONFIGS[scheme], shared)
     return 0
 
 

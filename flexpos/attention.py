@@ -63,9 +63,11 @@ def attention(
         scale: score scale, default ``1 / sqrt(D)``.
         backend: 'auto' ('chunked' on CPU, fused 'flex' elsewhere), 'flex' or 'chunked'
             (see :mod:`flexpos.backends`).
-        kernel_options: FlexAttention ``kernel_options`` for the flex backend on a GPU (tile
-            sizes such as ``BLOCK_M``, ``num_stages``; ``fwd_``/``bwd_`` prefixes for one
-            pass), over flexpos' own choice; the chunked backend ignores them.
+        kernel_options: FlexAttention ``kernel_options`` for the flex backend (on GPUs Triton
+            tile sizes such as ``BLOCK_M``, ``num_stages``; ``fwd_``/``bwd_`` prefixes for one
+            pass), over flexpos' own choice, passed on unchecked: options that change results
+            (``ROWS_GUARANTEED_SAFE``) are the caller's responsibility. The chunked backend
+            ignores them.
 
     Returns:
         (B, *, H, Lq, Dv). Query rows with no key to attend to are zeros.

@@ -300,12 +300,15 @@ def _attend_chunk(
     score_mod: Optional[ScoreMod],
     mask_mod: Optional[MaskMod],
     scale: float,
+    unread: bool = False,
 ) -> Tensor:
-    """Attention of queries ``q_start ..`` (B, H, C, E) over keys ``k_start ..`` (B, H, n, E)."""
+    """Attention of queries ``q_start ..`` (B, H, C, E) over keys ``k_start ..`` (B, H, n, E);
+    ``unread``: values may not be read back to the host (:func:`flexpos._host.blind`), decided
+    by the caller, so that checkpoint's recomputation in backward takes the same branches."""
     work = torch.promote_types(q.dtype, torch.float32)
     q, k, v_work = q.to(work), k.to(work), v.to(work)
     functional = functorch_active()
-    unread = functional or blind()  # which rows are alive may not be read back here
+    unread = unread or functional  # then which rows are alive is not read back
     # Under torch.func, SDPA's math kernel: differentiable in every input (vmap may otherwise
     # pick a kernel that is not, for a bias that needs gradients), and twice.
     kernel = sdpa_kernel(SDPBackend.MATH) if functional else contextlib.nullcontext()
@@ -370,7 +373,7 @@ def run_chunked(
     recompute: Optional[dict[str, object]] = None
     for c in plan:
         args = (q[:, :, c.start : c.stop], k[:, :, c.k0 : c.k1], v[:, :, c.k0 : c.k1], c.start, c.k0, score_mod,
-                block_mask.mask_mod if c.partial else None, scale)
+                block_mask.mask_mod if c.partial else None, scale, unread)
         if functional:
             pieces.append((c.start, c.stop, _attend_chunk(*args)))
         elif torch.is_grad_enabled():

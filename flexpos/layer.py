@@ -66,7 +66,8 @@ class AttentionLayer(nn.Module):
         self.kernel_options = check_kernel_options(kernel_options)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, n_heads={self.n_heads}, backend={self.backend!r}"
+        options = f", kernel_options={self.kernel_options}" if self.kernel_options else ""
+        return f"dim={self.dim}, n_heads={self.n_heads}, backend={self.backend!r}{options}"
 
     def forward(
         self,

@@ -25,6 +25,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from ._checks import check_length, check_rank, check_tensor
 from ._compile import CPU_FLEX_MIN_TORCH, torch_version
+from ._host import capturing_cuda_graph
 from .base import shared_index
 from .positions import BLOCK, Positions, table_len
 
@@ -125,13 +126,15 @@ def _tile_states(full: Tensor, empty: Tensor) -> Tensor:
 
 def _memoised(build: Callable[..., BlockMask]) -> Callable[..., BlockMask]:
     """``build`` memoised on its (hashable) arguments, except while torch.compile traces a
-    caller's code (Dynamo traces through caches, and warns about them) and for symbolic
-    lengths (``torch.SymInt``, unhashable)."""
+    caller's code (Dynamo traces through caches, and warns about them), for symbolic lengths
+    (``torch.SymInt``, unhashable) and while a CUDA graph is captured (a mask built then is
+    only filled when the graph replays)."""
     cached = functools.lru_cache(maxsize=16)(build)  # an entry at L=131072 holds ~17 MiB of indices
 
     def get(*args: object) -> BlockMask:
         symbolic = any(isinstance(a, torch.SymInt) for a in args)
-        return build(*args) if symbolic or torch.compiler.is_compiling() else cached(*args)
+        fresh = symbolic or torch.compiler.is_compiling() or capturing_cuda_graph()
+        return build(*args) if fresh else cached(*args)
 
     return get
 

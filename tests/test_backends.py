@@ -418,7 +418,9 @@ def test_kernel_options_given_go_over_flexposs_own_and_reach_flex(monkeypatch):
         seen.append(kernel_options)
         return v
 
-    monkeypatch.setattr(sys.modules["flexpos.attention"], "run_flex", fake_run_flex)
+    attention_module = sys.modules["flexpos.attention"]
+    monkeypatch.setattr(attention_module, "run_flex", fake_run_flex)
+    monkeypatch.setattr(attention_module, "choose_backend", lambda *args: "flex")  # torch < 2.9 refuses CPU flex
     x = torch.randn(1, 2, 8, 16)
     flexpos.attention(x, x, x, backend="flex", kernel_options=given)
     layer = flexpos.AttentionLayer(32, 2, backend="flex", kernel_options=given)
@@ -500,3 +502,21 @@ def test_host_read_rules_trace_without_a_graph_break():
     with flexpos.no_host_reads():
         out = torch.compile(rules, backend="eager", fullgraph=True)(torch.zeros(()))
     assert out == -1  # compiling: no reads, and not blind (the caller's compile decides)
+
+
+def test_gradients_of_a_call_in_no_host_reads_with_backward_outside_it():
+    """Checkpointed chunks are recomputed in backward, maybe outside the block (or on autograd's
+    own thread): they recompute as their forward ran, and the gradients are the reference's."""
+    b, length = 2, 40
+    q, k, v = (torch.randn(b, 2, length, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pos = torch.randint(0, 3, (b, length)).cumsum(-1)
+    keep = torch.rand(b, length, length) > 0.3  # every row keeps a key: read, none is dead
+    grad = torch.randn(b, 2, length, 16, dtype=torch.float64)
+    with flexpos.no_host_reads():
+        out = flexpos.attention(q, k, v, ALiBi(2), pos=pos, mask=keep, backend="chunked")
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    p, has = R.padded_positions(pos, b, length)
+    ref = R.attend(q, k, v, R.alibi_bias(2, p, p, has, has), keep[:, None])
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() <= TOLERANCE[torch.float64]

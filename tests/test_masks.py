@@ -281,6 +281,17 @@ def test_full_and_causal_masks_are_built_once_per_shape():
     assert flexpos.causal_mask(300, 400) is not flexpos.causal_mask(300)
 
 
+def test_masks_built_while_a_cuda_graph_is_captured_are_not_shared(monkeypatch):
+    """Their tensors are filled only when the graph replays: later eager calls must not get them."""
+    shared = flexpos.full_mask(300, 300)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    captured = flexpos.full_mask(300, 300)
+    assert captured is not shared and captured is not flexpos.full_mask(300, 300)
+    monkeypatch.undo()
+    assert flexpos.full_mask(300, 300) is shared
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
 def test_segment_ids_of_narrow_integer_dtypes(dtype):
     ids = torch.repeat_interleave(torch.arange(3), torch.tensor([100, 60, 140]))[None].to(dtype)

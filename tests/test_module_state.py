@@ -153,3 +153,5 @@ def test_repr_shows_the_constructor_arguments():
     assert "    (0): Rotary(head_dim=16, n_dims=8, divide=1.0)" in lines
     assert "    (1): ALiBi(n_heads=4, use_n_heads=4, asymmetric=True, divide=3.0, learned_div=True)" in lines
     assert repr(DPB(8, 4, table_size=99)).startswith("DPB(\n  n_heads=4, table_size=99, divide=1.0\n")
+    tuned = AttentionLayer(64, 4, backend="flex", kernel_options={"BLOCK_M": 64})
+    assert repr(tuned).splitlines()[1] == "  dim=64, n_heads=4, backend='flex', kernel_options={'BLOCK_M': 64}"
