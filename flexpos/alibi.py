@@ -81,6 +81,11 @@ class ALiBi(Positional):
         self._init_divisor(divide, learned_div)
         self._register_constants()
 
+    @property
+    def masks_scores(self) -> bool:  # type: ignore[override]
+        """Asymmetric ALiBi rules out keys on each head's wrong side (-inf)."""
+        return self.asymmetric
+
     def constants(self) -> dict[str, Tensor]:
         return {"slopes": head_slopes(self.n_heads, self.use_n_heads, self.asymmetric)}
 

@@ -301,10 +301,13 @@ def _attend_chunk(
     mask_mod: Optional[MaskMod],
     scale: float,
     unread: bool = False,
+    rows_may_die: bool = True,
 ) -> Tensor:
     """Attention of queries ``q_start ..`` (B, H, C, E) over keys ``k_start ..`` (B, H, n, E);
     ``unread``: values may not be read back to the host (:func:`flexpos._host.blind`), decided
-    by the caller, so that checkpoint's recomputation in backward takes the same branches."""
+    by the caller, so that checkpoint's recomputation in backward takes the same branches;
+    ``rows_may_die``: some query may have no key left (-inf everywhere), to be found and zeroed.
+    """
     work = torch.promote_types(q.dtype, torch.float32)
     q, k, v_work = q.to(work), k.to(work), v.to(work)
     functional = functorch_active()
@@ -318,10 +321,12 @@ def _attend_chunk(
     shape = (q.shape[0], q.shape[1], q_start, q.shape[2], k_start, k.shape[2], work, q.device)
     with _sizes_apart():
         bias = _compiled_bias(score_mod, mask_mod, *shape)
-    alive = bias.amax(-1, keepdim=True) != float("-inf")  # a NaN row stays alive: NaN, not 0
-    dead = unread or not bool(alive.all())
-    if dead:  # rows with no key: give SDPA finite rows (no NaN in forward or backward), then zero them
-        bias = torch.where(alive, bias, 0.0)
+    alive, dead = None, False
+    if rows_may_die:  # else every bias is finite: no pass over it, no host read
+        alive = bias.amax(-1, keepdim=True) != float("-inf")  # a NaN row stays alive: NaN, not 0
+        dead = unread or not bool(alive.all())
+        if dead:  # rows with no key: give SDPA finite rows (no NaN in forward or backward), then zero them
+            bias = torch.where(alive, bias, 0.0)
     # Outside autocast, which would round the bias to bf16 (by up to 0.4% of its size: whole
     # units of score for ALiBi and DPB at large distances) before adding it to the scores.
     with torch.autocast(q.device.type, enabled=False), kernel:
@@ -337,9 +342,12 @@ def run_chunked(
     block_mask: BlockMask,
     scale: float,
     needs_grad: bool = True,
+    finite_scores: bool = False,
 ) -> Tensor:
     """Same contract as :func:`run_flex`, on any device and dtype, with autograd (``needs_grad``:
-    whether q, k, v or the score_mod's parameters need gradients).
+    whether q, k, v or the score_mod's parameters need gradients; ``finite_scores``: the
+    score_mod never returns -inf, so only chunks that evaluate the mask_mod can leave a query
+    without keys).
 
     Queries go in chunks of :func:`chunk_rows`; each chunk attends, with SDPA, to the span of
     key tiles that the BlockMask leaves non-empty for it, under a bias that one compiled kernel
@@ -373,7 +381,7 @@ def run_chunked(
     recompute: Optional[dict[str, object]] = None
     for c in plan:
         args = (q[:, :, c.start : c.stop], k[:, :, c.k0 : c.k1], v[:, :, c.k0 : c.k1], c.start, c.k0, score_mod,
-                block_mask.mask_mod if c.partial else None, scale, unread)
+                block_mask.mask_mod if c.partial else None, scale, unread, c.partial or not finite_scores)
         if functional:
             pieces.append((c.start, c.stop, _attend_chunk(*args)))
         elif torch.is_grad_enabled():

@@ -78,6 +78,7 @@ class Positional(nn.Module):
     div: Tensor  # log(divide) as a parameter with learned_div, else the divisor as a buffer
     cpu_flex_refusal: Optional[str] = None  # what Inductor's CPU flex kernel cannot run here, if anything
     gathers_per_score = False  # its score_mod reads a table at an index that depends on q and k both
+    masks_scores = False  # its score_mod may return -inf (a key the module itself rules out)
 
     def _init_divisor(self, divide: float, learned_div: bool) -> None:
         self.divide = check_positive_float("divide", divide)

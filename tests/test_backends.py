@@ -520,3 +520,40 @@ def test_gradients_of_a_call_in_no_host_reads_with_backward_outside_it():
     want = torch.autograd.grad(ref, (q, k, v), grad)
     for g, w in zip(got, want):
         assert (g - w).abs().max() <= TOLERANCE[torch.float64]
+
+
+def test_dead_rows_are_looked_for_only_where_a_query_can_lose_every_key(monkeypatch):
+    """Chunks that evaluate the mask_mod, or whose score_mod may return -inf (asymmetric ALiBi),
+    are checked for queries with no key left; other chunks skip that pass over the bias. The
+    outputs are the reference's either way, zero rows included (a query before every key, on a
+    head that looks back only)."""
+    seen = []
+    attend = backends._attend_chunk
+
+    def spy(*args):
+        seen.append(args[-1])  # rows_may_die
+        return attend(*args)
+
+    monkeypatch.setattr(backends, "_attend_chunk", spy)
+    b, lq, lk = 2, 40, 30
+    q, k, v = (torch.randn(b, 2, n, 16, dtype=torch.float64) for n in (lq, lk, lk))
+    pos_q = torch.randint(0, 100, (b, lq)).sort(-1).values
+    pos_k = torch.randint(10, 100, (b, lk)).sort(-1).values
+    pos_q[:, 0] = 0  # before every key
+    for module, may_die in ((ALiBi(2), False), (DPB(8, 2).double(), False), (ALiBi(2, asymmetric=True), True)):
+        seen.clear()
+        with torch.no_grad():
+            out = flexpos.attention(q, k, v, module, pos_q=pos_q, pos_k=pos_k, backend="chunked")
+        assert seen and all(s == may_die for s in seen)
+        pq, hq = R.padded_positions(pos_q, b, lq)
+        pk, hk = R.padded_positions(pos_k, b, lk)
+        if isinstance(module, DPB):
+            bias = R.dpb_bias(module, pq, pk, hq, hk, 1.0)
+        else:
+            bias = R.alibi_bias(2, pq, pk, hq, hk, asymmetric=module.asymmetric)
+        assert (out - R.attend(q, k, v, bias)).abs().max() <= TOLERANCE[torch.float64]
+    assert out[:, 1, 0].abs().max() == 0  # asymmetric head 1 rules out keys after the query: none left
+    seen.clear()
+    with torch.no_grad():
+        flexpos.attention(q, k, v, ALiBi(2), pos_q=pos_q, pos_k=pos_k, mask=torch.rand(b, lk) > 0.5, backend="chunked")
+    assert seen == [True]  # the mask_mod is evaluated
