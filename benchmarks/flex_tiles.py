@@ -94,6 +94,9 @@ def time_configs(scheme: str, names: Sequence[str], s: Setup, repeat: int) -> No
         ratio = f"{statistics.median(ref) / statistics.median(t):.2f}x" if ref else "-"
         say(f"  {scheme}, {name:32s} {fmt(t):>24s}  {ratio} of flex no score_mod")
         say(f"{DONE}{name}")
+    for name in names:
+        if name not in times:  # dropped while timing (said so above)
+            say(f"{FAILED}{name}")
 
 
 def run_workers(scheme: str, names: Sequence[str], worker_args: Sequence[str]) -> None:
@@ -102,25 +105,24 @@ def run_workers(scheme: str, names: Sequence[str], worker_args: Sequence[str]) -
     remaining = list(names)
     while remaining:
         cmd = [sys.executable, __file__, "--worker", "--schemes", scheme, *worker_args, "--configs", *remaining]
-        finished: set[str] = set()
-        failed: Optional[str] = None
+        ended: set[str] = set()  # timed or failed
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
             assert proc.stdout is not None
             for line in proc.stdout:
                 print(line, end="", flush=True)
-                if line.startswith(DONE):
-                    finished.add(line[len(DONE):].strip())
-                elif line.startswith(FAILED):
-                    failed = line[len(FAILED):].strip()
-        if failed not in remaining and proc.returncode != 0:  # not a configuration's failure
+                for marker in (DONE, FAILED):
+                    if line.startswith(marker):
+                        ended.add(line[len(marker):].strip())
+        left = [n for n in remaining if n not in ended]
+        if len(left) == len(remaining):  # no progress: the reference failed, or the worker crashed
             say(f"  worker exited with status {proc.returncode}; not timed: {', '.join(remaining)}")
             return
-        remaining = [n for n in remaining if n not in finished and n != failed]
+        remaining = left
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--schemes", nargs="+", default=["dpb", "alibi"], choices=["dpb", "alibi"])
+    p.add_argument("--schemes", nargs="+", default=["alibi", "dpb"], choices=["alibi", "dpb"])
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), metavar="NAME",
                    help=f"named configurations (default: all for DPB, six for ALiBi): {', '.join(CONFIGS)}")
     p.add_argument("--device", default="cuda")

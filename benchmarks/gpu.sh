@@ -7,8 +7,8 @@
 #
 # STEPs (default: tests targets table): tests, targets, targets-8k (the targets without
 # L=32768), variants (benchmarks/gpu_variants.py: where the score_mods' and Rotary's time goes,
-# about 1 minute), tiles (benchmarks/flex_tiles.py: DPB and ALiBi under other flex tiles, about
-# 3 minutes, not yet run), table.
+# about 1 minute), tiles (benchmarks/flex_tiles.py: ALiBi and DPB under other flex tiles, about
+# 3-4 minutes estimated, not yet run), table.
 #
 # Needs torch with CUDA (+ triton), einops, pytest; bio-attention is not needed (the dense
 # baseline is flexpos.bench's own dense formulas, `--dense formula`). Everything printed goes
@@ -90,7 +90,7 @@ run_step() {
         targets-8k) step "GPU targets, L=8192" 130 "$PY" benchmarks/targets.py --gpu-only --skip-32k --repeat 5 ;;
         variants) step "GPU variants" 140 "$PY" benchmarks/gpu_variants.py --repeat 5 ;;
         # flex tile configurations for DPB and ALiBi (kernel_options), a worker process per failure
-        tiles) step "flex tiles" 280 "$PY" benchmarks/flex_tiles.py --repeat 3 ;;
+        tiles) step "flex tiles" 300 "$PY" benchmarks/flex_tiles.py --repeat 3 ;;
         # the side-by-side table at L=8192; its kernels are in Inductor's cache by now
         table) step "bench table" 80 "$PY" -m flexpos.bench --device cuda --dtype bfloat16 --mode fwdbwd \
             --batch 4 --heads 16 --head-dim 64 --schemes alibi dpb --lengths 8192 \

@@ -100,7 +100,7 @@ def attention(
     if choose_backend(backend, q, needs_grad, block_mask, modules) == "flex":
         out = run_flex(q, k, v, score_mod, block_mask, scale, flex_kernel_options(q.device, modules, kernel_options))
     else:
-        finite = not any(m.masks_scores for m in modules)
+        finite = not any(m.modifies_scores and m.masks_scores for m in modules)
         out = run_chunked(q, k, v, score_mod, block_mask, scale, needs_grad, finite)
     return out.reshape(*batch, heads, len_q, v.shape[-1])
 

@@ -78,7 +78,7 @@ class Positional(nn.Module):
     div: Tensor  # log(divide) as a parameter with learned_div, else the divisor as a buffer
     cpu_flex_refusal: Optional[str] = None  # what Inductor's CPU flex kernel cannot run here, if anything
     gathers_per_score = False  # its score_mod reads a table at an index that depends on q and k both
-    masks_scores = False  # its score_mod may return -inf (a key the module itself rules out)
+    masks_scores = True  # its score_mod may return -inf (see score_mod); False where it never does
 
     def _init_divisor(self, divide: float, learned_div: bool) -> None:
         self.divide = check_positive_float("divide", divide)
@@ -166,6 +166,8 @@ class Positional(nn.Module):
 
         It must return ``score + bias(b, h, q_idx, kv_idx)``, with ``bias`` independent of
         ``score`` (``-inf`` allowed): the chunked backend evaluates it once at ``score = 0`` per
-        chunk of queries and adds the result to the scores inside SDPA.
+        chunk of queries and adds the result to the scores inside SDPA. A module whose bias is
+        always finite says so with ``masks_scores = False``: the chunked backend then skips its
+        search for queries left without keys, where the mask leaves each of them some.
         """
         raise NotImplementedError(f"{type(self).__name__} does not modify scores")

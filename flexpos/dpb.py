@@ -114,6 +114,7 @@ class DPB(Positional):
     """
 
     modifies_scores = True
+    masks_scores = False  # the MLP's values are finite
     gathers_per_score = True
     _repr_fields = ("n_heads", "table_size")
 

@@ -557,3 +557,14 @@ def test_dead_rows_are_looked_for_only_where_a_query_can_lose_every_key(monkeypa
     with torch.no_grad():
         flexpos.attention(q, k, v, ALiBi(2), pos_q=pos_q, pos_k=pos_k, mask=torch.rand(b, lk) > 0.5, backend="chunked")
     assert seen == [True]  # the mask_mod is evaluated
+
+    class Undeclared(flexpos.Positional):  # a user's module that does not say its bias is finite
+        modifies_scores = True
+
+        def score_mod(self, positions, dtype=torch.float32):
+            return lambda score, b, h, q_idx, kv_idx: score
+    for modules, may_die in (([Undeclared()], True), ([flexpos.Rotary(16), ALiBi(2)], False)):
+        seen.clear()
+        with torch.no_grad():
+            flexpos.attention(q, k, v, *modules, pos_q=pos_q, pos_k=pos_k, backend="chunked")
+        assert seen and all(s == may_die for s in seen)
