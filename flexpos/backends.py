@@ -16,6 +16,7 @@ calls in the process on a slow path.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Literal, Mapping, NamedTuple, Optional, Sequence, TypeVar, Union
 
 import torch
@@ -318,20 +319,37 @@ def _attend_chunk(
     if score_mod is None and mask_mod is None:
         with kernel:
             return F.scaled_dot_product_attention(q, k, v_work, scale=scale).to(v.dtype)
-    shape = (q.shape[0], q.shape[1], q_start, q.shape[2], k_start, k.shape[2], work, q.device)
-    with _sizes_apart():
-        bias = _compiled_bias(score_mod, mask_mod, *shape)
-    alive, dead = None, False
-    if rows_may_die:  # else every bias is finite: no pass over it, no host read
-        alive = bias.amax(-1, keepdim=True) != float("-inf")  # a NaN row stays alive: NaN, not 0
-        dead = unread or not bool(alive.all())
-        if dead:  # rows with no key: give SDPA finite rows (no NaN in forward or backward), then zero them
-            bias = torch.where(alive, bias, 0.0)
+    bias, alive = _live_bias(q, k, q_start, k_start, score_mod, mask_mod, unread, rows_may_die)
     # Outside autocast, which would round the bias to bf16 (by up to 0.4% of its size: whole
     # units of score for ALiBi and DPB at large distances) before adding it to the scores.
     with torch.autocast(q.device.type, enabled=False), kernel:
         out = F.scaled_dot_product_attention(q, k, v_work, attn_mask=bias, scale=scale)
-    return (torch.where(alive, out, 0.0) if dead else out).to(v.dtype)
+    return (out if alive is None else torch.where(alive, out, 0.0)).to(v.dtype)
+
+
+def _live_bias(
+    q: Tensor,
+    k: Tensor,
+    q_start: int,
+    k_start: int,
+    score_mod: Optional[ScoreMod],
+    mask_mod: Optional[MaskMod],
+    unread: bool,
+    rows_may_die: bool,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """The chunk's bias (B|1, H|1, C, n) in q's dtype (see :func:`_chunk_bias`), with rows that
+    have no key (-inf everywhere) set to 0 so that SDPA stays finite in forward and backward, and
+    the (.., C, 1) bool of rows that have one; None where no row can lack one (every bias finite)
+    or none does."""
+    shape = (q.shape[0], q.shape[1], q_start, q.shape[2], k_start, k.shape[2], q.dtype, q.device)
+    with _sizes_apart():
+        bias = _compiled_bias(score_mod, mask_mod, *shape)
+    if not rows_may_die:  # no pass over the bias, no host read
+        return bias, None
+    alive = bias.amax(-1, keepdim=True) != float("-inf")  # a NaN row stays alive: NaN, not 0
+    if not unread and bool(alive.all()):
+        return bias, None
+    return torch.where(alive, bias, 0.0), alive
 
 
 def run_chunked(
@@ -353,8 +371,9 @@ def run_chunked(
     key tiles that the BlockMask leaves non-empty for it, under a bias that one compiled kernel
     evaluates from the score_mod and mask_mod (score_mods add a bias to the score, which every
     flexpos score_mod does). Memory is O(rows * Lk) per head; under autograd each chunk is
-    recomputed in the backward pass rather than stored (inside torch.func transforms, which
-    refuse checkpoint's hooks, it is stored). Without a score_mod and with every tile
+    recomputed in the backward pass rather than stored: its bias alone where that needs no
+    gradient (see :class:`_SavedChunk`), else the whole chunk (checkpoint). Inside torch.func
+    transforms, which refuse checkpoint's hooks, it is stored. Without a score_mod and with every tile
     full there is no bias to build: one SDPA call over all queries.
 
     A chunk whose key span is not entirely FULL evaluates the mask_mod on all of it, where
@@ -379,11 +398,16 @@ def run_chunked(
     out = v.new_zeros(*q.shape[:2], len_q, v.shape[-1])
     pieces: list[tuple[int, int, Tensor]] = []  # under torch.func: (start, stop, chunk output)
     recompute: Optional[dict[str, object]] = None
+    kernels: Optional[_SdpaKernels] = None
+    keep = not functional and torch.is_grad_enabled() and _keeps_outputs(q, k, v, score_mod)
     for c in plan:
         args = (q[:, :, c.start : c.stop], k[:, :, c.k0 : c.k1], v[:, :, c.k0 : c.k1], c.start, c.k0, score_mod,
                 block_mask.mask_mod if c.partial else None, scale, unread, c.partial or not finite_scores)
         if functional:
             pieces.append((c.start, c.stop, _attend_chunk(*args)))
+        elif keep:
+            kernels = _kernels_now() if kernels is None else kernels
+            out[:, :, c.start : c.stop] = _SavedChunk.apply(*args[:3], (*args[3:], kernels))
         elif torch.is_grad_enabled():
             recompute = _recompute_options() if recompute is None else recompute
             out[:, :, c.start : c.stop] = checkpoint(_attend_chunk, *args, use_reentrant=False, **recompute)
@@ -394,6 +418,73 @@ def run_chunked(
     if not plan and needs_grad and torch.is_grad_enabled():
         out = _keep_graph(out, q, k, v, score_mod, block_mask.mask_mod, scale)
     return out
+
+
+class _SavedChunk(torch.autograd.Function):
+    """:func:`_attend_chunk` for a bias that needs no gradient, on CPU, where SDPA runs its flash
+    kernel: forward keeps that kernel's output and log-sum-exp ((B, H, C, Dv) and (B, H, C)),
+    backward recomputes the bias alone and calls the kernel's backward. Checkpoint would run the
+    whole forward again: ALiBi forward + backward was 1.08-1.10x slower that way at L=1024-2048
+    (benchmarks/chunked_backward.py).
+    A backward that must itself be differentiable (``create_graph``) recomputes the chunk with
+    autograd instead, under the SDPA kernels of the forward pass."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rest: tuple) -> Tensor:
+        q_start, k_start, score_mod, mask_mod, scale, unread, rows_may_die, kernels = rest
+        work = torch.promote_types(q.dtype, torch.float32)
+        qw, kw, vw = q.to(work), k.to(work), v.to(work)
+        bias, alive = _live_bias(qw, kw, q_start, k_start, score_mod, mask_mod, unread, rows_may_die)
+        with torch.autocast("cpu", enabled=False):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qw, kw, vw, 0.0, False, attn_mask=bias, scale=scale
+            )
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.rest = rest
+        return (out if alive is None else torch.where(alive, out, 0.0)).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        q_start, k_start, score_mod, mask_mod, scale, unread, rows_may_die, kernels = ctx.rest
+        if torch.is_grad_enabled():  # create_graph: differentiable, as checkpoint's recomputation
+            with torch.enable_grad(), kernels:
+                again = _attend_chunk(q, k, v, q_start, k_start, score_mod, mask_mod, scale, unread, rows_may_die)
+            return (*torch.autograd.grad(again, (q, k, v), grad, create_graph=True, allow_unused=True), None)
+        work = out.dtype
+        qw, kw, vw = q.to(work), k.to(work), v.to(work)
+        bias, alive = _live_bias(qw, kw, q_start, k_start, score_mod, mask_mod, unread, rows_may_die)
+        grad = grad.to(work) if alive is None else torch.where(alive, grad.to(work), 0.0)
+        with torch.autocast("cpu", enabled=False):
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad, qw, kw, vw, out, lse, 0.0, False, attn_mask=bias, scale=scale
+            )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def _keeps_outputs(q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[ScoreMod]) -> bool:
+    """Whether chunks of this call go through :class:`_SavedChunk`: eager CPU calls whose bias
+    needs no gradient (probed on one score per head: a score_mod may capture any tensor) and
+    where SDPA would pick its flash kernel for a float bias."""
+    if q.device.type != "cpu" or torch.compiler.is_compiling() or not _flash_cpu_takes_a_bias():
+        return False
+    work = torch.promote_types(q.dtype, torch.float32)
+    if score_mod is not None:
+        probe = _chunk_bias(score_mod, None, q.shape[0], q.shape[1], 0, 1, 0, 1, work, q.device)
+        if probe.requires_grad:
+            return False
+    q1, k1, v1 = (t[:, :, :1].to(work) for t in (q, k, v))
+    bias = torch.zeros((), dtype=work).expand(q.shape[0], q.shape[1], 1, 1)
+    choice = torch._fused_sdp_choice(q1, k1, v1, bias, 0.0, False, scale=None)
+    return choice == int(SDPBackend.FLASH_ATTENTION)
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_cpu_takes_a_bias() -> bool:
+    """Whether this torch has the CPU flash kernel's forward and backward ops with a bias."""
+    ops = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward")
+    return all(hasattr(torch.ops.aten, op) and "attn_mask" in str(getattr(torch.ops.aten, op).default._schema)
+               for op in ops)
 
 
 class _Chunk(NamedTuple):
@@ -495,11 +586,16 @@ def _recompute_options() -> dict[str, object]:
     ``context_fn``."""
     if torch.compiler.is_compiling():
         return {}
-    try:
-        recompute = _SdpaKernels(_cur_sdpa_kernel_backends(with_priority=True), set_priority=True)
-    except TypeError:  # torch 2.6: no priority order
-        recompute = _SdpaKernels(_cur_sdpa_kernel_backends(), set_priority=False)
+    recompute = _kernels_now()
     return {"context_fn": lambda: (contextlib.nullcontext(), recompute)}
+
+
+def _kernels_now() -> _SdpaKernels:
+    """The SDPA kernels enabled now (and their priority order), to enter again later."""
+    try:
+        return _SdpaKernels(_cur_sdpa_kernel_backends(with_priority=True), set_priority=True)
+    except TypeError:  # torch 2.6: no priority order
+        return _SdpaKernels(_cur_sdpa_kernel_backends(), set_priority=False)
 
 
 def _keep_graph(

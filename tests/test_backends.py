@@ -568,3 +568,34 @@ def test_dead_rows_are_looked_for_only_where_a_query_can_lose_every_key(monkeypa
         with torch.no_grad():
             flexpos.attention(q, k, v, *modules, pos_q=pos_q, pos_k=pos_k, backend="chunked")
         assert seen and all(s == may_die for s in seen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunks_keep_sdpa_outputs_where_the_bias_needs_no_gradient(monkeypatch, dtype):
+    """On CPU a chunk whose bias needs no gradient keeps SDPA's output and log-sum-exp and
+    recomputes only the bias in backward; one with a learned divisor is checkpointed. Both give
+    the reference's gradients, a row without keys included, and repeated backward passes agree."""
+    monkeypatch.setattr(backends, "chunk_rows", lambda *args: 16)
+    saved = []
+    apply = backends._SavedChunk.apply
+    monkeypatch.setattr(backends._SavedChunk, "apply", lambda *args: saved.append(1) or apply(*args))
+    b, length = 2, 70
+    q, k, v = (torch.randn(b, 2, length, 16, dtype=dtype, requires_grad=True) for _ in range(3))
+    pos = torch.randint(0, 3, (b, length)).cumsum(-1)
+    keep = torch.rand(b, length, length) > 0.3
+    keep[:, 20] = False  # a query without keys
+    grad = torch.randn(b, 2, length, 16, dtype=dtype)
+    p, has = R.padded_positions(pos, b, length)
+    for alibi, kept in ((ALiBi(2), True), (ALiBi(2, divide=2.0, learned_div=True), False)):
+        saved.clear()
+        out = flexpos.attention(q, k, v, alibi, pos=pos, mask=keep, backend="chunked")
+        assert bool(saved) == kept
+        params = [alibi.div] if kept is False else []
+        got = torch.autograd.grad(out, (q, k, v, *params), grad, retain_graph=True)
+        again = torch.autograd.grad(out, (q, k, v, *params), grad)
+        divide = torch.exp(alibi.div.double()) if alibi.learned else 1.0
+        ref = R.attend(q.double(), k.double(), v.double(), R.alibi_bias(2, p, p, has, has, divide=divide), keep[:, None])
+        want = torch.autograd.grad(ref, (q, k, v, *params), grad.double())
+        for g, a, w in zip(got, again, want):
+            assert torch.equal(g, a)
+            assert (g.double() - w).abs().max() <= TOLERANCE[dtype] * max(1.0, w.abs().max().item())
