@@ -427,7 +427,8 @@ class _SavedChunk(torch.autograd.Function):
     whole forward again: ALiBi forward + backward was 1.08-1.10x slower that way at L=1024-2048
     (benchmarks/chunked_backward.py).
     A backward that must itself be differentiable (``create_graph``) recomputes the chunk with
-    autograd instead, under the SDPA kernels of the forward pass."""
+    autograd instead, under the SDPA kernels of the forward pass. Memory kept per chunk: the
+    output in float32 and the log-sum-exp, besides views of q, k, v."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rest: tuple) -> Tensor:
@@ -450,7 +451,9 @@ class _SavedChunk(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: differentiable, as checkpoint's recomputation
             with torch.enable_grad(), kernels:
                 again = _attend_chunk(q, k, v, q_start, k_start, score_mod, mask_mod, scale, unread, rows_may_die)
-            return (*torch.autograd.grad(again, (q, k, v), grad, create_graph=True, allow_unused=True), None)
+            wanted = [t for t, needed in zip((q, k, v), ctx.needs_input_grad) if needed]
+            grads = iter(torch.autograd.grad(again, wanted, grad, create_graph=True, allow_unused=True))
+            return (*(next(grads) if needed else None for needed in ctx.needs_input_grad[:3]), None)
         work = out.dtype
         qw, kw, vw = q.to(work), k.to(work), v.to(work)
         bias, alive = _live_bias(qw, kw, q_start, k_start, score_mod, mask_mod, unread, rows_may_die)

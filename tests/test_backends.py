@@ -586,7 +586,9 @@ def test_chunks_keep_sdpa_outputs_where_the_bias_needs_no_gradient(monkeypatch, 
     keep[:, 20] = False  # a query without keys
     grad = torch.randn(b, 2, length, 16, dtype=dtype)
     p, has = R.padded_positions(pos, b, length)
-    for alibi, kept in ((ALiBi(2), True), (ALiBi(2, divide=2.0, learned_div=True), False)):
+    # where SDPA's CPU flash kernel does not run this bias (torch 2.6), every chunk is checkpointed
+    flash = backends._keeps_outputs(q, k, v, None)
+    for alibi, kept in ((ALiBi(2), flash), (ALiBi(2, divide=2.0, learned_div=True), False)):
         saved.clear()
         out = flexpos.attention(q, k, v, alibi, pos=pos, mask=keep, backend="chunked")
         assert bool(saved) == kept
@@ -599,3 +601,19 @@ def test_chunks_keep_sdpa_outputs_where_the_bias_needs_no_gradient(monkeypatch, 
         for g, a, w in zip(got, again, want):
             assert torch.equal(g, a)
             assert (g.double() - w).abs().max() <= TOLERANCE[dtype] * max(1.0, w.abs().max().item())
+
+
+def test_create_graph_through_kept_chunks_of_inputs_that_need_no_gradient():
+    """create_graph=True with a frozen q: kept chunks recompute with autograd for k and v alone
+    (their first derivatives, with a graph; SDPA's flash kernel has no second derivative)."""
+    q = torch.randn(2, 2, 50, 16, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 50, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    pos = torch.randint(0, 3, (2, 50)).cumsum(-1)
+    out = flexpos.attention(q, k, v, ALiBi(2), pos=pos, backend="chunked")
+    dk, dv = torch.autograd.grad(out.square().sum(), (k, v), create_graph=True)
+    p, has = R.padded_positions(pos, 2, 50)
+    ref = R.attend(q, k, v, R.alibi_bias(2, p, p, has, has))
+    want = torch.autograd.grad(ref.square().sum(), (k, v))
+    assert dk.requires_grad and dv.requires_grad
+    for g, w in zip((dk, dv), want):
+        assert (g - w).abs().max() <= TOLERANCE[torch.float64]
