@@ -5,8 +5,8 @@ where the flash kernel's backward spends its time (denormal floats).
     python benchmarks/chunked_backward.py            # B=1 H=8 D=64, ALiBi and a position window
 
 Part 1 times ``flexpos.attention(...)`` + ``torch.autograd.grad`` with
-``backends._keeps_outputs`` as shipped and forced off, and prints the largest difference of
-their gradients. Part 2 times SDPA's CPU flash backward on one ALiBi-like bias (chunks of 256
+``backends._keeps_outputs`` as shipped and forced off (ALiBi, ALiBi with a position window, a
+frozen DPB, a key padding mask alone), and prints the largest difference of their gradients. Part 2 times SDPA's CPU flash backward on one ALiBi-like bias (chunks of 256
 queries, L=2048) with denormals as they come and flushed (``torch.set_flush_denormal``, which
 acts on the calling thread only).
 """
@@ -41,17 +41,22 @@ def median_ms(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, fl
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def kept_vs_checkpointed(length: int, window: Optional[float], repeat: int) -> None:
+CASES = ("ALiBi", "ALiBi + position window 512", "DPB, frozen", "key padding mask alone")
+
+
+def kept_vs_checkpointed(case: str, length: int, repeat: int) -> None:
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 8, length, 64, generator=gen).requires_grad_() for _ in range(3))
     grad = torch.randn(1, 8, length, 64, generator=gen)
     pos = irregular_positions(1, length, gen)
-    alibi = flexpos.ALiBi(8)
-    mask = None if window is None else flexpos.distance_window_mask(window, pos=pos)
+    modules = {"ALiBi": [flexpos.ALiBi(8)], "ALiBi + position window 512": [flexpos.ALiBi(8)],
+               "DPB, frozen": [flexpos.DPB(32, 8, depth=2).requires_grad_(False)]}.get(case, [])
+    mask = {"ALiBi + position window 512": flexpos.distance_window_mask(512.0, pos=pos),
+            "key padding mask alone": torch.rand(1, length, generator=gen) > 0.2}.get(case)
     shipped = backends._keeps_outputs
 
     def step() -> tuple[torch.Tensor, ...]:
-        return torch.autograd.grad(flexpos.attention(q, k, v, alibi, pos=pos, mask=mask), (q, k, v), grad)
+        return torch.autograd.grad(flexpos.attention(q, k, v, *modules, pos=pos, mask=mask), (q, k, v), grad)
 
     def checkpointed() -> tuple[torch.Tensor, ...]:
         backends._keeps_outputs = lambda *args: False
@@ -62,8 +67,7 @@ def kept_vs_checkpointed(length: int, window: Optional[float], repeat: int) -> N
 
     diff = max(float((a - b).abs().max()) for a, b in zip(step(), checkpointed()))
     ms = median_ms({"kept": step, "checkpointed": checkpointed}, repeat)
-    name = "ALiBi" if window is None else f"ALiBi + position window {window:g}"
-    print(f"  {name:32s} L={length}: checkpointed {ms['checkpointed']:7.1f} ms, outputs kept "
+    print(f"  {case:28s} L={length}: checkpointed {ms['checkpointed']:7.1f} ms, outputs kept "
           f"{ms['kept']:7.1f} ms, {ms['checkpointed'] / ms['kept']:.2f}x; max |grad difference| {diff:.1e}")
 
 
@@ -103,9 +107,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     print(f"flexpos chunked backward on CPU: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           "float32, B=1 H=8 D=64")
-    for window in (None, 512.0):
+    for case in CASES:
         for length in args.lengths:
-            kept_vs_checkpointed(length, window, args.repeat)
+            kept_vs_checkpointed(case, length, args.repeat)
     flash_backward_denormals(max(3, args.repeat // 2))
     return 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Callable, Literal, Mapping, NamedTuple, Optional, Sequence, TypeVar, Union
 
 import torch
@@ -457,12 +458,31 @@ class _SavedChunk(torch.autograd.Function):
         work = out.dtype
         qw, kw, vw = q.to(work), k.to(work), v.to(work)
         bias, alive = _live_bias(qw, kw, q_start, k_start, score_mod, mask_mod, unread, rows_may_die)
+        if score_mod is not None:  # a mask alone (0 or -inf) leaves weights near exp(score - lse)
+            bias = _without_subnormal_weights(bias, qw, kw, lse, scale)
         grad = grad.to(work) if alive is None else torch.where(alive, grad.to(work), 0.0)
         with torch.autocast("cpu", enabled=False):
             dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad, qw, kw, vw, out, lse, 0.0, False, attn_mask=bias, scale=scale
             )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def _without_subnormal_weights(bias: Tensor, q: Tensor, k: Tensor, lse: Tensor, scale: float) -> Tensor:
+    """``bias`` (B|1, H|1, C, n) with -inf where the attention weight ``exp(score + bias - lse)``
+    lies below the dtype's smallest normal number: q (B, H, C, E), k (B, H, n, E), lse (B, H, C).
+
+    The flash kernel's backward computes such weights as subnormal floats, several times slower
+    than normal ones (ALiBi at long distances; benchmarks/chunked_backward.py); with -inf they
+    are 0. They change no gradient by more than 1.2e-38 of a float32 term (what flushing
+    subnormals to zero does). Costs one (C, n) product per head, a fifth of the backward's."""
+    batch, heads, rows, dim = q.shape
+    shift = (bias - lse.unsqueeze(-1)).expand(batch, heads, rows, bias.shape[-1])
+    logits = torch.baddbmm(
+        shift.reshape(batch * heads, rows, -1), q.reshape(batch * heads, rows, dim),
+        k.reshape(batch * heads, -1, dim).transpose(1, 2), alpha=scale,
+    )
+    return torch.where(logits.view(shift.shape) < math.log(torch.finfo(bias.dtype).tiny), float("-inf"), bias)
 
 
 def _keeps_outputs(q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[ScoreMod]) -> bool:

@@ -4,6 +4,7 @@ Compiled variants are few on purpose: each costs ~15 s on a 2-core CPU.
 """
 
 import contextlib
+import math
 import os
 import subprocess
 import sys
@@ -581,7 +582,7 @@ def test_chunks_keep_sdpa_outputs_where_the_bias_needs_no_gradient(monkeypatch, 
     monkeypatch.setattr(backends._SavedChunk, "apply", lambda *args: saved.append(1) or apply(*args))
     b, length = 2, 70
     q, k, v = (torch.randn(b, 2, length, 16, dtype=dtype, requires_grad=True) for _ in range(3))
-    pos = torch.randint(0, 3, (b, length)).cumsum(-1)
+    pos = torch.randint(0, 3, (b, length)).cumsum(-1) * 60  # weights from 1 down past subnormal
     keep = torch.rand(b, length, length) > 0.3
     keep[:, 20] = False  # a query without keys
     grad = torch.randn(b, 2, length, 16, dtype=dtype)
@@ -592,7 +593,7 @@ def test_chunks_keep_sdpa_outputs_where_the_bias_needs_no_gradient(monkeypatch, 
         saved.clear()
         out = flexpos.attention(q, k, v, alibi, pos=pos, mask=keep, backend="chunked")
         assert bool(saved) == kept
-        params = [alibi.div] if kept is False else []
+        params = [alibi.div] if alibi.learned else []
         got = torch.autograd.grad(out, (q, k, v, *params), grad, retain_graph=True)
         again = torch.autograd.grad(out, (q, k, v, *params), grad)
         divide = torch.exp(alibi.div.double()) if alibi.learned else 1.0
@@ -617,3 +618,19 @@ def test_create_graph_through_kept_chunks_of_inputs_that_need_no_gradient():
     assert dk.requires_grad and dv.requires_grad
     for g, w in zip((dk, dv), want):
         assert (g - w).abs().max() <= TOLERANCE[torch.float64]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weights_below_the_smallest_normal_are_cut_and_no_other(dtype):
+    """Kept chunks' backward gives the flash kernel -inf where exp(score + bias - lse) is
+    subnormal (several times slower to compute with, and changing nothing)."""
+    q, k = torch.randn(2, 3, 40, 16, dtype=dtype) * 3, torch.randn(2, 3, 50, 16, dtype=dtype) * 3
+    tiny = torch.finfo(dtype).tiny
+    bias = -torch.rand(1, 3, 40, 50, dtype=dtype) * 3 * -math.log(tiny)  # weights of 1 to far below tiny
+    scale = 16**-0.5
+    logits = (q.double() @ k.double().transpose(-1, -2)) * scale + bias.double()
+    lse = logits.logsumexp(-1)
+    cut = backends._without_subnormal_weights(bias, q, k, lse.to(dtype), scale).isinf()
+    weights = (logits - lse[..., None]).exp()
+    assert cut.any() and (~cut).any()
+    assert cut[weights < tiny / 2].all() and not cut[weights > tiny * 2].any()
