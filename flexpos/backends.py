@@ -401,6 +401,9 @@ def run_chunked(
     recompute: Optional[dict[str, object]] = None
     kernels: Optional[_SdpaKernels] = None
     keep = not functional and torch.is_grad_enabled() and _keeps_outputs(q, k, v, score_mod)
+    if keep:  # what kept chunks keep, in two buffers for the same reason as ``out``
+        work = torch.promote_types(q.dtype, torch.float32)
+        kept = (q.new_empty(*q.shape[:2], len_q, v.shape[-1], dtype=work), q.new_empty(*q.shape[:3], dtype=work))
     for c in plan:
         args = (q[:, :, c.start : c.stop], k[:, :, c.k0 : c.k1], v[:, :, c.k0 : c.k1], c.start, c.k0, score_mod,
                 block_mask.mask_mod if c.partial else None, scale, unread, c.partial or not finite_scores)
@@ -408,7 +411,8 @@ def run_chunked(
             pieces.append((c.start, c.stop, _attend_chunk(*args)))
         elif keep:
             kernels = _kernels_now() if kernels is None else kernels
-            out[:, :, c.start : c.stop] = _SavedChunk.apply(*args[:3], (*args[3:], kernels))
+            into = tuple(t[:, :, c.start : c.stop] for t in kept)
+            out[:, :, c.start : c.stop] = _SavedChunk.apply(*args[:3], (*args[3:], kernels, into))
         elif torch.is_grad_enabled():
             recompute = _recompute_options() if recompute is None else recompute
             out[:, :, c.start : c.stop] = checkpoint(_attend_chunk, *args, use_reentrant=False, **recompute)
@@ -429,11 +433,12 @@ class _SavedChunk(torch.autograd.Function):
     (benchmarks/chunked_backward.py).
     A backward that must itself be differentiable (``create_graph``) recomputes the chunk with
     autograd instead, under the SDPA kernels of the forward pass. Memory kept per chunk: the
-    output in float32 and the log-sum-exp, besides views of q, k, v."""
+    output in float32 and the log-sum-exp, copied into views of the caller's buffers (``into``),
+    besides views of q, k, v."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rest: tuple) -> Tensor:
-        q_start, k_start, score_mod, mask_mod, scale, unread, rows_may_die, kernels = rest
+        q_start, k_start, score_mod, mask_mod, scale, unread, rows_may_die, kernels, into = rest
         work = torch.promote_types(q.dtype, torch.float32)
         qw, kw, vw = q.to(work), k.to(work), v.to(work)
         bias, alive = _live_bias(qw, kw, q_start, k_start, score_mod, mask_mod, unread, rows_may_die)
@@ -441,14 +446,17 @@ class _SavedChunk(torch.autograd.Function):
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qw, kw, vw, 0.0, False, attn_mask=bias, scale=scale
             )
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v)
+        # On ctx, not saved: the views share one version counter, which each chunk's copy bumps.
+        ctx.kept = (into[0].copy_(out), into[1].copy_(lse))
         ctx.rest = rest
         return (out if alive is None else torch.where(alive, out, 0.0)).to(v.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        q, k, v, out, lse = ctx.saved_tensors
-        q_start, k_start, score_mod, mask_mod, scale, unread, rows_may_die, kernels = ctx.rest
+        q, k, v = ctx.saved_tensors
+        out, lse = ctx.kept
+        q_start, k_start, score_mod, mask_mod, scale, unread, rows_may_die, kernels, _ = ctx.rest
         if torch.is_grad_enabled():  # create_graph: differentiable, as checkpoint's recomputation
             with torch.enable_grad(), kernels:
                 again = _attend_chunk(q, k, v, q_start, k_start, score_mod, mask_mod, scale, unread, rows_may_die)
@@ -476,13 +484,9 @@ def _without_subnormal_weights(bias: Tensor, q: Tensor, k: Tensor, lse: Tensor, 
     than normal ones (ALiBi at long distances; benchmarks/chunked_backward.py); with -inf they
     are 0. They change no gradient by more than 1.2e-38 of a float32 term (what flushing
     subnormals to zero does). Costs one (C, n) product per head, a fifth of the backward's."""
-    batch, heads, rows, dim = q.shape
-    shift = (bias - lse.unsqueeze(-1)).expand(batch, heads, rows, bias.shape[-1])
-    logits = torch.baddbmm(
-        shift.reshape(batch * heads, rows, -1), q.reshape(batch * heads, rows, dim),
-        k.reshape(batch * heads, -1, dim).transpose(1, 2), alpha=scale,
-    )
-    return torch.where(logits.view(shift.shape) < math.log(torch.finfo(bias.dtype).tiny), float("-inf"), bias)
+    logits = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias).sub_(lse.unsqueeze(-1))
+    subnormal = logits < math.log(torch.finfo(bias.dtype).tiny)
+    return logits.copy_(bias).masked_fill_(subnormal, float("-inf"))  # in the logits' memory
 
 
 def _keeps_outputs(q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[ScoreMod]) -> bool:
