@@ -2,7 +2,7 @@
 where the bias needs no gradient) against checkpointed chunks, side by side in one process; then
 where the flash kernel's backward spends its time (denormal floats).
 
-    python benchmarks/chunked_backward.py            # B=1 H=8 D=64, ALiBi and a position window
+    python benchmarks/chunked_backward.py            # B=1 H=8 D=64, L=1024 and 2048
 
 Part 1 times ``flexpos.attention(...)`` + ``torch.autograd.grad`` with
 ``backends._keeps_outputs`` as shipped and forced off (ALiBi, ALiBi with a position window, a

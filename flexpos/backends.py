@@ -400,7 +400,7 @@ def run_chunked(
     pieces: list[tuple[int, int, Tensor]] = []  # under torch.func: (start, stop, chunk output)
     recompute: Optional[dict[str, object]] = None
     kernels: Optional[_SdpaKernels] = None
-    keep = not functional and torch.is_grad_enabled() and _keeps_outputs(q, k, v, score_mod)
+    keep = needs_grad and not functional and torch.is_grad_enabled() and _keeps_outputs(q, k, v, score_mod)
     if keep:  # what kept chunks keep, in two buffers for the same reason as ``out``
         work = torch.promote_types(q.dtype, torch.float32)
         kept = (q.new_empty(*q.shape[:2], len_q, v.shape[-1], dtype=work), q.new_empty(*q.shape[:3], dtype=work))
@@ -411,7 +411,8 @@ def run_chunked(
             pieces.append((c.start, c.stop, _attend_chunk(*args)))
         elif keep:
             kernels = _kernels_now() if kernels is None else kernels
-            into = tuple(t[:, :, c.start : c.stop] for t in kept)
+            # .data: each chunk's view gets a version counter of its own, so it can be saved
+            into = tuple(t.data[:, :, c.start : c.stop] for t in kept)
             out[:, :, c.start : c.stop] = _SavedChunk.apply(*args[:3], (*args[3:], kernels, into))
         elif torch.is_grad_enabled():
             recompute = _recompute_options() if recompute is None else recompute
@@ -447,16 +448,13 @@ class _SavedChunk(torch.autograd.Function):
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qw, kw, vw, 0.0, False, attn_mask=bias, scale=scale
             )
-        ctx.save_for_backward(q, k, v)
-        # On ctx, not saved: the views share one version counter, which each chunk's copy bumps.
-        ctx.kept = (into[0].copy_(out), into[1].copy_(lse))
+        ctx.save_for_backward(q, k, v, into[0].copy_(out), into[1].copy_(lse))
         ctx.rest = rest
         return (out if alive is None else torch.where(alive, out, 0.0)).to(v.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        q, k, v = ctx.saved_tensors
-        out, lse = ctx.kept
+        q, k, v, out, lse = ctx.saved_tensors
         q_start, k_start, score_mod, mask_mod, scale, unread, rows_may_die, kernels, _ = ctx.rest
         if torch.is_grad_enabled():  # create_graph: differentiable, as checkpoint's recomputation
             with torch.enable_grad(), kernels:
@@ -483,8 +481,9 @@ def _without_subnormal_weights(bias: Tensor, q: Tensor, k: Tensor, lse: Tensor, 
 
     The flash kernel's backward computes such weights as subnormal floats, several times slower
     than normal ones (ALiBi at long distances; benchmarks/chunked_backward.py); with -inf they
-    are 0. They change no gradient by more than 1.2e-38 of a float32 term (what flushing
-    subnormals to zero does). Costs one (C, n) product per head, a fifth of the backward's."""
+    are 0, as flushing subnormals to zero would make them. Each changes a gradient term by less
+    than ``tiny * |dO| * (|V| + |out|) * |K| * scale`` (tiny: 1.2e-38 in float32). Costs one
+    (C, n) product per head, a fifth of the backward's."""
     logits = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias).sub_(lse.unsqueeze(-1))
     subnormal = logits < math.log(torch.finfo(bias.dtype).tiny)
     return logits.copy_(bias).masked_fill_(subnormal, float("-inf"))  # in the logits' memory

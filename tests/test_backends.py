@@ -592,7 +592,7 @@ def test_chunks_keep_sdpa_outputs_where_the_bias_needs_no_gradient(monkeypatch, 
     for alibi, kept in ((ALiBi(2), flash), (ALiBi(2, divide=2.0, learned_div=True), False)):
         saved.clear()
         out = flexpos.attention(q, k, v, alibi, pos=pos, mask=keep, backend="chunked")
-        assert bool(saved) == kept
+        assert len(saved) == (5 if kept else 0)  # chunks of 16 query rows, kept in one buffer
         params = [alibi.div] if alibi.learned else []
         got = torch.autograd.grad(out, (q, k, v, *params), grad, retain_graph=True)
         again = torch.autograd.grad(out, (q, k, v, *params), grad)
