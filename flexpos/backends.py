@@ -431,7 +431,7 @@ class _SavedChunk(torch.autograd.Function):
     kernel: forward keeps that kernel's output and log-sum-exp ((B, H, C, Dv) and (B, H, C)),
     backward recomputes the bias alone (without subnormal weights, see
     :func:`_without_subnormal_weights`) and calls the kernel's backward. Checkpoint runs the whole
-    forward again: ALiBi forward + backward was 2.3-2.5x slower that way at L=1024-2048, about
+    forward again: ALiBi forward + backward was 2.2-2.5x slower that way at L=1024-2048, about
     1.1x of it from the recomputation (benchmarks/chunked_backward.py).
     A backward that must itself be differentiable (``create_graph``) recomputes the chunk with
     autograd instead, under the SDPA kernels of the forward pass. Memory kept per chunk: the
