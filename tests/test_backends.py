@@ -634,3 +634,21 @@ def test_weights_below_the_smallest_normal_are_cut_and_no_other(dtype):
     weights = (logits - lse[..., None]).exp()
     assert cut.any() and (~cut).any()
     assert cut[weights < tiny / 2].all() and not cut[weights > tiny * 2].any()
+
+
+def test_chunks_are_checkpointed_where_sdpas_private_kernel_choice_is_missing(monkeypatch):
+    """flexpos asks torch._fused_sdp_choice (private) whether SDPA would run its flash kernel; a
+    torch without it, or with another signature, gets checkpointed chunks and the same numbers."""
+    q = torch.randn(1, 2, 40, 16, dtype=torch.float64, requires_grad=True)
+    pos = torch.arange(40)[None] * 9
+
+    def changed(*args, **kwargs):
+        raise TypeError("_fused_sdp_choice() got an unexpected keyword argument 'scale'")
+
+    monkeypatch.setattr(torch, "_fused_sdp_choice", changed)
+    assert not backends._keeps_outputs(q, q, q, None)
+    out = flexpos.attention(q, q, q, ALiBi(2), pos=pos, backend="chunked")
+    p, has = R.padded_positions(pos, 1, 40)
+    ref = R.attend(q, q, q, R.alibi_bias(2, p, p, has, has))
+    (g,), (want,) = (torch.autograd.grad(o.sum(), q) for o in (out, ref))
+    assert (g - want).abs().max() <= TOLERANCE[torch.float64]
