@@ -16,28 +16,23 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import flexpos  # noqa: E402
 from flexpos import backends  # noqa: E402
 from flexpos.bench import irregular_positions  # noqa: E402
+from targets import interleaved  # noqa: E402  (the timing helper of benchmarks/targets.py)
 
 
 def median_ms(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Interleaved runs after one warm-up each: median milliseconds per name."""
+    """:func:`targets.interleaved` after one warm-up each: median milliseconds per name."""
     for fn in fns.values():
         fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved(fns, lambda: None, repeat)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 

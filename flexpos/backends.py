@@ -399,18 +399,17 @@ def run_chunked(
     out = v.new_zeros(*q.shape[:2], len_q, v.shape[-1])
     pieces: list[tuple[int, int, Tensor]] = []  # under torch.func: (start, stop, chunk output)
     recompute: Optional[dict[str, object]] = None
-    kernels: Optional[_SdpaKernels] = None
     keep = needs_grad and not functional and torch.is_grad_enabled() and _keeps_outputs(q, k, v, score_mod)
     if keep:  # what kept chunks keep, in two buffers for the same reason as ``out``
         work = torch.promote_types(q.dtype, torch.float32)
         kept = (q.new_empty(*q.shape[:2], len_q, v.shape[-1], dtype=work), q.new_empty(*q.shape[:3], dtype=work))
+        kernels = _kernels_now()
     for c in plan:
         args = (q[:, :, c.start : c.stop], k[:, :, c.k0 : c.k1], v[:, :, c.k0 : c.k1], c.start, c.k0, score_mod,
                 block_mask.mask_mod if c.partial else None, scale, unread, c.partial or not finite_scores)
         if functional:
             pieces.append((c.start, c.stop, _attend_chunk(*args)))
         elif keep:
-            kernels = _kernels_now() if kernels is None else kernels
             # .data: each chunk's view gets a version counter of its own, so it can be saved
             into = tuple(t.data[:, :, c.start : c.stop] for t in kept)
             out[:, :, c.start : c.stop] = _SavedChunk.apply(*args[:3], (*args[3:], kernels, into))

@@ -175,7 +175,7 @@ class Positions:
     def integer_span(self) -> Optional[int]:
         """Largest ``|p_q - p_k|`` of this call for integer positions, as a Python int known on
         the host: from the lengths for default positions, else read from the positions (one
-        small read per call, none inside a caller's torch.compile: None there, and for floats)."""
+        small read per call, none where :func:`host_reads` says no: None there, and for floats)."""
         rows = self._extent_rows()
         if rows is None:
             return None
