@@ -14,11 +14,17 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
                           apart, so one float32 table per side is read
   ALiBi, hi + lo parts    the same score_mod reading both parts per side, as for float positions,
                           wider spans and inside a caller's torch.compile
+  ALiBi, rate * |distance|
+                          the shipped score_mod as score - rate_h * |p_q - p_k| (one fused
+                          multiply-add with an absolute-value operand) instead of
+                          score - |rate_h * (p_q - p_k)|: the same numbers for rates >= 0
   ALiBi, default positions
                           no positions given: distances from token indices, no tables
   DPB frozen              flexpos.DPB without parameter gradients (no atomic adds into the
                           tables' gradients), shipped: an exact grid known on the host, so the
                           value alone is read per score
+  DPB frozen, int32 index   the shipped score_mod with the table index formed in int32 instead of
+                          int64 (a GPU does 64-bit integer arithmetic in several instructions)
   DPB frozen, bfloat16 table
                           the same with its table in bfloat16 (half the bytes per gather; other
                           numbers: timing only)
@@ -59,6 +65,7 @@ import flexpos  # noqa: E402
 from flexpos import backends  # noqa: E402
 from flexpos._compile import lazy_compile  # noqa: E402
 from flexpos.bench import Runner, Setup, build_case, irregular_positions  # noqa: E402
+from flexpos.dpb import DistanceGrid  # noqa: E402
 from flexpos.positions import Positions  # noqa: E402
 from flexpos.rotary import _rotate_real_pair, rotate_real_pair, rotation  # noqa: E402
 
@@ -80,6 +87,37 @@ def on_device_only(module: flexpos.Positional, pos: Tensor, length: int) -> Call
     with mock.patch.object(flexpos.positions, "host_reads", lambda: False), torch.no_grad():
         positions = Positions.resolve((pos.shape[0],), length, length, pos.device, pos)
         return module.score_mod(positions)
+
+
+def rate_times_abs(alibi: flexpos.ALiBi, pos: Tensor, length: int) -> Callable[..., Tensor]:
+    """Symmetric ALiBi's score_mod (no CLS tokens) as ``score - rate_h * |distance|``."""
+    with torch.no_grad():
+        rel = Positions.resolve((pos.shape[0],), length, length, pos.device, pos).relative()
+        rates = (alibi.slopes.reshape(-1).double() / alibi.divisor(torch.float64)).float()
+
+    def alibi_fma(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        delta, _ = rel.distance(b, q_idx, kv_idx)
+        return score - rates[h] * delta.abs()
+
+    return alibi_fma
+
+
+def int32_index(dpb: flexpos.DPB, pos: Tensor, length: int) -> Callable[..., Tensor]:
+    """DPB's score_mod on the exact grid (integer positions of one span known on the host, no CLS
+    tokens) with the table index in int32: the same numbers as the shipped score_mod."""
+    with torch.no_grad():
+        positions = Positions.resolve((pos.shape[0],), length, length, pos.device, pos)
+        grid = DistanceGrid.covering(positions.span_tensor(), True, dpb.table_size, positions.integer_span())
+        if not grid.exact:
+            raise ValueError("int32_index needs integer positions whose distances fit DPB's table")
+        values, _ = dpb.tables(grid, torch.float32)
+        rel, start = positions.relative(), grid.start.float()
+
+    def dpb_int32(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        delta, _ = rel.distance(b, q_idx, kv_idx)
+        return score - values[h, (delta - start).to(torch.int32) + 1]
+
+    return dpb_int32
 
 
 def with_bf16_tables(dpb: flexpos.DPB, fn: ScoreFn) -> Tensor:
@@ -116,8 +154,10 @@ def score_rows(s: Setup, repeat: int) -> None:
         ("per-head constant", direct(per_head_constant(alibi), None)),
         ("ALiBi", case.flexpos),
         ("ALiBi, hi + lo parts", direct(on_device_only(alibi, pos, length), None)),
+        ("ALiBi, rate * |distance|", direct(rate_times_abs(alibi, pos, length), None)),
         ("ALiBi, default positions", lambda: flexpos.attention(q, k, v, alibi)),
         ("DPB frozen", lambda: flexpos.attention(q, k, v, dpb, pos=pos)),
+        ("DPB frozen, int32 index", direct(int32_index(dpb, pos, length), tiles)),
         ("DPB frozen, bfloat16 table", lambda: with_bf16_tables(dpb, lambda: flexpos.attention(q, k, v, dpb, pos=pos))),
         ("DPB frozen, grid chosen on the device", direct(on_device_only(dpb, pos, length), tiles)),
     ]
