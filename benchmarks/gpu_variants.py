@@ -84,7 +84,7 @@ def per_head_constant(alibi: flexpos.ALiBi) -> Callable[..., Tensor]:
 def on_device_only(module: flexpos.Positional, pos: Tensor, length: int) -> Callable[..., Tensor]:
     """``module``'s score_mod as a caller's torch.compile gets it: nothing read back to the host
     (ALiBi reads hi and lo parts, DPB a value and a slope)."""
-    with mock.patch.object(flexpos.positions, "host_reads", lambda: False), torch.no_grad():
+    with flexpos.no_host_reads(), torch.no_grad():
         positions = Positions.resolve((pos.shape[0],), length, length, pos.device, pos)
         return module.score_mod(positions)
 

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 
 from ._host import host_reads
 
-# Position dtypes: every int, and the floats whose values torch can check and subtract.
-_FLOAT_POSITIONS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Largest distance between two positions of one sequence: int64 holds every difference of
+# integers below it; float32 (the distance tables' dtype) holds float differences below it.
+POSITION_SPAN = {"int": (2**62, "2**62"), "float": (1e38, "1e38")}
 
 
 def check_tensor(name: str, x: object) -> Tensor:
@@ -32,9 +33,15 @@ def check_rank(name: str, x: Tensor, min_rank: int, shape_doc: str) -> None:
         )
 
 
+# Model dtypes: the floats that attention, its transforms and its layers compute in.
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_float(name: str, x: Tensor) -> None:
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating point tensor, got dtype {x.dtype}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(
+            f"{name} must be a floating point tensor (float16, bfloat16, float32 or float64), got dtype {x.dtype}"
+        )
 
 
 def check_bool(name: str, value: object) -> bool:
@@ -90,12 +97,18 @@ def check_positive_float(name: str, value: object) -> float:
 
 
 def check_positions(
-    name: str, pos: Tensor, batch: Sequence[int], length: int, device: Optional[torch.device] = None
+    name: str,
+    pos: Tensor,
+    batch: Sequence[int],
+    length: int,
+    device: Optional[torch.device] = None,
+    values: bool = True,
 ) -> None:
-    """``pos`` must be ``(*batch, L')`` with ``L' <= length``, real-valued and finite, and
-    readable from ``device`` (the meta device holds no values)."""
+    """``pos`` must be ``(*batch, L')`` with ``L' <= length``, int or float, and readable from
+    ``device`` (the meta device holds no values); with ``values``, its values (see
+    :func:`read_positions`) and their span (:func:`check_position_span`)."""
     check_tensor(name, pos)
-    if pos.dtype == torch.bool or pos.is_complex() or (pos.is_floating_point() and pos.dtype not in _FLOAT_POSITIONS):
+    if pos.dtype == torch.bool or pos.is_complex() or (pos.is_floating_point() and pos.dtype not in _FLOATS):
         raise TypeError(
             f"{name} must hold int or float positions (float16, bfloat16, float32 or float64), got dtype {pos.dtype}"
         )
@@ -103,7 +116,7 @@ def check_positions(
         raise ValueError(f"{name} is on the meta device (no values) but the attention inputs are on {device}")
     # Messages are formatted only on failure: formatting a symbolic length while a caller's
     # torch.compile traces would pin it to its value (a recompile for every new length).
-    expected = lambda: f"({', '.join(map(str, batch))}, L') with L' <= {length}"  # noqa: E731
+    expected = lambda: f"({', '.join([*map(str, batch), 'L' + chr(39)])}) with L' <= {length}"  # noqa: E731
     if pos.ndim != len(batch) + 1 or tuple(pos.shape[:-1]) != tuple(batch):
         raise ValueError(f"{name} must have shape {expected()}, got {tuple(pos.shape)}")
     if pos.shape[-1] > length:
@@ -111,8 +124,58 @@ def check_positions(
             f"{name} has {pos.shape[-1]} positions but the sequence has only {length} tokens; "
             f"expected shape {expected()}"
         )
-    if pos.is_floating_point() and host_reads() and not bool(torch.isfinite(pos).all()):
-        raise ValueError(f"{name} must be finite, found NaN or inf")
+    if values:
+        check_position_span([(name, pos, read_positions(name, pos))])
+
+
+Extents = tuple[list, list]
+"""Per sequence (row of the leading dims): the smallest and the largest position (Python ints
+for integer positions, exact; floats otherwise)."""
+
+
+def read_positions(name: str, pos: Tensor) -> Optional[Extents]:
+    """Check the values of positions ``pos`` (*, L'), reading them back once: floats must be
+    finite, uint64 values must fit int64. Returns their :data:`Extents`, or None where nothing
+    is read (:func:`host_reads` says no, or the meta device)."""
+    if pos.shape[-1] == 0:
+        return [], []
+    if pos.is_meta or not host_reads():
+        return None
+    rows = pos.detach().reshape(-1, pos.shape[-1])
+    if rows.is_floating_point():
+        wide = rows.double()
+        ok = torch.isfinite(wide).all(-1)
+    elif rows.dtype == torch.uint64:
+        wide = rows.view(torch.int64)  # values from 2**63 on turn negative
+        ok = (wide >= 0).all(-1)
+    else:
+        wide = rows.long()  # amin/amax have no kernels for every int dtype
+        ok = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+    fine, lows, highs = torch.stack((ok.to(wide.dtype), wide.amin(-1), wide.amax(-1))).tolist()  # one read
+    if not all(fine):
+        if rows.is_floating_point():
+            raise ValueError(f"{name} must be finite, found NaN or inf")
+        raise ValueError(f"{name} (uint64) must hold values below 2**63 (int64's range), got larger ones")
+    return lows, highs
+
+
+def check_position_span(named: Sequence[tuple[str, Tensor, Optional[Extents]]]) -> None:
+    """Positions of one call, ``(name, positions, extents read)``: the queries' and the keys'
+    (one tensor for self-attention), whose distances are formed across them, must lie within
+    :data:`POSITION_SPAN` of each other in each sequence. Unread extents are not checked."""
+    read = [(name, p, e) for name, p, e in named if e is not None and e[0]]
+    if not read:
+        return
+    kind = "float" if any(p.is_floating_point() for _, p, _ in read) else "int"
+    per_row = zip(zip(*(e[0] for *_, e in read)), zip(*(e[1] for *_, e in read)))
+    span = max(max(highs) - min(lows) for lows, highs in per_row)
+    limit, shown = POSITION_SPAN[kind]
+    if span > limit:
+        names = " and ".join(name for name, *_ in read)
+        raise ValueError(
+            f"{names} must lie within {shown} of each other in each sequence "
+            f"({kind} distances would overflow), got positions {span:.3g} apart"
+        )
 
 
 def check_bool_mask(name: str, mask: Tensor, shapes: Sequence[tuple[int, ...]]) -> None:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_positive_int
+from ._host import host_reads
 from .base import Positional, ScoreMod
 from .learned import position_mlp, run_mlp
 from .positions import Positions
@@ -175,6 +176,9 @@ class DPB(Positional):
         values, slopes = self.tables(grid, dtype, positions.q.requires_grad or positions.k.requires_grad)
         rel = positions.relative(dtype)
         start, step = grid.start.to(dtype), grid.step.to(dtype)
+        # Positions whose values were not checked (no host reads) may be NaN: keep the read of a
+        # NaN distance (whose bias is NaN anyway) inside the table.
+        last_cell = None if host_reads() else values.shape[-1] - 1
 
         def dpb(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             delta, valid = rel.distance(b, q_idx, kv_idx)
@@ -183,6 +187,8 @@ class DPB(Positional):
             cell = torch.floor((delta - start) / step)
             offset = delta - (start + cell * step)
             cell = cell.to(torch.int64) + 1  # past the guard cell
+            if last_cell is not None:
+                cell = cell.clamp(0, last_cell)
             bias = values[h, cell] + slopes[h, cell] * offset
             return score - torch.where(valid, bias, 0.0).to(score.dtype)
 

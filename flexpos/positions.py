@@ -14,9 +14,9 @@ Score_mods read fewer tables where the host knows that costs nothing in precisio
 default positions ``0 .. L-1`` (the distance is ``q_idx - kv_idx``), and the ``hi`` part alone
 for integer positions that lie within 2**24 of each other, queries and keys together (each
 sequence's largest minus smallest position). Those extents are read back from the positions'
-device once per call (two ints per sequence and side), in eager calls only (see
-:mod:`flexpos._host`): inside a caller's torch.compile, where a read would break the graph, and
-in :func:`flexpos.no_host_reads`, every table is read. CPU reads every table (see
+device with the check of their values, once per call and tensor (two numbers per sequence), in
+eager calls only (see :mod:`flexpos._host`): inside a caller's torch.compile, where a read would
+break the graph, and in :func:`flexpos.no_host_reads`, every table is read. CPU reads every table (see
 :func:`fewer_tables`).
 
 Shape legend: B batch, Lq/Lk query/key tokens, Lq'/Lk' positions (<= tokens).
@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_positions
-from ._host import host_reads
+from ._checks import Extents, check_position_span, check_positions, read_positions
 
 BLOCK = 128  # FlexAttention's block size; per-token tables are padded to a multiple of it
 
@@ -105,15 +104,18 @@ class Positions:
         len_q: int,
         len_k: int,
         given: tuple[Optional[Tensor], Optional[Tensor]] = (None, None),
+        read: tuple[Optional[Extents], Optional[Extents]] = (None, None),
     ) -> None:
         """``given``: the user's tensors for the query and key sides (None for the default
-        positions), as passed: on their own device, leading batch dims not yet flattened."""
+        positions), as passed: on their own device, leading batch dims not yet flattened;
+        ``read``: their extents as read back by :func:`read_positions` (None: not read)."""
         self.q, self.k, self.len_q, self.len_k = q, k, len_q, len_k
         self._given = given
         self._relative: dict[torch.dtype, Relative] = {}  # shared by the score_mods of one call
         self._offset: Optional[Tensor] = None
-        self._extents: Optional[list[tuple[int, int, int, int]]] = None
-        self._extents_read = False
+        sides = [self._side_extents(*side) for side in zip(given, read, (len_q, len_k))]
+        known = self.is_integer and None not in sides
+        self._extents: Optional[list[tuple[int, int, int, int]]] = list(zip(*sides[0], *sides[1])) if known else None
 
     @classmethod
     def resolve(
@@ -140,16 +142,20 @@ class Positions:
                     f"{len_k}; pass pos_q and pos_k for cross-attention"
                 )
             pos_q = pos_k = pos
-        check_pos = lambda name, p, n: check_positions(name, p, batch, n, device)  # noqa: E731
-        if pos_q is not None:
-            check_pos("pos" if pos is not None else "pos_q", pos_q, len_q)
-        if pos_k is not None and pos is None:
-            check_pos("pos_k", pos_k, len_k)
+        named = [("pos", pos, len_q)] if pos is not None else [("pos_q", pos_q, len_q), ("pos_k", pos_k, len_k)]
+        read = []
+        for name, p, length in named:
+            if p is not None:
+                check_positions(name, p, batch, length, device, values=False)
+                read.append((name, p, read_positions(name, p)))
+        check_position_span(read)
+        extents = {name: e for name, _, e in read}
         flat = math.prod(batch)
         q = _flat_or_default(pos_q, flat, len_q, device)
         shared = pos_k is pos_q and len_q == len_k  # self-attention: one tensor for both sides
         k = q if shared else _flat_or_default(pos_k, flat, len_k, device)
-        return cls(q, k, len_q, len_k, (pos_q, pos_k))
+        q_read = extents.get("pos", extents.get("pos_q"))
+        return cls(q, k, len_q, len_k, (pos_q, pos_k), (q_read, extents.get("pos", extents.get("pos_k"))))
 
     @property
     def batch(self) -> int:
@@ -174,8 +180,8 @@ class Positions:
 
     def integer_span(self) -> Optional[int]:
         """Largest ``|p_q - p_k|`` of this call for integer positions, as a Python int known on
-        the host: from the lengths for default positions, else read from the positions (one
-        small read per call, none where :func:`host_reads` says no: None there, and for floats)."""
+        the host: from the lengths for default positions, else as read with the positions' check
+        (none where :func:`flexpos._host.host_reads` says no: None there, and for floats)."""
         rows = self._extent_rows()
         if rows is None:
             return None
@@ -191,19 +197,13 @@ class Positions:
 
     def _extent_rows(self) -> Optional[list[tuple[int, int, int, int]]]:
         """Per sequence: smallest and largest query position, smallest and largest key position
-        (rows without positions on a side are left out), read once per call; None where unknown."""
-        if not self._extents_read:
-            self._extents_read = True
-            self._extents = self._read_extents() if self.is_integer else None
+        (rows without positions on a side are left out), as read when the positions were
+        checked; None where unknown (floats, or not read)."""
         return self._extents
 
-    def _read_extents(self) -> Optional[list[tuple[int, int, int, int]]]:
-        q = _host_extents(self._given[0], self.len_q, self.batch)
-        same = self._given[1] is self._given[0] and self.len_k == self.len_q  # self-attention: one read
-        k = q if same else _host_extents(self._given[1], self.len_k, self.batch)
-        if q is None or k is None:
-            return None
-        return list(zip(*q, *k))
+    def _side_extents(self, given: Optional[Tensor], read: Optional[Extents], length: int) -> Optional[Extents]:
+        """One side's extents: those read from the user's positions, or ``0 .. L-1``'s."""
+        return ([0] * self.batch, [length - 1] * self.batch) if given is None else read
 
     def absolute(self, side: str, centred: bool = False) -> Tensor:
         """Float64 positions of ``side`` ('q' or 'k'), zero-padded on the left to (B, L).
@@ -299,21 +299,6 @@ def fewer_tables(device: torch.device) -> bool:
     docstring). Not on CPU: Inductor's CPU flex kernel (torch 2.13) fails to build ALiBi and DPB
     from one table per side or from none (C++ error: 'cur_kvSplitSize4' was not declared)."""
     return device.type != "cpu"
-
-
-def _host_extents(p: Optional[Tensor], length: int, rows: int) -> Optional[tuple[list[int], list[int]]]:
-    """Smallest and largest integer position per sequence (``rows`` of them), or None where the
-    values may not be read (see :func:`host_reads`) or have none (meta). ``p`` (*, L') as
-    given; None: ``0 .. L-1``."""
-    if p is None:
-        return [0] * rows, [length - 1] * rows
-    if p.shape[-1] == 0:
-        return [], []  # no positions, no distance
-    if not host_reads() or p.is_meta:
-        return None
-    flat = p.detach().reshape(-1, p.shape[-1]).long()  # amin/amax have no unsigned kernels
-    smallest, largest = torch.stack((flat.amin(-1), flat.amax(-1))).tolist()  # one read
-    return smallest, largest
 
 
 def _minus(p: Tensor, ref: Tensor) -> Tensor:

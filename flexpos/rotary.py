@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_even, check_float, check_rank, check_tensor
+from ._checks import check_even, check_float, check_module_device, check_rank, check_tensor
 from ._compile import lazy_compile
 from .base import QK, Positional
 from .positions import Positions
@@ -207,6 +207,9 @@ class Rotary(Positional):
             raise ValueError(
                 f"k must have shape (*{tuple(q.shape[:-2])}, Lk, D) like q {tuple(q.shape)}, got {tuple(k.shape)}"
             )
+        if k.device != q.device:
+            raise ValueError(f"q and k must be on one device, got {q.device}/{k.device}")
+        check_module_device(self, q.device)
         batch = tuple(q.shape[:-3])
         positions = Positions.resolve(batch, q.shape[-2], k.shape[-2], q.device, pos, pos_q, pos_k)
         flat_q, flat_k = q.flatten(0, -4), k.flatten(0, -4)

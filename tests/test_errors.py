@@ -11,6 +11,8 @@ q = torch.randn(2, 4, 10, 8)
 k = torch.randn(2, 4, 12, 8)
 v = torch.randn(2, 4, 12, 8)
 sq = torch.randn(2, 4, 10, 8)  # self-attention
+# int64 positions 2**63 + 2**61 apart in the second sequence: their difference overflows int64
+far_ints = torch.tensor([list(range(10)), [-(2**62) - 1] + [2**62 + 2**61] * 9])
 
 
 def attn(*args, **kwargs):
@@ -125,6 +127,23 @@ def attn(*args, **kwargs):
         (lambda: AttentionLayer(32, 4)(torch.randn(2, 10, 32), torch.zeros(2, 10)), ValueError, "positions are keyword-only, pass them as pos="),
         (lambda: ALiBi(4)(sq), TypeError, r"ALiBi is not called on tensors: pass it to flexpos.attention\(q, k, v, alibi"),
         (lambda: XL(32, 4)(sq, sq), TypeError, "XL is not called on tensors"),
+        (lambda: attn(q.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)), TypeError,
+         r"q must be a floating point tensor \(float16, bfloat16, float32 or float64\), got dtype torch.float8_e4m3fn"),
+        (lambda: Rotary(8)(sq.to(torch.float8_e5m2), sq), TypeError, "q must be a floating point tensor"),
+        (lambda: Rotary(8)(sq, sq.to("meta")), ValueError, "q and k must be on one device, got cpu/meta"),
+        (lambda: Rotary(8).to("meta")(sq, sq), ValueError, "Rotary is on meta but its input is on cpu"),
+        (lambda: attn(sq, sq, sq, pos=far_ints), ValueError,
+         r"pos must lie within 2\*\*62 of each other in each sequence \(int distances would overflow\), got positions 1.15e\+19 apart"),
+        (lambda: attn(sq, sq, sq, pos=torch.full((2, 10), 2**63 + 5, dtype=torch.uint64)), ValueError,
+         r"pos \(uint64\) must hold values below 2\*\*63"),
+        (lambda: attn(sq, sq, sq, pos=torch.linspace(0, 1e39, 10, dtype=torch.float64).expand(2, 10)), ValueError,
+         r"pos must lie within 1e38 of each other in each sequence \(float distances would overflow\), got positions 1e\+39 apart"),
+        (lambda: attn(q, k, v, pos_q=torch.zeros(2, 10, dtype=torch.float64), pos_k=torch.full((2, 12), 2e38, dtype=torch.float64)),
+         ValueError, "pos_q and pos_k must lie within 1e38 of each other"),
+        (lambda: attn(q, k, v, pos_q=torch.zeros(2, 10), pos_k=torch.full((2, 12), float("inf"))), ValueError, "pos_k must be finite"),
+        (lambda: Sinusoidal(8)(torch.randn(3, 8), pos=torch.zeros(1, 3)), ValueError, r"pos must have shape \(L'\) with L' <= 3"),
+        (lambda: AttentionLayer(32, 4)(torch.randn(2, 10, 32), torch.randn(2, 7, 32), pos_context=torch.full((2, 7), float("nan"))),
+         ValueError, "pos_context must be finite"),
     ],
 )
 def test_bad_input(call, error, match):

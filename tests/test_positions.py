@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import flexpos._checks
 import flexpos.positions
 from flexpos.positions import Positions
 
@@ -25,6 +26,15 @@ def test_genomic_int64_distances_are_exact():
     # the naive float32 route rounds positions to multiples of 128 and is far off
     naive = pos.float()[:, :, None] - pos.float()[:, None, :]
     assert (naive.double() - expected).abs().max() >= 64
+
+
+def test_each_sequence_may_lie_anywhere_in_int64():
+    """The span limit (2**62) holds per sequence: sequences near -2**62 and 2**63 - 1 are far
+    apart from each other, and their own distances are exact."""
+    pos = torch.tensor([[-(2**62) - 3, -(2**62), -(2**62) + 5], [2**63 - 9, 2**63 - 4, 2**63 - 1]])
+    delta, _ = _grid_delta(Positions.resolve((2,), 3, 3, "cpu", pos=pos))
+    small = pos - pos[:, :1]  # the same distances, computed from small numbers
+    assert torch.equal(delta.double(), (small[:, :, None] - small[:, None, :]).double())
 
 
 def test_float_distances_have_float32_accuracy_of_the_difference():
@@ -124,7 +134,7 @@ def test_unsigned_positions_are_read_as_their_values(dtype, accelerator_tables):
 
 
 def test_spans_are_not_read_inside_a_callers_compile(accelerator_tables, monkeypatch):
-    monkeypatch.setattr(flexpos.positions, "host_reads", lambda: False)
+    monkeypatch.setattr(flexpos._checks, "host_reads", lambda: False)
     pos = torch.tensor([[0, 5, 9]])
     positions = Positions.resolve((1,), 3, 3, "cpu", pos=pos)
     assert positions.integer_span() is None and positions.relative().q_lo is not None
@@ -149,9 +159,10 @@ def test_meta_positions_have_no_span_to_read(accelerator_tables):
 
 
 def test_self_attention_positions_are_read_once(accelerator_tables, monkeypatch):
-    read = flexpos.positions._host_extents
+    """One read back per positions tensor checks its values and gives its extents."""
+    read = flexpos.positions.read_positions
     calls = []
-    monkeypatch.setattr(flexpos.positions, "_host_extents", lambda p, *a: calls.append(p) or read(p, *a))
+    monkeypatch.setattr(flexpos.positions, "read_positions", lambda name, p: calls.append(p) or read(name, p))
     pos = torch.tensor([[3, 9, 20]])
     assert Positions.resolve((1,), 3, 3, "cpu", pos=pos).integer_span() == 17
     assert len(calls) == 1

@@ -83,7 +83,8 @@ def dpb_grid(request, monkeypatch):
     monkeypatch.setattr(flexpos.dpb, "shrinks_grid", lambda device: cpu)
     monkeypatch.setattr(flexpos.positions, "fewer_tables", lambda device: not cpu)
     if request.param == "span on device":
-        monkeypatch.setattr(flexpos.positions, "host_reads", lambda: False)
+        for module in (flexpos._checks, flexpos.dpb):  # where positions are read, and DPB
+            monkeypatch.setattr(module, "host_reads", lambda: False)
     return request.param
 
 
@@ -357,6 +358,16 @@ def test_dpb_reads_its_table_only_inside_the_grid(dpb_grid):
     pq, hq = R.padded_positions(pos_q, 1, 2)
     pk, hk = R.padded_positions(pos_k, 1, 2)
     assert_close(out, R.attend(q, k, v, R.dpb_bias(dpb, pq, pk, hq, hk, 1.0)))
+
+
+def test_dpb_with_unchecked_nan_positions_gives_nan_not_a_read_past_its_table():
+    """In no_host_reads positions are not checked; a NaN distance has no cell in the grid (and
+    makes the grid, chosen on the device for the whole batch, NaN too): every output is NaN."""
+    q, k, v = qkv(6, 6, batch=(2,))
+    pos = torch.tensor([[0.0, 1, 2, float("nan"), 4, 5], [0, 1, 2, 3, 4, 5]])
+    with torch.no_grad(), flexpos.no_host_reads():
+        out = flexpos.attention(q, k, v, DPB(8, H).double(), pos=pos)
+    assert out.isnan().all()
 
 
 def cross_reference(scheme, module, q, k, v, pos_q, pos_k):
