@@ -46,7 +46,9 @@ def dpb_dense_bias(dpb: NativeDPB, positions: Positions) -> Tensor:
     b, _, q, kv = index_grids(positions.batch, 1, positions.len_q, positions.len_k, positions.q.device)
     delta, valid = positions.relative(torch.float64).distance(b[:, 0], q[:, 0], kv[:, 0])  # (N, L1, L2)
     bias = dpb.bias_at(delta)  # (N, L1, L2, NH)
-    return -torch.where(valid[..., None], bias, torch.zeros_like(bias)).permute(0, 3, 1, 2)
+    # Default positions give one (1, L1, L2) distance grid for every sequence.
+    bias = -torch.where(valid[..., None], bias, torch.zeros_like(bias)).permute(0, 3, 1, 2)
+    return bias.expand(positions.batch, -1, -1, -1)
 
 
 def head_parity(b: Tensor, h: Tensor, q_idx: Tensor) -> Tensor:

@@ -100,6 +100,27 @@ def layer_mask(mask: Optional[Tensor], batch: tuple[int, ...], heads: int, lengt
     return LayerMask(keep=keep, bias=bias, bias_from=bias_from)
 
 
+def dense_layer_mask(
+    masks: LayerMask, batch: tuple[int, ...], heads: int, length: int, dtype: torch.dtype
+) -> Optional[Tensor]:
+    """``masks`` as one additive float mask (*batch, NH, L, L) in ``dtype`` (-inf where not
+    kept), or None: the mask that plugins' own ``mod_mask`` hooks receive."""
+    if masks.keep is None and masks.bias is None:
+        return None
+    device = (masks.keep if masks.keep is not None else masks.bias).device
+    dense = torch.zeros(*batch, heads, length, length, dtype=dtype, device=device)
+    if masks.bias is not None:
+        bias = masks.bias.reshape(*batch, *masks.bias.shape[1:]).to(dtype)
+        rows = torch.arange(length, device=device)[:, None] >= masks.bias_from
+        dense = dense + torch.where(rows, bias, torch.zeros_like(bias))
+    if masks.keep is not None:
+        keep = masks.keep
+        keep = keep[..., None, None, :] if keep.ndim == len(batch) + 1 else keep
+        keep = keep[..., None, :, :] if keep.ndim == len(batch) + 2 else keep
+        dense = dense.masked_fill(~keep, float("-inf"))
+    return dense
+
+
 class AdditiveMask(Positional):
     """A float mask (N, NH|1, Lq|1, Lk) added to the scores of query rows ``first_query ..``,
     as a flexpos score_mod."""

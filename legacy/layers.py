@@ -31,7 +31,7 @@ from flexpos.base import Positional
 
 from ._hint import hint_once
 from ._layout import expand_batch
-from ._masks import AdditiveMask, LayerMask, layer_mask
+from ._masks import AdditiveMask, LayerMask, dense_layer_mask, layer_mask
 from .positional import Base
 
 Plugins = Union[Base, Sequence[Base], nn.ModuleList, None]
@@ -174,13 +174,32 @@ class AttnLayer(nn.Module):
         )
         masks = layer_mask(mask, batch, self.nh, length)
         pos_batch = expand_batch(pos, batch)
-        modules = self.flex_modules(batch, pos)  # the plugins see pos as given (ALiBi's alternation)
+        if any(p.runs_hooks() for p in self.plugin):
+            q, k, v, masks = self._run_hooks(q, k, v, masks, pos, batch, length)
+            modules, pos_batch = [], None
+        else:
+            modules = self.flex_modules(batch, pos)  # the plugins see pos as given (ALiBi's alternation)
         if masks.bias is not None:
             modules.append(AdditiveMask(masks.bias, masks.bias_from))
         out = flexpos.attention(
             q, k, v, *modules, pos=pos_batch, mask=masks.keep, causal=causal, backend=self._backend(masks)
         )
         return self.to_out(rearrange(out, "... n l h -> ... l (n h)"))
+
+    def _run_hooks(
+        self, q: Tensor, k: Tensor, v: Tensor, masks: LayerMask, pos: Optional[Tensor], batch: tuple[int, ...], length: int
+    ) -> tuple[Tensor, Tensor, Tensor, LayerMask]:
+        """bio-attention's plugin loop, for plugins whose own hooks must run (see
+        :meth:`legacy.positional.Base.runs_hooks`): each plugin's ``mod_qkv`` then ``mod_mask``
+        on q, k, v (B, *, L, NH, H) and a materialised (B, *, NH, L, L) float mask. Returns
+        q, k, v (B, *, NH, L, H) and the final mask, split again for flexpos."""
+        q, k, v = (t.transpose(-2, -3) for t in (q, k, v))
+        dense = dense_layer_mask(masks, batch, self.nh, length, q.dtype)
+        for plug in self.plugin:
+            q, k, v = plug.mod_qkv(q, k, v, pos_q_k=pos)
+            dense = plug.mod_mask(dense, q, k, v, pos_q_k=pos)
+        q, k, v = (t.transpose(-2, -3) for t in (q, k, v))
+        return q, k, v, layer_mask(dense, batch, self.nh, length)
 
     def flex_modules(self, batch: tuple[int, ...], pos: Optional[Tensor]) -> list[Positional]:
         """The plugins as flexpos modules for one call (identity plugins dropped)."""

@@ -100,6 +100,14 @@ class Base(Positional):
         plugin does nothing there. ``batch``: leading dims of x; ``pos``: positions as given."""
         return self if (self.transforms_qk or self.modifies_scores) else None
 
+    def runs_hooks(self) -> bool:
+        """Whether the layers must call this plugin's own ``mod_qkv``/``mod_mask``: a subclass
+        (written by a user) overrides them but not :meth:`flex_module`, which would ignore them."""
+        cls = type(self)
+        builtin = next(c for c in cls.__mro__ if c.__module__ == __name__)  # nearest legacy class
+        overrides = lambda name: getattr(cls, name) is not getattr(builtin, name)  # noqa: E731
+        return (overrides("mod_qkv") or overrides("mod_mask")) and not overrides("flex_module")
+
     def apply_pos_division(self, x: Tensor) -> Tensor:
         """Positions divided by the (possibly learned) divisor."""
         return x / self.divisor(torch.promote_types(x.dtype, torch.float32))

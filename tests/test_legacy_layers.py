@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from bio_attention import attention as original_attention
+from bio_attention import positional as original_positional
 from bio_attention.attention import Attention
 from torch import nn
 
@@ -493,3 +494,94 @@ def test_unsupported_arguments_raise_clear_errors():
         layer(torch.randn(2, L, DIM), pos_q=torch.arange(L))
     with pytest.raises(ValueError, match="activation"):
         TransformerLayer(None, DIM, NH, activation="tanh")
+
+
+# ----------------------------------------------------------------------------- user-written plugins
+
+
+def hook_plugins(positional):
+    """User plugins written against the hook API of ``positional`` (bio-attention's or legacy's):
+    a local bias through ``mod_mask`` alone, a Rotary that also scales q, an ALiBi whose bias
+    is doubled."""
+
+    class LocalBias(positional.Base):
+        def mod_mask(self, mask, q, k, v, **kwargs):
+            i = torch.arange(q.shape[-3])[:, None]
+            j = torch.arange(k.shape[-3])[None, :]
+            local = (-0.3 * (i - j).abs().float()).masked_fill((i - j).abs() > 3, -math.inf)
+            local = local.expand(*q.shape[:-3], q.shape[-2], *local.shape)
+            return local if mask is None else mask + local
+
+    class ScaledRotary(positional.Rotary):
+        def mod_qkv(self, q, k, v, **kwargs):
+            q, k, v = super().mod_qkv(q, k, v, **kwargs)
+            return 0.5 * q, k, v
+
+    class DoubledALiBi(positional.ALiBi):
+        def mod_mask(self, mask, q, k, v, **kwargs):
+            return 2 * super().mod_mask(mask, q, k, v, **kwargs)
+
+    return LocalBias(), ScaledRotary(H, n_dims=8), DoubledALiBi(NH, asymmetric=True)
+
+
+@pytest.mark.parametrize("kind", ["plain", "positions", "pair_mask", "head_float_mask", "causal"])
+def test_user_plugins_overriding_hooks_run_their_hooks(kind):
+    """Plugins that override mod_qkv/mod_mask run through their hooks (with built-in plugins
+    around them, in order), as in bio-attention's layers."""
+    plugins = hook_plugins(legacy)
+    assert all(p.runs_hooks() for p in plugins)
+    orig_plugins = hook_plugins(original_positional)
+    orig_xl, new_xl = pair("XL", DIM, NH, divide=2.0)
+    orig = original_attention.TransformerLayer(Attention(), DIM, NH, plugin=[*orig_plugins, orig_xl], dropout=0.0)
+    new = TransformerLayer(Attention(), DIM, NH, plugin=[*plugins, new_xl], dropout=0.0)
+    new.load_state_dict(orig.state_dict(), strict=True)
+    compare(orig, new, torch.randn(2, L, DIM), **_inputs(kind, [], (2,)))
+
+
+def test_only_overridden_hooks_run_as_hooks():
+    class Renamed(legacy.ALiBi):
+        pass
+
+    class OwnModule(legacy.ALiBi):
+        def mod_mask(self, mask, q, k, v, **kwargs):
+            return super().mod_mask(mask, q, k, v, **kwargs)
+
+        def flex_module(self, batch, pos):
+            return super().flex_module(batch, pos)
+
+    assert not any(p.runs_hooks() for p in (legacy.Base(), legacy.ALiBi(NH), Renamed(NH), OwnModule(NH)))
+
+
+@pytest.mark.parametrize("kind", ["key_mask", "short_key_mask", "short_float_key_mask", "pair_mask", "head_float_mask"])
+def test_hooks_receive_the_mask_the_flex_path_applies(kind):
+    """A hook plugin that returns the mask unchanged gives the plugin-free layer's output: the
+    materialised mask holds legacy's semantics (CLS rows, padded keys, float parts)."""
+
+    class Unchanged(legacy.Base):
+        def mod_mask(self, mask, q, k, v, **kwargs):
+            return mask
+
+    mask = {
+        "key_mask": key_mask(2, L),
+        "short_key_mask": key_mask(2, L - 3),
+        "short_float_key_mask": torch.randn(2, L - 3).masked_fill(~key_mask(2, L - 3), -math.inf),
+        "pair_mask": pair_mask(2, L, L),
+        "head_float_mask": torch.randn(2, NH, L, L).masked_fill(~pair_mask(2, NH, L, L), -math.inf),
+    }[kind]
+    plain = AttnLayer(DIM, None, nh=NH)
+    hooked = AttnLayer(DIM, None, nh=NH, plugin=[Unchanged()])
+    hooked.load_state_dict(plain.state_dict())
+    x = torch.randn(2, L, DIM)
+    assert_same(hooked(x, mask=mask), plain(x, mask=mask))
+
+
+def test_original_cross_transformer_layer_takes_legacy_plugins():
+    """bio-attention's layers that legacy does not provide call the plugins' hooks."""
+    cases = [PLUGINS[4], PLUGINS[8], PLUGINS[5]]
+    orig_plugins, new_plugins = plugin_pairs(cases)
+    orig = original_attention.CrossTransformerLayer(Attention(), DIM, NH, plugin=orig_plugins, dropout=0.0)
+    new = original_attention.CrossTransformerLayer(Attention(), DIM, NH, plugin=new_plugins, dropout=0.0)
+    new.load_state_dict(orig.state_dict(), strict=True)
+    x, context, pos = torch.randn(2, L, DIM), torch.randn(2, 7, DIM), irregular(2, L)
+    keep = key_mask(2, L)
+    assert_same(new(x, context, pos=pos, mask_x=keep), orig(x, context, pos=pos, mask_x=keep))

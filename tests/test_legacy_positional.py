@@ -183,7 +183,10 @@ def _bias_call(module, mask, q, k, v, kind, pos):
 @pytest.mark.parametrize("batch", BATCHES, ids=str)
 @pytest.mark.parametrize("kind", ["default", "self", "cross"])
 @pytest.mark.parametrize("mask", ["none", "full", "short"])
-def test_mod_mask_matches(case, batch, kind, mask):
+@pytest.mark.parametrize("tables", ["cpu", "accelerator"])
+def test_mod_mask_matches(case, batch, kind, mask, tables, monkeypatch):
+    """Also with the relative tables built as on accelerators (none for default positions)."""
+    monkeypatch.setattr(flexpos.positions, "fewer_tables", lambda device: tables == "accelerator")
     name, args, kwargs = case
     orig, new = pair(name, *args, **kwargs)
     lk = 7 if kind == "cross" else L
