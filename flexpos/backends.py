@@ -46,8 +46,8 @@ def _flex(device: torch.device) -> Callable[..., Tensor]:
     itself, which the caller's compile fuses into its graph.
 
     On CUDA with Dynamo's automatic sizes: static until a call with other sizes, symbolic from
-    then on. Static sizes made flex 1.40x faster on an H200 (no score_mod and ALiBi alike, bf16,
-    L=8192, forward+backward; benchmarks/results/gpu-2026-11-27-b.txt), at the price of one more
+    then on. Static sizes made flex with no score_mod 1.3x faster on an H200 (bf16, L=8192,
+    forward+backward; benchmarks/results/gpu-2026-11-27-c.txt and -d.txt), at the price of one more
     compile when B or L first change. Elsewhere symbolic from the first call.
     """
     if torch.compiler.is_compiling():

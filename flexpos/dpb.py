@@ -20,8 +20,8 @@ but carries no gradient.
 
 In eager calls the span of integer positions is known on the host (see
 :meth:`Positions.integer_span`): where the grid is exact the score_mod reads the value alone,
-no slope (on an H200, DPB with its MLP frozen took 67 instead of 152 ms that way:
-benchmarks/results/gpu-2026-11-27-b.txt). On CPU the exact grid then has just ``2 * span + 1``
+no slope (on an H200, DPB with its MLP frozen took 50 instead of 136 ms that way:
+benchmarks/results/gpu-2026-11-27-d.txt). On CPU the exact grid then has just ``2 * span + 1``
 nodes (DPB's forward at L=4096: 394-398 instead of 428-485 ms, benchmarks/results/cpu-2026-11-27.txt);
 elsewhere it keeps ``table_size`` nodes, so that the table's size, and with it the compiled
 kernel, does not change from call to call. Inside a caller's torch.compile (and in

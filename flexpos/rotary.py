@@ -124,7 +124,8 @@ class Rotary(Positional):
 
     ``n_dims`` limits rotation to the first ``n_dims`` features of each head. Angles are formed
     in float64 from absolute positions (in :func:`flexpos.attention`, from positions minus a
-    per-sequence offset when every token has one: same scores). Tokens without a position are
+    per-sequence offset when every token has one and Rotary is the last q/k transform: same
+    scores). Tokens without a position are
     left unrotated.
 
     Example::

@@ -59,17 +59,18 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help=f"sequence lengths (default {' '.join(map(str, DEFAULT_LENGTHS))})")
     p.add_argument("--schemes", nargs="+", default=None, metavar="S",
                    help=f"any of {', '.join(SCHEMES)} (default {' '.join(SCHEMES)})")
-    p.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwd", help="forward, or forward + backward")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--window", type=float, default=512.0, help="window of the 'window' scheme, in position units")
+    p.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwd", help="forward, or forward + backward (default fwd)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per call (default 1)")
+    p.add_argument("--heads", type=int, default=8, help="attention heads (default 8)")
+    p.add_argument("--head-dim", type=int, default=64, help="features per head (default 64)")
+    p.add_argument("--window", type=float, default=512.0, help="window of the 'window' scheme, in position units (default 512)")
     p.add_argument("--dense", choices=("auto", "bio", "formula"), default="auto",
-                   help="dense baseline: bio-attention's plugins, or the dense formulas in flexpos.bench")
-    p.add_argument("--backend", choices=("auto", "flex", "chunked"), default="auto", help="flexpos backend")
+                   help="dense baseline: bio-attention's plugins, or the dense formulas in flexpos.bench "
+                   "(default auto: bio-attention where installed)")
+    p.add_argument("--backend", choices=("auto", "flex", "chunked"), default="auto", help="flexpos backend (default auto)")
     p.add_argument("--repeat", type=int, default=3,
-                   help="timed runs per path, median reported (paths slower than 5 s run once)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="timed runs per path, median reported (paths slower than 5 s run once; default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs and weights (default 0)")
     p.add_argument("--json", metavar="PATH", help="save the results and machine facts as JSON")
     p.add_argument("--plot", metavar="PATH", help="draw time and memory vs L (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
