@@ -1,7 +1,9 @@
 """Positions of queries and keys, and exact relative distances for score_mods.
 
 Positions may be ints or floats of any magnitude (genomic coordinates near 1e9, spectra in
-m/z), one row per sequence. When a sequence has ``x`` more tokens than positions, its first
+m/z), one row per sequence, as long as the positions of one sequence (queries' and keys'
+together) lie within 2**62 (ints) or 1e38 (floats) of each other, so that their distances fit
+int64 and float32 (checked in eager calls, see :func:`flexpos._checks.read_positions`). When a sequence has ``x`` more tokens than positions, its first
 ``x`` tokens (CLS and the like) have no position and receive no positional effect.
 
 Relative schemes need ``p_i - p_j``. Casting positions near 1.2e9 to float32 first would round
