@@ -3,7 +3,10 @@
 Positions may be ints or floats of any magnitude (genomic coordinates near 1e9, spectra in
 m/z), one row per sequence, as long as the positions of one sequence (queries' and keys'
 together) lie within 2**62 (ints) or 1e38 (floats) of each other, so that their distances fit
-int64 and float32 (checked in eager calls, see :func:`flexpos._checks.read_positions`). When a sequence has ``x`` more tokens than positions, its first
+int64 and float32. Values are checked where they are read back to the host, in eager calls:
+float positions always (also for NaN/inf), integer positions on CPU and, on other devices,
+where a score_mod reads their extents anyway (a read is a sync there; see
+:meth:`Positions._extent_rows`). When a sequence has ``x`` more tokens than positions, its first
 ``x`` tokens (CLS and the like) have no position and receive no positional effect.
 
 Relative schemes need ``p_i - p_j``. Casting positions near 1.2e9 to float32 first would round
@@ -16,8 +19,8 @@ Score_mods read fewer tables where the host knows that costs nothing in precisio
 default positions ``0 .. L-1`` (the distance is ``q_idx - kv_idx``), and the ``hi`` part alone
 for integer positions that lie within 2**24 of each other, queries and keys together (each
 sequence's largest minus smallest position). Those extents are read back from the positions'
-device with the check of their values, once per call and tensor (two numbers per sequence), in
-eager calls only (see :mod:`flexpos._host`): inside a caller's torch.compile, where a read would
+device with the check of their values, at most once per call and tensor (two numbers per
+sequence), in eager calls only (see :mod:`flexpos._host`): inside a caller's torch.compile, where a read would
 break the graph, and in :func:`flexpos.no_host_reads`, every table is read. CPU reads every table (see
 :func:`fewer_tables`).
 
@@ -106,18 +109,18 @@ class Positions:
         len_q: int,
         len_k: int,
         given: tuple[Optional[Tensor], Optional[Tensor]] = (None, None),
-        read: tuple[Optional[Extents], Optional[Extents]] = (None, None),
+        named: Sequence[tuple[str, Tensor]] = (),
     ) -> None:
         """``given``: the user's tensors for the query and key sides (None for the default
         positions), as passed: on their own device, leading batch dims not yet flattened;
-        ``read``: their extents as read back by :func:`read_positions` (None: not read)."""
+        ``named``: the same tensors by argument name (``pos``, or ``pos_q`` and ``pos_k``), for
+        the check of their values."""
         self.q, self.k, self.len_q, self.len_k = q, k, len_q, len_k
-        self._given = given
+        self._given, self._named = given, list(named)
         self._relative: dict[torch.dtype, Relative] = {}  # shared by the score_mods of one call
         self._offset: Optional[Tensor] = None
-        sides = [self._side_extents(*side) for side in zip(given, read, (len_q, len_k))]
-        known = self.is_integer and None not in sides
-        self._extents: Optional[list[tuple[int, int, int, int]]] = list(zip(*sides[0], *sides[1])) if known else None
+        self._extents: Optional[list[tuple[int, int, int, int]]] = None
+        self._extents_read = False
 
     @classmethod
     def resolve(
@@ -145,19 +148,17 @@ class Positions:
                 )
             pos_q = pos_k = pos
         named = [("pos", pos, len_q)] if pos is not None else [("pos_q", pos_q, len_q), ("pos_k", pos_k, len_k)]
-        read = []
+        named = [(name, p, length) for name, p, length in named if p is not None]
         for name, p, length in named:
-            if p is not None:
-                check_positions(name, p, batch, length, device, values=False)
-                read.append((name, p, read_positions(name, p)))
-        check_position_span(read)
-        extents = {name: e for name, _, e in read}
+            check_positions(name, p, batch, length, device, values=False)
         flat = math.prod(batch)
         q = _flat_or_default(pos_q, flat, len_q, device)
         shared = pos_k is pos_q and len_q == len_k  # self-attention: one tensor for both sides
         k = q if shared else _flat_or_default(pos_k, flat, len_k, device)
-        q_read = extents.get("pos", extents.get("pos_q"))
-        return cls(q, k, len_q, len_k, (pos_q, pos_k), (q_read, extents.get("pos", extents.get("pos_k"))))
+        positions = cls(q, k, len_q, len_k, (pos_q, pos_k), [(name, p) for name, p, _ in named])
+        if any(p.is_floating_point() for _, p, _ in named) or torch.device(device).type == "cpu":
+            positions._extent_rows()  # checked now; ints on accelerators where read anyway
+        return positions
 
     @property
     def batch(self) -> int:
@@ -199,8 +200,19 @@ class Positions:
 
     def _extent_rows(self) -> Optional[list[tuple[int, int, int, int]]]:
         """Per sequence: smallest and largest query position, smallest and largest key position
-        (rows without positions on a side are left out), as read when the positions were
-        checked; None where unknown (floats, or not read)."""
+        (rows without positions on a side are left out); None where unknown (floats, or not
+        read). The first call reads the user's positions back, once per tensor, and checks
+        their values (:func:`read_positions`, :func:`check_position_span`)."""
+        if not self._extents_read:
+            self._extents_read = True
+            read = {name: read_positions(name, p) for name, p in self._named}
+            check_position_span([(name, p, read[name]) for name, p in self._named])
+            sides = [
+                self._side_extents(given, read.get("pos", read.get(name)), length)
+                for given, name, length in zip(self._given, ("pos_q", "pos_k"), (self.len_q, self.len_k))
+            ]
+            if self.is_integer and None not in sides:
+                self._extents = list(zip(*sides[0], *sides[1]))
         return self._extents
 
     def _side_extents(self, given: Optional[Tensor], read: Optional[Extents], length: int) -> Optional[Extents]:

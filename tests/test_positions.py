@@ -168,3 +168,18 @@ def test_self_attention_positions_are_read_once(accelerator_tables, monkeypatch)
     assert len(calls) == 1
     assert Positions.resolve((1,), 3, 4, "cpu", pos_q=pos, pos_k=pos).integer_span() == 17
     assert len(calls) == 3  # cross-attention: each side read
+
+
+def test_integer_positions_off_cpu_are_read_only_when_needed(monkeypatch):
+    """Off CPU a read back is a sync: integer positions are read (and checked) where a
+    score_mod needs their extents, not for transforms; float positions always (NaN/inf)."""
+    calls = []
+    monkeypatch.setattr(flexpos.positions, "read_positions", lambda name, p: calls.append(name) or None)
+    meta = torch.device("meta")
+    ints = Positions.resolve((1,), 3, 3, meta, pos=torch.zeros(1, 3, dtype=torch.long, device="meta"))
+    assert calls == []
+    ints.integer_span()
+    ints.integer_span()
+    assert calls == ["pos"]
+    Positions.resolve((1,), 3, 4, meta, pos_q=torch.zeros(1, 3, device="meta"), pos_k=torch.zeros(1, 4, device="meta"))
+    assert calls == ["pos", "pos_q", "pos_k"]
