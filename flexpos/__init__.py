@@ -6,6 +6,8 @@ score_mods (:class:`ALiBi`, :class:`DPB`) run inside :func:`attention`. Masks ar
 from :mod:`flexpos.masks`.
 """
 
+__version__ = "0.1.0"
+
 from ._compile import set_compile
 from ._host import no_host_reads
 from .alibi import ALiBi

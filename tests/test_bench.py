@@ -140,3 +140,13 @@ def test_flexpos_memory_is_foreseen_from_smaller_lengths():
 def test_usage_and_json_name_the_command_that_was_run(monkeypatch, argv0, expected):
     monkeypatch.setattr(sys, "argv", [argv0])
     assert cli.program() == expected
+
+
+def test_machine_facts_name_the_installed_flexpos():
+    from importlib.metadata import version
+
+    import flexpos
+    from flexpos.bench.report import machine_facts
+
+    assert flexpos.__version__ == version("flexpos")  # one source: pyproject reads __version__
+    assert machine_facts(torch.device("cpu"))["flexpos"] == flexpos.__version__

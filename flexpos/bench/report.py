@@ -5,9 +5,12 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+from importlib import metadata
 from typing import Any, Sequence
 
 import torch
+
+import flexpos
 
 from .cases import bio_available
 from .memory import GIB
@@ -81,14 +84,12 @@ def machine_facts(device: torch.device) -> dict[str, Any]:
         facts["gpu"] = props.name
         facts["gpu_memory_gib"] = round(props.total_memory / GIB, 1)
         facts["cuda"] = torch.version.cuda
-    try:
-        from importlib.metadata import version
-
-        facts["flexpos"] = version("flexpos")
-        if bio_available():
-            facts["bio_attention"] = version("bio-attention")
-    except Exception:
-        pass
+    facts["flexpos"] = flexpos.__version__  # also when run from a checkout, not installed
+    if bio_available():
+        try:
+            facts["bio_attention"] = metadata.version("bio-attention")
+        except metadata.PackageNotFoundError:  # importable from a path, not installed
+            facts["bio_attention"] = "unknown"
     return facts
 
 
