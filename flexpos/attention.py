@@ -26,7 +26,7 @@ from .backends import (
     vmapped,
 )
 from .base import Positional, ScoreMod
-from .masks import and_masks, causal_mask, dense_mask, full_mask
+from .masks import and_masks, causal_mask, dense_mask, full_mask, tiles_decide
 from .positions import BLOCK, Positions
 
 Mask = Union[BlockMask, Tensor, None]
@@ -56,8 +56,10 @@ def attention(
             (B, *, Lk') for cross-attention. Ints or floats; default ``0 .. L-1``. With fewer
             positions than tokens the first tokens have none and get no positional effect.
             Positions on another device are copied to q's.
-        mask: a BlockMask of 128x128 blocks (flexpos' builders, or ``create_block_mask``'s
-            default), or a bool tensor (True = attend) of shape (B, *, Lk),
+        mask: a BlockMask of 128x128 blocks (flexpos' builders, ``create_block_mask``'s
+            default, or ``BlockMask.from_kv_blocks`` with its default mask_mod; a custom
+            mask_mod must be False wherever the block structure leaves a tile empty), or a bool
+            tensor (True = attend) of shape (B, *, Lk),
             (B, *, Lq, Lk) or (B, *, H, Lq, Lk).
         causal: also mask keys after the query (by index, top-left aligned).
         scale: score scale, default ``1 / sqrt(D)``.
@@ -191,7 +193,7 @@ def _resolve_mask(
             )
         if mask.kv_num_blocks.device != device:
             raise ValueError(f"mask (a BlockMask) is on {mask.kv_num_blocks.device}, q on {device}")
-        block_mask = mask
+        block_mask = tiles_decide(mask)
     elif isinstance(mask, Tensor):
         n = len(batch)
         shapes = [(*batch, len_k), (*batch, len_q, len_k), (*batch, heads, len_q, len_k)]

@@ -378,9 +378,10 @@ def run_chunked(
     full there is no bias to build: one SDPA call over all queries.
 
     A chunk whose key span is not entirely FULL evaluates the mask_mod on all of it, where
-    FlexAttention would trust FULL tiles without calling it: the two agree for masks whose
-    FULL tiles are all-True under their mask_mod, as for every flexpos builder and for
-    ``create_block_mask``.
+    FlexAttention would trust FULL tiles without calling it and skip EMPTY ones: the two agree
+    for masks whose tiles match their mask_mod, as for every flexpos builder, for
+    ``create_block_mask`` and for masks with torch's default mask_mod (``from_kv_blocks``), which
+    :func:`flexpos.masks.tiles_decide` gives one that matches.
     """
     functional = functorch_active()
     states = _without_grad_wrappers(states_of(block_mask)) if functional else states_of(block_mask)

@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import flex_attention as flex_attention_module
 from torch.nn.attention.flex_attention import BlockMask
 
 from ._checks import check_length, check_rank, check_tensor
@@ -412,6 +413,23 @@ def dense_mask(mask: Tensor, len_q: int, len_k: int) -> BlockMask:
     return from_states(states, dense, len_q, len_k)
 
 
+def tiles_decide(block_mask: BlockMask) -> BlockMask:
+    """``block_mask`` as it is, unless its sparsity lies in its tiles alone: with torch's default
+    mask_mod (``noop_mask``, e.g. from ``BlockMask.from_kv_blocks``), whose True would also keep
+    pairs in EMPTY tiles wherever the mask_mod is evaluated over whole key spans (the chunked
+    backend, and_masks' partial tiles). That mask_mod becomes "the pair's tile is not EMPTY"."""
+    if block_mask.mask_mod is not getattr(flex_attention_module, "noop_mask", None):
+        return block_mask
+    states = states_of(block_mask)
+    kept = states != EMPTY
+
+    def in_kept_tile(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return kept[shared_index(b, kept.shape[0]), shared_index(h, kept.shape[1]), q_idx // BLOCK, kv_idx // BLOCK]
+
+    len_q, len_k = block_mask.seq_lengths
+    return from_states(states, in_kept_tile, len_q, len_k)
+
+
 def _check_combinable(masks: Sequence[BlockMask]) -> None:
     """Masks to intersect must use 128x128 blocks, and batch and head counts that broadcast:
     each count either 1 or the same as the other masks'."""
@@ -448,6 +466,7 @@ def and_masks(*masks: BlockMask) -> BlockMask:
     if len(masks) == 1:
         return masks[0]
     _check_combinable(masks)
+    masks = tuple(tiles_decide(m) for m in masks)
     states = torch.broadcast_tensors(*[states_of(m) for m in masks])
     combined = torch.stack(states).amin(0)
     mods = [m.mask_mod for m in masks]

@@ -3,10 +3,11 @@
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.nn.attention.flex_attention import create_block_mask, create_mask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
 
 import flexpos
 import flexpos.masks as M
+import reference as R
 
 LQ, LK = 300, 420
 
@@ -336,3 +337,23 @@ def test_distance_window_decides_each_pair_alike_in_every_tile(pos, window):
     delta = (p[:, :, None] - p[:, None, :]).abs()[:, None]
     clear = (delta - window).abs() > window * 2.0**-20
     assert torch.equal(materialise(mask)[clear], (delta <= window)[clear])
+
+
+def test_block_structure_decides_for_torchs_default_mask_mod():
+    """BlockMask.from_kv_blocks with its default mask_mod (True everywhere): the block structure
+    alone masks. Queries of block 1 skip key block 1, every other query skips key block 2; the
+    chunked backend evaluates mask_mods over whole key spans, alone and after and_masks."""
+    length, n = 384, 3
+    listed = torch.tensor([[0, 1, 2], [0, 2, 1], [0, 1, 2]], dtype=torch.int32)  # 2 listed per row
+    block_mask = BlockMask.from_kv_blocks(
+        torch.full((1, 1, n), 2, dtype=torch.int32), listed[None, None].contiguous(), BLOCK_SIZE=128,
+        seq_lengths=(length, length),
+    )
+    tiles = torch.tensor([[1, 1, 0], [1, 0, 1], [1, 1, 0]], dtype=torch.bool)
+    keep = tiles.repeat_interleave(128, 0).repeat_interleave(128, 1)
+    check(M.tiles_decide(block_mask), keep[None, None])
+    q, k, v = (torch.randn(2, 2, length, 8, dtype=torch.float64) for _ in range(3))
+    out = flexpos.attention(q, k, v, mask=block_mask, backend="chunked")
+    torch.testing.assert_close(out, R.attend(q, k, v, keep=keep), rtol=0, atol=1e-12)
+    both = flexpos.attention(q, k, v, mask=flexpos.and_masks(block_mask, flexpos.causal_mask(length)))
+    torch.testing.assert_close(both, R.attend(q, k, v, keep=keep & torch.ones_like(keep).tril()), rtol=0, atol=1e-12)
