@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._host import host_reads
+from ._host import functorch_active, host_reads, on_host, without_grad_wrappers
 
 # Largest distance between two positions of one sequence: int64 holds every difference of
 # integers below it; float32 (the distance tables' dtype) holds float differences below it.
@@ -141,7 +141,13 @@ def read_positions(name: str, pos: Tensor) -> Optional[Extents]:
         return [], []
     if pos.is_meta or not host_reads():
         return None
-    rows = pos.detach().reshape(-1, pos.shape[-1])
+    functional = functorch_active()
+    plain = without_grad_wrappers(pos) if functional else pos
+    return on_host(functional, _read_rows, name, plain.detach().reshape(-1, pos.shape[-1]))
+
+
+def _read_rows(name: str, rows: Tensor) -> Extents:
+    """:func:`read_positions` on (rows, L') positions."""
     if rows.is_floating_point():
         wide = rows.double()
         ok = torch.isfinite(wide).all(-1)

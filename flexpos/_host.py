@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
+from torch import Tensor
+
+T = TypeVar("T")
 
 _reads_allowed: contextvars.ContextVar[bool] = contextvars.ContextVar("flexpos_host_reads", default=True)
 
@@ -59,3 +62,28 @@ def host_reads() -> bool:
     positions): in eager calls, not inside a caller's torch.compile (a graph break there), nor
     where :func:`blind`."""
     return not (torch.compiler.is_compiling() or blind())
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, vmap, ...) is running (outside a caller's
+    torch.compile, which traces the transforms itself)."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and not torch.compiler.is_compiling() and peek() is not None
+
+
+def without_grad_wrappers(t: Tensor) -> Tensor:
+    """``t`` without torch.func.grad's wrappers (for tensors that carry no gradient)."""
+    functorch = torch._C._functorch
+    while functorch.is_gradtrackingtensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
+
+
+def on_host(functional: bool, read: Callable[..., T], *args: object) -> T:
+    """``read(*args)``, which reads tensor values back to the host. Inside torch.func
+    transforms (``functional``) torch 2.6 cannot read the tensors they wrap, and wraps every
+    op's result: there the read runs with the transforms switched off."""
+    if not functional:
+        return read(*args)
+    with torch._C._DisableFuncTorch():
+        return read(*args)

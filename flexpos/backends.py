@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Callable, Literal, Mapping, NamedTuple, Optional, Sequence, TypeVar, Union
+from typing import Callable, Literal, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +31,12 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from ._compile import CPU_FLEX_MIN_TORCH, lazy_compile, more_variants, torch_version
-from ._host import blind
+from ._host import blind, functorch_active, on_host, without_grad_wrappers
 from .base import Positional, ScoreMod, index_grids
 from .masks import EMPTY, FULL, MaskMod, cpu_flex_safe, states_of
 from .positions import BLOCK
 
 Backend = Literal["auto", "flex", "chunked"]
-T = TypeVar("T")
 _compiled_flex: dict[bool, Callable[..., Tensor]] = {}  # by "on CUDA"
 
 
@@ -384,15 +383,15 @@ def run_chunked(
     :func:`flexpos.masks.tiles_decide` gives one that matches.
     """
     functional = functorch_active()
-    states = _without_grad_wrappers(states_of(block_mask)) if functional else states_of(block_mask)
+    states = without_grad_wrappers(states_of(block_mask)) if functional else states_of(block_mask)
     # Where tile states may not be read (no_host_reads, CUDA graph capture) every chunk takes
     # every key and evaluates the mask_mod.
     unread = blind()
-    if score_mod is None and not unread and _on_host(functional, _all_full, states):  # no bias: one SDPA call
+    if score_mod is None and not unread and on_host(functional, _all_full, states):  # no bias: one SDPA call
         return _attend_chunk(q, k, v, 0, 0, None, None, scale)
     len_q, len_k = q.shape[-2], k.shape[-2]
     rows = chunk_rows(q.shape[0] * q.shape[1], len_k, q.device)
-    plan = _blind_plan(len_q, len_k, rows) if unread else _on_host(functional, _plan, states, len_q, len_k, rows)
+    plan = _blind_plan(len_q, len_k, rows) if unread else on_host(functional, _plan, states, len_q, len_k, rows)
     # One output buffer, filled chunk by chunk: a list of chunk outputs would interleave small
     # long-lived blocks with the freed bias buffers and fragment the heap. torch.func's
     # transforms take neither in-place writes of batched chunks nor checkpoint's hooks: there
@@ -557,34 +556,9 @@ def _concatenate(zeros: Tensor, pieces: list[tuple[int, int, Tensor]]) -> Tensor
     return torch.cat([*parts, zeros[:, :, done:]], dim=2)
 
 
-def functorch_active() -> bool:
-    """Whether a torch.func transform (grad, vjp, vmap, ...) is running (outside a caller's
-    torch.compile, which traces the transforms itself)."""
-    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    return peek is not None and not torch.compiler.is_compiling() and peek() is not None
-
-
 def vmapped(t: Tensor) -> bool:
     """Whether ``t`` carries a torch.func.vmap batch dim (possibly under grad transforms)."""
-    return torch._C._functorch.is_batchedtensor(_without_grad_wrappers(t))
-
-
-def _without_grad_wrappers(t: Tensor) -> Tensor:
-    """``t`` without torch.func.grad's wrappers (for tensors that carry no gradient)."""
-    functorch = torch._C._functorch
-    while functorch.is_gradtrackingtensor(t):
-        t = functorch.get_unwrapped(t)
-    return t
-
-
-def _on_host(functional: bool, read: Callable[..., T], *args: object) -> T:
-    """``read(*args)``, which reads tile states back to the host. Inside torch.func transforms
-    (``functional``) torch 2.6 cannot read the tensors they wrap, and wraps every op's result:
-    there the read runs with the transforms switched off."""
-    if not functional:
-        return read(*args)
-    with torch._C._DisableFuncTorch():
-        return read(*args)
+    return torch._C._functorch.is_batchedtensor(without_grad_wrappers(t))
 
 
 def _all_full(states: Tensor) -> bool:
