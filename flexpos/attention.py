@@ -14,13 +14,13 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from ._checks import check_bool, check_float, check_module_device, check_positive_float, check_rank, check_tensor
+from ._host import functorch_active
 from .backends import (
     Backend,
     KernelOptions,
     check_kernel_options,
     choose_backend,
     flex_kernel_options,
-    functorch_active,
     run_chunked,
     run_flex,
     vmapped,
