@@ -106,7 +106,8 @@ def check_positions(
 ) -> None:
     """``pos`` must be ``(*batch, L')`` with ``L' <= length``, int or float, and readable from
     ``device`` (the meta device holds no values); with ``values``, its values (see
-    :func:`read_positions`) and their span (:func:`check_position_span`)."""
+    :func:`read_positions`) and their span (:func:`check_position_span`) where
+    :func:`reads_now`."""
     check_tensor(name, pos)
     if pos.dtype == torch.bool or pos.is_complex() or (pos.is_floating_point() and pos.dtype not in _FLOATS):
         raise TypeError(
@@ -124,8 +125,15 @@ def check_positions(
             f"{name} has {pos.shape[-1]} positions but the sequence has only {length} tokens; "
             f"expected shape {expected()}"
         )
-    if values:
+    if values and reads_now(pos):
         check_position_span([(name, pos, read_positions(name, pos))])
+
+
+def reads_now(pos: Tensor) -> bool:
+    """Whether the values of positions are read back (and checked) when the positions are:
+    floats always (NaN/inf), and anything on the CPU, where a read costs no sync. Integer
+    positions elsewhere are read where a score_mod needs their extents anyway."""
+    return pos.is_floating_point() or pos.device.type == "cpu"
 
 
 Extents = tuple[list, list]

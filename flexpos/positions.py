@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import Extents, check_position_span, check_positions, read_positions
+from ._checks import Extents, check_position_span, check_positions, read_positions, reads_now
 
 BLOCK = 128  # FlexAttention's block size; per-token tables are padded to a multiple of it
 
@@ -156,8 +156,8 @@ class Positions:
         shared = pos_k is pos_q and len_q == len_k  # self-attention: one tensor for both sides
         k = q if shared else _flat_or_default(pos_k, flat, len_k, device)
         positions = cls(q, k, len_q, len_k, (pos_q, pos_k), [(name, p) for name, p, _ in named])
-        if any(p.is_floating_point() for _, p, _ in named) or torch.device(device).type == "cpu":
-            positions._extent_rows()  # checked now; ints on accelerators where read anyway
+        if any(reads_now(p) for _, p, _ in named):
+            positions._extent_rows()  # checked now, else where a score_mod reads the extents
         return positions
 
     @property

@@ -25,7 +25,7 @@ from flexpos._checks import check_tensor
 from flexpos.base import Positional, ScoreMod, shared_index
 from flexpos.positions import Positions, table_len
 
-from ._layout import broadcasts_to
+from ._layout import additive, broadcasts_to
 
 
 @dataclass(frozen=True)
@@ -105,20 +105,16 @@ def dense_layer_mask(
 ) -> Optional[Tensor]:
     """``masks`` as one additive float mask (*batch, NH, L, L) in ``dtype`` (-inf where not
     kept), or None: the mask that plugins' own ``mod_mask`` hooks receive."""
-    if masks.keep is None and masks.bias is None:
-        return None
-    device = (masks.keep if masks.keep is not None else masks.bias).device
-    dense = torch.zeros(*batch, heads, length, length, dtype=dtype, device=device)
+    parts = []
     if masks.bias is not None:
-        bias = masks.bias.reshape(*batch, *masks.bias.shape[1:]).to(dtype)
-        rows = torch.arange(length, device=device)[:, None] >= masks.bias_from
-        dense = dense + torch.where(rows, bias, torch.zeros_like(bias))
+        rows = torch.arange(length, device=masks.bias.device)[:, None] >= masks.bias_from
+        parts.append(torch.where(rows, masks.bias.to(dtype), 0.0))
     if masks.keep is not None:
-        keep = masks.keep
-        keep = keep[..., None, None, :] if keep.ndim == len(batch) + 1 else keep
-        keep = keep[..., None, :, :] if keep.ndim == len(batch) + 2 else keep
-        dense = dense.masked_fill(~keep, float("-inf"))
-    return dense
+        parts.append(additive(_as_4d(masks.keep, masks.keep.ndim - len(batch)), dtype))
+    if not parts:
+        return None
+    dense = sum(parts[1:], parts[0])  # (N, NH|1, L|1, L)
+    return dense.expand(-1, heads, length, length).reshape(*batch, heads, length, length)
 
 
 class AdditiveMask(Positional):
