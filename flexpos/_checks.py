@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -65,11 +66,12 @@ def check_module_device(module: nn.Module, device: torch.device) -> None:
 
 
 def check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """A positive Python or numpy integer (not a bool, not a tensor), returned as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
-    return value
+    return int(value)
 
 
 def check_length(name: str, value: object) -> int:
@@ -81,19 +83,21 @@ def check_length(name: str, value: object) -> int:
 
 
 def check_even(name: str, value: int) -> int:
-    check_positive_int(name, value)
+    value = check_positive_int(name, value)
     if value % 2:
         raise ValueError(f"{name} must be even (sin/cos pairs), got {value}")
     return value
 
 
 def check_positive_float(name: str, value: object) -> float:
-    """A Python int or float, finite, positive and with a finite inverse (``divide``, ``scale``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A Python or numpy int or float, finite, positive and with a finite inverse (``divide``,
+    ``scale``), returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
+    value = float(value)
     if not math.isfinite(value) or value <= 0 or not math.isfinite(1 / value):
         raise ValueError(f"{name} must be a finite positive number (with a finite inverse), got {value}")
-    return float(value)
+    return value
 
 
 def check_positions(

@@ -73,7 +73,7 @@ class ALiBi(Positional):
     ) -> None:
         super().__init__()
         self.n_heads = check_positive_int("n_heads", n_heads)
-        use = n_heads if use_n_heads is None else check_positive_int("use_n_heads", use_n_heads)
+        use = self.n_heads if use_n_heads is None else check_positive_int("use_n_heads", use_n_heads)
         if use > n_heads:
             raise ValueError(f"use_n_heads must be <= n_heads={n_heads}, got {use}")
         self.use_n_heads = use

@@ -132,9 +132,9 @@ class DPB(Positional):
     ) -> None:
         super().__init__()
         self.n_heads = check_positive_int("n_heads", n_heads)
-        if check_positive_int("table_size", table_size) < 2:
+        self.table_size = check_positive_int("table_size", table_size)
+        if self.table_size < 2:
             raise ValueError(f"table_size must be >= 2, got {table_size}")
-        self.table_size = table_size
         self._init_divisor(divide, learned_div)
         self.mlp = position_mlp(dim, depth, norm, out=n_heads)
 

@@ -46,8 +46,8 @@ class AttentionLayer(nn.Module):
     ) -> None:
         """``backend`` and ``kernel_options``: as in :func:`flexpos.attention`, for every call."""
         super().__init__()
-        check_positive_int("dim", dim)
-        if dim % check_positive_int("n_heads", n_heads):
+        dim, n_heads = check_positive_int("dim", dim), check_positive_int("n_heads", n_heads)
+        if dim % n_heads:
             raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads}")
         if isinstance(positional, nn.Module) and not isinstance(positional, nn.ModuleList):
             raise TypeError(f"positional must be a sequence of modules, got a single {type(positional).__name__}")

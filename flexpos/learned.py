@@ -16,8 +16,7 @@ def position_mlp(dim: int, depth: int, norm: bool, out: int | None = None) -> nn
 
     Module names match bio-attention's (``mlp.0.0.weight`` ...) so checkpoints load.
     """
-    check_positive_int("dim", dim)
-    check_positive_int("depth", depth)
+    dim, depth = check_positive_int("dim", dim), check_positive_int("depth", depth)
     norm_layer = (lambda: nn.LayerNorm(dim)) if check_bool("norm", norm) else nn.Identity
     layers = nn.ModuleList([nn.Sequential(nn.Linear(1, dim), norm_layer())])
     for _ in range(depth - 1):
@@ -69,7 +68,7 @@ class LearnedVocab(InputTransform):
     def __init__(self, dim: int, max_seq_len: int) -> None:
         super().__init__()
         self.dim = check_positive_int("dim", dim)
-        self.emb = nn.Embedding(check_positive_int("max_seq_len", max_seq_len), dim)
+        self.emb = nn.Embedding(check_positive_int("max_seq_len", max_seq_len), self.dim)
 
     def encode_add(self, x: Tensor, pos: Tensor, keep: Tensor) -> Tensor:
         if pos.is_floating_point():

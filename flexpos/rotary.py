@@ -144,7 +144,8 @@ class Rotary(Positional):
     ) -> None:
         super().__init__()
         self.head_dim = check_even("head_dim", head_dim)
-        if n_dims is not None and check_even("n_dims", n_dims) > head_dim:
+        n_dims = None if n_dims is None else check_even("n_dims", n_dims)
+        if n_dims is not None and n_dims > head_dim:
             raise ValueError(f"n_dims must be <= head_dim={head_dim}, got {n_dims}")
         self.n_dims = n_dims
         self._init_divisor(divide, learned_div)

@@ -103,12 +103,12 @@ def activation_module(name: object) -> nn.Module:
     return choices[name.lower()]()
 
 
-def check_width(dim: object, nh: object) -> None:
-    """``dim`` and ``nh`` positive ints, ``dim`` divisible by ``nh``."""
-    check_positive_int("dim", dim)
-    check_positive_int("nh", nh)
+def check_width(dim: object, nh: object) -> tuple[int, int]:
+    """``dim`` and ``nh`` positive ints, ``dim`` divisible by ``nh``; returned as ints."""
+    dim, nh = check_positive_int("dim", dim), check_positive_int("nh", nh)
     if dim % nh:
         raise ValueError(f"dim={dim} must be divisible by nh={nh}")
+    return dim, nh
 
 
 def check_input(x: object, dim: int) -> Tensor:
@@ -140,7 +140,7 @@ class AttnLayer(nn.Module):
         self, dim: int, attn: Any = None, nh: int = 4, plugin: Plugins = None, *, backend: Backend = "auto"
     ) -> None:
         super().__init__()
-        check_width(dim, nh)
+        dim, nh = check_width(dim, nh)
         self.lin = nn.Linear(dim, 3 * dim)
         self.dropout = attention_dropout(attn)
         self.nh = nh
@@ -252,7 +252,7 @@ class TransformerLayer(nn.Module):
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
-        check_width(dim, nh)
+        dim, nh = check_width(dim, nh)
         act = activation_module(activation)
         hint_once("layers.TransformerLayer")
         self.norm = nn.LayerNorm(dim)

@@ -154,3 +154,19 @@ def test_bad_input(call, error, match):
 def test_numpy_bools_count_as_bools():
     np = pytest.importorskip("numpy")
     assert torch.equal(attn(sq, sq, sq, causal=np.bool_(True)), attn(sq, sq, sq, causal=True))
+
+
+def test_numpy_numbers_count_as_numbers():
+    """Sizes and scales read from numpy configs give the same modules as Python numbers."""
+    np = pytest.importorskip("numpy")
+    pos = torch.rand(2, 10) * 50
+    torch.manual_seed(0)
+    numpy_made = DPB(np.int64(4), np.int32(4), divide=np.float32(8.0))
+    torch.manual_seed(0)
+    python_made = DPB(4, 4, divide=8.0)
+    assert type(numpy_made.divide) is float and numpy_made.divide == 8.0
+    expected = attn(sq, sq, sq, python_made, pos=pos, scale=0.25)
+    assert torch.equal(attn(sq, sq, sq, numpy_made, pos=pos, scale=np.float32(0.25)), expected)
+    assert torch.equal(flexpos.masks.causal_mask(np.int64(10)).to_dense(), flexpos.masks.causal_mask(10).to_dense())
+    with pytest.raises(TypeError, match="n_heads must be an int, got Tensor"):
+        ALiBi(torch.tensor(4))
