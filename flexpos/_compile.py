@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch._dynamo.config as dynamo_config
+from torch.fx.experimental import _config as fx_config
 
 _enabled = os.environ.get("FLEXPOS_COMPILE", "1") != "0"
 
@@ -44,14 +45,32 @@ RECOMPILE_LIMIT = 64
 Dynamo's default of 8 the rest would run uncompiled, 2-3x slower (measured)."""
 
 
-def more_variants() -> contextlib.AbstractContextManager[None]:
-    """Allow at least :data:`RECOMPILE_LIMIT` variants for flexpos' own compiled functions
-    (torch >= 2.7 calls the setting ``recompile_limit``, 2.6 ``cache_size_limit``); a higher
-    setting of the user's stays, and a caller's torch.compile keeps its own settings."""
-    if torch.compiler.is_compiling():
-        return contextlib.nullcontext()
+def _more_variants() -> contextlib.AbstractContextManager[None]:
+    """Allow at least :data:`RECOMPILE_LIMIT` variants (torch >= 2.7 calls the setting
+    ``recompile_limit``, 2.6 ``cache_size_limit``); a higher setting of the user's stays."""
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    return dynamo_config.patch(name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
+    if getattr(dynamo_config, name) >= RECOMPILE_LIMIT:
+        return contextlib.nullcontext()  # a patch costs ~20 us: callers enter it once per call
+    return dynamo_config.patch(name, RECOMPILE_LIMIT)
+
+
+def _sizes_apart() -> contextlib.AbstractContextManager[None]:
+    """Without duck sizing, equal sizes (batch 2 and 2 query blocks, say) do not become one
+    symbol, so a later call where they differ does not recompile."""
+    if not fx_config.use_duck_shape:
+        return contextlib.nullcontext()
+    return fx_config.patch(use_duck_shape=False)
+
+
+@contextlib.contextmanager
+def compile_settings() -> Iterator[None]:
+    """Dynamo settings for flexpos' own compiled functions: :func:`_more_variants` and
+    :func:`_sizes_apart`. A caller's torch.compile keeps its own settings."""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    with _more_variants(), _sizes_apart():
+        yield
 
 
 class LazyCompiled:
@@ -73,7 +92,7 @@ class LazyCompiled:
             return self.fn(*args, **kwargs)
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, dynamic=self.dynamic, options=self.options)
-        with more_variants():
+        with compile_settings():
             return self._compiled(*args, **kwargs)
 
 

@@ -176,9 +176,9 @@ def _resolve_mask(
     mask: Mask, causal: bool, batch: tuple[int, ...], heads: int, len_q: int, len_k: int, device: torch.device
 ) -> BlockMask:
     flat = math.prod(batch)
-    if mask is None:
-        block_mask = full_mask(len_q, len_k, device)
-    elif isinstance(mask, BlockMask):
+    if mask is None:  # both shared, built once per size
+        return causal_mask(len_q, len_k, device) if causal else full_mask(len_q, len_k, device)
+    if isinstance(mask, BlockMask):
         if tuple(mask.BLOCK_SIZE) != (BLOCK, BLOCK):
             raise ValueError(f"mask (a BlockMask) must use {BLOCK}x{BLOCK} blocks, got {tuple(mask.BLOCK_SIZE)}")
         if tuple(mask.seq_lengths) != (len_q, len_k):

@@ -23,14 +23,13 @@ from typing import Callable, Literal, Mapping, NamedTuple, Optional, Sequence, U
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.fx.experimental import _config as fx_config
 
 # sdpa_kernel's own record of the enabled kernels, the only one that includes their priority order
 from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
-from ._compile import CPU_FLEX_MIN_TORCH, lazy_compile, more_variants, torch_version
+from ._compile import CPU_FLEX_MIN_TORCH, compile_settings, lazy_compile, torch_version
 from ._host import blind, functorch_active, on_host, without_grad_wrappers
 from .base import Positional, ScoreMod, index_grids
 from .masks import EMPTY, FULL, MaskMod, cpu_flex_safe, states_of
@@ -55,13 +54,6 @@ def _flex(device: torch.device) -> Callable[..., Tensor]:
     if cuda not in _compiled_flex:
         _compiled_flex[cuda] = torch.compile(flex_attention, dynamic=None if cuda else True)
     return _compiled_flex[cuda]
-
-
-def _sizes_apart() -> contextlib.AbstractContextManager[None]:
-    """Without duck sizing, equal sizes (batch 2 and 2 query blocks, say) do not become one
-    symbol, so a later call where they differ does not recompile. A caller's torch.compile keeps
-    its own settings."""
-    return contextlib.nullcontext() if torch.compiler.is_compiling() else fx_config.patch(use_duck_shape=False)
 
 
 MAX_FLEX_HEAD_DIM = 256
@@ -180,7 +172,7 @@ def run_flex(
         # A Python float scale becomes a symbolic float under dynamic=True, which the CPU
         # kernel cannot lower; fold it into q and let flex apply its default 1/sqrt(E).
         q = q * (scale / default)
-    with _sizes_apart(), more_variants():
+    with compile_settings():
         out = _flex(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=kernel_options)
     if q.device.type == "cpu":
         out = restore(out)
@@ -342,8 +334,7 @@ def _live_bias(
     the (.., C, 1) bool of rows that have one; None where no row can lack one (every bias finite)
     or none does."""
     shape = (q.shape[0], q.shape[1], q_start, q.shape[2], k_start, k.shape[2], q.dtype, q.device)
-    with _sizes_apart():
-        bias = _compiled_bias(score_mod, mask_mod, *shape)
+    bias = _compiled_bias(score_mod, mask_mod, *shape)
     if not rows_may_die:  # no pass over the bias, no host read
         return bias, None
     alive = bias.amax(-1, keepdim=True) != float("-inf")  # a NaN row stays alive: NaN, not 0
@@ -404,20 +395,22 @@ def run_chunked(
         work = torch.promote_types(q.dtype, torch.float32)
         kept = (q.new_empty(*q.shape[:2], len_q, v.shape[-1], dtype=work), q.new_empty(*q.shape[:3], dtype=work))
         kernels = _kernels_now()
-    for c in plan:
-        args = (q[:, :, c.start : c.stop], k[:, :, c.k0 : c.k1], v[:, :, c.k0 : c.k1], c.start, c.k0, score_mod,
-                block_mask.mask_mod if c.partial else None, scale, unread, c.partial or not finite_scores)
-        if functional:
-            pieces.append((c.start, c.stop, _attend_chunk(*args)))
-        elif keep:
-            # .data: each chunk's view gets a version counter of its own, so it can be saved
-            into = tuple(t.data[:, :, c.start : c.stop] for t in kept)
-            out[:, :, c.start : c.stop] = _SavedChunk.apply(*args[:3], (*args[3:], kernels, into))
-        elif torch.is_grad_enabled():
-            recompute = _recompute_options() if recompute is None else recompute
-            out[:, :, c.start : c.stop] = checkpoint(_attend_chunk, *args, use_reentrant=False, **recompute)
-        else:
-            out[:, :, c.start : c.stop] = _attend_chunk(*args)
+    with compile_settings():  # entered once, not per chunk
+        for c in plan:
+            args = (q[:, :, c.start : c.stop], k[:, :, c.k0 : c.k1], v[:, :, c.k0 : c.k1], c.start, c.k0, score_mod,
+                    block_mask.mask_mod if c.partial else None, scale, unread, c.partial or not finite_scores)
+            if functional:
+                pieces.append((c.start, c.stop, _attend_chunk(*args)))
+            elif keep:
+                # .data: each chunk's view gets a version counter of its own, so it can be saved
+                into = tuple(t.data[:, :, c.start : c.stop] for t in kept)
+                out[:, :, c.start : c.stop] = _SavedChunk.apply(*args[:3], (*args[3:], kernels, into))
+            elif needs_grad and torch.is_grad_enabled():
+                recompute = _recompute_options() if recompute is None else recompute
+                out[:, :, c.start : c.stop] = checkpoint(_attend_chunk, *args, use_reentrant=False, **recompute)
+            else:
+                with torch.no_grad():  # also where grad mode is on but nothing needs it: one compiled variant
+                    out[:, :, c.start : c.stop] = _attend_chunk(*args)
     if functional:
         out = _concatenate(out, pieces)
     if not plan and needs_grad and torch.is_grad_enabled():

@@ -42,6 +42,7 @@ class InputTransform(Positional):
         keep = positions.has_position("q").expand(positions.batch, length)
         if mask is not None:
             keep = keep & _align_mask(mask, batch, length, positions.q.shape[-1])
+        keep = keep.contiguous()  # one compiled variant with and without a mask
         flat = x.reshape(positions.batch, length, self.dim)
         padded = F.pad(positions.q, (length - positions.q.shape[-1], 0))
         return self.encode_add(flat, padded, keep).reshape(x.shape)

@@ -46,7 +46,7 @@ def run_mlp(mlp: nn.ModuleList, x: Tensor, dtype: torch.dtype | None = None) -> 
 
 @lazy_compile
 def _mlp_add(mlp: nn.ModuleList, x: Tensor, pos: Tensor, keep: Tensor, div: Tensor) -> Tensor:
-    enc = run_mlp(mlp, (pos.double() / div)[..., None])
+    enc = run_mlp(mlp, (pos / div)[..., None])
     return x + (enc * keep[..., None]).to(x.dtype)
 
 
@@ -97,9 +97,10 @@ class LearnedContinuous(InputTransform):
         self, dim: int, depth: int = 1, norm: bool = False, divide: float = 1.0, learned_div: bool = False
     ) -> None:
         super().__init__()
-        self.dim = dim
+        self.dim = check_positive_int("dim", dim)
         self._init_divisor(divide, learned_div)
         self.mlp = position_mlp(dim, depth, norm)
 
     def encode_add(self, x: Tensor, pos: Tensor, keep: Tensor) -> Tensor:
-        return _mlp_add(self.mlp, x, pos, keep, self.divisor(torch.float64))
+        # pos cast here: one compiled variant for int and float positions
+        return _mlp_add(self.mlp, x, pos.double(), keep, self.divisor(torch.float64))

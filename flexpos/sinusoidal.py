@@ -23,7 +23,7 @@ def sinusoid(angles: Tensor) -> Tensor:
 @lazy_compile
 def _sinusoidal_add(x: Tensor, pos: Tensor, keep: Tensor, inv_freq: Tensor, div: Tensor) -> Tensor:
     # Angles in float64: absolute positions near 1e9 would be meaningless in float32.
-    angles = (pos.double() / div)[..., None] * inv_freq.double()
+    angles = (pos / div)[..., None] * inv_freq.double()
     enc = sinusoid(angles) * keep[..., None]
     return x + enc.to(x.dtype)
 
@@ -49,4 +49,5 @@ class Sinusoidal(InputTransform):
         return {"inv_freq": inverse_frequencies(self.dim)}
 
     def encode_add(self, x: Tensor, pos: Tensor, keep: Tensor) -> Tensor:
-        return _sinusoidal_add(x, pos, keep, self.inv_freq, self.divisor(torch.float64))
+        # pos cast here: one compiled variant for int and float positions
+        return _sinusoidal_add(x, pos.double(), keep, self.inv_freq, self.divisor(torch.float64))

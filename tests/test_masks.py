@@ -50,6 +50,19 @@ def test_causal_agrees_with_create_block_mask():
     assert torch.equal(ours.to_dense(), theirs.to_dense())
 
 
+def test_query_side_lists_as_torch_derives_them():
+    """flex's backward reads the query-side lists, which flexpos forms from the tile states."""
+    valid = torch.rand(3, LK) > 0.5
+    pos = torch.rand(2, LQ).sort(-1).values * 1000
+    for mask in (M.causal_mask(LQ, LK), M.padding_mask(valid, LQ), M.distance_window_mask(200.0, pos=pos),
+                 M.and_masks(M.sliding_window_mask(LQ, 150), M.padding_mask(valid[:, :LQ], LQ))):
+        derived = BlockMask.from_kv_blocks(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
+                                           mask.full_kv_indices, 128, mask.mask_mod, seq_lengths=mask.seq_lengths)
+        for name in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+            ours, theirs = getattr(mask, name), getattr(derived, name)
+            assert torch.equal(ours, theirs) and ours.stride() == theirs.stride(), name
+
+
 def test_padding_mask():
     valid = torch.rand(2, LK) > 0.3
     valid[1, 256:] = False  # a whole empty tile
