@@ -62,14 +62,23 @@ def _sizes_apart() -> contextlib.AbstractContextManager[None]:
     return fx_config.patch(use_duck_shape=False)
 
 
+def _hooks_guarded() -> contextlib.AbstractContextManager[None]:
+    """Guard on the hooks of modules passed in (an MLP, an embedding): by default Dynamo does
+    not, and a hook registered after the first call, or on another instance, would not run."""
+    if not getattr(dynamo_config, "skip_nnmodule_hook_guards", False):
+        return contextlib.nullcontext()
+    return dynamo_config.patch(skip_nnmodule_hook_guards=False)
+
+
 @contextlib.contextmanager
 def compile_settings() -> Iterator[None]:
-    """Dynamo settings for flexpos' own compiled functions: :func:`_more_variants` and
-    :func:`_sizes_apart`. A caller's torch.compile keeps its own settings."""
+    """Dynamo settings for flexpos' own compiled functions: :func:`_more_variants`,
+    :func:`_sizes_apart` and :func:`_hooks_guarded`. A caller's torch.compile keeps its own
+    settings."""
     if torch.compiler.is_compiling():
         yield
         return
-    with _more_variants(), _sizes_apart():
+    with _more_variants(), _sizes_apart(), _hooks_guarded():
         yield
 
 

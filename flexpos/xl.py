@@ -18,6 +18,8 @@ small at genomic coordinates.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -75,12 +77,30 @@ class XL(Positional):
         angles = angles * self.inv_freq.double()
         return angles.sin()[:, None], angles.cos()[:, None]
 
+    def _embedding(self) -> tuple[Tensor, Optional[Tensor]]:
+        """``embed_lin``'s weight (dim, dim) and bias (dim,) or None. They are folded into the
+        query features and the layer is never called: it must compute ``nn.Linear``'s forward
+        (parametrizations of its weight are fine), without forward hooks (which would not run)."""
+        lin = self.embed_lin
+        plain = isinstance(lin, nn.Linear) and type(lin).forward is nn.Linear.forward
+        if not plain or tuple(lin.weight.shape) != (self.dim, self.dim):
+            raise TypeError(
+                f"XL.embed_lin must be an nn.Linear({self.dim}, {self.dim}), got {lin!r}: XL folds its weight "
+                "and bias into the queries and never calls it"
+            )
+        if lin._forward_hooks or lin._forward_pre_hooks:
+            raise TypeError("XL.embed_lin has forward hooks, which would not run: XL folds its weight and bias into the queries")
+        return lin.weight, lin.bias
+
     def query_features(self, qv: Tensor, positions: Positions) -> Tensor:
         """qv (B, H, Lq, D), the queries plus v -> f (B, H, Lq, dim + 1) in qv's dtype."""
         work = torch.promote_types(qv.dtype, torch.float32)
-        weight = self.embed_lin.weight.to(work).view(self.n_heads, -1, self.dim)  # (H, D, dim)
-        a = torch.einsum("bhld,hde->bhle", qv.to(work), weight)
-        c = torch.einsum("bhld,hd->bhl", qv.to(work), self.embed_lin.bias.to(work).view(self.n_heads, -1))
+        weight, bias = self._embedding()
+        a = torch.einsum("bhld,hde->bhle", qv.to(work), weight.to(work).view(self.n_heads, -1, self.dim))
+        if bias is None:
+            c = a.new_zeros(a.shape[:-1])
+        else:
+            c = torch.einsum("bhld,hd->bhl", qv.to(work), bias.to(work).view(self.n_heads, -1))
         sin, cos = (t.to(work) for t in self._angles(positions, "q"))
         a0, a1 = a[..., 0::2], a[..., 1::2]
         f = torch.cat((a0 * sin + a1 * cos, a1 * sin - a0 * cos, c[..., None]), dim=-1)

@@ -151,6 +151,34 @@ def test_bad_input(call, error, match):
         call()
 
 
+class _ShiftedLinear(torch.nn.Linear):
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+def _with(module, attribute, value):
+    setattr(module, attribute, value)
+    return module
+
+
+def _hooked(xl):
+    xl.embed_lin.register_forward_hook(lambda module, args, out: out * 0)
+    return xl
+
+
+@pytest.mark.parametrize(
+    "xl, match",
+    [
+        (_with(XL(32, 4), "embed_lin", _ShiftedLinear(32, 32)), r"XL.embed_lin must be an nn.Linear\(32, 32\)"),
+        (_with(XL(32, 4), "embed_lin", torch.nn.Linear(32, 16)), r"XL.embed_lin must be an nn.Linear\(32, 32\)"),
+        (_hooked(XL(32, 4)), "XL.embed_lin has forward hooks, which would not run"),
+    ],
+)
+def test_xl_refuses_an_embed_lin_it_cannot_fold(xl, match):
+    with pytest.raises(TypeError, match=match):
+        attn(q, k, v, xl)
+
+
 def test_numpy_bools_count_as_bools():
     np = pytest.importorskip("numpy")
     assert torch.equal(attn(sq, sq, sq, causal=np.bool_(True)), attn(sq, sq, sq, causal=True))

@@ -282,6 +282,25 @@ def test_xl_factorised_bias_equals_dense_form():
     assert torch.allclose(xl.relative_bias(qv, positions), dense, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("change", ["no bias", "weight norm"])
+def test_xl_reads_a_changed_embed_lin(change):
+    """XL folds embed_lin into its features without calling it: a layer without bias or with
+    a parametrized weight still gives the dense form's numbers."""
+    xl = XL(H * D, H).double()
+    if change == "no bias":
+        xl.embed_lin = torch.nn.Linear(H * D, H * D, bias=False, dtype=F64)
+    else:
+        torch.nn.utils.parametrizations.weight_norm(xl.embed_lin)
+        with torch.no_grad():
+            xl.embed_lin.parametrizations.weight.original0.mul_(3.0)  # the norm, away from its initial value
+    pos = irregular(B, L)
+    qv = torch.randn(B, H, L, D, dtype=F64)
+    positions = flexpos.Positions.resolve((B,), L, L, "cpu", pos=pos)
+    pq, hq = R.padded_positions(pos, B, L)
+    dense = R.xl_bias(xl, qv, pq, pq, hq, hq, 1.0)
+    assert torch.allclose(xl.relative_bias(qv, positions), dense, atol=1e-10, rtol=0)
+
+
 def test_cross_attention_with_separate_positions():
     lq, lk = 90, 170
     q, k, v = qkv(lq, lk)

@@ -156,3 +156,22 @@ def test_compiled_transforms_match_eager(compiled):
     want = [*rot(q, k, pos=pos), sin(x, pos=pos), cont(x, pos=pos), vocab(x, pos=ipos)]
     for a, b in zip(got, want):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_transforms_run_hooks_added_after_a_call(compiled):
+    """The compiled learned transforms are shared by every instance: a forward hook registered
+    on a child after a first call (of this instance or another) still runs."""
+    x, pos, ipos = torch.randn(2, 30, 16), torch.rand(2, 30) * 50, torch.randint(0, 40, (2, 30))
+    cont, vocab = LearnedContinuous(16, depth=2), LearnedVocab(16, 40)
+    before = [cont(x, pos=pos), vocab(x, pos=ipos)]
+    cont.mlp[1][1].register_forward_hook(lambda module, args, out: out * 2)
+    vocab.emb.register_forward_hook(lambda module, args, out: out * -1)
+    other = LearnedContinuous(16, depth=2)
+    other.mlp[0][0].register_forward_pre_hook(lambda module, args: (args[0] * 3,))
+    got = [cont(x, pos=pos), vocab(x, pos=ipos), other(x, pos=pos)]
+    flexpos.set_compile(False)
+    want = [cont(x, pos=pos), vocab(x, pos=ipos), other(x, pos=pos)]
+    for a, b, old in zip(got, want, before):
+        assert not torch.allclose(b, old, atol=1e-3)  # the hooks change the numbers
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
