@@ -110,7 +110,9 @@ class AttentionLayer(nn.Module):
         """Inputs and positions, named as the caller named them (not as attention's pos_q/pos_k)."""
         batch = tuple(self._check_input("x", x).shape[:-2])
         if pos is not None:
-            check_positions("pos", pos, batch, x.shape[-2], x.device)
+            # In self-attention the transforms and attention read the values under this name:
+            # reading them here too would be one more read back (a sync on GPUs).
+            check_positions("pos", pos, batch, x.shape[-2], x.device, values=context is not None)
         if context is None:
             if pos_context is not None:
                 raise ValueError("pos_context is for cross-attention: pass context too")

@@ -138,3 +138,28 @@ def test_positional_modules_from_a_generator_are_all_kept():
     assert len(from_generator.positional) == 2
     x, pos = torch.randn(2, 30, DIM), torch.rand(2, 30) * 50
     assert torch.equal(from_generator(x, pos=pos), from_list(x, pos=pos))
+
+
+def test_self_attention_reads_positions_once_per_stage_that_needs_them(monkeypatch):
+    """The layer's own check leaves the values of self-attention positions to the stages that
+    read them anyway (each read back is a sync on GPUs); in cross-attention it checks them
+    under the caller's names."""
+    import flexpos._checks
+    import flexpos.positions
+
+    calls = []
+
+    def counted(read):
+        return lambda name, p: calls.append(name) or read(name, p)
+
+    for module in (flexpos._checks, flexpos.positions):
+        monkeypatch.setattr(module, "read_positions", counted(module.read_positions))
+    x, pos = torch.randn(2, 20, DIM), torch.rand(2, 20).cumsum(-1)
+    with torch.no_grad():
+        AttentionLayer(DIM, H, positional=[ALiBi(H)])(x, pos=pos)
+        assert calls == ["pos"]
+        AttentionLayer(DIM, H, positional=[Sinusoidal(DIM), ALiBi(H)])(x, pos=pos)
+        assert calls == ["pos"] * 3
+        calls.clear()
+        AttentionLayer(DIM, H, positional=[ALiBi(H)])(x, torch.randn(2, 7, DIM), pos=pos, pos_context=pos[:, :7])
+        assert calls == ["pos", "pos_context", "pos_q", "pos_k"]
