@@ -15,7 +15,9 @@
 # to gpu-<UTC date>.txt, the table also to gpu-<date>.json: in $OUT when that is set (written as
 # the run goes, so a run cut short still leaves its log), else in benchmarks/results/. Each
 # step has its own time limit, so a slow step cannot starve the others; a step that fails or
-# times out is reported and the script goes on. FLEXPOS_COMMIT names the commit where the
+# times out is reported and the script goes on; GPU_DEADLINE=SECONDS caps every step's limit so
+# that the whole run ends within that many seconds of its start (a call's own time limit then
+# never cuts a step mid-way, and later steps are skipped, said so). FLEXPOS_COMMIT names the commit where the
 # checkout has no .git; PYTHON picks the interpreter (default: the first of python3, python
 # that imports torch).
 set -uo pipefail
@@ -37,7 +39,7 @@ commit="${FLEXPOS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unkno
 
 preamble() {  # machine facts; fails (and the run stops) without a GPU that compiles
     echo "# flexpos GPU run, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "# command: PYTHONPATH=$PYTHONPATH bash benchmarks/gpu.sh $* (cwd $(pwd), commit $commit, python $PY)"
+    echo "# command: GPU_DEADLINE=${GPU_DEADLINE:-} PYTHONPATH=$PYTHONPATH bash benchmarks/gpu.sh $* (cwd $(pwd), commit $commit, python $PY)"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv 2>/dev/null \
         || echo "nvidia-smi: not available"
     local cc_path
@@ -70,6 +72,14 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
     local name="$1" limit="$2"
     shift 2
     echo
+    if [ -n "${GPU_DEADLINE:-}" ]; then  # the whole run ends by then: cap the step's limit
+        local left=$((GPU_DEADLINE - SECONDS))
+        if [ "$left" -lt 30 ]; then
+            echo "## $name: SKIPPED, ${left}s left before GPU_DEADLINE=${GPU_DEADLINE}s"
+            return
+        fi
+        [ "$left" -lt "$limit" ] && limit="$left"
+    fi
     echo "## $name (limit ${limit}s): $*"
     local t0=$SECONDS
     timeout --signal=INT --kill-after=15 "$limit" "$@"
