@@ -55,14 +55,17 @@ def check_bool(name: str, value: object) -> bool:
 
 
 def check_module_device(module: nn.Module, device: torch.device) -> None:
-    """``module`` must be on ``device``, its input's device (read from its first parameter or
-    buffer: flexpos modules keep all of theirs on one device)."""
-    first = next(itertools.chain(module.parameters(), module.buffers()), None)
-    if first is not None and first.device != device:
-        raise ValueError(
-            f"{type(module).__name__} is on {first.device} but its input is on {device}: "
-            f"move the module with .to({str(device)!r})"
-        )
+    """Every parameter and buffer of ``module`` must be on ``device``, its input's device (one
+    left behind, such as a buffer outside the state_dict after ``load_state_dict(assign=True)``
+    from the meta device, would fail deep inside a kernel)."""
+    for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
+        if t.device != device:
+            remedy = (
+                f"materialise it with .to_empty(device={str(device)!r}) and reset_parameters()"
+                if t.is_meta
+                else f"move the module with .to({str(device)!r})"
+            )
+            raise ValueError(f"{type(module).__name__} is on {t.device} but its input is on {device} ({name}): {remedy}")
 
 
 def check_positive_int(name: str, value: object) -> int:

@@ -5,7 +5,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
 import flexpos
-from flexpos import DPB, XL, ALiBi, AttentionLayer, LearnedVocab, Rotary, Sinusoidal
+from flexpos import DPB, XL, ALiBi, AttentionLayer, LearnedContinuous, LearnedVocab, Rotary, Sinusoidal
 
 q = torch.randn(2, 4, 10, 8)
 k = torch.randn(2, 4, 12, 8)
@@ -148,6 +148,28 @@ def attn(*args, **kwargs):
 )
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
+        call()
+
+
+def _assigned_from_meta(make):
+    """Built on the meta device, then given a checkpoint with assign=True: the non-persistent
+    ``div`` buffer, which no state_dict holds, stays on meta."""
+    with torch.device("meta"):
+        module = make()
+    module.load_state_dict(make().state_dict(), assign=True)
+    return module
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: _assigned_from_meta(lambda: LearnedContinuous(8, depth=2))(torch.randn(1, 3, 8), pos=torch.rand(1, 3)),
+        lambda: attn(q, k, v, _assigned_from_meta(lambda: DPB(8, 4))),
+        lambda: AttentionLayer(32, 4, positional=[_assigned_from_meta(lambda: XL(32, 4))])(torch.randn(2, 10, 32)),
+    ],
+)
+def test_a_buffer_left_on_meta_is_named(call):
+    with pytest.raises(ValueError, match=r"is on meta but its input is on cpu \((positional.0.)?div\): materialise it"):
         call()
 
 
