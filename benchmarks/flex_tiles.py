@@ -8,8 +8,9 @@ Each configuration's options go over flexpos' own (for DPB, ``flexpos.backends.G
 forward 64x64, backward 32x64 / 64x32; flex's defaults for ALiBi). A configuration whose kernels
 do not fit the GPU's shared memory fails at its first call, and a failed compiled call leaves
 later compiled calls in its process on a slow path: the configurations run in a worker process,
-and after a failure a fresh worker goes on with the rest. Each worker times flex with no score_mod
-too, interleaved with the rows it times, so every ratio comes from one process.
+and after a failure a fresh worker goes on with the rest. Each configuration is timed as soon as
+it is compiled, interleaved with flex with no score_mod in the same worker (every ratio comes from
+one process), and printed at once.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -58,8 +59,8 @@ tiles that divide 128 (the BlockMask's blocks) and, in the backward, N1 % M1 == 
 M2 % N2 == 0."""
 
 DEFAULT_CONFIGS = {
-    # the ones likely to overflow shared memory first: a failure restarts the worker, which
-    # compiles everything before it again
+    # larger tiles first (the likelier to fail, each failure costs a worker restart), so that
+    # failures come early and a time limit cuts small-tile variants
     "dpb": ["fwd 128x128", "bwd 64x128", "bwd 64x64, 3 stages", "fwd 128x128, 2 stages, 8 warps",
             "bwd 64x128, 2 stages, 8 warps", "flexpos", "fwd 128x64", "fwd 128x64, 2 stages",
             "fwd 64x64, 2 stages", "bwd 64x64, 2 stages", "bwd 32x64, 2 stages", "rows guaranteed safe"],
@@ -72,35 +73,34 @@ DONE, FAILED = "## done: ", "## failed: "  # a worker's markers, one line per co
 
 
 def time_configs(scheme: str, names: Sequence[str], s: Setup, repeat: int) -> None:
-    """In this process: flex with no score_mod and ``scheme`` under each configuration in
-    ``names``. At the first configuration that fails to run, exits with status 3 before timing
-    anything (the parent times the others in a fresh worker)."""
+    """In this process: ``scheme`` under each configuration in ``names``, one after the other,
+    each compiled, then timed interleaved with flex with no score_mod and printed, so that a
+    time limit cuts at most the configuration under way. At a configuration that fails to run,
+    exits with status 3 (the parent times the rest in a fresh worker)."""
     case = build_case(Setup(scheme, s.length, batch=s.batch, heads=s.heads, head_dim=s.head_dim,
                             dtype=s.dtype, device=s.device, backward=s.backward, dense="formula"))
     runner = Runner(torch.device(s.device), s.backward, case.leaves)
     q, k, v = case.leaves
     module = case.modules["flexpos"]
-    fns: dict[str, Callable[[], object]] = {}
-    for name in ["flex no score_mod", *names]:
-        fn = case.flex_floor if name == "flex no score_mod" else (
-            lambda o=CONFIGS[name]: flexpos.attention(q, k, v, module, pos=case.pos, kernel_options=o))
+    reference = "flex no score_mod"
+    if targets.first_call(f"{scheme}, {reference}", runner, case.flex_floor) is None:
+        sys.exit(3)  # nothing to compare with: the parent reports every configuration untimed
+    for name in names:
+        fn = lambda o=CONFIGS[name]: flexpos.attention(q, k, v, module, pos=case.pos, kernel_options=o)  # noqa: E731
         seconds = targets.first_call(f"{scheme}, {name}", runner, fn)
         if seconds is None:
             say(f"{FAILED}{name}")
             sys.exit(3)
         say(f"  {scheme}, {name}: first call (compile + run) {seconds:.1f} s")
-        fns[name] = lambda fn=fn: runner.call(fn)
-    times = interleaved(fns, runner.sync, repeat)
-    ref = times.pop("flex no score_mod", None)
-    if ref:
-        say(f"  {scheme}, flex no score_mod: {fmt(ref)}")
-    for name, t in times.items():
-        ratio = f"{statistics.median(ref) / statistics.median(t):.2f}x" if ref else "-"
-        say(f"  {scheme}, {name:32s} {fmt(t):>24s}  {ratio} of flex no score_mod")
-        say(f"{DONE}{name}")
-    for name in names:
-        if name not in times:  # dropped while timing (said so above)
+        times = interleaved({reference: lambda: runner.call(case.flex_floor), name: lambda: runner.call(fn)},
+                            runner.sync, repeat)
+        ref, t = times.get(reference), times.get(name)
+        if t is None:  # dropped while timing (said so)
             say(f"{FAILED}{name}")
+            continue
+        ratio = f"{statistics.median(ref) / statistics.median(t):.2f}x" if ref else "-"
+        say(f"  {scheme}, {name:32s} {fmt(t):>24s}  {ratio} of flex no score_mod ({fmt(ref) if ref else '-'})")
+        say(f"{DONE}{name}")
 
 
 def run_workers(scheme: str, names: Sequence[str], worker_args: Sequence[str]) -> None:
