@@ -45,41 +45,41 @@ RECOMPILE_LIMIT = 64
 Dynamo's default of 8 the rest would run uncompiled, 2-3x slower (measured)."""
 
 
-def _more_variants() -> contextlib.AbstractContextManager[None]:
-    """Allow at least :data:`RECOMPILE_LIMIT` variants (torch >= 2.7 calls the setting
-    ``recompile_limit``, 2.6 ``cache_size_limit``); a higher setting of the user's stays."""
-    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    if getattr(dynamo_config, name) >= RECOMPILE_LIMIT:
-        return contextlib.nullcontext()  # a patch costs ~20 us: callers enter it once per call
-    return dynamo_config.patch(name, RECOMPILE_LIMIT)
+def _settings() -> Iterator[tuple[Any, str, Any]]:
+    """(config module, name, value) of each setting for flexpos' own compiled functions:
 
-
-def _sizes_apart() -> contextlib.AbstractContextManager[None]:
-    """Without duck sizing, equal sizes (batch 2 and 2 query blocks, say) do not become one
-    symbol, so a later call where they differ does not recompile."""
-    if not fx_config.use_duck_shape:
-        return contextlib.nullcontext()
-    return fx_config.patch(use_duck_shape=False)
-
-
-def _hooks_guarded() -> contextlib.AbstractContextManager[None]:
-    """Guard on the hooks of modules passed in (an MLP, an embedding): by default Dynamo does
-    not, and a hook registered after the first call, or on another instance, would not run."""
-    if not getattr(dynamo_config, "skip_nnmodule_hook_guards", False):
-        return contextlib.nullcontext()
-    return dynamo_config.patch(skip_nnmodule_hook_guards=False)
+    - at least :data:`RECOMPILE_LIMIT` variants (torch >= 2.7 calls the setting
+      ``recompile_limit``, 2.6 ``cache_size_limit``); a higher setting of the user's stays;
+    - no duck sizing: equal sizes (batch 2 and 2 query blocks, say) do not become one symbol,
+      so a later call where they differ does not recompile;
+    - guards on the hooks of modules passed in (an MLP, an embedding), which Dynamo skips by
+      default: a hook registered after the first call, or on another instance, would not run.
+    """
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    yield dynamo_config, limit, max(getattr(dynamo_config, limit), RECOMPILE_LIMIT)
+    yield fx_config, "use_duck_shape", False
+    if hasattr(dynamo_config, "skip_nnmodule_hook_guards"):
+        yield dynamo_config, "skip_nnmodule_hook_guards", False
 
 
 @contextlib.contextmanager
 def compile_settings() -> Iterator[None]:
-    """Dynamo settings for flexpos' own compiled functions: :func:`_more_variants`,
-    :func:`_sizes_apart` and :func:`_hooks_guarded`. A caller's torch.compile keeps its own
-    settings."""
+    """:func:`_settings` for the duration, restored after; a caller's torch.compile keeps its
+    own. Set directly: ``config.patch`` builds a class per use (~15 us each, per call)."""
     if torch.compiler.is_compiling():
         yield
         return
-    with _more_variants(), _sizes_apart(), _hooks_guarded():
+    changed = []
+    for config, name, value in _settings():
+        previous = getattr(config, name)
+        if previous != value:
+            setattr(config, name, value)
+            changed.append((config, name, previous))
+    try:
         yield
+    finally:
+        for config, name, previous in reversed(changed):
+            setattr(config, name, previous)
 
 
 class LazyCompiled:
