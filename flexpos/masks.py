@@ -26,7 +26,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from ._checks import check_length, check_rank, check_tensor
 from ._compile import CPU_FLEX_MIN_TORCH, torch_version
-from ._host import capturing_cuda_graph
+from ._host import capturing_cuda_graph, functorch_active
 from .base import shared_index
 from .positions import BLOCK, Positions, table_len
 
@@ -81,7 +81,7 @@ def from_states(states: Tensor, mask_mod: MaskMod, len_q: int, len_k: int) -> Bl
     full_kv_num, full_kv_idx = _listing(states, FULL)
     q_num, q_idx = _listing(columns, PARTIAL)
     full_q_num, full_q_idx = _listing(columns, FULL)
-    return BlockMask(
+    mask = BlockMask(
         seq_lengths=(len_q, len_k),
         kv_num_blocks=kv_num,
         kv_indices=kv_idx,
@@ -94,12 +94,20 @@ def from_states(states: Tensor, mask_mod: MaskMod, len_q: int, len_k: int) -> Bl
         BLOCK_SIZE=(BLOCK, BLOCK),
         mask_mod=mask_mod,
     )
+    if not (torch.compiler.is_compiling() or functorch_active()):
+        # kept for states_of (the shared masks are read every call); BlockMask's own methods
+        # (to, slicing, pytree rebuilds) return new masks, without them
+        mask._flexpos_states = states  # type: ignore[attr-defined]
+    return mask
 
 
 def states_of(block_mask: BlockMask) -> Tensor:
     """Tile states (B|1, H|1, nq, nk) of any BlockMask with 128 x 128 tiles."""
     if tuple(block_mask.BLOCK_SIZE) != (BLOCK, BLOCK):
         raise ValueError(f"block_mask must use {BLOCK}x{BLOCK} blocks, got {block_mask.BLOCK_SIZE}")
+    kept = getattr(block_mask, "_flexpos_states", None)
+    if kept is not None:
+        return kept
     len_q, len_k = block_mask.seq_lengths
     nq, nk = _n_blocks(len_q), _n_blocks(len_k)
 

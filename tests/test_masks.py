@@ -63,6 +63,18 @@ def test_query_side_lists_as_torch_derives_them():
             assert torch.equal(ours, theirs) and ours.stride() == theirs.stride(), name
 
 
+def test_kept_tile_states_are_those_of_the_lists():
+    """Masks built by flexpos keep their tile states for states_of; a rebuilt mask (BlockMask.to
+    makes a new one) derives them from its block lists, and they agree."""
+    valid = torch.rand(3, LK) > 0.5
+    pos = torch.rand(2, LQ).sort(-1).values * 1000
+    for mask in (M.full_mask(LQ, LK), M.causal_mask(LQ, LK), M.padding_mask(valid, LQ),
+                 M.distance_window_mask(200.0, pos=pos), M.and_masks(M.causal_mask(LQ), M.padding_mask(valid[:, :LQ], LQ))):
+        rebuilt = mask.to("cpu")
+        assert getattr(rebuilt, "_flexpos_states", None) is None
+        assert torch.equal(M.states_of(mask), M.states_of(rebuilt))
+
+
 def test_padding_mask():
     valid = torch.rand(2, LK) > 0.3
     valid[1, 256:] = False  # a whole empty tile
