@@ -19,7 +19,7 @@ import reference as R
 from conftest import TOLERANCE, needs_cpu_flex
 from flexpos import ALiBi, DPB, XL
 from flexpos import backends
-from flexpos._compile import RECOMPILE_LIMIT, LazyCompiled
+from flexpos._compile import RECOMPILE_LIMIT, LazyCompiled, compile_settings
 from flexpos.backends import choose_backend
 from flexpos.positions import BLOCK
 
@@ -96,6 +96,24 @@ def test_changing_length_and_batch_does_not_recompile(backend, compiled):
     tril = torch.ones(length, length, dtype=torch.bool).tril()
     ref = R.attend(q, k, v, R.alibi_bias(H, p, p, has, has), tril)
     assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
+
+
+def test_compile_settings_hold_inside_and_are_restored_after_an_error():
+    from torch.fx.experimental import _config as fx_config
+
+    def now():
+        dynamo = torch._dynamo.config
+        return dynamo.cache_size_limit, fx_config.use_duck_shape, dynamo.skip_nnmodule_hook_guards
+
+    before = now()
+    with pytest.raises(RuntimeError, match="inside"):
+        with compile_settings():
+            assert now() == (max(before[0], RECOMPILE_LIMIT), False, False)
+            with compile_settings():  # nested: nothing to change, nothing to restore early
+                pass
+            assert now() == (max(before[0], RECOMPILE_LIMIT), False, False)
+            raise RuntimeError("inside")
+    assert now() == before
 
 
 def test_own_compiled_calls_allow_more_variants_than_dynamos_default(monkeypatch):
