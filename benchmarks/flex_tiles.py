@@ -95,9 +95,9 @@ def time_configs(scheme: str, names: Sequence[str], s: Setup, repeat: int) -> No
         times = interleaved({reference: lambda: runner.call(case.flex_floor), name: lambda: runner.call(fn)},
                             runner.sync, repeat)
         ref, t = times.get(reference), times.get(name)
-        if t is None:  # dropped while timing (said so)
+        if t is None:  # failed while timing (said so): later calls in this process would be slow
             say(f"{FAILED}{name}")
-            continue
+            sys.exit(3)
         ratio = f"{statistics.median(ref) / statistics.median(t):.2f}x" if ref else "-"
         say(f"  {scheme}, {name:32s} {fmt(t):>24s}  {ratio} of flex no score_mod ({fmt(ref) if ref else '-'})")
         say(f"{DONE}{name}")

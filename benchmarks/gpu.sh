@@ -73,7 +73,7 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
     shift 2
     echo
     if [ -n "${GPU_DEADLINE:-}" ]; then  # the whole run ends by then: cap the step's limit
-        local left=$((GPU_DEADLINE - SECONDS))
+        local left=$((GPU_DEADLINE - SECONDS - 15))  # timeout's --kill-after grace included
         if [ "$left" -lt 30 ]; then
             echo "## $name: SKIPPED, ${left}s left before GPU_DEADLINE=${GPU_DEADLINE}s"
             return
@@ -111,6 +111,10 @@ run_step() {
 
 main() {
     local start_all=$SECONDS
+    if [ -n "${GPU_DEADLINE:-}" ] && ! [[ "$GPU_DEADLINE" =~ ^[0-9]+$ ]]; then
+        echo "GPU_DEADLINE must be a whole number of seconds, got '$GPU_DEADLINE'"
+        return
+    fi
     preamble "$@" || { echo "# stopped: see above"; return; }
     local steps=("$@") name
     [ "${#steps[@]}" -gt 0 ] || steps=(tests targets table)

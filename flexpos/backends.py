@@ -409,8 +409,9 @@ def run_chunked(
                 recompute = _recompute_options() if recompute is None else recompute
                 out[:, :, c.start : c.stop] = checkpoint(_attend_chunk, *args, use_reentrant=False, **recompute)
             else:
-                with torch.no_grad():  # also where grad mode is on but nothing needs it: one compiled variant
-                    out[:, :, c.start : c.stop] = _attend_chunk(*args)
+                # Also grad mode where q, k, v, positions and parameters need no gradient: no
+                # checkpoint, and still a graph if the score_mod captured a tensor that needs one.
+                out[:, :, c.start : c.stop] = _attend_chunk(*args)
     if functional:
         out = _concatenate(out, pieces)
     if not plan and needs_grad and torch.is_grad_enabled():

@@ -589,6 +589,32 @@ def test_dead_rows_are_looked_for_only_where_a_query_can_lose_every_key(monkeypa
         assert seen and all(s == may_die for s in seen)
 
 
+def test_a_tensor_the_score_mod_captures_gets_its_gradient():
+    """q, k, v, positions and parameters need no gradient, but the score_mod captures a tensor
+    made by another network that does: its gradient is the reference's."""
+
+    class Captured(flexpos.Positional):
+        modifies_scores = True
+        table = None  # set per call: not a parameter, not a buffer
+
+        def score_mod(self, positions, dtype=torch.float32):
+            table = self.table
+            return lambda score, b, h, q_idx, kv_idx: score + table[h] * (kv_idx.to(table.dtype) / 40.0)
+
+    q, k, v = (t.double() for t in inputs(2, 140))
+    w = torch.randn(H, dtype=torch.float64, requires_grad=True)
+    module = Captured()
+    module.table = w * 2
+    out = flexpos.attention(q, k, v, module, backend="chunked")
+    bias = (w * 2)[:, None, None] * (torch.arange(140, dtype=torch.float64) / 40.0)
+    ref = R.attend(q, k, v, bias)
+    probe = torch.randn_like(ref)
+    got, = torch.autograd.grad((out * probe).sum(), w)
+    want, = torch.autograd.grad((ref * probe).sum(), w)
+    assert (out - ref).abs().max() <= TOLERANCE[torch.float64]
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_chunks_keep_sdpa_outputs_where_the_bias_needs_no_gradient(monkeypatch, dtype):
     """On CPU a chunk whose bias needs no gradient keeps SDPA's output and log-sum-exp and
