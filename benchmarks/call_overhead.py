@@ -11,31 +11,13 @@ no_grad). Each line: median microseconds and the ratio to the dense path. Compil
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import time
-from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from breakdown import median_ms  # also makes flexpos importable from a checkout
 
-try:
-    import flexpos
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import flexpos
-
-
-def median_us(fn: Callable[[], object], repeat: int) -> float:
-    for _ in range(5):  # compiles and warms up
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+import flexpos
+from flexpos.bench.dense import dense_alibi_bias
 
 
 def main() -> None:
@@ -50,34 +32,29 @@ def main() -> None:
     valid = torch.ones(1, length, dtype=torch.bool)
     valid[:, -3:] = False
     alibi = flexpos.ALiBi(heads)
-    slopes = alibi.slopes.view(1, heads, 1, 1).float()
     causal = torch.ones(length, length, dtype=torch.bool).tril()
 
     def dense(keep: torch.Tensor | None = None) -> torch.Tensor:
-        bias = -slopes * (pos[:, None, :, None] - pos[:, None, None, :]).abs().float()
+        bias = dense_alibi_bias(alibi, pos)
         if keep is not None:
             bias = bias.masked_fill(~keep, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
-    cases = {
-        "no mask": (lambda: flexpos.attention(q, k, v, alibi, pos=pos), lambda: dense()),
-        "causal": (lambda: flexpos.attention(q, k, v, alibi, pos=pos, causal=True), lambda: dense(causal)),
-        "key padding": (
-            lambda: flexpos.attention(q, k, v, alibi, pos=pos, mask=valid),
-            lambda: dense(valid[:, None, None, :]),
-        ),
-    }
+    no_mask = lambda: flexpos.attention(q, k, v, alibi, pos=pos)  # noqa: E731
+    cases = [  # name, flexpos, dense path, grad mode
+        ("no mask", no_mask, dense, False),
+        ("causal", lambda: flexpos.attention(q, k, v, alibi, pos=pos, causal=True), lambda: dense(causal), False),
+        ("key padding", lambda: flexpos.attention(q, k, v, alibi, pos=pos, mask=valid),
+         lambda: dense(valid[:, None, None, :]), False),
+        ("no mask, grad mode (no grads)", no_mask, dense, True),
+    ]
     print(f"flexpos {flexpos.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"ALiBi forward, B=1 H={heads} L={length} D=16, float32")
     print(f"{'case':32s} {'flexpos us':>10s} {'dense us':>9s} {'flexpos/dense':>13s}")
-    with torch.no_grad():
-        for name, (ours, theirs) in cases.items():
-            a, b = median_us(ours, args.repeat), median_us(theirs, args.repeat)
-            print(f"{name:32s} {a:10.0f} {b:9.0f} {a / b:12.1f}x")
-    a = median_us(lambda: flexpos.attention(q, k, v, alibi, pos=pos), args.repeat)
-    b = median_us(dense, args.repeat)
-    print(f"{'no mask, grad mode (no grads)':32s} {a:10.0f} {b:9.0f} {a / b:12.1f}x")
-
+    for name, ours, theirs, grad_mode in cases:
+        with torch.set_grad_enabled(grad_mode):
+            a, b = (1e3 * median_ms(fn, args.repeat) for fn in (ours, theirs))
+        print(f"{name:32s} {a:10.0f} {b:9.0f} {a / b:12.1f}x")
 
 if __name__ == "__main__":
     main()
