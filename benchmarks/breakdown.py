@@ -39,7 +39,7 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import flexpos
-from flexpos import backends
+from flexpos import chunked
 from flexpos._compile import torch_version
 from flexpos.base import index_grids
 from flexpos.dpb import DistanceGrid
@@ -66,7 +66,7 @@ def alibi_steps(length: int) -> dict[str, Callable[[], object]]:
     positions = Positions.resolve((B,), length, length, q.device, pos=pos)
     score_mod = alibi.score_mod(positions)
     bias = score_mod(torch.zeros(()), *index_grids(B, H, length, length))
-    rows = backends.chunk_rows(B * H, length)
+    rows = chunked.chunk_rows(B * H, length)
 
     chunks = [(start, bias[:, :, start : start + rows].clone()) for start in range(0, length, rows)]
 
@@ -77,7 +77,7 @@ def alibi_steps(length: int) -> dict[str, Callable[[], object]]:
     def bias_kernel() -> None:
         for start in range(0, length, rows):
             n = min(rows, length - start)
-            backends._compiled_bias(score_mod, None, B, H, start, n, 0, length, torch.float32, q.device)
+            chunked._compiled_bias(score_mod, None, B, H, start, n, 0, length, torch.float32, q.device)
 
     found = {
         "floor": lambda: F.scaled_dot_product_attention(q, k, v),

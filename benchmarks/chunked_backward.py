@@ -5,7 +5,7 @@ where the flash kernel's backward spends its time (denormal floats).
     python benchmarks/chunked_backward.py            # B=1 H=8 D=64, L=1024 and 2048
 
 Part 1 times ``flexpos.attention(...)`` + ``torch.autograd.grad`` with
-``backends._keeps_outputs`` as shipped and forced off (ALiBi, ALiBi with a position window, a
+``chunked._keeps_outputs`` as shipped and forced off (ALiBi, ALiBi with a position window, a
 frozen DPB, a key padding mask alone), and prints the largest difference of their gradients. Part 2 times SDPA's CPU flash backward on one ALiBi-like bias (chunks of 256
 queries, L=2048) with denormals as they come and flushed (``torch.set_flush_denormal``, which
 acts on the calling thread only).
@@ -23,7 +23,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import flexpos  # noqa: E402
-from flexpos import backends  # noqa: E402
+from flexpos import chunked  # noqa: E402
 from flexpos.bench import irregular_positions  # noqa: E402
 from targets import interleaved  # noqa: E402  (the timing helper of benchmarks/targets.py)
 
@@ -48,17 +48,17 @@ def kept_vs_checkpointed(case: str, length: int, repeat: int) -> None:
                "DPB, frozen": [flexpos.DPB(32, 8, depth=2).requires_grad_(False)]}.get(case, [])
     mask = {"ALiBi + position window 512": flexpos.distance_window_mask(512.0, pos=pos),
             "key padding mask alone": torch.rand(1, length, generator=gen) > 0.2}.get(case)
-    shipped = backends._keeps_outputs
+    shipped = chunked._keeps_outputs
 
     def step() -> tuple[torch.Tensor, ...]:
         return torch.autograd.grad(flexpos.attention(q, k, v, *modules, pos=pos, mask=mask), (q, k, v), grad)
 
     def checkpointed() -> tuple[torch.Tensor, ...]:
-        backends._keeps_outputs = lambda *args: False
+        chunked._keeps_outputs = lambda *args: False
         try:
             return step()
         finally:
-            backends._keeps_outputs = shipped
+            chunked._keeps_outputs = shipped
 
     diff = max(float((a - b).abs().max()) for a, b in zip(step(), checkpointed()))
     ms = median_ms({"kept": step, "checkpointed": checkpointed}, repeat)

@@ -87,3 +87,8 @@ def on_host(functional: bool, read: Callable[..., T], *args: object) -> T:
         return read(*args)
     with torch._C._DisableFuncTorch():
         return read(*args)
+
+
+def vmapped(t: Tensor) -> bool:
+    """Whether ``t`` carries a torch.func.vmap batch dim (possibly under grad transforms)."""
+    return torch._C._functorch.is_batchedtensor(without_grad_wrappers(t))

@@ -18,7 +18,7 @@ import flexpos
 import reference as R
 from conftest import TOLERANCE, needs_cpu_flex
 from flexpos import ALiBi, DPB, XL
-from flexpos import backends
+from flexpos import backends, chunked
 from flexpos._compile import RECOMPILE_LIMIT, LazyCompiled, compile_settings
 from flexpos.backends import choose_backend
 from flexpos.positions import BLOCK
@@ -314,9 +314,9 @@ def test_cpu_flex_refuses_table_masks_and_chunked_runs_them(monkeypatch):
 
 
 def test_chunk_rows_keep_the_bias_within_budget():
-    for device, budget in (("cpu", backends.CHUNK_BYTES["cpu"]), ("cuda", backends.CHUNK_BYTES["default"])):
+    for device, budget in (("cpu", chunked.CHUNK_BYTES["cpu"]), ("cuda", chunked.CHUNK_BYTES["default"])):
         for batch_heads, len_k in ((8, 4096), (8, 8192), (64, 512), (1, 100), (8, 32768), (512, 65536)):
-            rows = backends.chunk_rows(batch_heads, len_k, torch.device(device))
+            rows = chunked.chunk_rows(batch_heads, len_k, torch.device(device))
             assert rows & (rows - 1) == 0 and 16 <= rows <= 1024
             assert rows == 16 or 4 * batch_heads * len_k * rows <= budget
             assert rows == 1024 or 4 * batch_heads * len_k * rows * 2 > budget  # the largest that fits
@@ -327,13 +327,13 @@ def test_chunked_attends_only_to_the_key_span_the_mask_leaves(monkeypatch):
     its window touches, and the output still matches the dense reference."""
     length, window = 2000, 100
     spans = []
-    attend = backends._attend_chunk
+    attend = chunked._attend_chunk
 
     def spy(q, k, v, q_start, k_start, *rest):
         spans.append((q_start, q.shape[-2], k_start, k.shape[-2]))
         return attend(q, k, v, q_start, k_start, *rest)
 
-    monkeypatch.setattr(backends, "_attend_chunk", spy)
+    monkeypatch.setattr(chunked, "_attend_chunk", spy)
     q, k, v = inputs(2, length)
     with torch.no_grad():
         out = flexpos.attention(q, k, v, ALiBi(H), mask=flexpos.sliding_window_mask(length, window))
@@ -547,13 +547,13 @@ def test_dead_rows_are_looked_for_only_where_a_query_can_lose_every_key(monkeypa
     outputs are the reference's either way, zero rows included (a query before every key, on a
     head that looks back only)."""
     seen = []
-    attend = backends._attend_chunk
+    attend = chunked._attend_chunk
 
     def spy(*args):
         seen.append(args[-1])  # rows_may_die
         return attend(*args)
 
-    monkeypatch.setattr(backends, "_attend_chunk", spy)
+    monkeypatch.setattr(chunked, "_attend_chunk", spy)
     b, lq, lk = 2, 40, 30
     q, k, v = (torch.randn(b, 2, n, 16, dtype=torch.float64) for n in (lq, lk, lk))
     pos_q = torch.randint(0, 100, (b, lq)).sort(-1).values
@@ -620,10 +620,10 @@ def test_chunks_keep_sdpa_outputs_where_the_bias_needs_no_gradient(monkeypatch, 
     """On CPU a chunk whose bias needs no gradient keeps SDPA's output and log-sum-exp and
     recomputes only the bias in backward; one with a learned divisor is checkpointed. Both give
     the reference's gradients, a row without keys included, and repeated backward passes agree."""
-    monkeypatch.setattr(backends, "chunk_rows", lambda *args: 16)
+    monkeypatch.setattr(chunked, "chunk_rows", lambda *args: 16)
     saved = []
-    apply = backends._SavedChunk.apply
-    monkeypatch.setattr(backends._SavedChunk, "apply", lambda *args: saved.append(1) or apply(*args))
+    apply = chunked._SavedChunk.apply
+    monkeypatch.setattr(chunked._SavedChunk, "apply", lambda *args: saved.append(1) or apply(*args))
     b, length = 2, 70
     q, k, v = (torch.randn(b, 2, length, 16, dtype=dtype, requires_grad=True) for _ in range(3))
     pos = torch.randint(0, 3, (b, length)).cumsum(-1) * 60  # weights from 1 down past subnormal
@@ -632,7 +632,7 @@ def test_chunks_keep_sdpa_outputs_where_the_bias_needs_no_gradient(monkeypatch, 
     grad = torch.randn(b, 2, length, 16, dtype=dtype)
     p, has = R.padded_positions(pos, b, length)
     # where SDPA's CPU flash kernel does not run this bias (torch 2.6), every chunk is checkpointed
-    flash = backends._keeps_outputs(q, k, v, None)
+    flash = chunked._keeps_outputs(q, k, v, None)
     for alibi, kept in ((ALiBi(2), flash), (ALiBi(2, divide=2.0, learned_div=True), False)):
         saved.clear()
         out = flexpos.attention(q, k, v, alibi, pos=pos, mask=keep, backend="chunked")
@@ -674,7 +674,7 @@ def test_weights_below_the_smallest_normal_are_cut_and_no_other(dtype):
     scale = 16**-0.5
     logits = (q.double() @ k.double().transpose(-1, -2)) * scale + bias.double()
     lse = logits.logsumexp(-1)
-    cut = backends._without_subnormal_weights(bias, q, k, lse.to(dtype), scale).isinf()
+    cut = chunked._without_subnormal_weights(bias, q, k, lse.to(dtype), scale).isinf()
     weights = (logits - lse[..., None]).exp()
     assert cut.any() and (~cut).any()
     assert cut[weights < tiny / 2].all() and not cut[weights > tiny * 2].any()
@@ -690,7 +690,7 @@ def test_chunks_are_checkpointed_where_sdpas_private_kernel_choice_is_missing(mo
         raise TypeError("_fused_sdp_choice() got an unexpected keyword argument 'scale'")
 
     monkeypatch.setattr(torch, "_fused_sdp_choice", changed)
-    assert not backends._keeps_outputs(q, q, q, None)
+    assert not chunked._keeps_outputs(q, q, q, None)
     out = flexpos.attention(q, q, q, ALiBi(2), pos=pos, backend="chunked")
     p, has = R.padded_positions(pos, 1, 40)
     ref = R.attend(q, q, q, R.alibi_bias(2, p, p, has, has))

@@ -119,7 +119,7 @@ def test_backward_after_the_sdpa_kernel_block_has_ended():
 def test_torch_func_with_chunks_the_mask_skips(monkeypatch):
     """Chunks of 16 queries, the middle 128 queries without any key: under torch.func the chunk
     outputs are concatenated around zeros, as the default path fills its buffer."""
-    monkeypatch.setattr(flexpos.backends, "chunk_rows", lambda *args: 16)
+    monkeypatch.setattr(flexpos.chunked, "chunk_rows", lambda *args: 16)
     length = 300
     q, k, v = (torch.randn(B, H, length, D, dtype=F64) for _ in range(3))
     mask = torch.rand(B, length, length) > 0.2
@@ -161,7 +161,7 @@ def test_vmap_of_grad_where_no_query_has_a_key():
 def test_repeated_backward_passes_after_the_sdpa_kernel_block(monkeypatch):
     """Several chunks, each recomputed twice (retain_graph) and once more inside a double
     backward, all after the sdpa_kernel block has ended; the global SDPA flags are restored."""
-    monkeypatch.setattr(flexpos.backends, "chunk_rows", lambda *args: 16)
+    monkeypatch.setattr(flexpos.chunked, "chunk_rows", lambda *args: 16)
     length = 150
     q, k, v = (torch.randn(B, H, length, D, dtype=F64, requires_grad=True) for _ in range(3))
     pos = torch.rand(B, length, dtype=F64).cumsum(-1) * 10

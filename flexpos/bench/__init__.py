@@ -4,7 +4,7 @@ The dense path is what a bio-attention user runs today: every positional bias is
 as a (B, NH, L, L) float tensor (DPB and XL first build (B, L, L, dim) activations) and handed
 to ``torch.nn.functional.scaled_dot_product_attention`` as ``attn_mask``. flexpos evaluates the
 same bias inside FlexAttention's kernel one tile at a time (CUDA), or one chunk of queries at a
-time in front of SDPA (CPU, see ``flexpos.backends``). For every scheme and length the
+time in front of SDPA (CPU, see ``flexpos.chunked``). For every scheme and length the
 bench runs both on the same inputs in one process and prints time, peak memory growth and the
 largest difference of their outputs, with plain SDPA (no positional effect) as the floor.
 
