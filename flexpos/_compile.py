@@ -17,6 +17,8 @@ import torch
 import torch._dynamo.config as dynamo_config
 from torch.fx.experimental import _config as fx_config
 
+from ._host import forward_ad_active
+
 _enabled = os.environ.get("FLEXPOS_COMPILE", "1") != "0"
 
 
@@ -97,7 +99,7 @@ class LazyCompiled:
         self.__doc__ = fn.__doc__
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not _enabled or torch.compiler.is_compiling():
+        if not _enabled or torch.compiler.is_compiling() or forward_ad_active():
             return self.fn(*args, **kwargs)
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, dynamic=self.dynamic, options=self.options)

@@ -71,6 +71,14 @@ def functorch_active() -> bool:
     return peek is not None and not torch.compiler.is_compiling() and peek() is not None
 
 
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``, as
+    ``torch.func.jvp`` and ``jacfwd`` open one). Its tangents pass neither torch.compile (which
+    drops them, or fails where autograd records too), FlexAttention, nor SDPA's CPU flash
+    kernel: flexpos then runs its functions uncompiled, chunked, on SDPA's math kernel."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
 def without_grad_wrappers(t: Tensor) -> Tensor:
     """``t`` without torch.func.grad's wrappers (for tensors that carry no gradient)."""
     functorch = torch._C._functorch

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ._compile import CPU_FLEX_MIN_TORCH, compile_settings, torch_version
+from ._host import forward_ad_active
 from .base import Positional, ScoreMod
 from .masks import cpu_flex_safe
 
@@ -67,13 +68,19 @@ def choose_backend(
     ``needs_grad`` if autograd must flow.
 
     'auto' is 'chunked' on CPU and 'flex' elsewhere, except for q/k head dims above
-    :data:`MAX_FLEX_HEAD_DIM` (XL appends ``dim + 1`` features), which take 'chunked' too.
-    'flex' on CPU is refused where Inductor's CPU flex kernel cannot run (see
-    :func:`_cpu_flex_refusal`).
+    :data:`MAX_FLEX_HEAD_DIM` (XL appends ``dim + 1`` features) and in forward-mode AD (flex
+    carries no tangents), which take 'chunked' too. 'flex' is refused in forward-mode AD, and
+    on CPU where Inductor's CPU flex kernel cannot run (see :func:`_cpu_flex_refusal`).
     """
     check_backend(requested)
+    forward_mode = forward_ad_active()
     if requested == "auto":
-        return "chunked" if q.device.type == "cpu" or q.shape[-1] > MAX_FLEX_HEAD_DIM else "flex"
+        return "chunked" if q.device.type == "cpu" or q.shape[-1] > MAX_FLEX_HEAD_DIM or forward_mode else "flex"
+    if requested == "flex" and forward_mode:
+        raise ValueError(
+            "backend='flex' cannot carry forward-mode AD tangents (torch.func.jvp, jacfwd, "
+            "torch.autograd.forward_ad); use backend='auto' or 'chunked'"
+        )
     if requested == "flex" and q.device.type == "cpu":
         why = _cpu_flex_refusal(q, needs_grad, block_mask, modules)
         if why is not None:

@@ -23,7 +23,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
 from ._compile import compile_settings, lazy_compile
-from ._host import blind, functorch_active, on_host, without_grad_wrappers
+from ._host import blind, forward_ad_active, functorch_active, on_host, without_grad_wrappers
 from .base import ScoreMod, index_grids
 from .masks import EMPTY, FULL, MaskMod, states_of
 from .positions import BLOCK
@@ -109,8 +109,9 @@ def _attend_chunk(
     functional = functorch_active()
     unread = unread or functional  # then which rows are alive is not read back
     # Under torch.func, SDPA's math kernel: differentiable in every input (vmap may otherwise
-    # pick a kernel that is not, for a bias that needs gradients), and twice.
-    kernel = sdpa_kernel(SDPBackend.MATH) if functional else contextlib.nullcontext()
+    # pick a kernel that is not, for a bias that needs gradients), and twice; in forward mode too.
+    math_only = functional or forward_ad_active()
+    kernel = sdpa_kernel(SDPBackend.MATH) if math_only else contextlib.nullcontext()
     if score_mod is None and mask_mod is None:
         with kernel:
             return F.scaled_dot_product_attention(q, k, v_work, scale=scale).to(v.dtype)
@@ -288,8 +289,9 @@ def _without_subnormal_weights(bias: Tensor, q: Tensor, k: Tensor, lse: Tensor, 
 def _keeps_outputs(q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[ScoreMod]) -> bool:
     """Whether chunks of this call go through :class:`_SavedChunk`: eager CPU calls whose bias
     needs no gradient (probed on one score per head: a score_mod may capture any tensor) and
-    where SDPA would pick its flash kernel for a float bias."""
-    if q.device.type != "cpu" or torch.compiler.is_compiling() or not _flash_cpu_takes_a_bias():
+    where SDPA would pick its flash kernel for a float bias (not in forward-mode AD, whose
+    tangents the flash kernel does not carry)."""
+    if q.device.type != "cpu" or torch.compiler.is_compiling() or forward_ad_active() or not _flash_cpu_takes_a_bias():
         return False
     work = torch.promote_types(q.dtype, torch.float32)
     if score_mod is not None:

@@ -1,14 +1,24 @@
-"""flexpos under the autograd machinery users wrap around it: torch.func transforms, double
-backward, and a caller's choice of SDPA kernel (float64 references, chunked backend)."""
+"""flexpos under the autograd machinery users wrap around it: torch.func transforms, forward-mode
+AD, double backward, and a caller's choice of SDPA kernel (float64 references, chunked backend)."""
 
 import pytest
 import reference as R
 import torch
-from torch.func import functional_call, grad, vmap
+import torch.autograd.forward_ad as fwAD
+from conftest import TOLERANCE
+from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexpos
-from flexpos import DPB, XL, ALiBi, Rotary
+from flexpos import (
+    DPB,
+    XL,
+    ALiBi,
+    AttentionLayer,
+    LearnedContinuous,
+    Rotary,
+    Sinusoidal,
+)
 
 B, H, L, D = 1, 2, 9, 4
 F64 = torch.float64
@@ -37,8 +47,8 @@ class Heads(torch.nn.Module):
         super().__init__()
         self.mods = torch.nn.ModuleList(mods)
 
-    def forward(self, q, k, v, pos):
-        return flexpos.attention(q, k, v, *self.mods, pos=pos)
+    def forward(self, q, k, v, pos, mask=None):
+        return flexpos.attention(q, k, v, *self.mods, pos=pos, mask=mask)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -180,3 +190,59 @@ def test_repeated_backward_passes_after_the_sdpa_kernel_block(monkeypatch):
     (want_h,) = torch.autograd.grad(want.square().sum(), k)
     assert torch.allclose(h, want_h, atol=1e-10, rtol=0)
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+
+
+def _forward_mode(fn, primals, tangents, api):
+    """The Jacobian-vector product of ``fn`` at ``primals`` (tensors) along ``tangents``."""
+    if api == "torch.func.jvp":
+        return jvp(fn, primals, tangents)[1]
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(fn(*map(fwAD.make_dual, primals, tangents))).tangent
+
+
+def _jvp_case(case):
+    """(model, call(model, *inputs), inputs): attention over q, k, v, positions, or a layer."""
+    if case == "layer":
+        mods = [Sinusoidal(16), LearnedContinuous(16, divide=3.0), Rotary(16 // H), ALiBi(H), DPB(8, H, learned_div=True)]
+        layer = AttentionLayer(16, H, positional=mods).double()
+        return layer, lambda model, x, pos: model(x, pos=pos), (torch.randn(B, L, 16, dtype=F64), irregular())
+    mods, mask = ((ALiBi(H, learned_div=True), Rotary(D, learned_div=True)), None) if case == "learned divisors" else CASES[case]()
+    return Heads(*mods), lambda model, *inputs: model(*inputs, mask=mask), (*qkv(), irregular())
+
+
+@pytest.mark.parametrize("api", ["torch.func.jvp", "forward_ad"])
+@pytest.mark.parametrize("case", [*sorted(CASES), "learned divisors", "layer"])
+def test_forward_mode_ad_equals_reverse_mode(case, api, compiled):
+    """Tangents on every input (positions included) and every parameter at once, with compiled
+    transforms switched on (torch.compile drops tangents, or fails where autograd records too):
+    the product against autograd's, formed by double backward (torch.autograd.functional.jvp)."""
+    model, call, inputs = _jvp_case(case)
+    names = [name for name, _ in model.named_parameters()]
+    primals = (*inputs, *(p.detach() for p in model.parameters()))
+
+    def fn(*flat):
+        params = dict(zip(names, flat[len(inputs) :]))
+        return call(lambda *a, **kw: functional_call(model, params, a, kw), *flat[: len(inputs)])
+
+    tangents = tuple(torch.randn_like(t) for t in primals)
+    got = _forward_mode(fn, primals, tangents, api)
+    flexpos.set_compile(False)
+    with sdpa_kernel(SDPBackend.MATH):  # SDPA's CPU flash kernel has no double backward
+        want = torch.autograd.functional.jvp(fn, primals, tangents)[1]
+    assert got is not None and want.abs().max() > 0
+    assert torch.allclose(got, want, atol=TOLERANCE[F64], rtol=0)
+
+
+def test_jacfwd_equals_jacrev():
+    mods = (ALiBi(H), DPB(8, H).double())
+    k, v = qkv()[1:]
+    pos = irregular()
+    attend = lambda q: flexpos.attention(q, k, v, *mods, pos=pos, causal=True)  # noqa: E731
+    q = qkv()[0]
+    assert torch.allclose(jacfwd(attend)(q), jacrev(attend)(q), atol=TOLERANCE[F64], rtol=0)
+
+
+def test_flex_refuses_forward_mode_ad_by_name():
+    q, k, v = qkv()
+    with fwAD.dual_level(), pytest.raises(ValueError, match="backend='flex' cannot carry forward-mode AD"):
+        flexpos.attention(fwAD.make_dual(q, torch.ones_like(q)), k, v, backend="flex")
