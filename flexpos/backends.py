@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ._compile import CPU_FLEX_MIN_TORCH, compile_settings, torch_version
-from ._host import forward_ad_active
+from ._host import forward_ad_active, functorch_active
 from .base import Positional, ScoreMod
 from .masks import cpu_flex_safe
 
@@ -68,14 +68,16 @@ def choose_backend(
     ``needs_grad`` if autograd must flow.
 
     'auto' is 'chunked' on CPU and 'flex' elsewhere, except for q/k head dims above
-    :data:`MAX_FLEX_HEAD_DIM` (XL appends ``dim + 1`` features) and in forward-mode AD (flex
-    carries no tangents), which take 'chunked' too. 'flex' is refused in forward-mode AD, and
-    on CPU where Inductor's CPU flex kernel cannot run (see :func:`_cpu_flex_refusal`).
+    :data:`MAX_FLEX_HEAD_DIM` (XL appends ``dim + 1`` features), in forward-mode AD (flex
+    carries no tangents) and inside torch.func transforms (tested on the chunked backend only),
+    which take 'chunked' too. 'flex' is refused in forward-mode AD, and on CPU where Inductor's
+    CPU flex kernel cannot run (see :func:`_cpu_flex_refusal`).
     """
     check_backend(requested)
     forward_mode = forward_ad_active()
     if requested == "auto":
-        return "chunked" if q.device.type == "cpu" or q.shape[-1] > MAX_FLEX_HEAD_DIM or forward_mode else "flex"
+        chunked = q.device.type == "cpu" or q.shape[-1] > MAX_FLEX_HEAD_DIM or forward_mode or functorch_active()
+        return "chunked" if chunked else "flex"
     if requested == "flex" and forward_mode:
         raise ValueError(
             "backend='flex' cannot carry forward-mode AD tangents (torch.func.jvp, jacfwd, "

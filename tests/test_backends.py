@@ -152,6 +152,11 @@ def test_backend_choice_is_made_before_running(monkeypatch):
     wide = torch.empty(1, 1, 4, backends.MAX_FLEX_HEAD_DIM + 1, device="meta")  # XL's appended features
     assert choose_backend("auto", wide[..., :-1], needs_grad=True) == "flex"
     assert choose_backend("auto", wide, needs_grad=True) == "chunked"
+    with torch.autograd.forward_ad.dual_level():  # flex carries no tangents
+        assert choose_backend("auto", q.to("meta"), needs_grad=False) == "chunked"
+    inside_vmap = []
+    torch.func.vmap(lambda x: inside_vmap.append(choose_backend("auto", q.to("meta"), needs_grad=False)) or x)(q)
+    assert inside_vmap == ["chunked"]
     assert choose_backend("flex", q, needs_grad=False) == "flex"
     with pytest.raises(ValueError, match="gradients"):
         choose_backend("flex", q, needs_grad=True)
