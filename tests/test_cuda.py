@@ -229,3 +229,25 @@ def test_shared_masks_are_kept_per_gpu():
     assert flexpos.full_mask(300, 300, "cuda") is flexpos.full_mask(300, 300, here)
     assert flexpos.causal_mask(300, device="cuda") is flexpos.causal_mask(300, device=here)
     assert flexpos.full_mask(300, 300, "cuda").kv_num_blocks.device == torch.device(here)
+
+
+def test_forward_mode_ad_matches_the_cpu():
+    """torch.func.jvp with 'auto' (the chunked backend in forward mode) and compiled transforms
+    switched on, tangents on q and positions, float64: the product computed on the CPU."""
+    length = 300
+    q, k, v, dq = (torch.randn(2, H, length, D, dtype=torch.float64) for _ in range(4))
+    pos = torch.rand(2, length, dtype=torch.float64).cumsum(-1) * 10
+    dpos = torch.randn_like(pos)
+    mods = [m.double() for m in modules()]
+
+    def product(device):
+        moved = [m.to(device) for m in mods]
+        attend = lambda q, pos: flexpos.attention(q, k.to(device), v.to(device), *moved, pos=pos, causal=True)  # noqa: E731
+        return torch.func.jvp(attend, (q.to(device), pos.to(device)), (dq.to(device), dpos.to(device)))[1].cpu()
+
+    previous = flexpos.set_compile(True)
+    try:
+        on_gpu = product(DEV)
+    finally:
+        flexpos.set_compile(previous)
+    assert torch.allclose(on_gpu, product("cpu"), atol=1e-9, rtol=0)
