@@ -157,10 +157,10 @@ def run_chunked(
     needs_grad: bool = True,
     finite_scores: bool = False,
 ) -> Tensor:
-    """Same contract as :func:`flexpos.backends.run_flex`, on any device and dtype, with autograd (``needs_grad``:
-    whether q, k, v or the score_mod's parameters need gradients; ``finite_scores``: the
-    score_mod never returns -inf, so only chunks that evaluate the mask_mod can leave a query
-    without keys).
+    """Same contract as :func:`flexpos.backends.run_flex`, on any device and dtype, with
+    autograd (``needs_grad``: whether q, k, v or the score_mod's parameters need gradients;
+    ``finite_scores``: the score_mod never returns -inf, so only chunks that evaluate the
+    mask_mod can leave a query without keys).
 
     Queries go in chunks of :func:`chunk_rows`; each chunk attends, with SDPA, to the span of
     key tiles that the BlockMask leaves non-empty for it, under a bias that one compiled kernel
