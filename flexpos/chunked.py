@@ -261,11 +261,13 @@ class _SavedChunk(torch.autograd.Function):
             return (*(next(grads) if needed else None for needed in ctx.needs_input_grad[:3]), None)
         work = out.dtype
         qw, kw, vw = q.to(work), k.to(work), v.to(work)
-        bias, alive = _live_bias(qw, kw, q_start, k_start, score_mod, mask_mod, unread, rows_may_die)
-        if score_mod is not None:  # a mask alone (0 or -inf) leaves weights near exp(score - lse)
-            bias = _without_subnormal_weights(bias, qw, kw, lse, scale)
-        grad = grad.to(work) if alive is None else torch.where(alive, grad.to(work), 0.0)
+        # Not under the caller's autocast (a backward inside its block), whose bf16 matmul
+        # would round the rebuilt bias that the forward's float32 log-sum-exp is matched with.
         with torch.autocast("cpu", enabled=False):
+            bias, alive = _live_bias(qw, kw, q_start, k_start, score_mod, mask_mod, unread, rows_may_die)
+            if score_mod is not None:  # a mask alone (0 or -inf) leaves weights near exp(score - lse)
+                bias = _without_subnormal_weights(bias, qw, kw, lse, scale)
+            grad = grad.to(work) if alive is None else torch.where(alive, grad.to(work), 0.0)
             dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad, qw, kw, vw, out, lse, 0.0, False, attn_mask=bias, scale=scale
             )

@@ -653,6 +653,24 @@ def test_chunks_keep_sdpa_outputs_where_the_bias_needs_no_gradient(monkeypatch, 
             assert (g.double() - w).abs().max() <= TOLERANCE[dtype] * max(1.0, w.abs().max().item())
 
 
+def test_kept_chunks_backward_inside_autocast_equals_outside():
+    """A backward run inside the caller's bf16 autocast block rebuilds kept chunks' bias in
+    float32, as their forward built it (autocast's bf16 matmul once rounded it: with DPB at large
+    distances the gradients were off by a factor of 1e26)."""
+    q, k, v = (torch.randn(2, 2, 160, 16, requires_grad=True) for _ in range(3))
+    if not chunked._keeps_outputs(q, k, v, None):
+        pytest.skip("SDPA's CPU flash kernel takes no bias in this torch: no chunk is kept")
+    pos = torch.rand(2, 160, dtype=torch.float64).cumsum(-1) * 1000
+    dpb = DPB(8, 2, depth=2).requires_grad_(False)
+    grads = []
+    for inside in (False, True):
+        out = flexpos.attention(q, k, v, dpb, pos=pos)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+            grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    for outside, inside in zip(*grads):
+        assert torch.equal(outside, inside)
+
+
 def test_create_graph_through_kept_chunks_of_inputs_that_need_no_gradient():
     """create_graph=True with a frozen q: kept chunks recompute with autograd for k and v alone
     (their first derivatives, with a graph; SDPA's flash kernel has no second derivative)."""
