@@ -17,7 +17,7 @@ import torch
 import torch._dynamo.config as dynamo_config
 from torch.fx.experimental import _config as fx_config
 
-from ._host import forward_ad_active
+from ._host import forward_ad_active, tracing
 
 _enabled = os.environ.get("FLEXPOS_COMPILE", "1") != "0"
 
@@ -68,7 +68,7 @@ def _settings() -> Iterator[tuple[Any, str, Any]]:
 def compile_settings() -> Iterator[None]:
     """:func:`_settings` for the duration, restored after; a caller's torch.compile keeps its
     own. Set directly: ``config.patch`` builds a class per use (~15 us each, per call)."""
-    if torch.compiler.is_compiling():
+    if tracing():
         yield
         return
     changed = []
@@ -99,7 +99,7 @@ class LazyCompiled:
         self.__doc__ = fn.__doc__
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not _enabled or torch.compiler.is_compiling() or forward_ad_active():
+        if not _enabled or tracing() or forward_ad_active():
             return self.fn(*args, **kwargs)
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, dynamic=self.dynamic, options=self.options)

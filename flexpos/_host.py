@@ -43,6 +43,19 @@ def no_host_reads() -> Iterator[None]:
         _reads_allowed.reset(token)
 
 
+_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.7
+
+
+def tracing() -> bool:
+    """Whether this code is being traced by a caller's torch.compile (Dynamo) or torch.export.
+
+    Not ``torch.compiler.is_compiling()``: a process-wide flag, which torch 2.13 holds for the
+    whole compile session of any thread, so that a call in another thread would skip flexpos'
+    checks and compiled kernels. Dynamo folds ``is_dynamo_compiling()`` to True in the code it
+    traces; it is False wherever code runs."""
+    return torch.compiler.is_dynamo_compiling() or _exporting()
+
+
 def capturing_cuda_graph() -> bool:
     """Whether the current CUDA stream is capturing a CUDA graph (which forbids host syncs)."""
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
@@ -52,7 +65,7 @@ def blind() -> bool:
     """Whether no tensor value may be read back at all: :func:`no_host_reads`, or a capture.
     Never inside a caller's torch.compile, which decides for itself (Dynamo cannot trace a
     ContextVar: it would break the graph here)."""
-    if torch.compiler.is_compiling():
+    if tracing():
         return False
     return not _reads_allowed.get() or capturing_cuda_graph()
 
@@ -61,14 +74,14 @@ def host_reads() -> bool:
     """Whether flexpos may read tensor values back to the host (value checks, extents of integer
     positions): in eager calls, not inside a caller's torch.compile (a graph break there), nor
     where :func:`blind`."""
-    return not (torch.compiler.is_compiling() or blind())
+    return not (tracing() or blind())
 
 
 def functorch_active() -> bool:
     """Whether a torch.func transform (grad, vjp, vmap, ...) is running (outside a caller's
     torch.compile, which traces the transforms itself)."""
     peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    return peek is not None and not torch.compiler.is_compiling() and peek() is not None
+    return peek is not None and not tracing() and peek() is not None
 
 
 def forward_ad_active() -> bool:

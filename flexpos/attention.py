@@ -16,8 +16,8 @@ from torch.nn.attention.flex_attention import BlockMask
 from ._checks import check_bool, check_float, check_module_device, check_positive_float, check_rank, check_tensor
 from ._host import functorch_active, vmapped
 from .backends import Backend, KernelOptions, check_kernel_options, choose_backend, flex_kernel_options, run_flex
-from .chunked import run_chunked
 from .base import Positional, ScoreMod
+from .chunked import run_chunked
 from .masks import and_masks, causal_mask, dense_mask, full_mask, tiles_decide
 from .positions import BLOCK, Positions
 

@@ -18,11 +18,10 @@ from typing import Callable, Literal, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ._compile import CPU_FLEX_MIN_TORCH, compile_settings, torch_version
-from ._host import forward_ad_active, functorch_active
+from ._host import forward_ad_active, functorch_active, tracing
 from .base import Positional, ScoreMod
 from .masks import cpu_flex_safe
 
@@ -39,7 +38,7 @@ def _flex(device: torch.device) -> Callable[..., Tensor]:
     forward+backward; benchmarks/results/gpu-2026-11-27-c.txt and -d.txt), at the price of one more
     compile when B or L first change. Elsewhere symbolic from the first call.
     """
-    if torch.compiler.is_compiling():
+    if tracing():
         return flex_attention
     cuda = device.type == "cuda"
     if cuda not in _compiled_flex:

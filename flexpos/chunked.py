@@ -23,11 +23,10 @@ from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
 from ._compile import compile_settings, lazy_compile
-from ._host import blind, forward_ad_active, functorch_active, on_host, without_grad_wrappers
+from ._host import blind, forward_ad_active, functorch_active, on_host, tracing, without_grad_wrappers
 from .base import ScoreMod, index_grids
 from .masks import EMPTY, FULL, MaskMod, states_of
 from .positions import BLOCK
-
 
 CHUNK_BYTES = {"cpu": 16 * 2**20, "default": 128 * 2**20}
 """Bias buffer per chunk of queries. On CPU below glibc's 32 MiB mmap ceiling, so freed chunks
@@ -293,7 +292,7 @@ def _keeps_outputs(q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[ScoreMod
     needs no gradient (probed on one score per head: a score_mod may capture any tensor) and
     where SDPA would pick its flash kernel for a float bias (not in forward-mode AD, whose
     tangents the flash kernel does not carry)."""
-    if q.device.type != "cpu" or torch.compiler.is_compiling() or forward_ad_active() or not _flash_cpu_takes_a_bias():
+    if q.device.type != "cpu" or tracing() or forward_ad_active() or not _flash_cpu_takes_a_bias():
         return False
     work = torch.promote_types(q.dtype, torch.float32)
     if score_mod is not None:
@@ -384,7 +383,7 @@ def _recompute_options() -> dict[str, object]:
     backward, and another kernel saves other tensors (checkpoint's metadata check fails). No
     options inside a caller's torch.compile, which traces checkpoint itself and takes no
     ``context_fn``."""
-    if torch.compiler.is_compiling():
+    if tracing():
         return {}
     recompute = _kernels_now()
     return {"context_fn": lambda: (contextlib.nullcontext(), recompute)}

@@ -26,7 +26,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from ._checks import check_length, check_rank, check_tensor
 from ._compile import CPU_FLEX_MIN_TORCH, torch_version
-from ._host import capturing_cuda_graph, functorch_active
+from ._host import capturing_cuda_graph, functorch_active, tracing
 from .base import shared_index
 from .positions import BLOCK, Positions, table_len
 
@@ -49,7 +49,7 @@ def _flex_cpu_ok(fn: MaskMod) -> MaskMod:
     The mark only matters where CPU flex runs at all; older Dynamo cannot set a function's
     attribute while tracing a caller's compile (an error under ``fullgraph=True``).
     """
-    if torch_version() >= CPU_FLEX_MIN_TORCH or not torch.compiler.is_compiling():
+    if torch_version() >= CPU_FLEX_MIN_TORCH or not tracing():
         fn.cpu_flex_safe = True  # type: ignore[attr-defined]
     return fn
 
@@ -94,7 +94,7 @@ def from_states(states: Tensor, mask_mod: MaskMod, len_q: int, len_k: int) -> Bl
         BLOCK_SIZE=(BLOCK, BLOCK),
         mask_mod=mask_mod,
     )
-    if not (torch.compiler.is_compiling() or functorch_active()):
+    if not (tracing() or functorch_active()):
         # kept for states_of (the shared masks are read every call); BlockMask's own methods
         # (to, slicing, pytree rebuilds) return new masks, without them
         mask._flexpos_states = states  # type: ignore[attr-defined]
@@ -161,7 +161,7 @@ def _memoised(build: Callable[..., BlockMask]) -> Callable[..., BlockMask]:
 
     def get(*args: object) -> BlockMask:
         symbolic = any(isinstance(a, torch.SymInt) for a in args)
-        fresh = symbolic or torch.compiler.is_compiling() or capturing_cuda_graph()
+        fresh = symbolic or tracing() or capturing_cuda_graph()
         return build(*args) if fresh else cached(*args)
 
     return get

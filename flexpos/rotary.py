@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ._checks import check_even, check_float, check_module_device, check_rank, check_tensor
 from ._compile import lazy_compile
+from ._host import tracing
 from .base import QK, Positional
 from .positions import Positions
 
@@ -106,7 +107,7 @@ def _eager_cpu(x: Tensor) -> bool:
     # vectorised kernel already (compiling it gains nothing); on GPUs the compiled real form
     # fuses into one kernel with no float32 round trip. Inside a caller's torch.compile the
     # real form, which Inductor generates code for (it has none for complex operators).
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+    return x.device.type == "cpu" and not tracing()
 
 
 def _rotate(x: Tensor, cos_sin: Tensor) -> Tensor:

@@ -528,6 +528,21 @@ def test_host_read_rules_trace_without_a_graph_break():
     assert out == -1  # compiling: no reads, and not blind (the caller's compile decides)
 
 
+def test_another_threads_compile_leaves_checks_and_kernels_on(monkeypatch):
+    """torch.compiler.is_compiling() is process-wide (torch 2.13 holds it True for the whole
+    compile session of any thread). flexpos asks whether its own code is traced, so a call made
+    meanwhile still checks its positions and runs its compiled kernels."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # another thread compiling
+    from flexpos import _host
+
+    assert _host.host_reads() and not _host.tracing()
+    q = torch.randn(1, 2, 16, 8)
+    pos = torch.arange(16.0)[None].clone()
+    pos[0, 5] = float("nan")
+    with pytest.raises(ValueError, match="pos"):
+        flexpos.attention(q, q, q, ALiBi(2), pos=pos)
+
+
 def test_gradients_of_a_call_in_no_host_reads_with_backward_outside_it():
     """Checkpointed chunks are recomputed in backward, maybe outside the block (or on autograd's
     own thread): they recompute as their forward ran, and the gradients are the reference's."""
