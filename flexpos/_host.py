@@ -4,6 +4,8 @@ chunked backend's plan of which keys each query chunk needs.
 
 In eager calls it does; inside a caller's torch.compile it does not (each read would be a graph
 break); in :func:`no_host_reads` and while a CUDA graph is captured it reads nothing at all.
+Also here: which tracer or transform runs flexpos' code (a caller's torch.compile, torch.func,
+forward-mode AD), which these decisions and the backend choice depend on.
 """
 
 from __future__ import annotations

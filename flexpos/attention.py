@@ -55,8 +55,8 @@ def attention(
             (B, *, Lq, Lk) or (B, *, H, Lq, Lk).
         causal: also mask keys after the query (by index, top-left aligned).
         scale: score scale, default ``1 / sqrt(D)``.
-        backend: 'auto' ('chunked' on CPU, fused 'flex' elsewhere), 'flex' or 'chunked'
-            (see :mod:`flexpos.backends`).
+        backend: 'auto' ('chunked' on CPU, fused 'flex' elsewhere unless flex cannot run the
+            call: see :func:`flexpos.backends.choose_backend`), 'flex' or 'chunked'.
         kernel_options: FlexAttention ``kernel_options`` for the flex backend (on GPUs Triton
             tile sizes such as ``BLOCK_M``, ``num_stages``; ``fwd_``/``bwd_`` prefixes for one
             pass), over flexpos' own choice, passed on unchecked: options that change results

@@ -1,16 +1,16 @@
-"""The two ways flexpos runs attention, the rule that picks one *before* running, and the first.
+"""Which backend runs attention, decided *before* running, and the flex backend itself.
 
-- ``flex``: ``torch.compile(flex_attention)``; fused, forward and backward. The default on
-  CUDA (sizes static until they change, then symbolic; on CPU symbolic from the start).
-- ``chunked`` (:mod:`flexpos.chunked`): queries in chunks, SDPA under a bias that one compiled
-  kernel evaluates per chunk from the same score_mod and mask_mod. O(chunk * Lk) memory,
-  autograd for everything, float64 included. The default on CPU, where Inductor's flex kernel
-  has no backward and its forward is slower than SDPA plus a fused bias (see
-  benchmarks/README.md).
+- ``flex`` (here): ``torch.compile(flex_attention)``; fused, forward and backward. The default
+  on CUDA (sizes static until they change, then symbolic; on CPU symbolic from the start).
+- ``chunked`` (:mod:`flexpos.chunked`): SDPA under a bias built chunk by chunk. The default on
+  CPU, where Inductor's flex kernel has no backward and its forward is slower than SDPA plus a
+  fused bias (see benchmarks/README.md), and wherever flex cannot run the call (see
+  :func:`choose_backend`).
 
 The choice is made up front because a compiled flex call that fails leaves later compiled
 calls in the process on a slow path.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Literal, Mapping, Optional, Sequence, Union

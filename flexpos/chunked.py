@@ -194,6 +194,9 @@ def run_chunked(
     pieces: list[tuple[int, int, Tensor]] = []  # under torch.func: (start, stop, chunk output)
     recompute: Optional[dict[str, object]] = None
     keep = needs_grad and not functional and torch.is_grad_enabled() and _keeps_outputs(q, k, v, score_mod)
+    # Checkpoint would recompute a chunk in backward, outside forward-mode AD's dual level, where
+    # it takes other kernels and saves other tensors: in forward mode chunks are kept.
+    recomputes = needs_grad and torch.is_grad_enabled() and not forward_ad_active()
     if keep:  # what kept chunks keep, in two buffers for the same reason as ``out``
         work = torch.promote_types(q.dtype, torch.float32)
         kept = (q.new_empty(*q.shape[:2], len_q, v.shape[-1], dtype=work), q.new_empty(*q.shape[:3], dtype=work))
@@ -208,7 +211,7 @@ def run_chunked(
                 # .data: each chunk's view gets a version counter of its own, so it can be saved
                 into = tuple(t.data[:, :, c.start : c.stop] for t in kept)
                 out[:, :, c.start : c.stop] = _SavedChunk.apply(*args[:3], (*args[3:], kernels, into))
-            elif needs_grad and torch.is_grad_enabled():
+            elif recomputes:
                 recompute = _recompute_options() if recompute is None else recompute
                 out[:, :, c.start : c.stop] = checkpoint(_attend_chunk, *args, use_reentrant=False, **recompute)
             else:

@@ -233,6 +233,31 @@ def test_forward_mode_ad_equals_reverse_mode(case, api, compiled):
     assert torch.allclose(got, want, atol=TOLERANCE[F64], rtol=0)
 
 
+@pytest.mark.parametrize("scheme", ["alibi", "dpb"])
+def test_forward_mode_ad_where_parameters_need_gradients(scheme):
+    """Parameters that require grad (modules' default), so autograd records too: forward mode
+    keeps the chunks (a checkpoint recomputed them in backward outside the dual level, with other
+    kernels: CheckpointError). The tangent, the primal's gradients after the dual level, and
+    torch.func's gradient of the tangent (grad of jvp), against autograd's double backward."""
+    mods = (ALiBi(H, learned_div=True),) if scheme == "alibi" else (DPB(8, H).double(),)
+    params = [p for m in mods for p in m.parameters()]
+    q, k, v = qkv()
+    pos, dq, w = irregular(), torch.randn_like(q), torch.randn_like(q)
+    attend = lambda q: flexpos.attention(q, k, v, *mods, pos=pos)  # noqa: E731
+    leaf = q.clone().requires_grad_()
+    with fwAD.dual_level():
+        primal, tangent = fwAD.unpack_dual(attend(fwAD.make_dual(leaf, dq)))
+    got = torch.autograd.grad((primal * w).sum(), [leaf, *params])
+    with sdpa_kernel(SDPBackend.MATH):  # SDPA's CPU flash kernel has no double backward
+        out, want_tangent = torch.autograd.functional.jvp(attend, leaf, dq, create_graph=True)
+        want = torch.autograd.grad((out * w).sum(), [leaf, *params], retain_graph=True)
+        (want_of_tangent,) = torch.autograd.grad((want_tangent * w).sum(), leaf)
+    got_of_tangent = grad(lambda q: (jvp(attend, (q,), (dq,))[1] * w).sum())(q)
+    assert torch.allclose(tangent, want_tangent, atol=TOLERANCE[F64], rtol=0)
+    for a, b in zip([*got, got_of_tangent], [*want, want_of_tangent]):
+        assert torch.allclose(a, b, atol=TOLERANCE[F64], rtol=0)
+
+
 def test_jacfwd_equals_jacrev():
     mods = (ALiBi(H), DPB(8, H).double())
     k, v = qkv()[1:]
