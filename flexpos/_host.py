@@ -54,7 +54,7 @@ def tracing() -> bool:
     Not ``torch.compiler.is_compiling()``: a process-wide flag, which torch 2.13 holds for the
     whole compile session of any thread, so that a call in another thread would skip flexpos'
     checks and compiled kernels. Dynamo folds ``is_dynamo_compiling()`` to True in the code it
-    traces; it is False wherever code runs."""
+    traces; code that runs eagerly gets False."""
     return torch.compiler.is_dynamo_compiling() or _exporting()
 
 
