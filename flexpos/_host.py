@@ -45,7 +45,8 @@ def no_host_reads() -> Iterator[None]:
         _reads_allowed.reset(token)
 
 
-_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.7
+exporting: Callable[[], bool] = getattr(torch.compiler, "is_exporting", lambda: False)
+"""Whether torch.export is tracing (torch >= 2.7; always False before)."""
 
 
 def tracing() -> bool:
@@ -55,7 +56,7 @@ def tracing() -> bool:
     whole compile session of any thread, so that a call in another thread would skip flexpos'
     checks and compiled kernels. Dynamo folds ``is_dynamo_compiling()`` to True in the code it
     traces; code that runs eagerly gets False."""
-    return torch.compiler.is_dynamo_compiling() or _exporting()
+    return torch.compiler.is_dynamo_compiling() or exporting()
 
 
 def capturing_cuda_graph() -> bool:

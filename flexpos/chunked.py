@@ -23,7 +23,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
 from ._compile import compile_settings, lazy_compile
-from ._host import blind, forward_ad_active, functorch_active, on_host, tracing, without_grad_wrappers
+from ._host import blind, exporting, forward_ad_active, functorch_active, on_host, tracing, without_grad_wrappers
 from .base import ScoreMod, index_grids
 from .masks import EMPTY, FULL, MaskMod, states_of
 from .positions import BLOCK
@@ -178,9 +178,9 @@ def run_chunked(
     """
     functional = functorch_active()
     states = without_grad_wrappers(states_of(block_mask)) if functional else states_of(block_mask)
-    # Where tile states may not be read (no_host_reads, CUDA graph capture) every chunk takes
-    # every key and evaluates the mask_mod.
-    unread = blind()
+    # Where tile states may not be read (no_host_reads, CUDA graph capture, torch.export, which
+    # traces no data-dependent plan) every chunk takes every key and evaluates the mask_mod.
+    unread = blind() or exporting()
     if score_mod is None and not unread and on_host(functional, _all_full, states):  # no bias: one SDPA call
         return _attend_chunk(q, k, v, 0, 0, None, None, scale)
     len_q, len_k = q.shape[-2], k.shape[-2]

@@ -1,12 +1,13 @@
 """AttentionLayer: projections + all three stages, self and cross, extra batch dims."""
 
+import pytest
 import torch
 from einops import rearrange
 from torch._dynamo.utils import counters
 
 import reference as R
 from conftest import TOLERANCE, needs_cpu_flex
-from flexpos import DPB, ALiBi, AttentionLayer, Rotary, Sinusoidal
+from flexpos import DPB, XL, ALiBi, AttentionLayer, LearnedContinuous, Rotary, Sinusoidal
 
 F64 = torch.float64
 DIM, H = 32, 4
@@ -106,6 +107,38 @@ def test_the_callers_torch_compile_does_not_recompile_for_new_lengths():
             if i == 1:
                 graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch.export cannot be told apart before 2.7")
+def test_torch_export_of_a_layer_on_the_default_backend():
+    """torch.export (non-strict, static shapes) of a layer with all five kinds of module, a key
+    padding mask and causal: the exported program reads nothing back to the host, so it must
+    give the eager outputs and gradients for other values of the same shapes."""
+    torch.manual_seed(0)
+    mods = [Sinusoidal(DIM), LearnedContinuous(DIM), Rotary(DIM // H), ALiBi(H), DPB(16, H, divide=5.0)]
+    layer = AttentionLayer(DIM, H, positional=[*mods, XL(DIM, H)])
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+            return self.layer(x, pos=pos, mask=valid, causal=True)
+
+    def draw():
+        return torch.randn(2, 300, DIM), torch.rand(2, 299).cumsum(-1) * 10, torch.rand(2, 300) > 0.2
+
+    model = Model()
+    exported = torch.export.export(model, draw(), strict=False).module()
+    for args in (draw(), draw()):  # other positions, masks and spans than those traced
+        x = args[0].requires_grad_()
+        got = exported(x, *args[1:])
+        (got_grad,) = torch.autograd.grad(got.square().sum(), x)
+        want = model(*args)
+        (want_grad,) = torch.autograd.grad(want.square().sum(), x)
+        assert (got - want).abs().max() <= TOLERANCE[torch.float32]
+        assert (got_grad - want_grad).abs().max() <= 10 * TOLERANCE[torch.float32]
 
 
 @needs_cpu_flex
