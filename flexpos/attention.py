@@ -15,7 +15,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from ._checks import check_bool, check_float, check_module_device, check_positive_float, check_rank, check_tensor
 from ._host import functorch_active, vmapped
-from .backends import Backend, KernelOptions, check_kernel_options, choose_backend, flex_kernel_options, run_flex
+from .backends import Backend, KernelOptions, check_backend, check_kernel_options, choose_backend, flex_kernel_options, run_flex
 from .base import Positional, ScoreMod
 from .chunked import run_chunked
 from .masks import and_masks, causal_mask, dense_mask, full_mask, tiles_decide
@@ -64,7 +64,8 @@ def attention(
             ignores them.
 
     Returns:
-        (B, *, H, Lq, Dv). Query rows with no key to attend to are zeros.
+        (B, *, H, Lq, Dv). Query rows with no key to attend to are zeros (also where Lk = 0);
+        any of B, *, H, Lq, Lk and Dv may be 0.
 
     Example::
 
@@ -79,10 +80,14 @@ def attention(
         raise ValueError(f"scale must be finite in q's dtype {q.dtype} (at most {largest:.3g}), got {scale}")
     causal = check_bool("causal", causal)
     kernel_options = check_kernel_options(kernel_options)
+    check_backend(backend)
     if functorch_active():
         _check_not_vmapped(pos=pos, pos_q=pos_q, pos_k=pos_k, mask=mask)
     positions = Positions.resolve(batch, len_q, len_k, q.device, pos, pos_q, pos_k)
-    block_mask = _resolve_mask(mask, causal, batch, heads, len_q, len_k, q.device)
+    _check_mask(mask, batch, heads, len_q, len_k, q.device)
+    if 0 in (*batch, heads, len_q, len_k, v.shape[-1]):
+        return _nothing_to_attend(q, k, v, positions, modules)
+    block_mask = _build_mask(mask, causal, batch, len_q, len_k, q.device)
     q, k, v = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
     q, k, scale = _transform_qk(modules, q, k, positions, scale)
     score_mod = _compose(modules, positions, torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -109,11 +114,8 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}/{k.dtype}/{v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}/{k.device}/{v.device}")
-    if 0 in (*batch, q.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]):
-        raise ValueError(
-            "q, k and v need at least one sequence, head, token and feature each, "
-            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
+    if q.shape[-1] == 0:
+        raise ValueError(f"q and k need a head dim D of at least 1, got q {tuple(q.shape)}")
     if tuple(k.shape[:-1]) != (*batch, q.shape[-3], k.shape[-2]) or k.shape[-1] != q.shape[-1]:
         raise ValueError(
             f"k must have shape {(*batch, q.shape[-3], 'Lk', q.shape[-1])} to match q "
@@ -164,12 +166,14 @@ def check_heads(module: Positional, heads: int, head_dim: int, where: str) -> No
         raise ValueError(f"{type(module).__name__} was built for head_dim={own_dim} but {where} head dim {head_dim}")
 
 
-def _resolve_mask(
-    mask: Mask, causal: bool, batch: tuple[int, ...], heads: int, len_q: int, len_k: int, device: torch.device
-) -> BlockMask:
+def _check_mask(
+    mask: Mask, batch: tuple[int, ...], heads: int, len_q: int, len_k: int, device: torch.device
+) -> None:
+    """``mask``'s type, shape and device for inputs with batch dims ``batch``, ``heads`` heads,
+    ``len_q`` queries and ``len_k`` keys."""
     flat = math.prod(batch)
-    if mask is None:  # both shared, built once per size
-        return causal_mask(len_q, len_k, device) if causal else full_mask(len_q, len_k, device)
+    if mask is None:
+        return
     if isinstance(mask, BlockMask):
         if tuple(mask.BLOCK_SIZE) != (BLOCK, BLOCK):
             raise ValueError(f"mask (a BlockMask) must use {BLOCK}x{BLOCK} blocks, got {tuple(mask.BLOCK_SIZE)}")
@@ -185,18 +189,39 @@ def _resolve_mask(
             )
         if mask.kv_num_blocks.device != device:
             raise ValueError(f"mask (a BlockMask) is on {mask.kv_num_blocks.device}, q on {device}")
-        block_mask = tiles_decide(mask)
     elif isinstance(mask, Tensor):
-        n = len(batch)
         shapes = [(*batch, len_k), (*batch, len_q, len_k), (*batch, heads, len_q, len_k)]
         if tuple(mask.shape) not in shapes:
             raise ValueError(f"mask must have shape {' or '.join(map(str, shapes))}, got {tuple(mask.shape)}")
         if mask.device != device:
             raise ValueError(f"mask is on {mask.device}, q on {device}")
-        block_mask = dense_mask(mask.reshape(flat, *mask.shape[n:]), len_q, len_k)
     else:
         raise TypeError(f"mask must be a BlockMask, a bool tensor or None, got {type(mask).__name__}")
+
+
+def _build_mask(
+    mask: Mask, causal: bool, batch: tuple[int, ...], len_q: int, len_k: int, device: torch.device
+) -> BlockMask:
+    """The BlockMask of a checked ``mask`` (see :func:`_check_mask`), and ``causal``."""
+    if mask is None:  # both shared, built once per size
+        return causal_mask(len_q, len_k, device) if causal else full_mask(len_q, len_k, device)
+    if isinstance(mask, BlockMask):
+        block_mask = tiles_decide(mask)
+    else:
+        block_mask = dense_mask(mask.reshape(math.prod(batch), *mask.shape[len(batch):]), len_q, len_k)
     return and_masks(block_mask, causal_mask(len_q, len_k, device)) if causal else block_mask
+
+
+def _nothing_to_attend(q: Tensor, k: Tensor, v: Tensor, positions: Positions, modules: list[Positional]) -> Tensor:
+    """(B, *, H, Lq, Dv) zeros for inputs with a zero-sized dim, with gradients (zeros, not None)
+    for q, k, v, the positions and the modules' parameters, as where every key is masked."""
+    out = v.new_zeros(*q.shape[:-1], v.shape[-1])
+    leaves = [q, k, v, positions.q, positions.k, *(p for m in modules for p in m.parameters())]
+    needed = [t.sum().to(out.dtype) for t in leaves if t.requires_grad and torch.is_grad_enabled()]
+    if not needed:
+        return out
+    # where, not a product with 0: an inf or NaN input would make that NaN.
+    return torch.where(torch.zeros((), dtype=torch.bool, device=out.device), sum(needed), out)
 
 
 def _transform_qk(

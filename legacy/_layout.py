@@ -9,6 +9,8 @@ broadcast over leading batch dims.
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Sequence
 
 import torch
@@ -23,7 +25,7 @@ Batch = tuple[int, ...]
 
 def heads_first(t: Tensor) -> Tensor:
     """(B, *, L, NH, H) -> (N, NH, L, H), N the product of the leading batch dims."""
-    return t.movedim(-2, -3).reshape(-1, t.shape[-2], t.shape[-3], t.shape[-1])
+    return t.movedim(-2, -3).reshape(math.prod(t.shape[:-3]), t.shape[-2], t.shape[-3], t.shape[-1])
 
 
 def heads_last(t: Tensor, batch: Sequence[int]) -> Tensor:

@@ -233,6 +233,27 @@ def test_no_key_anywhere_gives_zero_gradients_not_none():
     assert all(g is not None and g.eq(0).all() for g in grads)
 
 
+
+@pytest.mark.parametrize("shape_q, len_k", [((0, H, 10), 12), ((2, H, 0), 12), ((2, H, 10), 0), ((2, 3, H, 0), 12)])
+def test_empty_inputs_give_empty_or_zero_outputs_with_zero_gradients(shape_q, len_k):
+    """An empty batch, no queries or no keys (each query then has no key: zeros, as where every
+    key is masked): the output's shape, and zero gradients for q, k, v, float positions and
+    parameters, also for inf inputs (no 0 * inf)."""
+    *batch, heads, len_q = shape_q
+    q = torch.full((*batch, heads, len_q, D), float("inf"), dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(*batch, heads, len_k, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    pos_q = torch.rand(*batch, len_q, dtype=torch.float64, requires_grad=True)
+    pos_k = torch.rand(*batch, len_k, dtype=torch.float64)
+    mods = [XL(heads * D, heads).double(), ALiBi(heads, learned_div=True).double(), DPB(8, heads).double()]
+    valid = torch.ones(*batch, len_k, dtype=torch.bool)
+    out = flexpos.attention(q, k, v, *mods, pos_q=pos_q, pos_k=pos_k, mask=valid, causal=True)
+    assert out.shape == (*batch, heads, len_q, D) and out.dtype == torch.float64 and out.eq(0).all()
+    out.sum().backward()
+    leaves = [q, k, v, pos_q, *(p for m in mods for p in m.parameters())]
+    assert all(t.grad is not None and t.grad.shape == t.shape and t.grad.eq(0).all() for t in leaves)
+    with torch.no_grad():
+        assert not flexpos.attention(q, k, v, *mods, pos_q=pos_q, pos_k=pos_k).requires_grad
+
 def test_compiled_chunked_training_step(compiled):
     """The CPU training path compiled: ALiBi (learned divisor) + DPB with a CLS token, padding and
     causal masks. q/k/v gradients against the float64 dense reference; parameter gradients

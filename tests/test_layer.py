@@ -71,6 +71,22 @@ def test_causal_self_attention():
     assert (out - ref).abs().max() <= TOLERANCE[F64]
 
 
+def test_empty_batches_sequences_and_contexts():
+    """Any of B, *, L and Lc may be 0: x's shape back, gradients (zeros) for every parameter;
+    with an empty context every query has no key, so attention gives zeros."""
+    mods = [Sinusoidal(DIM), LearnedContinuous(DIM), Rotary(DIM // H), ALiBi(H), DPB(16, H), XL(DIM, H)]
+    layer = AttentionLayer(DIM, H, positional=mods).double()
+    for shape in [(0, 40), (2, 0), (2, 3, 0)]:
+        x = torch.randn(*shape, DIM, dtype=F64)
+        out = layer(x, pos=torch.rand(shape, dtype=F64), mask=torch.rand(shape) > 0.2, causal=True)
+        assert out.shape == x.shape
+        out.sum().backward()
+        assert all(p.grad is not None and p.grad.eq(0).all() for p in layer.parameters())
+        layer.zero_grad(set_to_none=True)
+    x, context = torch.randn(2, 40, DIM, dtype=F64), torch.randn(2, 0, DIM, dtype=F64)
+    out = layer(x, context, pos=torch.rand(2, 40, dtype=F64), pos_context=torch.rand(2, 0, dtype=F64))
+    assert torch.equal(out, layer.to_out(torch.zeros_like(x)))
+
 def test_layer_trains_on_cpu():
     layer = AttentionLayer(DIM, H, positional=[Rotary(DIM // H, learned_div=True), ALiBi(H, learned_div=True)])
     x = torch.randn(2, 50, DIM)

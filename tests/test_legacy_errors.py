@@ -40,6 +40,19 @@ def test_dim_must_be_a_positive_int_divisible_by_nh(dim, error):
         TransformerLayer(None, dim, NH)
 
 
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: legacy.ALiBi(2, use_n_heads=3), ValueError, "use_n_heads must be <= n_heads=2, got 3"),
+        (lambda: legacy.Sinusoidal(8)(torch.randn(2, 5, 8), pos=torch.tensor([[0.0, 1, float("nan"), 3, 4]] * 2)), ValueError, "pos must be finite"),
+        (lambda: legacy.Sinusoidal(8)(torch.randn(2, 5, 8), pos=torch.ones(2, 5, dtype=torch.bool)), TypeError, "pos must hold int or float positions"),
+    ],
+)
+def test_what_the_original_takes_silently_is_refused(call, error, match):
+    """bio-attention builds a 3-head bias for a 2-head module, NaN encodings, and bool positions."""
+    with pytest.raises(error, match=match):
+        call()
+
 def test_a_refused_float_nh_leaves_later_layers_working():
     """einops caches recipes by value (4.0 == 4): a float nh reaching it broke later layers."""
     with pytest.raises(TypeError):

@@ -165,6 +165,20 @@ def test_flex_layer_matches_the_original_layer(case, batch, kind):
     compare(orig, new, torch.randn(*batch, L, DIM), **_inputs(kind, [case], batch))
 
 
+
+@pytest.mark.parametrize("shape", [(0, L), (2, 0), (2, 3, 0)], ids=str)
+def test_empty_batches_and_sequences_match_the_original_layer(shape):
+    """Every plugin at once on an empty batch or sequence, with positions and a key mask: the
+    original's output shape, and a backward that reaches every parameter."""
+    cases = [c for c in PLUGINS if c[0] != "Base"]
+    orig, new = layer_pair(cases)
+    x = torch.randn(*shape, DIM)
+    call = {"pos": positions_for(cases, shape[:-1], shape[-1]), "mask": torch.rand(shape) > 0.3}
+    out = new(x, **call)
+    assert out.shape == orig(x, **call).shape == (*shape, DIM)
+    out.sum().backward()
+    assert all(p.grad is not None for p in new.parameters())
+
 @pytest.mark.parametrize("batch", BATCHES, ids=str)
 def test_plugin_list_with_cls_tokens_matches(batch):
     """Positions and key mask shorter than L (2 CLS tokens), several plugins at once."""

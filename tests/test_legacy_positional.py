@@ -241,6 +241,27 @@ def test_mod_qkv_and_mod_mask_in_the_original_call_order(case):
     assert_same(new.mod_mask(None, q_n, k_n, v_n, pos_q_k=pos), orig.mod_mask(None, q_o, k_o, v_o, pos_q_k=pos))
 
 
+
+@pytest.mark.parametrize("case", SCHEMES, ids=scheme_id)
+@pytest.mark.parametrize("batch, length", [((0,), L), ((2,), 0), ((2, 0), L), ((2, 3), 0)], ids=str)
+def test_empty_batches_and_sequences_pass_through_like_the_original(case, batch, length):
+    """mod_x, or mod_qkv then mod_mask, on an empty batch or sequence: the original's shapes."""
+    name, args, kwargs = case
+    orig, new = pair(name, *args, **kwargs)
+    pos = _x_positions(name, batch, length)
+    if name in ("Sinusoidal", "LearnedVocab", "LearnedContinuous"):
+        x = torch.randn(*batch, length, DIM)
+        assert_same(new.mod_x(x, pos=pos), orig.mod_x(x, pos=pos))
+        return
+    q, k, v = qkv(batch, length, length)
+    outs_o = orig.mod_qkv(q, k, v, pos_q_k=pos)
+    outs_n = new.mod_qkv(q, k, v, pos_q_k=pos)
+    mask_n, mask_o = new.mod_mask(None, *outs_n, pos_q_k=pos), orig.mod_mask(None, *outs_o, pos_q_k=pos)
+    assert (mask_n is None) == (mask_o is None)  # Rotary leaves the mask alone
+    for a, b in zip((*outs_n, *([mask_n] if mask_n is not None else [])), (*outs_o, mask_o)):
+        assert a.shape == b.shape
+        assert_same(a, b)
+
 def test_xl_quirk_adds_u_twice_and_never_uses_v():
     _, new = pair("XL", DIM, NH)
     q, k, v = qkv((2,))
@@ -349,13 +370,43 @@ def test_short_positions_work_where_the_original_crashes(case, with_mask):
     assert_same(got[..., c:, c:], inner)
 
 
-def test_float64_learned_continuous_takes_integer_positions_where_the_original_crashes():
-    orig, new = pair("LearnedContinuous", DIM, dtype=F64)
-    x = torch.randn(2, L, DIM, dtype=F64)
-    pos = irregular(2, L - 2, integer=True)
-    with pytest.raises(RuntimeError):
-        orig.mod_x(x, pos=pos)  # integers divided by the divisor give float32, not float64
-    assert_same(new.mod_x(x, pos=pos), orig.mod_x(x, pos=pos.double()), atol=atol_for(F64))
+@pytest.mark.parametrize(
+    "model, given", [(F64, torch.int64), (F64, torch.float32), (torch.float32, F64)], ids=str
+)
+def test_learned_continuous_takes_positions_of_another_precision_where_the_original_crashes(model, given):
+    """The original feeds integer positions divided to float32, and float positions as given,
+    to layers of the model's dtype, which refuse them."""
+    orig, new = pair("LearnedContinuous", DIM, dtype=model)
+    x = torch.randn(2, L, DIM, dtype=model)
+    pos = irregular(2, L - 2, integer=given == torch.int64).to(given)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        orig.mod_x(x, pos=pos)
+    assert_same(new.mod_x(x, pos=pos), orig.mod_x(x, pos=pos.to(model)), atol=atol_for(model))
+
+
+def test_rotary_self_mode_with_other_key_length_is_the_originals_cross_mode():
+    """With default positions and L1 != L2 the original's self mode fails an assert; legacy
+    rotates as its cross mode does."""
+    orig, new = pair("Rotary", H)
+    q, k, v = qkv((2,), L, L - 4)
+    with pytest.raises(AssertionError):
+        orig.mod_qkv(q, k, v)
+    for a, b in zip(new.mod_qkv(q, k, v), orig.mod_qkv(q, k, v, self_attn_mode=False)):
+        assert_same(a, b)
+
+
+def test_float32_positions_in_a_float64_model_are_taken_in_float64():
+    """The original divides and subtracts float32 positions in float32; legacy equals the
+    original given the same values as float64."""
+    pos = (1e6 + torch.rand(2, L) * 100).sort(-1).values  # float32
+    for name, args in [("Rotary", (H,)), ("ALiBi", (NH,)), ("DPB", (16, NH)), ("XL", (DIM, NH))]:
+        orig, new = pair(name, *args, divide=3.0, dtype=F64)
+        q, k, v = qkv((2,), dtype=F64)
+        got = new.mod_qkv(q, k, v, pos_q_k=pos)
+        want = orig.mod_qkv(q, k, v, pos_q_k=pos.double())
+        for a, b in zip((*got, new.mod_mask(None, *got, pos_q_k=pos)), (*want, orig.mod_mask(None, *want, pos_q_k=pos.double()))):
+            if b is not None:
+                assert_same(a, b, atol=1e-9 * b.abs().max().item() + atol_for(F64))
 
 
 def test_one_positioned_token_gets_the_subsequence_bias_where_the_original_broadcasts():
