@@ -12,7 +12,8 @@
 #
 # Needs torch with CUDA (+ triton), einops, pytest; bio-attention is not needed (the dense
 # baseline is flexpos.bench's own dense formulas, `--dense formula`). Everything printed goes
-# to gpu-<UTC date>.txt, the table also to gpu-<date>.json: in $OUT when that is set (written as
+# to gpu-<UTC date>.txt (-b, -c, ... where that exists), the table also to the .json of that
+# name: in $OUT when that is set (written as
 # the run goes, so a run cut short still leaves its log), else in benchmarks/results/. Each
 # step has its own time limit, so a slow step cannot starve the others; a step that fails or
 # times out is reported and the script goes on; GPU_DEADLINE=SECONDS caps every step's limit so
@@ -33,8 +34,13 @@ PY="${PYTHON:-python3}"
 stamp="$(date -u +%Y-%m-%d)"
 dest="${OUT:-benchmarks/results}"
 mkdir -p "$dest"
-log="$dest/gpu-$stamp.txt"
-json="$dest/gpu-$stamp.json"
+# A log of the same day is kept: the first free name of gpu-<date>, gpu-<date>-b, ... -z.
+for letter in "" {b..z}; do
+    name="gpu-$stamp${letter:+-$letter}"
+    [ -e "$dest/$name.txt" ] || [ -e "$dest/$name.json" ] || break
+done
+log="$dest/$name.txt"
+json="$dest/$name.json"
 commit="${FLEXPOS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 
 preamble() {  # machine facts; fails (and the run stops) without a GPU that compiles

@@ -103,6 +103,10 @@ def check_positive_float(name: str, value: object) -> float:
     return value
 
 
+def shape_text(*dims: object) -> str:
+    """A shape for messages, sizes and symbols alike: ``shape_text(2, "L", 32)`` is ``(2, L, 32)``."""
+    return f"({', '.join(map(str, dims))})"
+
 def check_positions(
     name: str,
     pos: Tensor,
@@ -110,11 +114,12 @@ def check_positions(
     length: int,
     device: Optional[torch.device] = None,
     values: bool = True,
+    tokens: str = "",
 ) -> None:
     """``pos`` must be ``(*batch, L')`` with ``L' <= length``, int or float, and readable from
     ``device`` (the meta device holds no values); with ``values``, its values (see
     :func:`read_positions`) and their span (:func:`check_position_span`) where
-    :func:`reads_now`."""
+    :func:`reads_now`. ``tokens`` says where the token count was read, for the message."""
     check_tensor(name, pos)
     if pos.dtype == torch.bool or pos.is_complex() or (pos.is_floating_point() and pos.dtype not in _FLOATS):
         raise TypeError(
@@ -129,7 +134,7 @@ def check_positions(
         raise ValueError(f"{name} must have shape {expected()}, got {tuple(pos.shape)}")
     if pos.shape[-1] > length:
         raise ValueError(
-            f"{name} has {pos.shape[-1]} positions but the sequence has only {length} tokens; "
+            f"{name} has {pos.shape[-1]} positions but the sequence has only {length} tokens{tokens}; "
             f"expected shape {expected()}"
         )
     if values and reads_now(pos):

@@ -17,6 +17,7 @@ import torch
 import torch._dynamo.config as dynamo_config
 from torch.fx.experimental import _config as fx_config
 
+from ._checks import check_bool
 from ._host import forward_ad_active, tracing
 
 _enabled = os.environ.get("FLEXPOS_COMPILE", "1") != "0"
@@ -37,7 +38,7 @@ def set_compile(enabled: bool) -> bool:
     """Turn compiling of flexpos transforms and the chunked bias kernel on or off; returns the
     previous setting."""
     global _enabled
-    previous, _enabled = _enabled, bool(enabled)
+    previous, _enabled = _enabled, check_bool("enabled", enabled)
     return previous
 
 

@@ -13,13 +13,21 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._checks import check_bool, check_float, check_module_device, check_positive_float, check_rank, check_tensor
+from ._checks import (
+    check_bool,
+    check_float,
+    check_module_device,
+    check_positive_float,
+    check_rank,
+    check_tensor,
+    shape_text,
+)
 from ._host import functorch_active, vmapped
 from .backends import Backend, KernelOptions, check_backend, check_kernel_options, choose_backend, flex_kernel_options, run_flex
 from .base import Positional, ScoreMod
 from .chunked import run_chunked
 from .masks import and_masks, causal_mask, dense_mask, full_mask, tiles_decide
-from .positions import BLOCK, Positions
+from .positions import BLOCK, IN_QK, Positions
 
 Mask = Union[BlockMask, Tensor, None]
 
@@ -83,7 +91,7 @@ def attention(
     check_backend(backend)
     if functorch_active():
         _check_not_vmapped(pos=pos, pos_q=pos_q, pos_k=pos_k, mask=mask)
-    positions = Positions.resolve(batch, len_q, len_k, q.device, pos, pos_q, pos_k)
+    positions = Positions.resolve(batch, len_q, len_k, q.device, pos, pos_q, pos_k, tokens=IN_QK)
     _check_mask(mask, batch, heads, len_q, len_k, q.device)
     if 0 in (*batch, heads, len_q, len_k, v.shape[-1]):
         return _nothing_to_attend(q, k, v, positions, modules)
@@ -118,11 +126,11 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
         raise ValueError(f"q and k need a head dim D of at least 1, got q {tuple(q.shape)}")
     if tuple(k.shape[:-1]) != (*batch, q.shape[-3], k.shape[-2]) or k.shape[-1] != q.shape[-1]:
         raise ValueError(
-            f"k must have shape {(*batch, q.shape[-3], 'Lk', q.shape[-1])} to match q "
+            f"k must have shape {shape_text(*batch, q.shape[-3], 'Lk', q.shape[-1])} to match q "
             f"{tuple(q.shape)}, got {tuple(k.shape)}"
         )
     if tuple(v.shape[:-1]) != tuple(k.shape[:-1]):
-        raise ValueError(f"v must have shape {(*k.shape[:-1], 'Dv')} to match k, got {tuple(v.shape)}")
+        raise ValueError(f"v must have shape {shape_text(*k.shape[:-1], 'Dv')} to match k, got {tuple(v.shape)}")
     return batch
 
 

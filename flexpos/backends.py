@@ -102,8 +102,13 @@ def _cpu_flex_refusal(
             return f"cannot run {m.cpu_flex_refusal} on CPU"
     if torch_version() < CPU_FLEX_MIN_TORCH:
         return f"needs torch >= {'.'.join(map(str, CPU_FLEX_MIN_TORCH))} on CPU (found {torch.__version__})"
-    if needs_grad or q.dtype == torch.float64:
-        return f"cannot run {'gradients' if needs_grad else 'float64'} on CPU"
+    if needs_grad:
+        return (
+            "cannot run gradients on CPU (needed for q, k, v, the positions or the modules' "
+            "parameters: run inference under torch.no_grad())"
+        )
+    if q.dtype == torch.float64:
+        return "cannot run float64 on CPU"
     if block_mask is not None and not cpu_flex_safe(block_mask):
         return f"cannot run the mask {getattr(block_mask.mask_mod, '__name__', 'mask_mod')!r} on CPU"
     return None

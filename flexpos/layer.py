@@ -16,6 +16,7 @@ from ._checks import (
     check_positive_int,
     check_rank,
     check_tensor,
+    shape_text,
 )
 from .attention import Mask, attention, check_heads
 from .backends import Backend, KernelOptions, check_backend, check_kernel_options
@@ -138,7 +139,7 @@ class AttentionLayer(nn.Module):
             raise TypeError(f"{name} must have the layer's dtype {weight.dtype}, got {t.dtype} (or run under autocast)")
         batch = tuple(t.shape[:-2]) if batch is None else batch
         if t.shape[-1] != self.dim or tuple(t.shape[:-2]) != batch:
-            raise ValueError(f"{name} must have shape {(*batch, 'L', self.dim)}, got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape {shape_text(*batch, 'L', self.dim)}, got {tuple(t.shape)}")
         return t
 
 

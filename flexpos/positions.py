@@ -95,6 +95,11 @@ class Relative:
         return delta, (q_idx >= self.off_q) & (kv_idx >= self.off_k)
 
 
+IN_QK = " (L, dim -2 of q and k laid out (B, *, H, L, D))"
+"""Where callers that take q and k read the token counts: said where positions outnumber them,
+as they do when q is laid out (B, L, H, D)."""
+
+
 class Positions:
     """Positions of one attention call, resolved and checked.
 
@@ -132,11 +137,13 @@ class Positions:
         pos: Optional[Tensor] = None,
         pos_q: Optional[Tensor] = None,
         pos_k: Optional[Tensor] = None,
+        tokens: str = "",
     ) -> "Positions":
         """Check user positions and fill in defaults (``0 .. L-1``).
 
         ``pos`` (*batch, L') serves both sides of self-attention; ``pos_q`` (*batch, Lq') and
         ``pos_k`` (*batch, Lk') serve cross-attention. Leading batch dims are flattened.
+        ``tokens``: where the lengths were read, for messages (see :data:`IN_QK`).
         """
         if pos is not None:
             if pos_q is not None or pos_k is not None:
@@ -150,7 +157,7 @@ class Positions:
         named = [("pos", pos, len_q)] if pos is not None else [("pos_q", pos_q, len_q), ("pos_k", pos_k, len_k)]
         named = [(name, p, length) for name, p, length in named if p is not None]
         for name, p, length in named:
-            check_positions(name, p, batch, length, device, values=False)
+            check_positions(name, p, batch, length, device, values=False, tokens=tokens)
         flat = math.prod(batch)
         q = _flat_or_default(pos_q, flat, len_q, device)
         shared = pos_k is pos_q and len_q == len_k  # self-attention: one tensor for both sides

@@ -12,7 +12,7 @@ from ._checks import check_even, check_float, check_module_device, check_rank, c
 from ._compile import lazy_compile
 from ._host import tracing
 from .base import QK, Positional
-from .positions import Positions
+from .positions import IN_QK, Positions
 
 
 def rotary_frequencies(head_dim: int, n_dims: Optional[int]) -> Tensor:
@@ -214,7 +214,7 @@ class Rotary(Positional):
             raise ValueError(f"q and k must be on one device, got {q.device}/{k.device}")
         check_module_device(self, q.device)
         batch = tuple(q.shape[:-3])
-        positions = Positions.resolve(batch, q.shape[-2], k.shape[-2], q.device, pos, pos_q, pos_k)
+        positions = Positions.resolve(batch, q.shape[-2], k.shape[-2], q.device, pos, pos_q, pos_k, tokens=IN_QK)
         flat_q, flat_k = q.flatten(0, -4), k.flatten(0, -4)
         out = self.rotate_qk(flat_q, flat_k, positions)
         return out.q.reshape(q.shape), out.k.reshape(k.shape)

@@ -174,6 +174,9 @@ def test_cpu_flex_refuses_gradients_that_only_positions_need(monkeypatch):
     pos = torch.arange(20.0)[None].requires_grad_()
     with pytest.raises(ValueError, match="gradients"):
         flexpos.attention(q, q, q, ALiBi(2), pos=pos, backend="flex")
+    # DPB's own parameters need gradients too, outside torch.no_grad: the message says so.
+    with pytest.raises(ValueError, match=r"cannot run gradients on CPU \(needed for .* the modules' parameters: run inference under torch.no_grad\(\)\)"):
+        flexpos.attention(q, q, q, DPB(8, 2), backend="flex")
 
 
 class Heads(torch.nn.Module):

@@ -104,6 +104,14 @@ def test_plot_without_matplotlib_is_refused_before_the_run(monkeypatch, capsys):
     assert "--plot needs matplotlib" in capsys.readouterr().err
 
 
+
+def test_an_output_path_in_a_missing_folder_is_refused_before_the_run(tmp_path, capsys):
+    missing = tmp_path / "missing" / "out.json"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--json", str(missing), "--device", "cpu"])
+    assert f"--json {missing}: no folder {missing.parent}" in capsys.readouterr().err
+    assert bench.parse_args(["--json", str(tmp_path / "out.json"), "--device", "cpu"]).json
+
 def test_the_memory_round_is_not_timed_unless_a_path_is_slow():
     """The round that probes peak memory carries the probe's cost: medians come from the
     ``repeat`` rounds after it, except for paths slower than ``slow_s``, which run once."""
@@ -135,7 +143,11 @@ def test_flexpos_memory_is_foreseen_from_smaller_lengths():
 
 @pytest.mark.parametrize(
     "argv0, expected",
-    [("/venv/bin/flexpos-bench", "flexpos-bench"), ("/src/flexpos/bench/__main__.py", "python -m flexpos.bench")],
+    [
+        ("/venv/bin/flexpos-bench", "flexpos-bench"),
+        ("/src/flexpos/bench/__main__.py", "python -m flexpos.bench"),
+        ("/src/flexpos/__main__.py", "python -m flexpos"),
+    ],
 )
 def test_usage_and_json_name_the_command_that_was_run(monkeypatch, argv0, expected):
     monkeypatch.setattr(sys, "argv", [argv0])

@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -42,9 +43,12 @@ def _split_list(text: Sequence[str]) -> list[str]:
 
 
 def program() -> str:
-    """How this process was started: the console script's name, else ``python -m flexpos.bench``."""
-    name = Path(sys.argv[0]).name
-    return name if name.startswith("flexpos") else "python -m flexpos.bench"
+    """How this process was started: the console script's name, ``python -m flexpos`` or
+    ``python -m flexpos.bench``."""
+    path = Path(sys.argv[0])
+    if path.name.startswith("flexpos"):
+        return path.name
+    return "python -m flexpos" if path.parent.name == "flexpos" else "python -m flexpos.bench"
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -90,7 +94,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # before the run, not after it
-        p.error("--plot needs matplotlib: pip install 'flexpos[plot]'")
+        p.error("--plot needs matplotlib: pip install matplotlib (or, from a checkout, pip install -e '.[plot]')")
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder is not None and not os.path.isdir(folder):
+            p.error(f"{option} {path}: no folder {folder}")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     return args
 
