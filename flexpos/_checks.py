@@ -107,6 +107,7 @@ def shape_text(*dims: object) -> str:
     """A shape for messages, sizes and symbols alike: ``shape_text(2, "L", 32)`` is ``(2, L, 32)``."""
     return f"({', '.join(map(str, dims))})"
 
+
 def check_positions(
     name: str,
     pos: Tensor,

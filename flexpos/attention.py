@@ -23,7 +23,15 @@ from ._checks import (
     shape_text,
 )
 from ._host import functorch_active, vmapped
-from .backends import Backend, KernelOptions, check_backend, check_kernel_options, choose_backend, flex_kernel_options, run_flex
+from .backends import (
+    Backend,
+    KernelOptions,
+    check_backend,
+    check_kernel_options,
+    choose_backend,
+    flex_kernel_options,
+    run_flex,
+)
 from .base import Positional, ScoreMod
 from .chunked import run_chunked
 from .masks import and_masks, causal_mask, dense_mask, full_mask, tiles_decide
@@ -225,8 +233,8 @@ def _nothing_to_attend(q: Tensor, k: Tensor, v: Tensor, positions: Positions, mo
     for q, k, v, the positions and the modules' parameters, as where every key is masked."""
     out = v.new_zeros(*q.shape[:-1], v.shape[-1])
     leaves = [q, k, v, positions.q, positions.k, *(p for m in modules for p in m.parameters())]
-    needed = [t.sum().to(out.dtype) for t in leaves if t.requires_grad and torch.is_grad_enabled()]
-    if not needed:
+    needed = [t.sum().to(out.dtype) for t in leaves if t.requires_grad]
+    if not needed or not torch.is_grad_enabled():
         return out
     # where, not a product with 0: an inf or NaN input would make that NaN.
     return torch.where(torch.zeros((), dtype=torch.bool, device=out.device), sum(needed), out)

@@ -10,7 +10,6 @@ broadcast over leading batch dims.
 from __future__ import annotations
 
 import math
-
 from typing import Optional, Sequence
 
 import torch

@@ -102,7 +102,9 @@ def plot_results(rows: Sequence[Row], path: str) -> None:
         import matplotlib.pyplot as plt
         import matplotlib.ticker
     except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install matplotlib (or, from a checkout, pip install -e '.[plot]')") from None
+        raise SystemExit(
+            "--plot needs matplotlib: pip install matplotlib (or, from a checkout, pip install -e '.[plot]')"
+        ) from None
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
     schemes = list(dict.fromkeys(r.scheme for r in rows))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
