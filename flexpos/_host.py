@@ -45,8 +45,14 @@ def no_host_reads() -> Iterator[None]:
         _reads_allowed.reset(token)
 
 
-exporting: Callable[[], bool] = getattr(torch.compiler, "is_exporting", lambda: False)
-"""Whether torch.export is tracing (torch >= 2.7; always False before)."""
+_is_exporting: Callable[[], bool] = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.7
+
+
+def exporting() -> bool:
+    """Whether torch.export traces this code outside Dynamo (non-strict export; torch >= 2.7).
+    Not asked while Dynamo traces: with torch 2.11, asking there made a caller's torch.compile
+    recompile for every new length (tests/test_layer.py)."""
+    return not torch.compiler.is_dynamo_compiling() and _is_exporting()
 
 
 def tracing() -> bool:
@@ -56,7 +62,7 @@ def tracing() -> bool:
     whole compile session of any thread, so that a call in another thread would skip flexpos'
     checks and compiled kernels. Dynamo folds ``is_dynamo_compiling()`` to True in the code it
     traces; code that runs eagerly gets False."""
-    return torch.compiler.is_dynamo_compiling() or exporting()
+    return torch.compiler.is_dynamo_compiling() or _is_exporting()
 
 
 def capturing_cuda_graph() -> bool:
