@@ -106,13 +106,14 @@ def attention(
     block_mask = _build_mask(mask, causal, batch, len_q, len_k, q.device)
     q, k, v = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
     q, k, scale = _transform_qk(modules, q, k, positions, scale)
-    score_mod = _compose(modules, positions, torch.float64 if q.dtype == torch.float64 else torch.float32)
-
     needs_grad = torch.is_grad_enabled() and (
         any(t.requires_grad for t in (q, k, v, positions.q, positions.k))
         or any(p.requires_grad for m in modules for p in m.parameters())
     )
-    if choose_backend(backend, q, needs_grad, block_mask, modules) == "flex":
+    backend = choose_backend(backend, q, needs_grad, block_mask, modules)
+    positions.chunked = backend == "chunked"
+    score_mod = _compose(modules, positions, torch.float64 if q.dtype == torch.float64 else torch.float32)
+    if backend == "flex":
         out = run_flex(q, k, v, score_mod, block_mask, scale, flex_kernel_options(q.device, modules, kernel_options))
     else:
         finite = not any(m.modifies_scores and m.masks_scores for m in modules)

@@ -18,6 +18,12 @@ When positions require gradients, the table is computed in float64 (its slopes w
 otherwise magnify the model dtype's rounding by ``1 / s``). The grid depends on the positions
 but carries no gradient.
 
+Short sequences on CPU: where a call has fewer (sequence, query, key) pairs than grid nodes,
+the chunked backend runs the MLP at every pair's distance instead and reads a
+``(B, n_heads, Lq, Lk)`` table (:func:`evaluates_pairs`): exact biases and position gradients,
+and no fixed cost of ``table_size`` MLP rows per call. Inductor's CPU flex kernel (torch 2.13)
+cannot build a score_mod reading such a table, so the flex backend keeps the grid.
+
 In eager calls the span of integer positions is known on the host (see
 :meth:`Positions.integer_span`): where the grid is exact the score_mod reads the value alone,
 no slope (on an H200, DPB with its MLP frozen took 50 instead of 136 ms that way:
@@ -41,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_positive_int
-from ._host import host_reads
+from ._host import host_reads, tracing
 from .base import Positional, ScoreMod
 from .learned import position_mlp, run_mlp
 from .positions import Positions
@@ -94,12 +100,21 @@ def shrinks_grid(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def evaluates_pairs(device: torch.device, pairs: int, nodes: int) -> bool:
+    """Run the MLP on every (sequence, query, key) pair rather than on the grid (on the chunked
+    backend): on CPU, in eager calls, where there are fewer pairs than grid nodes. The grid's
+    fixed cost (65,537 nodes by default) then outweighs short sequences' attention, and each
+    bias is the MLP's exact value."""
+    return device.type == "cpu" and not tracing() and pairs < nodes
+
+
 class DPB(Positional):
     """Subtracts ``MLP(Delta / divide)[h]`` from every score, ``Delta = p_q - p_k``.
 
     The MLP has bio-attention's layout (``mlp.0`` ... ``mlp.depth``: Linear(1, dim) with
     optional LayerNorm, then ``depth - 1`` SiLU/Linear blocks, then Linear(dim, n_heads)).
-    The MLP runs once per call on a grid of at most ``table_size`` distances, not per score: for
+    The MLP runs once per call on a grid of at most ``table_size`` distances, not per score
+    (on CPU's chunked backend at every pair's distance where there are fewer pairs): for
     integer positions with ``2 * span + 1 <= table_size`` (span: the largest ``|p_q - p_k|`` in
     the call) the bias is the MLP's exact value; otherwise a linear interpolation, off by at
     most ``(step / divide)^2 / 8 * max|MLP''|`` with ``step = 2 * span / (table_size - 1)``
@@ -173,6 +188,9 @@ class DPB(Positional):
             positions.integer_span(),
             shrinks_grid(device),
         )
+        pairs = positions.batch * positions.len_q * positions.len_k
+        if positions.chunked and evaluates_pairs(device, pairs, grid.size):
+            return self._pairs_score_mod(positions, dtype)
         values, slopes = self.tables(grid, dtype, positions.q.requires_grad or positions.k.requires_grad)
         rel = positions.relative(dtype)
         start, step = grid.start.to(dtype), grid.step.to(dtype)
@@ -199,3 +217,21 @@ class DPB(Positional):
 
         # On an exact grid every offset is 0: the slope would be read for nothing.
         return dpb_exact if grid.exact else dpb
+
+    def _pairs_score_mod(self, positions: Positions, dtype: torch.dtype) -> ScoreMod:
+        """The score_mod reading a (B, n_heads, Lq, Lk) table of the MLP at every pair's distance
+        (0 where a token has no position). Unpadded: the chunked backend, the only one that
+        reads it, evaluates score_mods at real queries and keys only."""
+        device = positions.q.device
+        b = torch.arange(positions.batch, device=device)[:, None, None]
+        q_idx = torch.arange(positions.len_q, device=device)[None, :, None]
+        kv_idx = torch.arange(positions.len_k, device=device)[None, None, :]
+        delta, valid = positions.relative(dtype).distance(b, q_idx, kv_idx)
+        bias = self.bias_at(torch.where(valid, delta, 0.0)).to(dtype)  # (B, Lq, Lk, n_heads)
+        bias = torch.where(valid[..., None], bias, 0.0).permute(0, 3, 1, 2)
+        table = bias.contiguous()
+
+        def dpb_pairs(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return score - table[b, h, q_idx, kv_idx].to(score.dtype)
+
+        return dpb_pairs

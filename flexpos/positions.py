@@ -126,6 +126,10 @@ class Positions:
         self._offset: Optional[Tensor] = None
         self._extents: Optional[list[tuple[int, int, int, int]]] = None
         self._extents_read = False
+        # Set by flexpos.attention before it builds score_mods: they run on the chunked backend
+        # and may read tables indexed by query and key both, which Inductor's CPU flex kernel
+        # (torch 2.13) fails to build.
+        self.chunked = False
 
     @classmethod
     def resolve(

@@ -61,6 +61,28 @@ def test_flex_with_composed_mods_and_masks(dtype):
 
 
 @needs_cpu_flex
+def test_cpu_flex_runs_dpb_on_its_grid_where_chunked_reads_pairs(monkeypatch):
+    """Short sequences on CPU: the chunked backend runs DPB's MLP at every pair, but Inductor's
+    CPU flex kernel (torch 2.13) cannot build a score_mod reading a per-pair table ('cur_qSplitSize0'
+    was not declared): there DPB keeps its grid. Batch 1 and 2, a CLS token."""
+    seen = []
+    bias_at = DPB.bias_at
+    monkeypatch.setattr(DPB, "bias_at", lambda self, d, dtype=None: seen.append(d.numel()) or bias_at(self, d, dtype))
+    dpb = DPB(16, H, depth=2, divide=50.0)
+    for b in (1, 2):
+        q, k, v = inputs(b, 100)
+        pos = torch.rand(b, 99, dtype=torch.float64).cumsum(-1) * 30
+        with torch.no_grad():
+            out = flexpos.attention(q, k, v, dpb, pos=pos, backend="flex")
+            chunked = flexpos.attention(q, k, v, dpb, pos=pos)
+        assert seen == [dpb.table_size, b * 100 * 100]
+        seen.clear()
+        p, has = R.padded_positions(pos, b, 100)
+        ref = R.attend(q, k, v, R.dpb_bias(dpb, p, p, has, has, 50.0))
+        assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
+        assert (chunked.double() - ref).abs().max() <= TOLERANCE[torch.float32]
+
+@needs_cpu_flex
 def test_flex_xl_appended_features():
     q, k, v = inputs(2, 150)
     pos = torch.rand(2, 150, dtype=torch.float64).cumsum(-1) * 20

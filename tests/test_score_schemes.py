@@ -75,12 +75,15 @@ def test_alibi_slopes_follow_the_paper():
         assert torch.allclose(slopes, torch.tensor(R.reference_slopes(n), dtype=F64), rtol=1e-6)
 
 
-@pytest.fixture(params=["span on host, shrunk grid", "span on host, full grid", "span on device"])
+@pytest.fixture(params=["span on host, shrunk grid", "span on host, full grid", "span on device", "every pair"])
 def dpb_grid(request, monkeypatch):
     """DPB's grid as eager calls size it on CPU (to the span) and on accelerators (table_size
-    nodes), and as a caller's torch.compile does (chosen on the device, nothing read back)."""
-    cpu = request.param.endswith("shrunk grid")
+    nodes), as a caller's torch.compile does (chosen on the device, nothing read back), and
+    the MLP at every pair, as eager CPU calls with fewer pairs than grid nodes run it."""
+    cpu = request.param.endswith("shrunk grid") or request.param == "every pair"
+    pairs = request.param == "every pair"
     monkeypatch.setattr(flexpos.dpb, "shrinks_grid", lambda device: cpu)
+    monkeypatch.setattr(flexpos.dpb, "evaluates_pairs", lambda device, n_pairs, nodes: pairs)
     monkeypatch.setattr(flexpos.positions, "fewer_tables", lambda device: not cpu)
     if request.param == "span on device":
         for module in (flexpos._checks, flexpos.dpb):  # where positions are read, and DPB
@@ -113,8 +116,9 @@ def test_dpb_integer_positions_with_leading_tokens_without_positions(dpb_grid):
 def test_dpb_position_gradients_are_the_interpolation_slopes(sides, dpb_grid):
     """Gradients w.r.t. float positions are the slopes of the interpolation: within
     step/2 * max|g''| of g'(Delta), g(Delta) = MLP(Delta / divide), for every pair, those at
-    distance +-span included. Separate query and key tensors with equal values tie the span's
-    two candidates, which must not leak into the gradient."""
+    distance +-span included (exactly g'(Delta) where the MLP runs at every pair). Separate
+    query and key tensors with equal values tie the span's two candidates, which must not leak
+    into the gradient."""
     dpb, n, divide = DPB(16, H, depth=3, divide=5.0, table_size=257).double(), 40, 5.0
     pos = irregular(1, n, integer=False)
     grids = index_grids(1, H, n, n)
@@ -122,6 +126,7 @@ def test_dpb_position_gradients_are_the_interpolation_slopes(sides, dpb_grid):
     def bias(pos_q, pos_k):
         sides_kw = {"pos": pos_q} if sides == "pos" else {"pos_q": pos_q, "pos_k": pos_k}
         positions = flexpos.Positions.resolve((1,), n, n, "cpu", **sides_kw)
+        positions.chunked = True  # as flexpos.attention marks it on the chunked backend
         return -dpb.score_mod(positions, F64)(torch.zeros((), dtype=F64), *grids)[0]
 
     # (H, n, n, n): d bias[h, i, j] / d p_q[m] and / d p_k[m], one forward-mode pass per position
@@ -144,14 +149,19 @@ def test_dpb_position_gradients_are_the_interpolation_slopes(sides, dpb_grid):
     else:
         got_k = jac_k[..., 0, :][:, rows, cols, cols]  # d bias[h, i, j] / d p_k[j]
         error = max((got_q - want).abs().max().item(), (got_k + want).abs().max().item())
-    assert 0 < error <= bound * 1.01
+    if dpb_grid == "every pair":
+        assert error <= 1e-12
+    else:
+        assert 0 < error <= bound * 1.01
 
 
-def test_dpb_float32_position_gradients_keep_float32_accuracy():
+@pytest.mark.parametrize("pairs", [False, True], ids=["grid", "every pair"])
+def test_dpb_float32_position_gradients_keep_float32_accuracy(pairs, monkeypatch):
     """A float32 model's table slopes divide value differences by a step of ~1e-4 (default
     table, span 8): computed from float32 MLP values they were off by ~1% of the largest
     position gradient; the float32 attention around them leaves ~2e-5. Reference: float64
     autograd through the exact MLP."""
+    monkeypatch.setattr(flexpos.dpb, "evaluates_pairs", lambda device, n_pairs, nodes: pairs)
     q, k, v = qkv(48, 48, dtype=torch.float32, batch=(1,), heads=2, dim=16)
     pos = (torch.rand(1, 48, dtype=F64).sort(-1).values * 8.0).float().requires_grad_()
     dpb = DPB(32, 2, depth=3)
@@ -207,7 +217,8 @@ def test_unsigned_positions_equal_int64_ones(tables):
 def test_dpb_padding_positions_decide_its_table(dpb_grid):
     """README: padded tokens count in DPB's table span. Padding that repeats the last real
     position keeps the biases between real tokens exact; padding with 0 at positions near 3e9
-    stretches the table over 3e9 and they become a coarse interpolation."""
+    stretches the table over 3e9 and they become a coarse interpolation (but stay exact where
+    the MLP runs at every pair)."""
     q, k, v = qkv()
     pos = irregular(B, L, start=3_000_000_000)
     valid = torch.ones(B, L, dtype=torch.bool)
@@ -221,8 +232,34 @@ def test_dpb_padding_positions_decide_its_table(dpb_grid):
     real = slice(0, L - 10)  # rows of padded queries differ with their positions, as they should
     assert_close(flexpos.attention(q, k, v, dpb, pos=repeated, mask=valid)[..., real, :], ref[..., real, :])
     coarse = flexpos.attention(q, k, v, dpb, pos=zeros, mask=valid)[..., real, :]
-    assert (coarse - ref[..., real, :]).abs().max() > 100 * TOLERANCE[F64]
+    if dpb_grid == "every pair":
+        assert_close(coarse, ref[..., real, :])
+    else:
+        assert (coarse - ref[..., real, :]).abs().max() > 100 * TOLERANCE[F64]
 
+
+def test_dpb_runs_its_mlp_at_every_pair_where_pairs_are_fewer_than_grid_nodes(monkeypatch):
+    """Eager CPU calls with fewer (sequence, query, key) pairs than grid nodes run the MLP once
+    per pair (a bias per pair, exact); with more pairs, once per grid node. Off CPU, and inside
+    a caller's torch.compile, the grid."""
+    seen = []
+    bias_at = DPB.bias_at
+    monkeypatch.setattr(DPB, "bias_at", lambda self, d, dtype=None: seen.append(d.numel()) or bias_at(self, d, dtype))
+    dpb = DPB(8, H).double()
+    q, k, v = qkv(40, 30, batch=(2,))
+    pos_q, pos_k = irregular(2, 40, integer=False), irregular(2, 28, integer=False)
+    out = flexpos.attention(q, k, v, dpb, pos_q=pos_q, pos_k=pos_k)
+    assert seen == [2 * 40 * 30]
+    pq, hq = R.padded_positions(pos_q, 2, 40)
+    pk, hk = R.padded_positions(pos_k, 2, 30)
+    assert_close(out, R.attend(q, k, v, R.dpb_bias(dpb, pq, pk, hq, hk, 1.0)))
+    seen.clear()
+    q, k, v = qkv(300, 300, batch=(1,))  # 90,000 pairs, 65,537 nodes
+    flexpos.attention(q, k, v, dpb, pos=irregular(1, 300, integer=False))
+    assert seen == [dpb.table_size]
+    assert not flexpos.dpb.evaluates_pairs(torch.device("cuda"), 10, 65537)
+    monkeypatch.setattr(flexpos.dpb, "tracing", lambda: True)
+    assert not flexpos.dpb.evaluates_pairs(torch.device("cpu"), 10, 65537)
 
 def test_dpb_grid_covers_the_span_in_every_mode():
     span = torch.tensor(40.0, dtype=F64)
@@ -244,6 +281,7 @@ def test_dpb_continuous_positions_within_stated_bound(dpb_grid):
     dpb = DPB(16, H, depth=3, divide=5.0, table_size=257).double()
     pos = irregular(1, 120, integer=False)
     positions = flexpos.Positions.resolve((1,), 120, 120, "cpu", pos=pos)
+    positions.chunked = True  # as flexpos.attention marks it on the chunked backend
     span = float(positions.span_tensor())
     step = 2 * span / 256
     fine = torch.linspace(-span, span, 20001, dtype=F64)
@@ -252,11 +290,14 @@ def test_dpb_continuous_positions_within_stated_bound(dpb_grid):
     second = ((values[2:] - 2 * values[1:-1] + values[:-2]) / h**2).abs().max().item()
     bound = (step / 5.0) ** 2 / 8 * second
     mod = dpb.score_mod(positions, F64)
-    bias = -mod(torch.zeros(()), *index_grids(1, H, 120, 120))
+    bias = -mod(torch.zeros((), dtype=F64), *index_grids(1, H, 120, 120))
     pq, hq = R.padded_positions(pos, 1, 120)
     exact = -R.dpb_bias(dpb, pq, pq, hq, hq, 5.0)
     error = (bias - exact).abs().max().item()
-    assert 0 < error <= bound * 1.01 + 1e-12
+    if dpb_grid == "every pair":
+        assert error <= 1e-12
+    else:
+        assert 0 < error <= bound * 1.01 + 1e-12
 
 
 @pytest.mark.parametrize("divide", [1.0, 3.0])
@@ -379,9 +420,10 @@ def test_dpb_reads_its_table_only_inside_the_grid(dpb_grid):
     assert_close(out, R.attend(q, k, v, R.dpb_bias(dpb, pq, pk, hq, hk, 1.0)))
 
 
-def test_dpb_with_unchecked_nan_positions_gives_nan_not_a_read_past_its_table():
+def test_dpb_with_unchecked_nan_positions_gives_nan_not_a_read_past_its_table(monkeypatch):
     """In no_host_reads positions are not checked; a NaN distance has no cell in the grid (and
     makes the grid, chosen on the device for the whole batch, NaN too): every output is NaN."""
+    monkeypatch.setattr(flexpos.dpb, "evaluates_pairs", lambda device, n_pairs, nodes: False)
     q, k, v = qkv(6, 6, batch=(2,))
     pos = torch.tensor([[0.0, 1, 2, float("nan"), 4, 5], [0, 1, 2, 3, 4, 5]])
     with torch.no_grad(), flexpos.no_host_reads():
