@@ -228,8 +228,7 @@ class DPB(Positional):
         kv_idx = torch.arange(positions.len_k, device=device)[None, None, :]
         delta, valid = positions.relative(dtype).distance(b, q_idx, kv_idx)
         bias = self.bias_at(torch.where(valid, delta, 0.0)).to(dtype)  # (B, Lq, Lk, n_heads)
-        bias = torch.where(valid[..., None], bias, 0.0).permute(0, 3, 1, 2)
-        table = bias.contiguous()
+        table = torch.where(valid[..., None], bias, 0.0).permute(0, 3, 1, 2).contiguous()
 
         def dpb_pairs(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             return score - table[b, h, q_idx, kv_idx].to(score.dtype)
