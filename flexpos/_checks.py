@@ -130,7 +130,7 @@ def check_positions(
         raise ValueError(f"{name} is on the meta device (no values) but the attention inputs are on {device}")
     # Messages are formatted only on failure: formatting a symbolic length while a caller's
     # torch.compile traces would pin it to its value (a recompile for every new length).
-    expected = lambda: f"({', '.join([*map(str, batch), 'L' + chr(39)])}) with L' <= {length}"  # noqa: E731
+    expected = lambda: shape_text(*batch, "L'") + f" with L' <= {length}"  # noqa: E731
     if pos.ndim != len(batch) + 1 or tuple(pos.shape[:-1]) != tuple(batch):
         raise ValueError(f"{name} must have shape {expected()}, got {tuple(pos.shape)}")
     if pos.shape[-1] > length:

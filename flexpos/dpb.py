@@ -48,7 +48,7 @@ from torch import Tensor
 
 from ._checks import check_positive_int
 from ._host import host_reads, tracing
-from .base import Positional, ScoreMod
+from .base import Positional, ScoreMod, index_grids
 from .learned import position_mlp, run_mlp
 from .positions import Positions
 
@@ -222,13 +222,10 @@ class DPB(Positional):
         """The score_mod reading a (B, n_heads, Lq, Lk) table of the MLP at every pair's distance
         (0 where a token has no position). Unpadded: the chunked backend, the only one that
         reads it, evaluates score_mods at real queries and keys only."""
-        device = positions.q.device
-        b = torch.arange(positions.batch, device=device)[:, None, None]
-        q_idx = torch.arange(positions.len_q, device=device)[None, :, None]
-        kv_idx = torch.arange(positions.len_k, device=device)[None, None, :]
-        delta, valid = positions.relative(dtype).distance(b, q_idx, kv_idx)
-        bias = self.bias_at(torch.where(valid, delta, 0.0)).to(dtype)  # (B, Lq, Lk, n_heads)
-        table = torch.where(valid[..., None], bias, 0.0).permute(0, 3, 1, 2).contiguous()
+        b, _, q_idx, kv_idx = index_grids(positions.batch, 1, positions.len_q, positions.len_k, positions.q.device)
+        delta, valid = positions.relative(dtype).distance(b, q_idx, kv_idx)  # (B, 1, Lq, Lk)
+        bias = self.bias_at(torch.where(valid, delta, 0.0)).to(dtype)  # (B, 1, Lq, Lk, n_heads)
+        table = torch.where(valid[..., None], bias, 0.0)[:, 0].permute(0, 3, 1, 2).contiguous()
 
         def dpb_pairs(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             return score - table[b, h, q_idx, kv_idx].to(score.dtype)

@@ -41,6 +41,14 @@ def compiled():
     flexpos.set_compile(previous)
 
 
+@pytest.fixture
+def dpb_mlp_rows(monkeypatch):
+    """A list that gets, per DPB.bias_at call, how many distances its MLP ran on."""
+    rows = []
+    bias_at = flexpos.DPB.bias_at
+    monkeypatch.setattr(flexpos.DPB, "bias_at", lambda self, d, dtype=None: rows.append(d.numel()) or bias_at(self, d, dtype))
+    return rows
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

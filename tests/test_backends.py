@@ -61,13 +61,11 @@ def test_flex_with_composed_mods_and_masks(dtype):
 
 
 @needs_cpu_flex
-def test_cpu_flex_runs_dpb_on_its_grid_where_chunked_reads_pairs(monkeypatch):
+def test_cpu_flex_runs_dpb_on_its_grid_where_chunked_reads_pairs(dpb_mlp_rows):
     """Short sequences on CPU: the chunked backend runs DPB's MLP at every pair, but Inductor's
     CPU flex kernel (torch 2.13) cannot build a score_mod reading a per-pair table ('cur_qSplitSize0'
     was not declared): there DPB keeps its grid. Batch 1 and 2, a CLS token."""
-    seen = []
-    bias_at = DPB.bias_at
-    monkeypatch.setattr(DPB, "bias_at", lambda self, d, dtype=None: seen.append(d.numel()) or bias_at(self, d, dtype))
+    seen = dpb_mlp_rows
     dpb = DPB(16, H, depth=2, divide=50.0)
     for b in (1, 2):
         q, k, v = inputs(b, 100)

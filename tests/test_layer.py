@@ -127,8 +127,8 @@ def test_the_callers_torch_compile_does_not_recompile_for_new_lengths():
 
 @pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch.export cannot be told apart before 2.7")
 def test_torch_export_of_a_layer_on_the_default_backend():
-    """torch.export (non-strict, static shapes) of a layer with all five kinds of module, a key
-    padding mask and causal: the exported program reads nothing back to the host, so it must
+    """torch.export (non-strict, static shapes) of a layer with six schemes (all but LearnedVocab),
+    a key padding mask and causal: the exported program reads nothing back to the host, so it must
     give the eager outputs and gradients for other values of the same shapes."""
     torch.manual_seed(0)
     mods = [Sinusoidal(DIM), LearnedContinuous(DIM), Rotary(DIM // H), ALiBi(H), DPB(16, H, divide=5.0)]

@@ -238,13 +238,11 @@ def test_dpb_padding_positions_decide_its_table(dpb_grid):
         assert (coarse - ref[..., real, :]).abs().max() > 100 * TOLERANCE[F64]
 
 
-def test_dpb_runs_its_mlp_at_every_pair_where_pairs_are_fewer_than_grid_nodes(monkeypatch):
+def test_dpb_runs_its_mlp_at_every_pair_where_pairs_are_fewer_than_grid_nodes(dpb_mlp_rows, monkeypatch):
     """Eager CPU calls with fewer (sequence, query, key) pairs than grid nodes run the MLP once
     per pair (a bias per pair, exact); with more pairs, once per grid node. Off CPU, and inside
     a caller's torch.compile, the grid."""
-    seen = []
-    bias_at = DPB.bias_at
-    monkeypatch.setattr(DPB, "bias_at", lambda self, d, dtype=None: seen.append(d.numel()) or bias_at(self, d, dtype))
+    seen = dpb_mlp_rows
     dpb = DPB(8, H).double()
     q, k, v = qkv(40, 30, batch=(2,))
     pos_q, pos_k = irregular(2, 40, integer=False), irregular(2, 28, integer=False)

@@ -18,7 +18,7 @@ import torch
 
 from .cases import DPB_DEPTH, DPB_DIM, DTYPES, SCHEMES, Setup, resolve_dense
 from .memory import MIB, PeakMemory
-from .report import cell, format_table, machine_facts, plot_results
+from .report import PLOT_NEEDS, cell, format_table, machine_facts, plot_results
 from .run import Log, Row, run_case
 
 DEFAULT_LENGTHS = (512, 2048)
@@ -94,7 +94,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # before the run, not after it
-        p.error("--plot needs matplotlib: pip install matplotlib (or, from a checkout, pip install -e '.[plot]')")
+        p.error(PLOT_NEEDS)
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder is not None and not os.path.isdir(folder):

@@ -93,6 +93,9 @@ def machine_facts(device: torch.device) -> dict[str, Any]:
     return facts
 
 
+PLOT_NEEDS = "--plot needs matplotlib: pip install matplotlib (or, from a checkout, pip install -e '.[plot]')"
+
+
 def plot_results(rows: Sequence[Row], path: str) -> None:
     """Time and peak memory vs L, log-log, one line per (scheme, path)."""
     try:
@@ -102,9 +105,7 @@ def plot_results(rows: Sequence[Row], path: str) -> None:
         import matplotlib.pyplot as plt
         import matplotlib.ticker
     except ImportError:
-        raise SystemExit(
-            "--plot needs matplotlib: pip install matplotlib (or, from a checkout, pip install -e '.[plot]')"
-        ) from None
+        raise SystemExit(PLOT_NEEDS) from None
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
     schemes = list(dict.fromkeys(r.scheme for r in rows))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
