@@ -61,8 +61,9 @@ def attention(
         positional: Rotary/XL (query/key transforms, applied in the given order) and
             ALiBi/DPB (score_mods, composed into one).
         pos: (B, *, L') positions for self-attention; ``pos_q`` (B, *, Lq') and ``pos_k``
-            (B, *, Lk') for cross-attention. Ints or floats; default ``0 .. L-1``. With fewer
-            positions than tokens the first tokens have none and get no positional effect.
+            (B, *, Lk') for cross-attention, both or neither where modules read them. Ints or
+            floats; default ``0 .. L-1``. With fewer positions than tokens the first tokens
+            have none and get no positional effect.
             Positions on another device are copied to q's.
         mask: a BlockMask of 128x128 blocks (flexpos' builders, ``create_block_mask``'s
             default, or ``BlockMask.from_kv_blocks`` with its default mask_mod; a custom
@@ -100,6 +101,7 @@ def attention(
     if functorch_active():
         _check_not_vmapped(pos=pos, pos_q=pos_q, pos_k=pos_k, mask=mask)
     positions = Positions.resolve(batch, len_q, len_k, q.device, pos, pos_q, pos_k, tokens=IN_QK)
+    check_both_sides(modules, pos_q=pos_q, pos_k=pos_k)
     _check_mask(mask, batch, heads, len_q, len_k, q.device)
     if 0 in (*batch, heads, len_q, len_k, v.shape[-1]):
         return _nothing_to_attend(q, k, v, positions, modules)
@@ -170,6 +172,22 @@ def _check_positional(
         check_module_device(m, device)
         checked.append(m)
     return checked
+
+
+def check_both_sides(modules: Sequence[Positional], **sides: Optional[Tensor]) -> None:
+    """Cross-attention positions, ``sides`` (the query side's, then the key side's, by the
+    caller's names), come in pairs where modules read them: a side without positions would count
+    ``0 .. L-1``, not in the other side's coordinates."""
+    (q_name, pos_q), (k_name, pos_k) = sides.items()
+    if not modules or (pos_q is None) == (pos_k is None):
+        return
+    given, missing = (q_name, k_name) if pos_k is None else (k_name, q_name)
+    readers = ", ".join(dict.fromkeys(type(m).__name__ for m in modules))
+    raise ValueError(
+        f"{given} is given without {missing}: {readers} read the positions of queries and keys, and "
+        f"a side without them would count 0 .. L-1, not in {given}'s coordinates. Pass {missing} "
+        f"too; a (B, *, 0) tensor gives that side's tokens no position"
+    )
 
 
 def check_heads(module: Positional, heads: int, head_dim: int, where: str) -> None:

@@ -18,7 +18,7 @@ from ._checks import (
     check_tensor,
     shape_text,
 )
-from .attention import Mask, attention, check_heads
+from .attention import Mask, attention, check_both_sides, check_heads
 from .backends import Backend, KernelOptions, check_backend, check_kernel_options
 from .base import Positional
 
@@ -82,9 +82,10 @@ class AttentionLayer(nn.Module):
     ) -> Tensor:
         """x (B, *, L, dim), context (B, *, Lc, dim) or None -> (B, *, L, dim).
 
-        ``pos`` (B, *, L') positions of x; ``pos_context`` (B, *, Lc') of the context (without
-        it the input transforms leave the context as it is and Rotary, XL, ALiBi and DPB count
-        it ``0 .. Lc-1``: pass it whenever ``pos`` is given). ``mask``
+        ``pos`` (B, *, L') positions of x; ``pos_context`` (B, *, Lc') of the context. With
+        Rotary, XL, ALiBi or DPB give both or neither (neither: ``0 .. L-1`` and ``0 .. Lc-1``;
+        a (B, *, 0) tensor: a side without positions); input transforms alone leave a context
+        without ``pos_context`` as it is. ``mask``
         as in :func:`flexpos.attention` (bool (B, *, Lk), (B, *, L, Lk), (B, *, H, L, Lk) or a
         BlockMask), True = attend.
         """
@@ -126,6 +127,7 @@ class AttentionLayer(nn.Module):
         length = self._check_input("context", context, batch=batch).shape[-2]
         if pos_context is not None:
             check_positions("pos_context", pos_context, batch, length, x.device)
+        check_both_sides([m for m in self.positional if not m.transforms_input], pos=pos, pos_context=pos_context)
 
     def _check_input(self, name: str, t: object, batch: Optional[tuple[int, ...]] = None) -> Tensor:
         """``t`` must be a float (B, *, L, dim) tensor, with batch dims ``batch`` if given, and

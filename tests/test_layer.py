@@ -58,6 +58,17 @@ def test_cross_attention_positions_and_encoded_context():
     assert (out - ref).abs().max() <= TOLERANCE[F64]
 
 
+def test_input_transforms_alone_leave_a_context_without_positions_as_it_is():
+    """Only attention's modules need positions on both sides (tests/test_errors.py)."""
+    sin = Sinusoidal(DIM, divide=5.0)
+    layer = AttentionLayer(DIM, H, positional=[sin]).double()
+    x, context = torch.randn(2, 25, DIM, dtype=F64), torch.randn(2, 60, DIM, dtype=F64)
+    pos_x = torch.rand(2, 25, dtype=F64) * 100
+    out = layer(x, context, pos=pos_x)
+    q, k, v = project(layer, x + R.sinusoid64(pos_x / 5.0, sin.inv_freq), context)
+    assert (out - finish(layer, R.attend(q, k, v))).abs().max() <= TOLERANCE[F64]
+
+
 def test_causal_self_attention():
     rot, alibi = Rotary(DIM // H), ALiBi(H)
     layer = AttentionLayer(DIM, H, positional=[rot, alibi]).double()

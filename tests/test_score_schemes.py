@@ -463,6 +463,24 @@ def test_cross_attention_uses_each_sides_positions(scheme, lengths):
     assert_close(out.reshape(6, H, lq, D), cross_reference(scheme, module, *flat, pos_q, pos_k))
 
 
+@pytest.mark.parametrize("scheme", ["rotary", "xl", "alibi-asymmetric"])
+@pytest.mark.parametrize("side", ["q", "k"])
+def test_a_side_given_no_positions_gets_no_positional_effect(scheme, side):
+    """Cross-attention where one side's tokens have no position: a (B, *, 0) tensor (one side
+    left out is refused, tests/test_errors.py)."""
+    q, k, v = qkv(50, 70, batch=(2, 3))
+    given = {"q": irregular(6, 49, integer=False).view(2, 3, 49), "k": irregular(6, 70, integer=False).view(2, 3, 70)}
+    given[side] = torch.zeros(2, 3, 0, dtype=F64)
+    module = {
+        "rotary": lambda: Rotary(D, divide=2.0),
+        "xl": lambda: XL(H * D, H, divide=2.0),
+        "alibi-asymmetric": lambda: ALiBi(H, asymmetric=True, divide=2.0),
+    }[scheme]().double()
+    out = flexpos.attention(q, k, v, module, pos_q=given["q"], pos_k=given["k"])
+    flat = [t.reshape(6, H, -1, D) for t in (q, k, v)]
+    assert_close(out.reshape(6, H, 50, D), cross_reference(scheme, module, *flat, given["q"], given["k"]))
+
+
 @pytest.mark.parametrize("scheme", ["alibi", "xl"])
 def test_custom_scale(scheme):
     """``scale`` multiplies q.k only: XL's relative term (appended features) stays unscaled."""
