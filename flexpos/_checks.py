@@ -212,3 +212,20 @@ def check_bool_mask(name: str, mask: Tensor, shapes: Sequence[tuple[int, ...]]) 
     if tuple(mask.shape) not in [tuple(s) for s in shapes]:
         options = " or ".join(str(tuple(s)) for s in shapes)
         raise ValueError(f"{name} must have shape {options}, got {tuple(mask.shape)}")
+
+
+def check_both_sides(modules: Sequence[object], **sides: Optional[Tensor]) -> None:
+    """Cross-attention positions, ``sides`` (the query side's, then the key side's, by the
+    caller's names), come in pairs where modules read them: a side without positions would count
+    ``0 .. L-1``, not in the other side's coordinates."""
+    (q_name, pos_q), (k_name, pos_k) = sides.items()
+    if not modules or (pos_q is None) == (pos_k is None):
+        return
+    given, missing = (q_name, k_name) if pos_k is None else (k_name, q_name)
+    readers = list(dict.fromkeys(type(m).__name__ for m in modules))
+    raise ValueError(
+        f"{given} is given without {missing}: {', '.join(readers)} read{'s' if len(readers) == 1 else ''} the "
+        "positions of queries and keys, and "
+        f"a side without them would count 0 .. L-1, not in {given}'s coordinates. Pass {missing} "
+        f"too; a (B, *, 0) tensor gives that side's tokens no position"
+    )

@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from ._checks import (
+    check_both_sides,
     check_bool,
     check_float,
     check_module_device,
@@ -112,10 +113,10 @@ def attention(
         any(t.requires_grad for t in (q, k, v, positions.q, positions.k))
         or any(p.requires_grad for m in modules for p in m.parameters())
     )
-    backend = choose_backend(backend, q, needs_grad, block_mask, modules)
-    positions.chunked = backend == "chunked"
+    chosen = choose_backend(backend, q, needs_grad, block_mask, modules)
+    positions.chunked = chosen == "chunked"
     score_mod = _compose(modules, positions, torch.float64 if q.dtype == torch.float64 else torch.float32)
-    if backend == "flex":
+    if chosen == "flex":
         out = run_flex(q, k, v, score_mod, block_mask, scale, flex_kernel_options(q.device, modules, kernel_options))
     else:
         finite = not any(m.modifies_scores and m.masks_scores for m in modules)
@@ -172,22 +173,6 @@ def _check_positional(
         check_module_device(m, device)
         checked.append(m)
     return checked
-
-
-def check_both_sides(modules: Sequence[Positional], **sides: Optional[Tensor]) -> None:
-    """Cross-attention positions, ``sides`` (the query side's, then the key side's, by the
-    caller's names), come in pairs where modules read them: a side without positions would count
-    ``0 .. L-1``, not in the other side's coordinates."""
-    (q_name, pos_q), (k_name, pos_k) = sides.items()
-    if not modules or (pos_q is None) == (pos_k is None):
-        return
-    given, missing = (q_name, k_name) if pos_k is None else (k_name, q_name)
-    readers = ", ".join(dict.fromkeys(type(m).__name__ for m in modules))
-    raise ValueError(
-        f"{given} is given without {missing}: {readers} read the positions of queries and keys, and "
-        f"a side without them would count 0 .. L-1, not in {given}'s coordinates. Pass {missing} "
-        f"too; a (B, *, 0) tensor gives that side's tokens no position"
-    )
 
 
 def check_heads(module: Positional, heads: int, head_dim: int, where: str) -> None:

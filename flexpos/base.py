@@ -11,7 +11,7 @@ A positional module takes part in up to three stages of attention:
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -146,7 +146,7 @@ class Positional(nn.Module):
             return self.div.double().exp().clamp(min=1e-8).to(dtype)
         return self.div.to(dtype)
 
-    def forward(self, *args: object, **kwargs: object) -> Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Input transforms and Rotary are called on tensors; the others are not."""
         name = type(self).__name__
         raise TypeError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -192,7 +192,7 @@ def run_chunked(
     # the chunks are concatenated and kept for backward (memory O(Lq * Lk), as the dense path).
     out = v.new_zeros(*q.shape[:2], len_q, v.shape[-1])
     pieces: list[tuple[int, int, Tensor]] = []  # under torch.func: (start, stop, chunk output)
-    recompute: Optional[dict[str, object]] = None
+    recompute: Optional[dict[str, Any]] = None
     keep = needs_grad and not functional and torch.is_grad_enabled() and _keeps_outputs(q, k, v, score_mod)
     # Checkpoint would recompute a chunk in backward, outside forward-mode AD's dual level, where
     # it takes other kernels and saves other tensors: in forward mode chunks are kept.
@@ -308,7 +308,7 @@ def _keeps_outputs(q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[ScoreMod
         choice = torch._fused_sdp_choice(q1, k1, v1, bias, 0.0, False, scale=None)
     except (AttributeError, TypeError, RuntimeError):
         return False
-    return choice == int(SDPBackend.FLASH_ATTENTION)
+    return choice == SDPBackend.FLASH_ATTENTION.value
 
 
 @functools.lru_cache(maxsize=None)
@@ -376,11 +376,11 @@ class _SdpaKernels(contextlib.AbstractContextManager):
         self._open.append(kernels)
         kernels.__enter__()
 
-    def __exit__(self, *exc: object) -> Optional[bool]:
+    def __exit__(self, *exc: Any) -> Optional[bool]:
         return self._open.pop().__exit__(*exc)
 
 
-def _recompute_options() -> dict[str, object]:
+def _recompute_options() -> dict[str, Any]:
     """checkpoint's ``context_fn``: recompute chunks in backward with the SDPA kernels (and
     their priority order) enabled now. A caller's ``sdpa_kernel`` block may have ended before
     backward, and another kernel saves other tensors (checkpoint's metadata check fails). No

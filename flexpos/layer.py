@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
 from ._checks import (
+    check_both_sides,
     check_bool,
     check_float,
     check_module_device,
@@ -18,7 +19,7 @@ from ._checks import (
     check_tensor,
     shape_text,
 )
-from .attention import Mask, attention, check_both_sides, check_heads
+from .attention import Mask, attention, check_heads
 from .backends import Backend, KernelOptions, check_backend, check_kernel_options
 from .base import Positional
 
@@ -66,6 +67,12 @@ class AttentionLayer(nn.Module):
         self.backend = backend
         self.kernel_options = check_kernel_options(kernel_options)
 
+    def _stages(self) -> tuple[list[Positional], list[Positional]]:
+        """The input transforms, and the modules that :func:`flexpos.attention` runs (q/k
+        transforms and score_mods), each in the given order."""
+        modules = cast(Sequence[Positional], self.positional)  # checked by __init__
+        return [m for m in modules if m.transforms_input], [m for m in modules if not m.transforms_input]
+
     def extra_repr(self) -> str:
         options = f", kernel_options={self.kernel_options}" if self.kernel_options else ""
         return f"dim={self.dim}, n_heads={self.n_heads}, backend={self.backend!r}{options}"
@@ -90,15 +97,14 @@ class AttentionLayer(nn.Module):
         BlockMask), True = attend.
         """
         self._check_call(x, context, pos, pos_context)
-        encoders = [m for m in self.positional if m.transforms_input]
+        encoders, others = self._stages()
         x = _encode(encoders, x, pos)
         cross = context is not None
-        if cross and pos_context is not None:
+        if context is not None and pos_context is not None:
             context = _encode(encoders, context, pos_context)
         heads = lambda t: rearrange(t, "... l (h d) -> ... h l d", h=self.n_heads)  # noqa: E731
         q = heads(self.to_q(x))
         k, v = map(heads, self.to_kv(context if cross else x).chunk(2, dim=-1))
-        others = [m for m in self.positional if not m.transforms_input]
         out = attention(
             q, k, v, *others,
             pos=None if cross else pos, pos_q=pos if cross else None, pos_k=pos_context,
@@ -127,7 +133,7 @@ class AttentionLayer(nn.Module):
         length = self._check_input("context", context, batch=batch).shape[-2]
         if pos_context is not None:
             check_positions("pos_context", pos_context, batch, length, x.device)
-        check_both_sides([m for m in self.positional if not m.transforms_input], pos=pos, pos_context=pos_context)
+        check_both_sides(self._stages()[1], pos=pos, pos_context=pos_context)
 
     def _check_input(self, name: str, t: object, batch: Optional[tuple[int, ...]] = None) -> Tensor:
         """``t`` must be a float (B, *, L, dim) tensor, with batch dims ``batch`` if given, and

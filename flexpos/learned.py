@@ -31,7 +31,7 @@ def run_mlp(mlp: nn.ModuleList, x: Tensor, dtype: torch.dtype | None = None) -> 
     under autocast or in a ``.half()`` model: inputs are positions (up to 1e9 / divide), whose
     features bf16 would round by up to 0.4% of their size and float16 overflows (65504). Another
     ``dtype`` runs on cast copies of the parameters (gradients reach them)."""
-    own = mlp[0][0].weight.dtype
+    own = next(mlp.parameters()).dtype  # the first layer's, Linear(1, dim)
     dtype = dtype or (own if own.itemsize >= 4 else torch.float32)
     with torch.autocast(x.device.type, enabled=False):
         x = x.to(dtype)

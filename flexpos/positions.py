@@ -222,8 +222,9 @@ class Positions:
                 self._side_extents(given, read.get("pos", read.get(name)), length)
                 for given, name, length in zip(self._given, ("pos_q", "pos_k"), (self.len_q, self.len_k))
             ]
-            if self.is_integer and None not in sides:
-                self._extents = list(zip(*sides[0], *sides[1]))
+            q_side, k_side = sides
+            if self.is_integer and q_side is not None and k_side is not None:
+                self._extents = list(zip(*q_side, *k_side))
         return self._extents
 
     def _side_extents(self, given: Optional[Tensor], read: Optional[Extents], length: int) -> Optional[Extents]:
@@ -292,16 +293,14 @@ class Positions:
             return Relative(dtype, off_q, off_k, complete)
         ref = self.offset()
         remainder = not (fewer and self._no_remainder(dtype))
-        tables = [
-            *_split(self.q, ref, self.len_q, dtype, remainder),
-            *_split(self.k, ref, self.len_k, dtype, remainder),
-        ]
-        if tables[0].shape[0] == 1:
+        q_hi, q_lo = _split(self.q, ref, self.len_q, dtype, remainder)
+        k_hi, k_lo = _split(self.k, ref, self.len_k, dtype, remainder)
+        tables: tuple[Optional[Tensor], ...] = (q_hi, k_hi, q_lo, k_lo)
+        if q_hi.shape[0] == 1:
             # A batch-1 table gets a static stride that Inductor's CPU flex kernel mis-indexes
             # (torch 2.13); a second, unused row keeps the batch dim symbolic.
-            tables = [None if t is None else t.expand(2, -1).contiguous() for t in tables]
-        q_hi, q_lo, k_hi, k_lo = tables
-        return Relative(dtype, off_q, off_k, complete, q_hi, k_hi, q_lo, k_lo)
+            tables = tuple(None if t is None else t.expand(2, -1).contiguous() for t in tables)
+        return Relative(dtype, off_q, off_k, complete, *tables)
 
     def _no_remainder(self, dtype: torch.dtype) -> bool:
         """Whether the ``lo`` parts are known to be 0: in float64 (``hi`` is the float64

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_even, check_float, check_module_device, check_rank, check_tensor
+from ._checks import check_both_sides, check_even, check_float, check_module_device, check_rank, check_tensor
 from ._compile import lazy_compile
 from ._host import tracing
 from .base import QK, Positional
@@ -201,7 +201,7 @@ class Rotary(Positional):
         pos_q: Optional[Tensor] = None,
         pos_k: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor]:
-        """Rotate q (B, *, H, Lq, D) and k (B, *, H, Lk, D); pos (B, *, L') or pos_q/pos_k."""
+        """Rotate q (B, *, H, Lq, D) and k (B, *, H, Lk, D); pos (B, *, L') or pos_q and pos_k."""
         for name, t in (("q", q), ("k", k)):
             check_tensor(name, t)
             check_rank(name, t, 4, "(B, *, H, L, D)")
@@ -215,6 +215,7 @@ class Rotary(Positional):
         check_module_device(self, q.device)
         batch = tuple(q.shape[:-3])
         positions = Positions.resolve(batch, q.shape[-2], k.shape[-2], q.device, pos, pos_q, pos_k, tokens=IN_QK)
+        check_both_sides([self], pos_q=pos_q, pos_k=pos_k)
         flat_q, flat_k = q.flatten(0, -4), k.flatten(0, -4)
         out = self.rotate_qk(flat_q, flat_k, positions)
         return out.q.reshape(q.shape), out.k.reshape(k.shape)
