@@ -238,7 +238,7 @@ class _SavedChunk(torch.autograd.Function):
     besides views of q, k, v."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rest: tuple) -> Tensor:
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, rest: tuple[Any, ...]) -> Tensor:
         q_start, k_start, score_mod, mask_mod, scale, unread, rows_may_die, kernels, into = rest
         work = torch.promote_types(q.dtype, torch.float32)
         qw, kw, vw = q.to(work), k.to(work), v.to(work)
@@ -252,7 +252,7 @@ class _SavedChunk(torch.autograd.Function):
         return (out if alive is None else torch.where(alive, out, 0.0)).to(v.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         q, k, v, out, lse = ctx.saved_tensors
         q_start, k_start, score_mod, mask_mod, scale, unread, rows_may_die, kernels, _ = ctx.rest
         if torch.is_grad_enabled():  # create_graph: differentiable, as checkpoint's recomputation
@@ -363,7 +363,7 @@ def _all_full(states: Tensor) -> bool:
     return bool(states.eq(FULL).all())
 
 
-class _SdpaKernels(contextlib.AbstractContextManager):
+class _SdpaKernels(contextlib.AbstractContextManager[None]):
     """``sdpa_kernel(enabled, set_priority)`` that can be entered again: a chunk is recomputed
     once per backward pass through it (``retain_graph``, double backward)."""
 
