@@ -78,11 +78,15 @@ def check_positive_int(name: str, value: object) -> int:
 
 
 def check_length(name: str, value: object) -> int:
-    """A sequence length: a positive int. A length read from a tensor's shape while tracing with
+    """A sequence length: an int >= 0. A length read from a tensor's shape while tracing with
     symbolic shapes is a ``torch.SymInt``; it is taken as it is (a value check would add a guard)."""
     if isinstance(value, torch.SymInt):
         return value  # type: ignore[return-value]
-    return check_positive_int(name, value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
 
 
 def check_even(name: str, value: int) -> int:

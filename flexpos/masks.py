@@ -35,7 +35,7 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
 def _n_blocks(length: int) -> int:
-    return max(1, -(-length // BLOCK))
+    return -(-length // BLOCK)
 
 
 def _named(fn: MaskMod, name: str) -> MaskMod:
@@ -196,15 +196,15 @@ def _full_mask(len_q: int, len_k: int, device: torch.device) -> BlockMask:
 
 
 def _check_per_token(name: str, x: object, shape_doc: str) -> Tensor:
-    """``x`` must be a 2-D tensor (B, L) with L >= 1 (its dtype is checked by the caller)."""
+    """``x`` must be a 2-D tensor (B, L) (its dtype is checked by the caller)."""
     x = check_tensor(name, x)
-    if x.ndim != 2 or x.shape[-1] == 0:
-        raise ValueError(f"{name} must have shape {shape_doc} with at least one token, got {tuple(x.shape)}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must have shape {shape_doc}, got {tuple(x.shape)}")
     return x
 
 
 def padding_mask(key_valid: Tensor, len_q: int) -> BlockMask:
-    """Key padding: ``key_valid`` (B, Lk) bool, True = real token; any query length Lq >= 1.
+    """Key padding: ``key_valid`` (B, Lk) bool, True = real token; any query length Lq.
 
     Example::
 
@@ -299,13 +299,9 @@ def sliding_window_mask(
     return from_states(_tile_states(full, empty), sliding_window, len_q, len_k)
 
 
-def _length(name: str, value: Optional[int], source: str, count: int) -> int:
-    """``value`` checked, or by default ``count``, the number of positions in ``source``."""
-    if value is not None:
-        return check_length(name, value)
-    if count == 0:
-        raise ValueError(f"{source} holds no positions: pass {name}, the number of tokens (>= 1)")
-    return count
+def _length(name: str, value: Optional[int], count: int) -> int:
+    """``value`` checked, or by default ``count``, the number of positions given."""
+    return count if value is None else check_length(name, value)
 
 
 def distance_window_mask(
@@ -337,10 +333,10 @@ def distance_window_mask(
     for name, p in (("pos", pos), ("pos_q", pos_q), ("pos_k", pos_k)):
         if p is not None:
             check_rank(name, check_tensor(name, p), 2, "(B, *, L')")
-    len_q = _length("len_q", len_q, "pos" if pos is not None else "pos_q", given.shape[-1])
+    len_q = _length("len_q", len_q, given.shape[-1])
     if len_k is None and pos is not None:
         len_k = len_q
-    len_k = _length("len_k", len_k, "pos_k", 0 if pos_k is None else pos_k.shape[-1])
+    len_k = _length("len_k", len_k, 0 if pos_k is None else pos_k.shape[-1])
     positions = Positions.resolve(tuple(given.shape[:-1]), len_q, len_k, given.device, pos, pos_q, pos_k)
     rel = positions.relative(torch.float32)
     has_q, has_k = positions.has_position("q")[None], positions.has_position("k")[None]

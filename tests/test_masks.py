@@ -145,25 +145,24 @@ MASK_SHAPES = r"mask must have shape \(B, Lk\), \(B, Lq, Lk\) or \(B, H, Lq, Lk\
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        # lengths: positive ints, named
-        (lambda: M.full_mask(-1, 5), ValueError, "len_q must be positive, got -1"),
-        (lambda: M.full_mask(5, 0), ValueError, "len_k must be positive, got 0"),
+        # lengths: ints >= 0, named
+        (lambda: M.full_mask(-1, 5), ValueError, "len_q must be >= 0, got -1"),
+        (lambda: M.full_mask(5, -3), ValueError, "len_k must be >= 0, got -3"),
         (lambda: M.causal_mask(10.5), TypeError, "len_q must be an int, got float"),
         (lambda: M.causal_mask("10"), TypeError, "len_q must be an int, got str"),
-        (lambda: M.causal_mask(10, -2), ValueError, "len_k must be positive"),
-        (lambda: M.sliding_window_mask(-10, 3), ValueError, "len_q must be positive"),
+        (lambda: M.causal_mask(10, -2), ValueError, "len_k must be >= 0"),
+        (lambda: M.sliding_window_mask(-10, 3), ValueError, "len_q must be >= 0"),
         (lambda: M.sliding_window_mask(10, 3, len_k=2.0), TypeError, "len_k must be an int"),
-        (lambda: M.padding_mask(KV, -5), ValueError, "len_q must be positive, got -5"),
+        (lambda: M.padding_mask(KV, -5), ValueError, "len_q must be >= 0, got -5"),
         (lambda: M.padding_mask(KV, 10.0), TypeError, "len_q must be an int"),
-        (lambda: M.dense_mask(KV, 0, 10), ValueError, "len_q must be positive"),
+        (lambda: M.dense_mask(KV, -1, 10), ValueError, "len_q must be >= 0"),
         (lambda: M.dense_mask(KV, True, 10), TypeError, "len_q must be an int, got bool"),
         (lambda: M.distance_window_mask(1.0, pos=torch.rand(2, 10), len_q=12.0), TypeError, "len_q must be an int"),
-        (lambda: M.distance_window_mask(1.0, pos_q=torch.rand(2, 3), pos_k=torch.rand(2, 4), len_k=0), ValueError, "len_k must be positive"),
-        # empty sequences and tensors of the wrong kind
-        (lambda: M.padding_mask(torch.ones(2, 0, dtype=torch.bool), 5), ValueError, r"key_valid must have shape \(B, Lk\) with at least one token, got \(2, 0\)"),
-        (lambda: M.segment_mask(torch.zeros(2, 0, dtype=torch.long)), ValueError, r"segments_q must have shape \(B, Lq\)"),
-        (lambda: M.distance_window_mask(1.0, pos=torch.rand(2, 0)), ValueError, "pos holds no positions: pass len_q"),
-        (lambda: M.distance_window_mask(1.0, pos_q=torch.rand(2, 3), pos_k=torch.rand(2, 0)), ValueError, "pos_k holds no positions: pass len_k"),
+        (lambda: M.distance_window_mask(1.0, pos_q=torch.rand(2, 3), pos_k=torch.rand(2, 4), len_k=-1), ValueError, "len_k must be >= 0"),
+        (lambda: M.distance_window_mask(1.0, pos_q=torch.rand(2, 3), pos_k=torch.rand(2, 4), len_k=0), ValueError, "pos_k has 4 positions but the sequence has only 0"),
+        # tensors of the wrong kind
+        (lambda: M.padding_mask(torch.ones(2, 1, 5, dtype=torch.bool), 5), ValueError, r"key_valid must have shape \(B, Lk\), got \(2, 1, 5\)"),
+        (lambda: M.segment_mask(torch.zeros(2, 1, 3, dtype=torch.long)), ValueError, r"segments_q must have shape \(B, Lq\)"),
         (lambda: M.distance_window_mask(1.0, pos=[1.0, 2.0]), TypeError, "pos must be a torch.Tensor, got list"),
         (lambda: M.distance_window_mask(1.0, pos=torch.rand(10)), ValueError, r"pos must have shape \(B, \*, L'\)"),
         (lambda: M.distance_window_mask(1.0, pos_q=torch.rand(2, 3), pos_k=torch.rand(3)), ValueError, "pos_k must have shape"),
@@ -281,6 +280,34 @@ def test_distance_window_with_an_empty_batch():
     for pos, len_q in ((torch.rand(0, 50), None), (torch.rand(0, 0), 50)):
         mask = M.distance_window_mask(3.0, pos=pos, len_q=len_q)
         assert mask.kv_num_blocks.shape[0] == 0 and tuple(mask.seq_lengths) == (50, 50)
+
+
+EMPTY_SEQUENCE_BUILDERS = {
+    "full": lambda lq, lk: M.full_mask(lq, lk),
+    "causal": lambda lq, lk: M.causal_mask(lq, lk),
+    "sliding window": lambda lq, lk: M.sliding_window_mask(lq, 3, lk),
+    "padding": lambda lq, lk: M.padding_mask(torch.ones(2, lk, dtype=torch.bool), lq),
+    "distance window": lambda lq, lk: M.distance_window_mask(3.0, pos_q=torch.rand(2, lq), pos_k=torch.rand(2, lk)),
+    "segments": lambda lq, lk: M.segment_mask(torch.zeros(2, lq, dtype=torch.long), torch.zeros(2, lk, dtype=torch.long)),
+    "dense": lambda lq, lk: M.dense_mask(torch.ones(2, lq, lk, dtype=torch.bool), lq, lk),
+    "and": lambda lq, lk: M.and_masks(M.causal_mask(lq, lk), M.padding_mask(torch.ones(2, lk, dtype=torch.bool), lq)),
+}
+
+
+@pytest.mark.parametrize("build", EMPTY_SEQUENCE_BUILDERS.values(), ids=EMPTY_SEQUENCE_BUILDERS.keys())
+@pytest.mark.parametrize("len_q, len_k", [(0, 0), (0, 7), (7, 0)])
+def test_every_builder_takes_empty_sequences(build, len_q, len_k):
+    """Sequences without tokens, as attention takes them: a mask of no tiles on that side, and
+    attention under it gives zeros (queries without keys) of the right shape."""
+    mask = build(len_q, len_k)
+    assert tuple(mask.seq_lengths) == (len_q, len_k)
+    assert M.states_of(mask).shape[-2:] == (-(-len_q // 128), -(-len_k // 128))
+    q = torch.randn(2, 4, len_q, 8, requires_grad=True)
+    k, v = torch.randn(2, 4, len_k, 8), torch.randn(2, 4, len_k, 8)
+    out = flexpos.attention(q, k, v, flexpos.ALiBi(4), mask=mask)
+    assert out.shape == (2, 4, len_q, 8) and out.eq(0).all()
+    out.sum().backward()
+    assert q.grad.eq(0).all()
 
 
 def _count_blocks(x):
