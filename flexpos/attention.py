@@ -234,9 +234,11 @@ def _build_mask(
 
 def _nothing_to_attend(q: Tensor, k: Tensor, v: Tensor, positions: Positions, modules: list[Positional]) -> Tensor:
     """(B, *, H, Lq, Dv) zeros for inputs with a zero-sized dim, with gradients (zeros, not None)
-    for q, k, v, the positions and the modules' parameters, as where every key is masked."""
+    for q, k, v, the modules' parameters and the positions where modules read them, as where
+    every key is masked."""
     out = v.new_zeros(*q.shape[:-1], v.shape[-1])
-    leaves = [q, k, v, positions.q, positions.k, *(p for m in modules for p in m.parameters())]
+    read = (positions.q, positions.k) if modules else ()
+    leaves = [q, k, v, *read, *(p for m in modules for p in m.parameters())]
     needed = [t.sum().to(out.dtype) for t in leaves if t.requires_grad]
     if not needed or not torch.is_grad_enabled():
         return out

@@ -277,6 +277,15 @@ def test_empty_inputs_give_empty_or_zero_outputs_with_zero_gradients(shape_q, le
     with torch.no_grad():
         assert not flexpos.attention(q, k, v, *mods, pos_q=pos_q, pos_k=pos_k).requires_grad
 
+@pytest.mark.parametrize("len_q", [5, 0])
+def test_positions_that_no_module_reads_get_no_gradient(len_q):
+    """As any input a computation does not use (None, not zeros), with or without tokens."""
+    q = torch.randn(2, H, len_q, D, dtype=torch.float64, requires_grad=True)
+    pos = torch.rand(2, len_q, dtype=torch.float64, requires_grad=True)
+    flexpos.attention(q, q, q, pos=pos).sum().backward()
+    assert q.grad is not None and pos.grad is None
+
+
 def test_compiled_chunked_training_step(compiled):
     """The CPU training path compiled: ALiBi (learned divisor) + DPB with a CLS token, padding and
     causal masks. q/k/v gradients against the float64 dense reference; parameter gradients
