@@ -443,7 +443,15 @@ def cross_reference(scheme, module, q, k, v, pos_q, pos_k):
     return R.attend(q, k, v, R.alibi_bias(H, pq, pk, hq, hk, asymmetric=True, divide=2.0))
 
 
-@pytest.mark.parametrize("scheme", ["rotary", "xl", "alibi-asymmetric"])
+CROSS_SCHEMES = {
+    "rotary": lambda: Rotary(D, divide=2.0),
+    "xl": lambda: XL(H * D, H, divide=2.0),
+    "alibi-asymmetric": lambda: ALiBi(H, asymmetric=True, divide=2.0),
+}
+"""The schemes that see the direction of p_q - p_k, by the names cross_reference takes."""
+
+
+@pytest.mark.parametrize("scheme", CROSS_SCHEMES)
 @pytest.mark.parametrize("lengths", [(70, 70), (60, 90)], ids=["Lq=Lk", "Lq<Lk"])
 def test_cross_attention_uses_each_sides_positions(scheme, lengths):
     """Schemes that see the direction of p_q - p_k, with different query and key positions (also
@@ -453,17 +461,13 @@ def test_cross_attention_uses_each_sides_positions(scheme, lengths):
     q, k, v = qkv(lq, lk, batch=(2, 3))
     pos_q = irregular(6, lq - 1, integer=False).view(2, 3, lq - 1)
     pos_k = irregular(6, lk - 2, integer=False).view(2, 3, lk - 2) + 5.0
-    module = {
-        "rotary": lambda: Rotary(D, divide=2.0),
-        "xl": lambda: XL(H * D, H, divide=2.0),
-        "alibi-asymmetric": lambda: ALiBi(H, asymmetric=True, divide=2.0),
-    }[scheme]().double()
+    module = CROSS_SCHEMES[scheme]().double()
     out = flexpos.attention(q, k, v, module, pos_q=pos_q, pos_k=pos_k)
     flat = [t.reshape(6, H, -1, D) for t in (q, k, v)]
     assert_close(out.reshape(6, H, lq, D), cross_reference(scheme, module, *flat, pos_q, pos_k))
 
 
-@pytest.mark.parametrize("scheme", ["rotary", "xl", "alibi-asymmetric"])
+@pytest.mark.parametrize("scheme", CROSS_SCHEMES)
 @pytest.mark.parametrize("side", ["q", "k"])
 def test_a_side_given_no_positions_gets_no_positional_effect(scheme, side):
     """Cross-attention where one side's tokens have no position: a (B, *, 0) tensor (one side
@@ -471,11 +475,7 @@ def test_a_side_given_no_positions_gets_no_positional_effect(scheme, side):
     q, k, v = qkv(50, 70, batch=(2, 3))
     given = {"q": irregular(6, 49, integer=False).view(2, 3, 49), "k": irregular(6, 70, integer=False).view(2, 3, 70)}
     given[side] = torch.zeros(2, 3, 0, dtype=F64)
-    module = {
-        "rotary": lambda: Rotary(D, divide=2.0),
-        "xl": lambda: XL(H * D, H, divide=2.0),
-        "alibi-asymmetric": lambda: ALiBi(H, asymmetric=True, divide=2.0),
-    }[scheme]().double()
+    module = CROSS_SCHEMES[scheme]().double()
     out = flexpos.attention(q, k, v, module, pos_q=given["q"], pos_k=given["k"])
     flat = [t.reshape(6, H, -1, D) for t in (q, k, v)]
     assert_close(out.reshape(6, H, 50, D), cross_reference(scheme, module, *flat, given["q"], given["k"]))
