@@ -408,6 +408,14 @@ def _check_dense_shape(mask: Tensor, len_q: int, len_k: int) -> None:
         )
 
 
+def _pad_to(x: Tensor, rows: int, cols: int) -> Tensor:
+    """x (..., r, c) padded with False/0 at the end to (..., rows, cols). Not F.pad: torch 2.6
+    refuses to pad an empty dim by 0."""
+    out = x.new_zeros(*x.shape[:-2], rows, cols)
+    out[..., : x.shape[-2], : x.shape[-1]] = x
+    return out
+
+
 def dense_mask(mask: Tensor, len_q: int, len_k: int) -> BlockMask:
     """BlockMask from a bool tensor (B, Lk), (B, Lq, Lk) or (B, H, Lq, Lk); True = attend."""
     check_tensor("mask", mask)
@@ -420,10 +428,10 @@ def dense_mask(mask: Tensor, len_q: int, len_k: int) -> BlockMask:
     if mask.ndim == 3:
         mask = mask[:, None]
     nq, nk = _n_blocks(len_q), _n_blocks(len_k)
-    padded = F.pad(mask, (0, nk * BLOCK - len_k, 0, nq * BLOCK - len_q))
+    padded = _pad_to(mask, nq * BLOCK, nk * BLOCK)
     tiles = padded.unflatten(-1, (nk, BLOCK)).unflatten(-3, (nq, BLOCK))  # b h nq 128 nk 128
     any_ = tiles.any(-1).any(-2)
-    in_range = F.pad(torch.ones_like(mask[:1, :1]), (0, nk * BLOCK - len_k, 0, nq * BLOCK - len_q))
+    in_range = _pad_to(torch.ones_like(mask[:1, :1]), nq * BLOCK, nk * BLOCK)
     out_of_range = ~in_range.unflatten(-1, (nk, BLOCK)).unflatten(-3, (nq, BLOCK))
     all_ = (tiles | out_of_range).all(-1).all(-2)
     states = torch.where(any_, PARTIAL, EMPTY)
