@@ -68,13 +68,19 @@ def check_module_device(module: nn.Module, device: torch.device) -> None:
             raise ValueError(f"{type(module).__name__} is on {t.device} but its input is on {device} ({name}): {remedy}")
 
 
-def check_positive_int(name: str, value: object) -> int:
-    """A positive Python or numpy integer (not a bool, not a tensor), returned as an int."""
+def _check_int(name: str, value: object) -> int:
+    """A Python or numpy integer (not a bool, not a tensor), returned as an int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
     return int(value)
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """A positive Python or numpy integer, returned as an int."""
+    number = _check_int(name, value)
+    if number <= 0:
+        raise ValueError(f"{name} must be positive, got {number}")
+    return number
 
 
 def check_length(name: str, value: object) -> int:
@@ -82,11 +88,10 @@ def check_length(name: str, value: object) -> int:
     symbolic shapes is a ``torch.SymInt``; it is taken as it is (a value check would add a guard)."""
     if isinstance(value, torch.SymInt):
         return value  # type: ignore[return-value]
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return int(value)
+    number = _check_int(name, value)
+    if number < 0:
+        raise ValueError(f"{name} must be >= 0, got {number}")
+    return number
 
 
 def check_even(name: str, value: int) -> int:
@@ -227,9 +232,9 @@ def check_both_sides(modules: Sequence[object], **sides: Optional[Tensor]) -> No
         return
     given, missing = (q_name, k_name) if pos_k is None else (k_name, q_name)
     readers = list(dict.fromkeys(type(m).__name__ for m in modules))
+    verb = "reads" if len(readers) == 1 else "read"
     raise ValueError(
-        f"{given} is given without {missing}: {', '.join(readers)} read{'s' if len(readers) == 1 else ''} the "
-        "positions of queries and keys, and "
-        f"a side without them would count 0 .. L-1, not in {given}'s coordinates. Pass {missing} "
-        f"too; a (B, *, 0) tensor gives that side's tokens no position"
+        f"{given} is given without {missing}: {', '.join(readers)} {verb} the positions of queries and "
+        f"keys, and a side without them would count 0 .. L-1, not in {given}'s coordinates. Pass "
+        f"{missing} too; a (B, *, 0) tensor gives that side's tokens no position"
     )

@@ -96,8 +96,8 @@ class AttentionLayer(nn.Module):
         as in :func:`flexpos.attention` (bool (B, *, Lk), (B, *, L, Lk), (B, *, H, L, Lk) or a
         BlockMask), True = attend.
         """
-        self._check_call(x, context, pos, pos_context)
         encoders, others = self._stages()
+        self._check_call(x, context, pos, pos_context, others)
         x = _encode(encoders, x, pos)
         cross = context is not None
         if context is not None and pos_context is not None:
@@ -113,9 +113,15 @@ class AttentionLayer(nn.Module):
         return self.to_out(rearrange(out, "... h l d -> ... l (h d)"))
 
     def _check_call(
-        self, x: Tensor, context: Optional[Tensor], pos: Optional[Tensor], pos_context: Optional[Tensor]
+        self,
+        x: Tensor,
+        context: Optional[Tensor],
+        pos: Optional[Tensor],
+        pos_context: Optional[Tensor],
+        readers: Sequence[Positional],
     ) -> None:
-        """Inputs and positions, named as the caller named them (not as attention's pos_q/pos_k)."""
+        """Inputs and positions, named as the caller named them (not as attention's pos_q/pos_k);
+        ``readers``: the modules attention runs, which read both sides' positions."""
         batch = tuple(self._check_input("x", x).shape[:-2])
         if pos is not None:
             # In self-attention the transforms and attention read the values under this name:
@@ -133,7 +139,7 @@ class AttentionLayer(nn.Module):
         length = self._check_input("context", context, batch=batch).shape[-2]
         if pos_context is not None:
             check_positions("pos_context", pos_context, batch, length, x.device)
-        check_both_sides(self._stages()[1], pos=pos, pos_context=pos_context)
+        check_both_sides(readers, pos=pos, pos_context=pos_context)
 
     def _check_input(self, name: str, t: object, batch: Optional[tuple[int, ...]] = None) -> Tensor:
         """``t`` must be a float (B, *, L, dim) tensor, with batch dims ``batch`` if given, and
