@@ -80,16 +80,26 @@ def plugin_list(plugin: Plugins) -> nn.ModuleList:
         plugins = nn.ModuleList([Base()])
     elif isinstance(plugin, nn.ModuleList):
         plugins = plugin
+    elif isinstance(plugin, nn.Module):
+        plugins = nn.ModuleList([plugin])
     elif isinstance(plugin, (list, tuple)):
         plugins = nn.ModuleList(plugin)
     else:
-        plugins = nn.ModuleList([plugin])
-    for p in plugins:
+        raise TypeError(f"plugin must be a legacy.positional plugin, a list of them or None, got {type(plugin).__name__}")
+    as_plugins(plugins)
+    return plugins
+
+
+def as_plugins(modules: nn.ModuleList) -> list[Base]:
+    """The modules of a plugin list, each checked to be a :mod:`legacy.positional` plugin."""
+    plugins = []
+    for p in modules:
         if not isinstance(p, Base):
             raise TypeError(
                 f"plugins must come from legacy.positional, got {type(p).__module__}.{type(p).__name__}; "
                 "use flexpos.AttentionLayer for native flexpos modules"
             )
+        plugins.append(p)
     return plugins
 
 
@@ -174,7 +184,7 @@ class AttnLayer(nn.Module):
         )
         masks = layer_mask(mask, batch, self.nh, length)
         pos_batch = expand_batch(pos, batch)
-        if any(p.runs_hooks() for p in self.plugin):
+        if any(p.runs_hooks() for p in as_plugins(self.plugin)):
             q, k, v, masks = self._run_hooks(q, k, v, masks, pos, batch, length)
             modules, pos_batch = [], None
         else:
@@ -195,7 +205,7 @@ class AttnLayer(nn.Module):
         q, k, v (B, *, NH, L, H) and the final mask, split again for flexpos."""
         q, k, v = (t.transpose(-2, -3) for t in (q, k, v))
         dense = dense_layer_mask(masks, batch, self.nh, length, q.dtype)
-        for plug in self.plugin:
+        for plug in as_plugins(self.plugin):
             q, k, v = plug.mod_qkv(q, k, v, pos_q_k=pos)
             dense = plug.mod_mask(dense, q, k, v, pos_q_k=pos)
         q, k, v = (t.transpose(-2, -3) for t in (q, k, v))
@@ -203,7 +213,7 @@ class AttnLayer(nn.Module):
 
     def flex_modules(self, batch: tuple[int, ...], pos: Optional[Tensor]) -> list[Positional]:
         """The plugins as flexpos modules for one call (identity plugins dropped)."""
-        modules = (p.flex_module(batch, pos) for p in self.plugin)
+        modules = (p.flex_module(batch, pos) for p in as_plugins(self.plugin))
         return [m for m in modules if m is not None]
 
     def _backend(self, masks: LayerMask) -> Backend:
@@ -282,7 +292,7 @@ class TransformerLayer(nn.Module):
                 raise TypeError(f"mask of shape (B, *, L) (key padding) must be bool, got dtype {mask.dtype}")
             mask = F.pad(mask, (max(x.shape[-2] - mask.shape[-1], 0), 0), value=True)
             key_mask = mask
-        for plug in self.plugin:
+        for plug in as_plugins(self.plugin):
             x = plug.mod_x(x, pos=pos, mask=key_mask)
         x = self.attn(self.norm(x), pos=pos, mask=mask, causal=causal) + x
         return self.ff(x)

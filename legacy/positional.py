@@ -59,11 +59,11 @@ class Base(Positional):
         self._init_divisor(divide, learned)
         hint_once(f"positional.{type(self).__name__}")
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Same as :meth:`mod_x`."""
-        return self.mod_x(x, *args, **kwargs)
+        return self.mod_x(*args, **kwargs)
 
-    def mod_x(self, x: Tensor, pos: Optional[Tensor] = None, mask: Optional[Tensor] = None, **kwargs) -> Tensor:
+    def mod_x(self, x: Tensor, pos: Optional[Tensor] = None, mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
         """x (B, *, L, H) -> (B, *, L, H)."""
         return x
 
@@ -76,7 +76,7 @@ class Base(Positional):
         pos_q: Optional[Tensor] = None,
         pos_k: Optional[Tensor] = None,
         self_attn_mode: bool = True,
-        **kwargs,
+        **kwargs: Any,
     ) -> QKV:
         """q (B, *, L1, NH, H), k and v (B, *, L2, NH, H) -> the same shapes."""
         return q, k, v
@@ -90,7 +90,7 @@ class Base(Positional):
         pos_q_k: Optional[Tensor] = None,
         pos_q: Optional[Tensor] = None,
         pos_k: Optional[Tensor] = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> Optional[Tensor]:
         """mask (B, *, NH, L1, L2) or None -> (B, *, NH, L1, L2) or None."""
         return mask
@@ -118,10 +118,10 @@ class Base(Positional):
         return torch.arange(x.size(-2), device=x.device).expand(*x.shape[:-1])
 
 
-class _InputMixin(Base):
+class _InputMixin(Base, InputTransform):
     """mod_x of the input encodings: flexpos' forward with bio-attention's broadcasting."""
 
-    def mod_x(self, x: Tensor, pos: Optional[Tensor] = None, mask: Optional[Tensor] = None, **kwargs) -> Tensor:
+    def mod_x(self, x: Tensor, pos: Optional[Tensor] = None, mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
         """x (B, *, L, H) plus the encoding of ``pos`` (B, *, L'), L' <= L (the first L - L' tokens,
         e.g. CLS, get nothing). ``mask`` bool (B, *, M), False = add nothing, aligned to the end
         of the positions: if M is shorter, the first positioned tokens get their encoding."""
@@ -191,7 +191,7 @@ class Rotary(Base, flexpos.Rotary):
         pos_q: Optional[Tensor] = None,
         pos_k: Optional[Tensor] = None,
         self_attn_mode: bool = True,
-        **kwargs,
+        **kwargs: Any,
     ) -> QKV:
         """Rotate q (B, *, L1, NH, H) and k (B, *, L2, NH, H); v is returned as is.
 
@@ -252,7 +252,7 @@ class _BiasMixin(Base):
         pos_q_k: Optional[Tensor] = None,
         pos_q: Optional[Tensor] = None,
         pos_k: Optional[Tensor] = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> Tensor:
         """Add the bias to ``mask`` (B, *, NH|1, L1', L2') (left-padded with 0 to (L1, L2); bool:
         True = 0, False = -inf) or None.
@@ -378,7 +378,7 @@ class XL(_BiasMixin, flexpos.XL):
         pos_q: Optional[Tensor] = None,
         pos_k: Optional[Tensor] = None,
         self_attn_mode: bool = True,
-        **kwargs,
+        **kwargs: Any,
     ) -> QKV:
         """q (B, *, L1, NH, H) -> q + bias_r_w; k and v unchanged."""
         head_dim = self.dim // self.n_heads

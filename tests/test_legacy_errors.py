@@ -8,6 +8,7 @@ import torch
 from bio_attention import attention as original_attention
 from bio_attention.attention import Attention
 
+import flexpos
 from legacy import positional as legacy
 from legacy.layers import AttnLayer, TransformerLayer
 
@@ -30,6 +31,28 @@ def test_nh_must_be_a_positive_int(nh, error):
         AttnLayer(DIM, None, nh=nh)
     with pytest.raises(error, match="nh"):
         TransformerLayer(None, DIM, nh)
+
+
+BAD_PLUGINS = {
+    "native module": (lambda: flexpos.ALiBi(NH), "legacy.positional"),
+    "native in a list": (lambda: [legacy.ALiBi(NH), flexpos.ALiBi(NH)], "legacy.positional"),
+    "not a module": (lambda: 5, "plugin must be"),
+}
+
+
+@pytest.mark.parametrize("make, match", list(BAD_PLUGINS.values()), ids=list(BAD_PLUGINS))
+def test_plugins_must_come_from_legacy_positional(make, match):
+    with pytest.raises(TypeError, match=match):
+        AttnLayer(DIM, None, nh=NH, plugin=make())
+    with pytest.raises(TypeError, match=match):
+        TransformerLayer(None, DIM, NH, plugin=make())
+
+
+def test_a_native_module_added_to_the_plugins_later_is_refused_at_the_call():
+    for layer in layers():
+        layer.plugin.append(flexpos.ALiBi(NH))
+        with pytest.raises(TypeError, match="legacy.positional"):
+            layer(torch.randn(2, L, DIM))
 
 
 @pytest.mark.parametrize("dim, error", [(0, ValueError), (-32, ValueError), (32.0, TypeError), (30, ValueError)])
