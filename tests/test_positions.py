@@ -73,8 +73,9 @@ def test_extra_batch_dims_are_flattened_and_float64_relative():
         torch.tensor([[-(2**31), 2**31 - 9, 2**31 - 1]], dtype=torch.int32),
         torch.tensor([[4.0, 1e8, 1e8 + 8]], dtype=torch.float32),  # float32 spacing at 1e8 is 8
         torch.tensor([[0.5, 2048.0, 2049.0]], dtype=torch.float16),
+        torch.tensor([[3.0, 1000.0, 2**20]], dtype=torch.bfloat16),  # 997 is no bfloat16 number
     ],
-    ids=["int8", "uint8", "int16", "int32", "float32", "float16"],
+    ids=["int8", "uint8", "int16", "int32", "float32", "float16", "bfloat16"],
 )
 def test_narrow_dtypes_give_the_distances_of_their_values(pos):
     """Offsets are subtracted in int64/float64: no overflow, no rounding of the difference."""
