@@ -36,10 +36,26 @@ def torch_version() -> tuple[int, int]:
 
 def set_compile(enabled: bool) -> bool:
     """Turn compiling of flexpos transforms and the chunked bias kernel on or off; returns the
-    previous setting."""
+    previous setting. Chunks that the chunked backend recomputes in backward keep the setting
+    of their forward pass."""
     global _enabled
     previous, _enabled = _enabled, check_bool("enabled", enabled)
     return previous
+
+
+def compile_enabled() -> bool:
+    """The current :func:`set_compile` setting."""
+    return _enabled
+
+
+@contextlib.contextmanager
+def compiling(enabled: bool) -> Iterator[None]:
+    """:func:`set_compile` ``(enabled)`` for the block, the previous setting after it."""
+    previous = set_compile(enabled)
+    try:
+        yield
+    finally:
+        set_compile(previous)
 
 
 RECOMPILE_LIMIT = 64

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends, sdpa_kerne
 from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
-from ._compile import compile_settings, lazy_compile
+from ._compile import compile_enabled, compile_settings, compiling, lazy_compile
 from ._host import blind, exporting, forward_ad_active, functorch_active, on_host, tracing, without_grad_wrappers
 from .base import ScoreMod, index_grids
 from .masks import EMPTY, FULL, MaskMod, states_of
@@ -200,7 +200,7 @@ def run_chunked(
     if keep:  # what kept chunks keep, in two buffers for the same reason as ``out``
         work = torch.promote_types(q.dtype, torch.float32)
         kept = (q.new_empty(*q.shape[:2], len_q, v.shape[-1], dtype=work), q.new_empty(*q.shape[:3], dtype=work))
-        kernels = _kernels_now()
+        settings = _settings_now()
     with compile_settings():  # entered once, not per chunk
         for c in plan:
             args = (q[:, :, c.start : c.stop], k[:, :, c.k0 : c.k1], v[:, :, c.k0 : c.k1], c.start, c.k0, score_mod,
@@ -210,7 +210,7 @@ def run_chunked(
             elif keep:
                 # .data: each chunk's view gets a version counter of its own, so it can be saved
                 into = tuple(t.data[:, :, c.start : c.stop] for t in kept)
-                out[:, :, c.start : c.stop] = _SavedChunk.apply(*args[:3], (*args[3:], kernels, into))
+                out[:, :, c.start : c.stop] = _SavedChunk.apply(*args[:3], (*args[3:], settings, into))
             elif recomputes:
                 recompute = _recompute_options() if recompute is None else recompute
                 out[:, :, c.start : c.stop] = checkpoint(_attend_chunk, *args, use_reentrant=False, **recompute)
@@ -233,13 +233,13 @@ class _SavedChunk(torch.autograd.Function):
     forward again: ALiBi forward + backward was 2.2-2.5x slower that way at L=1024-2048, about
     1.1x of it from the recomputation (benchmarks/chunked_backward.py).
     A backward that must itself be differentiable (``create_graph``) recomputes the chunk with
-    autograd instead, under the SDPA kernels of the forward pass. Memory kept per chunk: the
+    autograd instead, under the SDPA kernels and compile setting of the forward pass. Memory kept per chunk: the
     output in float32 and the log-sum-exp, copied into views of the caller's buffers (``into``),
     besides views of q, k, v."""
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, rest: tuple[Any, ...]) -> Tensor:
-        q_start, k_start, score_mod, mask_mod, scale, unread, rows_may_die, kernels, into = rest
+        q_start, k_start, score_mod, mask_mod, scale, unread, rows_may_die, settings, into = rest
         work = torch.promote_types(q.dtype, torch.float32)
         qw, kw, vw = q.to(work), k.to(work), v.to(work)
         bias, alive = _live_bias(qw, kw, q_start, k_start, score_mod, mask_mod, unread, rows_may_die)
@@ -254,9 +254,9 @@ class _SavedChunk(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        q_start, k_start, score_mod, mask_mod, scale, unread, rows_may_die, kernels, _ = ctx.rest
+        q_start, k_start, score_mod, mask_mod, scale, unread, rows_may_die, settings, _ = ctx.rest
         if torch.is_grad_enabled():  # create_graph: differentiable, as checkpoint's recomputation
-            with torch.enable_grad(), kernels:
+            with torch.enable_grad(), settings:
                 again = _attend_chunk(q, k, v, q_start, k_start, score_mod, mask_mod, scale, unread, rows_may_die)
             wanted = [t for t, needed in zip((q, k, v), ctx.needs_input_grad) if needed]
             grads = iter(torch.autograd.grad(again, wanted, grad, create_graph=True, allow_unused=True))
@@ -265,7 +265,7 @@ class _SavedChunk(torch.autograd.Function):
         qw, kw, vw = q.to(work), k.to(work), v.to(work)
         # Not under the caller's autocast (a backward inside its block), whose bf16 matmul
         # would round the rebuilt bias that the forward's float32 log-sum-exp is matched with.
-        with torch.autocast("cpu", enabled=False):
+        with torch.autocast("cpu", enabled=False), settings:
             bias, alive = _live_bias(qw, kw, q_start, k_start, score_mod, mask_mod, unread, rows_may_die)
             if score_mod is not None:  # a mask alone (0 or -inf) leaves weights near exp(score - lse)
                 bias = _without_subnormal_weights(bias, qw, kw, lse, scale)
@@ -363,41 +363,46 @@ def _all_full(states: Tensor) -> bool:
     return bool(states.eq(FULL).all())
 
 
-class _SdpaKernels(contextlib.AbstractContextManager[None]):
-    """``sdpa_kernel(enabled, set_priority)`` that can be entered again: a chunk is recomputed
-    once per backward pass through it (``retain_graph``, double backward)."""
+class _ForwardSettings(contextlib.AbstractContextManager[None]):
+    """The forward pass's SDPA kernels (``sdpa_kernel(enabled, set_priority)``) and
+    :func:`flexpos.set_compile` setting, entered again where a chunk is recomputed in backward:
+    a caller's ``sdpa_kernel`` block may have ended before backward, or the setting changed, and
+    another kernel or an uncompiled bias saves other tensors (checkpoint's metadata check fails).
+    Re-entrant: a chunk is recomputed once per backward pass through it (``retain_graph``,
+    double backward)."""
 
     def __init__(self, enabled: list[SDPBackend], set_priority: bool) -> None:
         self.enabled, self.set_priority = enabled, set_priority
-        self._open: list[contextlib.AbstractContextManager[None]] = []
+        self.compile = compile_enabled()
+        self._open: list[contextlib.ExitStack] = []
 
     def __enter__(self) -> None:
-        kernels = sdpa_kernel(self.enabled, set_priority=True) if self.set_priority else sdpa_kernel(self.enabled)
-        self._open.append(kernels)
-        kernels.__enter__()
+        stack = contextlib.ExitStack()
+        stack.enter_context(sdpa_kernel(self.enabled, set_priority=True) if self.set_priority else sdpa_kernel(self.enabled))
+        stack.enter_context(compiling(self.compile))
+        self._open.append(stack)
 
     def __exit__(self, *exc: Any) -> Optional[bool]:
         return self._open.pop().__exit__(*exc)
 
 
 def _recompute_options() -> dict[str, Any]:
-    """checkpoint's ``context_fn``: recompute chunks in backward with the SDPA kernels (and
-    their priority order) enabled now. A caller's ``sdpa_kernel`` block may have ended before
-    backward, and another kernel saves other tensors (checkpoint's metadata check fails). No
-    options inside a caller's torch.compile, which traces checkpoint itself and takes no
-    ``context_fn``."""
+    """checkpoint's ``context_fn``: recompute chunks in backward under the forward pass's
+    settings (:class:`_ForwardSettings`). No options inside a caller's torch.compile, which
+    traces checkpoint itself and takes no ``context_fn``."""
     if tracing():
         return {}
-    recompute = _kernels_now()
+    recompute = _settings_now()
     return {"context_fn": lambda: (contextlib.nullcontext(), recompute)}
 
 
-def _kernels_now() -> _SdpaKernels:
-    """The SDPA kernels enabled now (and their priority order), to enter again later."""
+def _settings_now() -> _ForwardSettings:
+    """The SDPA kernels enabled now (and their priority order) and the compile setting, to
+    enter again later."""
     try:
-        return _SdpaKernels(_cur_sdpa_kernel_backends(with_priority=True), set_priority=True)
+        return _ForwardSettings(_cur_sdpa_kernel_backends(with_priority=True), set_priority=True)
     except TypeError:  # torch 2.6: no priority order
-        return _SdpaKernels(_cur_sdpa_kernel_backends(), set_priority=False)
+        return _ForwardSettings(_cur_sdpa_kernel_backends(), set_priority=False)
 
 
 def _keep_graph(

@@ -329,6 +329,29 @@ def test_compiled_chunked_training_step(compiled):
         assert torch.allclose(a, b_, rtol=1e-4, atol=1e-6) and torch.allclose(a, g, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("forward_compiled", [True, False], ids=["compiled-forward", "eager-forward"])
+def test_compile_setting_changed_between_forward_and_backward(forward_compiled):
+    """Chunks are recomputed in backward with the forward pass's compile setting (the other
+    setting saved other tensors: checkpoint raised CheckpointError). The mix of the training
+    step above, so no new variant compiles."""
+    b, length = 2, 300
+    q, k, v = (t.requires_grad_() for t in inputs(b, length))
+    pos, valid = positions(b, length - 1), torch.rand(b, length) > 0.2
+    alibi, dpb = ALiBi(H, divide=30.0, learned_div=True), DPB(16, H, depth=2, divide=500.0)
+    leaves = [q, k, v, alibi.div, *dpb.parameters()]
+    loss = lambda: flexpos.attention(q, k, v, alibi, dpb, pos=pos, mask=valid, causal=True).square().sum()  # noqa: E731
+    previous = flexpos.set_compile(forward_compiled)
+    try:
+        want = torch.autograd.grad(loss(), leaves)
+        out = loss()
+        flexpos.set_compile(not forward_compiled)
+        got = torch.autograd.grad(out, leaves)
+    finally:
+        flexpos.set_compile(previous)
+    for a, w in zip(got, want):  # DPB's table gradient sums in thread order (README): not bitwise
+        assert (a - w).abs().max() <= 1e-6 * w.abs().max()
+
+
 @needs_cpu_flex
 def test_cpu_flex_small_head_dims_and_short_sequences():
     """Head dims 8 and 16 at lengths < 128 on the CPU flex kernel (which flexpos feeds zero-padded
