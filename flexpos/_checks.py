@@ -218,9 +218,9 @@ def check_bool_mask(name: str, mask: Tensor, shapes: Sequence[tuple[int, ...]]) 
     check_tensor(name, mask)
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor (True = keep), got dtype {mask.dtype}")
-    if tuple(mask.shape) not in [tuple(s) for s in shapes]:
-        options = " or ".join(str(tuple(s)) for s in shapes)
-        raise ValueError(f"{name} must have shape {options}, got {tuple(mask.shape)}")
+    options = list(dict.fromkeys(tuple(s) for s in shapes))  # distinct, in order
+    if tuple(mask.shape) not in options:
+        raise ValueError(f"{name} must have shape {' or '.join(map(str, options))}, got {tuple(mask.shape)}")
 
 
 def check_both_sides(modules: Sequence[object], **sides: Optional[Tensor]) -> None:

@@ -100,7 +100,7 @@ def attn(*args, **kwargs):
         (lambda: Sinusoidal(8)(torch.randn(1, 3, 6)), ValueError, r"x must have shape \(\*, L, 8\)"),
         (lambda: Sinusoidal(8)(torch.randn(3, 8).long()), TypeError, "x must be a floating point"),
         (lambda: Sinusoidal(8)(torch.randn(1, 3, 8), mask=torch.ones(1, 3)), TypeError, "mask must be a bool"),
-        (lambda: Sinusoidal(8)(torch.randn(1, 3, 8), mask=torch.ones(1, 4, dtype=torch.bool)), ValueError, "mask must have shape"),
+        (lambda: Sinusoidal(8)(torch.randn(1, 3, 8), mask=torch.ones(1, 4, dtype=torch.bool)), ValueError, r"mask must have shape \(1, 3\), got \(1, 4\)"),
         (lambda: AttentionLayer(30, 4), ValueError, "divisible by n_heads"),
         (lambda: AttentionLayer(32, 4, positional=[torch.nn.Linear(2, 2)]), TypeError, "positional must hold"),
         (lambda: AttentionLayer(32, 4, positional=ALiBi(4)), TypeError, "got a single ALiBi"),
