@@ -174,6 +174,26 @@ def test_dpb_float32_position_gradients_keep_float32_accuracy(pairs, monkeypatch
     assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+@pytest.mark.parametrize("dpb_grid", ["span on host, shrunk grid", "span on host, full grid", "span on device"], indirect=True)
+def test_dpb_float32_interpolation_rounds_at_the_scale_of_the_distance(dpb_grid):
+    """On the interpolating grid in float32, a distance's cell and offset are taken from the
+    node nearest 0, so their rounding scales with the distance, not with the span: from the
+    grid's first node (-span), neighbours 3 to 17 units apart at a span of ~1e6 read biases
+    ~0.01 off. The MLP is affine, so interpolation adds no error: what is left is rounding."""
+    dpb = DPB(16, H, depth=1)
+    pos = 1_200_000_000 + torch.tensor([[0, 3, 10, 17, 999_990]])  # integer span > 32768: interpolated
+    positions = flexpos.Positions.resolve((1,), 5, 5, "cpu", pos=pos)
+    positions.chunked = True
+    bias = -dpb.score_mod(positions, torch.float32)(torch.zeros(()), *index_grids(1, H, 5, 5))
+    p, has = R.padded_positions(pos, 1, 5)
+    exact = -R.dpb_bias(dpb, p, p, has, has, 1.0)
+    near = (p[:, :, None] - p[:, None, :]).abs().le(17)[:, None].expand_as(exact)
+    slope = (dpb.mlp[1].weight.double() @ dpb.mlp[0][0].weight.double()).abs().max().item()
+    assert (bias.double() - exact)[near].abs().max() <= 1e-6 * (1 + 17 * slope)
+    far = (bias.double() - exact)[~near].abs().max() / exact[~near].abs().max()
+    assert far <= 1e-6  # float32's relative precision at the far distances
+
+
 @pytest.mark.parametrize("scheme", ["alibi", "dpb"])
 def test_autocast_leaves_the_bias_in_float32(scheme):
     """Under bf16 autocast the bias stays float32 (DPB's table MLP included) and is added to
