@@ -12,8 +12,8 @@ score_mod reads a (value, slope) pair per head and grid cell, interpolating line
   the interpolated bias: the same bound holds with ``MLP`` replaced by its derivative with
   respect to each parameter, whose curvature in ``Delta`` can be larger than the MLP's.
   Position gradients are the slopes of the interpolation, within ``s / 2 / divide^2 *
-  max|MLP''|`` of the exact derivative. A distance's cell is counted from the node nearest 0,
-  so that float32 rounds its offset at the scale of the distance, not of the span.
+  max|MLP''|`` of the exact derivative. A distance's cell is counted from the node at (or next
+  to) 0, so that float32 rounds its offset at the scale of the distance, not of the span.
 
 When positions require gradients, the table is computed in float64 (its slopes would
 otherwise magnify the model dtype's rounding by ``1 / s``). The grid depends on the positions
@@ -94,13 +94,13 @@ class DistanceGrid:
         """(size,) float64 grid distances."""
         return self.start + self.step * torch.arange(self.size, device=self.start.device, dtype=torch.float64)
 
-    def zero_node(self) -> tuple[Tensor, Tensor]:
-        """(distance, index) of the node nearest distance 0, as 0-d float64 tensors (the index a
-        whole number). Cells counted from it round at the scale of the distance: from ``start``
-        (``-span``), float32 put a neighbour's offset within its cell off by up to
-        ``span * 2**-24``."""
-        index = torch.round(-self.start / self.step)
-        return self.start + index * self.step, index
+    def middle(self) -> tuple[int, Tensor]:
+        """Index ``(size - 1) // 2`` and its distance (0-d float64): 0, or half a step below 0
+        for an even number of spread nodes, in every grid :meth:`covering` builds. Cells counted
+        from it round at the scale of the distance: from ``start`` (``-span``), float32 put a
+        neighbour's offset within its cell off by up to ``span * 2**-24``."""
+        index = (self.size - 1) // 2
+        return index, self.start + index * self.step
 
 
 def shrinks_grid(device: torch.device) -> bool:
@@ -203,8 +203,8 @@ class DPB(Positional):
         values, slopes = self.tables(grid, dtype, positions.q.requires_grad or positions.k.requires_grad)
         rel = positions.relative(dtype)
         start, step = grid.start.to(dtype), grid.step.to(dtype)
-        zero, zero_index = grid.zero_node()
-        zero, zero_cell = zero.to(dtype), (zero_index + 1).to(dtype)  # + 1: past the guard cell
+        middle, zero = grid.middle()
+        zero, first = zero.to(dtype), middle + 1  # + 1: past the guard cell
         # Positions whose values were not checked (no host reads) may be NaN: keep the read of a
         # NaN distance (whose bias is NaN anyway) inside the table.
         last_cell = None if host_reads() else values.shape[-1] - 1
@@ -213,9 +213,9 @@ class DPB(Positional):
             delta, valid = rel.distance(b, q_idx, kv_idx)
             # A token without a position has no distance inside the grid: read at 0 instead.
             delta = torch.where(valid, delta, 0.0)
-            cell = torch.floor((delta - zero) / step)  # counted from the node nearest 0
+            cell = torch.floor((delta - zero) / step)  # counted from the middle node
             offset = delta - (zero + cell * step)
-            cell = (cell + zero_cell).to(torch.int64)
+            cell = cell.to(torch.int64) + first
             if last_cell is not None:
                 cell = cell.clamp(0, last_cell)
             bias = values[h, cell] + slopes[h, cell] * offset

@@ -292,6 +292,13 @@ def test_dpb_grid_covers_the_span_in_every_mode():
     assert [DistanceGrid.covering(span, True, 101, **mode).exact for mode in modes] == [True, True, False]
     assert not DistanceGrid.covering(span, True, 51, known_span=40).exact
     assert not DistanceGrid.covering(span, False, 101).exact
+    # the middle node, from which the score_mod counts cells: 0, or half a step below for even sizes
+    for size in (101, 51, 50):
+        for mode in modes:
+            grid = DistanceGrid.covering(span, True, size, **mode)
+            index, distance = grid.middle()
+            assert torch.allclose(grid.nodes()[index], distance, atol=1e-12)
+            assert distance == 0 or (size % 2 == 0 and torch.allclose(distance, -grid.step / 2))
 
 
 def test_dpb_continuous_positions_within_stated_bound(dpb_grid):
