@@ -233,9 +233,9 @@ class _SavedChunk(torch.autograd.Function):
     forward again: ALiBi forward + backward was 2.2-2.5x slower that way at L=1024-2048, about
     1.1x of it from the recomputation (benchmarks/chunked_backward.py).
     A backward that must itself be differentiable (``create_graph``) recomputes the chunk with
-    autograd instead, under the SDPA kernels and compile setting of the forward pass. Memory kept per chunk: the
-    output in float32 and the log-sum-exp, copied into views of the caller's buffers (``into``),
-    besides views of q, k, v."""
+    autograd instead, under the SDPA kernels and compile setting of the forward pass. Memory
+    kept per chunk: the output in float32 and the log-sum-exp, copied into views of the
+    caller's buffers (``into``), besides views of q, k, v."""
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, rest: tuple[Any, ...]) -> Tensor:
@@ -377,8 +377,9 @@ class _ForwardSettings(contextlib.AbstractContextManager[None]):
         self._open: list[contextlib.ExitStack] = []
 
     def __enter__(self) -> None:
+        kernels = sdpa_kernel(self.enabled, set_priority=True) if self.set_priority else sdpa_kernel(self.enabled)
         stack = contextlib.ExitStack()
-        stack.enter_context(sdpa_kernel(self.enabled, set_priority=True) if self.set_priority else sdpa_kernel(self.enabled))
+        stack.enter_context(kernels)
         stack.enter_context(compiling(self.compile))
         self._open.append(stack)
 
