@@ -155,13 +155,15 @@ def _tile_states(full: Tensor, empty: Tensor) -> Tensor:
 def _memoised(build: Callable[..., BlockMask]) -> Callable[..., BlockMask]:
     """``build`` memoised on its (hashable) arguments, except while torch.compile traces a
     caller's code (Dynamo traces through caches, and warns about them), for symbolic lengths
-    (``torch.SymInt``, unhashable) and while a CUDA graph is captured (a mask built then is
-    only filled when the graph replays)."""
+    (``torch.SymInt``, unhashable), while a CUDA graph is captured (a mask built then is
+    only filled when the graph replays) and inside torch.func transforms (nested ones, as
+    ``jvp`` of ``grad``, build it from tensors wrapped for their level, which later calls
+    must not see)."""
     cached = functools.lru_cache(maxsize=16)(build)  # an entry at L=131072 holds ~17 MiB of indices
 
     def get(*args: object) -> BlockMask:
         symbolic = any(isinstance(a, torch.SymInt) for a in args)
-        fresh = symbolic or tracing() or capturing_cuda_graph()
+        fresh = symbolic or tracing() or capturing_cuda_graph() or functorch_active()
         return build(*args) if fresh else cached(*args)
 
     return get

@@ -126,6 +126,22 @@ def test_backward_after_the_sdpa_kernel_block_has_ended():
         assert torch.allclose(a, b, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_func_after_a_nested_transform(causal):
+    """A Hessian-vector product (jvp of grad) is the first call at its lengths: the full or
+    causal mask it needs is built inside both transforms and must not be memoised for later
+    calls (a later grad hit PyTorch's internal assert on the escaped wrapper)."""
+    length = 23  # a length no other test memoises a mask for
+    q, k, v = (torch.randn(B, H, length, D, dtype=F64) for _ in range(3))
+    loss = lambda q: flexpos.attention(q, k, v, causal=causal).sin().sum()  # noqa: E731
+    ref = lambda q: R.attend(q, k, v, keep=torch.ones(length, length, dtype=torch.bool).tril() if causal else None).sin().sum()  # noqa: E731
+    tangent = torch.randn_like(q)
+    _, hvp = jvp(grad(loss), (q,), (tangent,))
+    _, want_hvp = jvp(grad(ref), (q,), (tangent,))
+    assert torch.allclose(hvp, want_hvp, atol=1e-10, rtol=0)
+    assert torch.allclose(grad(loss)(q), grad(ref)(q), atol=1e-12, rtol=0)
+
+
 def test_torch_func_with_chunks_the_mask_skips(monkeypatch):
     """Chunks of 16 queries, the middle 128 queries without any key: under torch.func the chunk
     outputs are concatenated around zeros, as the default path fills its buffer."""
