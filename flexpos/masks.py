@@ -35,7 +35,9 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
 def _n_blocks(length: int) -> int:
-    return -(-length // BLOCK)
+    # Not -(-length // BLOCK): with a symbolic length Inductor (torch 2.13) failed to compare
+    # strides holding that form ("Exponent must be non-negative").
+    return (length + BLOCK - 1) // BLOCK
 
 
 def _named(fn: MaskMod, name: str) -> MaskMod:

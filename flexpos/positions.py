@@ -49,7 +49,7 @@ def table_len(length: int) -> int:
     length odd, never a power of two nor equal to the sequence length: Inductor's CPU flex
     kernel (torch 2.13) confuses such sizes with its own tile sizes and mis-indexes the table.
     """
-    return -(-max(length, 1) // BLOCK) * BLOCK + 1
+    return (max(length, 1) + BLOCK - 1) // BLOCK * BLOCK + 1  # see masks._n_blocks for the form
 
 
 EXACT_INTEGERS = {torch.float32: 2**24, torch.float64: 2**53}
