@@ -94,9 +94,11 @@ def _cpu_flex_refusal(
 ) -> Optional[str]:
     """Why the CPU flex kernel cannot run this call, or None: a module that says it cannot
     (:attr:`Positional.cpu_flex_refusal`); torch before :data:`CPU_FLEX_MIN_TORCH`; gradients
-    (it has no backward); float64; masks whose mask_mod reads a captured table (padding, dense,
-    distance-window, segment masks), which torch 2.13 fails to build ("'cur_kvSplitSize2' was
-    not declared") or indexes with a wrong stride."""
+    (it has no backward); float64; masks other than flexpos' full, causal and sliding-window
+    ones: those whose mask_mod reads a captured table (padding, dense, distance-window,
+    segment masks) torch 2.13 fails to build ("'cur_kvSplitSize2' was not declared") or indexes
+    with a wrong stride, and a caller's own mask_mod is not known to build (one of indices alone
+    crashed the process with SIGFPE)."""
     for m in modules:
         if m.cpu_flex_refusal is not None:
             return f"cannot run {m.cpu_flex_refusal} on CPU"
@@ -110,7 +112,10 @@ def _cpu_flex_refusal(
     if q.dtype == torch.float64:
         return "cannot run float64 on CPU"
     if block_mask is not None and not cpu_flex_safe(block_mask):
-        return f"cannot run the mask {getattr(block_mask.mask_mod, '__name__', 'mask_mod')!r} on CPU"
+        return (
+            f"cannot run the mask {getattr(block_mask.mask_mod, '__name__', 'mask_mod')!r} on CPU "
+            "(only flexpos' full, causal and sliding-window masks)"
+        )
     return None
 
 
