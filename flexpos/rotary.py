@@ -155,11 +155,13 @@ class Rotary(Positional):
     def constants(self) -> dict[str, Tensor]:
         return {"thetas": rotary_frequencies(self.head_dim, self.n_dims)}
 
-    def _cos_sin(self, positions: Positions, side: str, dtype: torch.dtype, centred: bool) -> Tensor:
+    def _cos_sin(
+        self, positions: Positions, side: str, dtype: torch.dtype, centred: bool, div: Optional[Tensor] = None
+    ) -> Tensor:
         work = torch.promote_types(dtype, torch.float32)
         keep = positions.has_position(side)
         pos = positions.absolute(side, centred)
-        return rotation(pos, keep, self.thetas, self.divisor(torch.float64), work)
+        return rotation(pos, keep, self.thetas, self.divisor(torch.float64) if div is None else div, work)
 
     def _check_dim(self, name: str, x: Tensor) -> None:
         if x.shape[-1] != self.head_dim:
@@ -168,11 +170,14 @@ class Rotary(Positional):
                 f"got shape {tuple(x.shape)}"
             )
 
-    def rotate(self, x: Tensor, positions: Positions, side: str, centred: bool = False) -> Tensor:
+    def rotate(
+        self, x: Tensor, positions: Positions, side: str, centred: bool = False, div: Optional[Tensor] = None
+    ) -> Tensor:
         """x (B, H, L, head_dim) with ``side``'s positions ('q' or 'k') -> rotated x; ``centred``:
-        by positions minus the per-sequence offset (see :meth:`transform_qk`)."""
+        by positions minus the per-sequence offset (see :meth:`transform_qk`). ``div``: the
+        float64 divisor, where a caller shares one between q and k (see :meth:`rotate_qk`)."""
         self._check_dim(side, x)
-        return _rotate(x, self._cos_sin(positions, side, x.dtype, centred))
+        return _rotate(x, self._cos_sin(positions, side, x.dtype, centred, div))
 
     def rotate_qk(self, q: Tensor, k: Tensor, positions: Positions, centred: bool = False) -> QK:
         """q (B, H, Lq, head_dim) and k (B, H, Lk, head_dim) rotated, see :meth:`rotate`."""
@@ -181,7 +186,10 @@ class Rotary(Positional):
             self._check_dim("k", k)
             cos_sin = self._cos_sin(positions, "q", q.dtype, centred)
             return QK(*_rotate_both(q, k, cos_sin))
-        return QK(self.rotate(q, positions, "q", centred), self.rotate(k, positions, "k", centred))
+        # One divisor for both sides: a learned float16 one would otherwise get two float16
+        # partial gradients, which overflow or round before they cancel.
+        div = self.divisor(torch.float64)
+        return QK(self.rotate(q, positions, "q", centred, div), self.rotate(k, positions, "k", centred, div))
 
     def transform_qk(self, q: Tensor, k: Tensor, positions: Positions, *, dot_only: bool = False) -> QK:
         """Inside attention. When q and k meet only in their dot product (``dot_only``) and every

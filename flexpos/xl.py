@@ -70,10 +70,12 @@ class XL(Positional):
         nn.init.uniform_(self.bias_r_w, -bound, bound)
         nn.init.uniform_(self.bias_r_r, -bound, bound)
 
-    def _angles(self, positions: Positions, side: str) -> tuple[Tensor, Tensor]:
+    def _angles(self, positions: Positions, side: str, div: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """sin and cos of ``w_m p / div``: (B, 1, L, dim / 2) float64 each; ``p`` counted from
-        the per-sequence offset, which the bias, a function of ``p_i - p_j``, does not see."""
-        angles = (positions.absolute(side, centred=True) / self.divisor(torch.float64))[..., None]
+        the per-sequence offset, which the bias, a function of ``p_i - p_j``, does not see.
+        ``div``: the float64 divisor, shared by both sides of a call (see :meth:`transform_qk`)."""
+        div = self.divisor(torch.float64) if div is None else div
+        angles = (positions.absolute(side, centred=True) / div)[..., None]
         angles = angles * self.inv_freq.double()
         return angles.sin()[:, None], angles.cos()[:, None]
 
@@ -92,7 +94,7 @@ class XL(Positional):
             raise TypeError("XL.embed_lin has forward hooks, which would not run: XL folds its weight and bias into the queries")
         return lin.weight, lin.bias
 
-    def query_features(self, qv: Tensor, positions: Positions) -> Tensor:
+    def query_features(self, qv: Tensor, positions: Positions, div: Optional[Tensor] = None) -> Tensor:
         """qv (B, H, Lq, D), the queries plus v -> f (B, H, Lq, dim + 1) in qv's dtype."""
         work = torch.promote_types(qv.dtype, torch.float32)
         weight, bias = self._embedding()
@@ -101,15 +103,15 @@ class XL(Positional):
             c = a.new_zeros(a.shape[:-1])
         else:
             c = torch.einsum("bhld,hd->bhl", qv.to(work), bias.to(work).view(self.n_heads, -1))
-        sin, cos = (t.to(work) for t in self._angles(positions, "q"))
+        sin, cos = (t.to(work) for t in self._angles(positions, "q", div))
         a0, a1 = a[..., 0::2], a[..., 1::2]
         f = torch.cat((a0 * sin + a1 * cos, a1 * sin - a0 * cos, c[..., None]), dim=-1)
         keep = positions.has_position("q")[:, None].to(work)  # (Lq, 1)
         return (f * keep).to(qv.dtype)
 
-    def key_features(self, positions: Positions, dtype: torch.dtype) -> Tensor:
+    def key_features(self, positions: Positions, dtype: torch.dtype, div: Optional[Tensor] = None) -> Tensor:
         """g (B, 1, Lk, dim + 1) in ``dtype``: ``[cos, sin, 1]``, zero for keys without a position."""
-        sin, cos = self._angles(positions, "k")
+        sin, cos = self._angles(positions, "k", div)
         g = torch.cat((cos, sin, torch.ones_like(cos[..., :1])), dim=-1)
         keep = positions.has_position("k")[:, None].to(g.dtype)
         return (g * keep).to(dtype)
@@ -124,12 +126,16 @@ class XL(Positional):
     def relative_bias(self, qv: Tensor, positions: Positions) -> Tensor:
         """Dense ``qv_i . r_ij``: (B, H, Lq, Lk) from qv (B, H, Lq, D)."""
         self.check_heads(qv)
-        f = self.query_features(qv, positions)
-        return f @ self.key_features(positions, f.dtype).transpose(-1, -2)
+        div = self.divisor(torch.float64)
+        f = self.query_features(qv, positions, div)
+        return f @ self.key_features(positions, f.dtype, div).transpose(-1, -2)
 
     def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
         self.check_heads(q)
         u = self.bias_r_w.to(q.dtype)[None, :, None]
         v = self.bias_r_r.to(q.dtype)[None, :, None]
-        f = self.query_features(q + v, positions)
-        return QK(q + u, k, f, self.key_features(positions, f.dtype))
+        # One divisor for both sides: a learned float16 one would otherwise get two float16
+        # partial gradients, which overflow or round before they cancel.
+        div = self.divisor(torch.float64)
+        f = self.query_features(q + v, positions, div)
+        return QK(q + u, k, f, self.key_features(positions, f.dtype, div))

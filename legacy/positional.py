@@ -174,13 +174,14 @@ class Rotary(Base, flexpos.Rotary):
         flexpos.Rotary.__init__(self, head_dim, n_dims, divide, learned_div)
         hint_once("positional.Rotary")
 
-    def _rotate_or_zero(self, x: Tensor, positions: Positions, side: str) -> Tensor:
+    def _rotate_or_zero(self, x: Tensor, positions: Positions, side: str, div: Tensor) -> Tensor:
         keep = positions.has_position(side).to(x.dtype)[:, None]  # (L, 1)
-        return self.rotate(x, positions, side) * keep
+        return self.rotate(x, positions, side, div=div) * keep
 
     def transform_qk(self, q: Tensor, k: Tensor, positions: Positions, *, dot_only: bool = False) -> QK:
         # dot_only is not used: bio-attention rotates by absolute angles (and zeroes CLS tokens)
-        return QK(self._rotate_or_zero(q, positions, "q"), self._rotate_or_zero(k, positions, "k"))
+        div = self.divisor(torch.float64)  # one for both sides, as flexpos.Rotary.rotate_qk
+        return QK(self._rotate_or_zero(q, positions, "q", div), self._rotate_or_zero(k, positions, "k", div))
 
     def mod_qkv(
         self,

@@ -549,6 +549,27 @@ def test_learned_divisor_gradient_at_genomic_positions(scheme):
     assert module.div.grad == pytest.approx(log_div.grad.item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("scheme, seed", [("rotary", 2), ("xl", 7)])
+def test_learned_divisor_gradient_in_a_float16_model(scheme, seed):
+    """Cross-attention in a float16 model, angles for queries and keys formed apart: the divisor's
+    gradient is summed over both sides in float64 and rounded once. Each side's float16 partial
+    gradient overflowed before the two cancelled (NaN; the true values are ~2.5e4-2.9e4).
+    Reference: flexpos in float64 on the same rounded inputs and weights."""
+    torch.manual_seed(seed)
+    heads, dim, len_k = 4, 8, 127
+    pos_q = 1_200_000_000 + torch.randint(0, 10**6, (2, 1)).sort(-1).values
+    pos_k = 1_200_000_000 + (torch.rand(2, len_k if scheme == "rotary" else len_k - 3, dtype=F64) * 1e6).sort(-1).values
+    module = Rotary(dim, learned_div=True) if scheme == "rotary" else XL(heads * dim, heads, learned_div=True)
+    module.half()
+    q = torch.randn(2, heads, 1, dim).half()
+    k, v, grad_out = (torch.randn(2, heads, n, dim).half() for n in (len_k, len_k, 1))
+    (got,) = torch.autograd.grad(flexpos.attention(q, k, v, module, pos_q=pos_q, pos_k=pos_k), module.div, grad_out)
+    wide = module.double()
+    out = flexpos.attention(q.double(), k.double(), v.double(), wide, pos_q=pos_q, pos_k=pos_k)
+    (want,) = torch.autograd.grad(out, wide.div, grad_out.double())
+    assert got.dtype == torch.float16 and got.double().item() == pytest.approx(want.item(), rel=1e-2)
+
+
 @pytest.mark.parametrize("order", ["rotary_then_xl", "xl_then_rotary"])
 def test_rotary_and_xl_in_either_order(order):
     """Transforms apply in the order given, and XL's relative term reads the queries it is
