@@ -367,8 +367,9 @@ class XL(_BiasMixin, flexpos.XL):
         self.check_heads(q)
         u = self.bias_r_w.to(q.dtype)[None, :, None]
         q_u = q + u
-        f = self.query_features(q_u + u, positions)
-        return QK(q_u, k, f, self.key_features(positions, f.dtype))
+        div = self.divisor(torch.float64)  # one for both sides, as flexpos.XL.transform_qk
+        f = self.query_features(q_u + u, positions, div)
+        return QK(q_u, k, f, self.key_features(positions, f.dtype, div))
 
     def mod_qkv(
         self,
