@@ -178,7 +178,7 @@ def test_dpb_float32_position_gradients_keep_float32_accuracy(pairs, monkeypatch
 @pytest.mark.parametrize("dpb_grid", ["span on host, shrunk grid", "span on host, full grid", "span on device"], indirect=True)
 def test_dpb_float32_interpolation_rounds_at_the_scale_of_the_distance(dpb_grid):
     """On the interpolating grid in float32, a distance's cell and offset are taken from the
-    node nearest 0, so their rounding scales with the distance, not with the span: from the
+    middle node (at or next to 0), so their rounding scales with the distance, not the span: from the
     grid's first node (-span), neighbours 3 to 17 units apart at a span of ~1e6 read biases
     ~0.01 off. The MLP is affine, so interpolation adds no error: what is left is rounding."""
     dpb = DPB(16, H, depth=1)
