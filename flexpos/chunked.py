@@ -26,7 +26,7 @@ from ._compile import compile_enabled, compile_settings, compiling, lazy_compile
 from ._host import blind, exporting, forward_ad_active, functorch_active, on_host, tracing, without_grad_wrappers
 from .base import ScoreMod, index_grids
 from .masks import EMPTY, FULL, MaskMod, states_of
-from .positions import BLOCK
+from .positions import BLOCK, n_blocks
 
 CHUNK_BYTES = {"cpu": 16 * 2**20, "default": 128 * 2**20}
 """Bias buffer per chunk of queries. On CPU below glibc's 32 MiB mmap ceiling, so freed chunks
@@ -336,7 +336,7 @@ def _plan(states: Tensor, len_q: int, len_k: int, rows: int) -> list[_Chunk]:
     plan = []
     for start in range(0, len_q, rows):
         stop = min(start + rows, len_q)
-        tiles = states[:, :, start // BLOCK : -(-stop // BLOCK)]
+        tiles = states[:, :, start // BLOCK : n_blocks(stop)]
         used = tiles.ne(EMPTY).flatten(0, 2).any(0).nonzero().flatten().tolist()
         if used:
             first, last = used[0], used[-1] + 1

@@ -28,16 +28,10 @@ from ._checks import check_length, check_rank, check_tensor
 from ._compile import CPU_FLEX_MIN_TORCH, torch_version
 from ._host import capturing_cuda_graph, functorch_active, tracing
 from .base import shared_index
-from .positions import BLOCK, Positions, table_len
+from .positions import BLOCK, Positions, n_blocks, table_len
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 EMPTY, PARTIAL, FULL = 0, 1, 2
-
-
-def _n_blocks(length: int) -> int:
-    # Not -(-length // BLOCK): with a symbolic length Inductor (torch 2.13) failed to compare
-    # strides holding that form ("Exponent must be non-negative").
-    return (length + BLOCK - 1) // BLOCK
 
 
 def _named(fn: MaskMod, name: str) -> MaskMod:
@@ -111,7 +105,7 @@ def states_of(block_mask: BlockMask) -> Tensor:
     if kept is not None:
         return kept
     len_q, len_k = block_mask.seq_lengths
-    nq, nk = _n_blocks(len_q), _n_blocks(len_k)
+    nq, nk = n_blocks(len_q), n_blocks(len_k)
 
     def scatter(num: Optional[Tensor], idx: Optional[Tensor], value: int, out: Tensor) -> None:
         if num is None or idx is None:
@@ -131,7 +125,7 @@ def states_of(block_mask: BlockMask) -> Tensor:
 def _blocks(values: Tensor, length: int, fill: float | int | bool) -> Tensor:
     """(B, L) -> (B, n_blocks, BLOCK), padding the tail with ``fill``."""
     # Not F.pad: its fill goes through a double, which turns int64's max into its min.
-    tail = values.new_full((*values.shape[:-1], _n_blocks(length) * BLOCK - values.shape[-1]), fill)
+    tail = values.new_full((*values.shape[:-1], n_blocks(length) * BLOCK - values.shape[-1]), fill)
     return torch.cat((values, tail), -1).unflatten(-1, (-1, BLOCK))
 
 
@@ -190,7 +184,7 @@ def full_mask(len_q: int, len_k: int, device: torch.device | str = "cpu") -> Blo
 
 @_memoised
 def _full_mask(len_q: int, len_k: int, device: torch.device) -> BlockMask:
-    states = torch.full((1, 1, _n_blocks(len_q), _n_blocks(len_k)), FULL, dtype=torch.int8, device=device)
+    states = torch.full((1, 1, n_blocks(len_q), n_blocks(len_k)), FULL, dtype=torch.int8, device=device)
 
     @_flex_cpu_ok
     def everything(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -222,7 +216,7 @@ def padding_mask(key_valid: Tensor, len_q: int) -> BlockMask:
     len_q = check_length("len_q", len_q)
     len_k = key_valid.shape[-1]
     tiles = _blocks(key_valid, len_k, True)
-    full = tiles.all(-1)[:, None, :].expand(-1, _n_blocks(len_q), -1)
+    full = tiles.all(-1)[:, None, :].expand(-1, n_blocks(len_q), -1)
     empty = ~_blocks(key_valid, len_k, False).any(-1)[:, None, :].expand_as(full)
     table = F.pad(key_valid, (0, table_len(len_k) - len_k))
 
@@ -431,7 +425,7 @@ def dense_mask(mask: Tensor, len_q: int, len_k: int) -> BlockMask:
         return padding_mask(mask, len_q)
     if mask.ndim == 3:
         mask = mask[:, None]
-    nq, nk = _n_blocks(len_q), _n_blocks(len_k)
+    nq, nk = n_blocks(len_q), n_blocks(len_k)
     padded = _pad_to(mask, nq * BLOCK, nk * BLOCK)
     tiles = padded.unflatten(-1, (nk, BLOCK)).unflatten(-3, (nq, BLOCK))  # b h nq 128 nk 128
     any_ = tiles.any(-1).any(-2)

@@ -42,6 +42,13 @@ from ._checks import Extents, check_position_span, check_positions, read_positio
 BLOCK = 128  # FlexAttention's block size; per-token tables are padded to a multiple of it
 
 
+def n_blocks(length: int) -> int:
+    """Blocks of ``BLOCK`` tokens that cover ``length`` tokens (0 for none)."""
+    # Not -(-length // BLOCK): with a symbolic length Inductor (torch 2.13) failed to compare
+    # strides holding that form ("Exponent must be non-negative").
+    return (length + BLOCK - 1) // BLOCK
+
+
 def table_len(length: int) -> int:
     """Length of a per-token table read by a score_mod or mask_mod: whole blocks plus one.
 
@@ -49,7 +56,7 @@ def table_len(length: int) -> int:
     length odd, never a power of two nor equal to the sequence length: Inductor's CPU flex
     kernel (torch 2.13) confuses such sizes with its own tile sizes and mis-indexes the table.
     """
-    return (max(length, 1) + BLOCK - 1) // BLOCK * BLOCK + 1  # see masks._n_blocks for the form
+    return n_blocks(max(length, 1)) * BLOCK + 1
 
 
 EXACT_INTEGERS = {torch.float32: 2**24, torch.float64: 2**53}

@@ -49,6 +49,7 @@ def dpb_mlp_rows(monkeypatch):
     monkeypatch.setattr(flexpos.DPB, "bias_at", lambda self, d, dtype=None: rows.append(d.numel()) or bias_at(self, d, dtype))
     return rows
 
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
