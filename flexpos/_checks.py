@@ -61,7 +61,7 @@ def check_module_device(module: nn.Module, device: torch.device) -> None:
     for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
         if t.device != device:
             remedy = (
-                f"materialise it with .to_empty(device={str(device)!r}) and reset_parameters()"
+                f"materialise it with .to_empty(device={str(device)!r}), then load a checkpoint or call reset_parameters()"
                 if t.is_meta
                 else f"move the module with .to({str(device)!r})"
             )

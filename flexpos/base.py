@@ -53,6 +53,16 @@ class QK(NamedTuple):
     extra_k: Optional[Tensor] = None
 
 
+def _place_divisor(module: Positional, incompatible_keys: object) -> None:
+    """After ``load_state_dict(..., assign=True)`` into a module built on the meta device, its
+    fixed divisor (in no checkpoint) is still meta: build it where the loaded tensors are."""
+    if not module.div.is_meta:
+        return
+    loaded = [t for t in (*module.parameters(), *module.buffers()) if not t.is_meta]
+    if loaded:
+        module._buffers["div"] = module._constructed_buffer("div", loaded[0].device)
+
+
 class Positional(nn.Module):
     """Base of all flexpos positional modules.
 
@@ -63,8 +73,9 @@ class Positional(nn.Module):
 
     Constant buffers (frequencies, slopes, a fixed divisor; see :meth:`constants`) keep their
     dtype when the module is cast (``.half()``, ``.to(torch.bfloat16)``): a rounded frequency
-    rounds every angle, by whole turns at large positions. :meth:`reset_parameters` rebuilds
-    them and the divisor, e.g. after ``to_empty`` when a model was built on the meta device.
+    rounds every angle, by whole turns at large positions. A module built on the meta device
+    gets them, with their constructor's values, from ``to_empty``, and a fixed divisor from
+    ``load_state_dict(assign=True)`` (no checkpoint holds it).
     """
 
     transforms_input = False
@@ -87,6 +98,7 @@ class Positional(nn.Module):
             self.div = nn.Parameter(torch.empty(()))
         else:
             self.register_buffer("div", torch.empty((), dtype=torch.float64), persistent=False)
+            self.register_load_state_dict_post_hook(_place_divisor)
         self._reset_divisor()
 
     def _reset_divisor(self) -> None:
@@ -109,13 +121,20 @@ class Positional(nn.Module):
     def _fixed_dtype_buffers(self) -> list[str]:
         return [*self._constant_names, *(["div"] if "div" in self._buffers else [])]
 
+    def _constructed_buffer(self, name: str, device: torch.device) -> Tensor:
+        """The constant buffer ``name`` (or a fixed ``div``) as the constructor built it, on ``device``."""
+        if name == "div":
+            return torch.tensor(self.divide, dtype=torch.float64, device=device)
+        with torch.device("cpu"):  # not a caller's meta-device context
+            return self.constants()[name].to(device)
+
     def reset_parameters(self) -> None:
         """Re-initialise this module's own parameters and buffers as its constructor did; child
         modules (MLPs, embeddings) have their own ``reset_parameters``.
 
-        Meta-device initialisation: build the model under ``torch.device("meta")``, call
-        ``model.to_empty(device=...)``, then ``reset_parameters()`` on every module that has it
-        (non-persistent buffers such as ``div`` are not in a checkpoint), then load the checkpoint.
+        Meta-device initialisation without a checkpoint: build the model under
+        ``torch.device("meta")``, call ``model.to_empty(device=...)``, then ``reset_parameters()``
+        on every module that has it. With a checkpoint, loading it after ``to_empty`` suffices.
         """
         self._reset_divisor()
         with torch.no_grad():
@@ -124,12 +143,19 @@ class Positional(nn.Module):
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # Every device move and dtype cast of nn.Module (.to, .half, .cuda, to_empty) goes
-        # through _apply: let it run, then put back the constant buffers' dtype (and values).
+        # through _apply: let it run, then put back the constant buffers' dtype and values.
         kept = {name: self._buffers[name] for name in self._fixed_dtype_buffers()}
         super()._apply(fn, recurse)
         for name, before in kept.items():
             after = self._buffers[name]
-            if after is not None and after.dtype != before.dtype:
+            if after is None:
+                continue
+            if before.is_meta and not after.is_meta:
+                # to_empty from the meta device: the buffer had no values, give it the constructor's
+                # (a fixed divisor is in no checkpoint; bio-attention keeps it as a Python float).
+                self._buffers[name] = self._constructed_buffer(name, after.device)
+            else:
+                # Values kept too: to_empty again (a module shared by two parents is visited twice).
                 self._buffers[name] = before.to(after.device)
         return self
 

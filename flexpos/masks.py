@@ -154,13 +154,17 @@ def _memoised(build: Callable[..., BlockMask]) -> Callable[..., BlockMask]:
     (``torch.SymInt``, unhashable), while a CUDA graph is captured (a mask built then is
     only filled when the graph replays) and inside torch.func transforms (nested ones, as
     ``jvp`` of ``grad``, build it from tensors wrapped for their level, which later calls
-    must not see)."""
-    cached = functools.lru_cache(maxsize=16)(build)  # an entry at L=131072 holds ~17 MiB of indices
+    must not see). Masks built under ``torch.inference_mode`` are kept apart: their inference
+    tensors cannot be saved for a later backward pass, which flex's autograd does."""
+
+    @functools.lru_cache(maxsize=16)  # an entry at L=131072 holds ~17 MiB of indices
+    def cached(inference: bool, *args: object) -> BlockMask:
+        return build(*args)
 
     def get(*args: object) -> BlockMask:
         symbolic = any(isinstance(a, torch.SymInt) for a in args)
         fresh = symbolic or tracing() or capturing_cuda_graph() or functorch_active()
-        return build(*args) if fresh else cached(*args)
+        return build(*args) if fresh else cached(torch.is_inference_mode_enabled(), *args)
 
     return get
 

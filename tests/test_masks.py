@@ -334,6 +334,17 @@ def test_full_and_causal_masks_are_built_once_per_shape():
     assert flexpos.causal_mask(300, 400) is not flexpos.causal_mask(300)
 
 
+def test_masks_built_in_inference_mode_are_not_shared_with_training():
+    """A first call under inference_mode (a validation pass) must not leave inference tensors to
+    training calls: flex's autograd saves the mask's tensors for backward, which refuses them."""
+    with torch.inference_mode():
+        for_inference = flexpos.causal_mask(333), flexpos.full_mask(333, 333)
+        assert for_inference[0] is flexpos.causal_mask(333)
+    for inferred, mask in zip(for_inference, (flexpos.causal_mask(333), flexpos.full_mask(333, 333))):
+        assert inferred.kv_num_blocks.is_inference() and mask is not inferred
+        assert not any(t.is_inference() for t in mask.as_tuple() if isinstance(t, torch.Tensor))
+
+
 def test_masks_built_while_a_cuda_graph_is_captured_are_not_shared(monkeypatch):
     """Their tensors are filled only when the graph replays: later eager calls must not get them."""
     shared = flexpos.full_mask(300, 300)

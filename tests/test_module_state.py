@@ -1,6 +1,7 @@
 """Module state: constant buffers keep their dtype and values through dtype casts, and
-meta-device initialisation (``to_empty`` + ``reset_parameters`` + checkpoint) rebuilds every
-module exactly, non-persistent buffers included."""
+meta-device initialisation (``to_empty`` then a checkpoint, with or without
+``reset_parameters``, or ``load_state_dict(assign=True)``) rebuilds every module exactly,
+non-persistent buffers included."""
 
 from __future__ import annotations
 
@@ -38,15 +39,23 @@ FACTORIES: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def materialised(factory: Callable[[], nn.Module], checkpoint: dict) -> nn.Module:
-    """``factory()`` built on the meta device, materialised on CPU, reset, then loaded."""
+ROUTES = ("to_empty, reset_parameters, load", "to_empty, load", "load with assign=True")
+
+
+def materialised(factory: Callable[[], nn.Module], checkpoint: dict, route: str = ROUTES[0]) -> nn.Module:
+    """``factory()`` built on the meta device, then given the checkpoint's values by ``route``:
+    materialised on CPU (reset or not) and loaded, or loaded in place of its meta tensors."""
     with torch.device("meta"):
         module = factory()
     assert all(t.is_meta for t in [*module.parameters(), *module.buffers()])
+    if route == "load with assign=True":
+        module.load_state_dict(checkpoint, strict=True, assign=True)
+        return module
     module.to_empty(device="cpu")
-    for m in module.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
+    if route == "to_empty, reset_parameters, load":
+        for m in module.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
     module.load_state_dict(checkpoint, strict=True)
     return module
 
@@ -98,13 +107,16 @@ def test_cast_encodings_give_the_numbers_of_the_float32_module(dtype):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("name", FACTORIES)
-def test_meta_device_initialisation_rebuilds_every_module(name):
+def test_meta_device_initialisation_rebuilds_every_module(name, route):
+    """Fixed divisors are in no checkpoint (bio-attention keeps them as Python floats): every
+    route gives them their constructor's value, on the device of the loaded tensors."""
     trained = FACTORIES[name]()
     with torch.no_grad():  # a checkpoint unlike a fresh module
         for p in trained.parameters():
             p.add_(torch.randn_like(p))
-    module = materialised(FACTORIES[name], trained.state_dict())
+    module = materialised(FACTORIES[name], copy.deepcopy(trained.state_dict()), route)
     ours = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     theirs = {**dict(trained.named_parameters()), **dict(trained.named_buffers())}
     assert ours.keys() == theirs.keys()

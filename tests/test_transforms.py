@@ -69,6 +69,28 @@ def test_rotary_float32_table_as_accurate_as_float32_trig(request, compile_table
         assert (exact[..., i] - want).abs().max() <= 1e-15
 
 
+@pytest.mark.parametrize("compile_table", [False, True])
+def test_rotary_float32_table_at_huge_angles_is_a_rotation(request, compile_table):
+    """Past 2**32 turns the float64 angle is reduced with fmod: within |angle| * 4e-17 (less than
+    the float64 angle's own rounding) of the exact cos and sin of that angle, and a rotation
+    for any finite angle (it once grew q's norm by 4e5 at 1e30, and gave inf and NaN above)."""
+    from flexpos.rotary import rotation
+
+    magnitudes = 10.0 ** torch.linspace(10, 300, 600, dtype=F64)
+    pos = (magnitudes * (1 + torch.rand(600, dtype=F64))).reshape(1, -1)
+    keep = torch.ones(pos.shape[1], dtype=torch.bool)
+    thetas, div = torch.tensor([1.0, 0.37]), torch.tensor(1.0, dtype=F64)
+    if compile_table:
+        request.getfixturevalue("compiled")
+    table = rotation(pos, keep, thetas, div, torch.float32).double()[0, 0]  # (L, 2, 2)
+    assert ((table[..., 0].square() + table[..., 1].square()) - 1).abs().max() <= 4e-7
+    angles = pos[0, :, None] * thetas.double()
+    exact = torch.tensor([[[math.cos(a), math.sin(a)] for a in row] for row in angles.tolist()], dtype=F64)
+    bound = angles[..., None] * 4e-17 + torch.finfo(torch.float32).eps
+    sane = angles < 1e15  # beyond, float64's rounding of the angle exceeds a tenth of a radian
+    assert ((table - exact).abs() <= bound)[sane].all()
+
+
 def test_rotary_scores_depend_only_on_distance():
     q, k = torch.randn(1, 1, 2, 16, dtype=F64), torch.randn(1, 1, 2, 16, dtype=F64)
     rot = Rotary(16)
