@@ -72,6 +72,8 @@ def _check_int(name: str, value: object) -> int:
     """A Python or numpy integer (not a bool, not a tensor), returned as an int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if abs(int(value)) >= 2**63:
+        raise ValueError(f"{name} must fit in int64, got {value}")
     return int(value)
 
 
@@ -109,6 +111,16 @@ def check_positive_float(name: str, value: object) -> float:
     value = float(value)
     if not math.isfinite(value) or value <= 0 or not math.isfinite(1 / value):
         raise ValueError(f"{name} must be a finite positive number (with a finite inverse), got {value}")
+    return value
+
+
+def check_divisor(name: str, value: object) -> float:
+    """A positive float within float32's normal range: positions are divided by it in float32
+    (a subnormal divisor's inverse, or a larger one's float32 value, is infinite)."""
+    value = check_positive_float(name, value)
+    low, high = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    if not low <= value <= high:
+        raise ValueError(f"{name} must lie in float32's normal range [{low:.3g}, {high:.3g}], got {value}")
     return value
 
 
@@ -214,13 +226,19 @@ def check_position_span(named: Sequence[tuple[str, Tensor, Optional[Extents]]]) 
         )
 
 
-def check_bool_mask(name: str, mask: Tensor, shapes: Sequence[tuple[int, ...]]) -> None:
+def check_bool_mask(
+    name: str, mask: Tensor, shapes: Sequence[tuple[int, ...]], device: torch.device, beside: str
+) -> None:
+    """A bool tensor of one of ``shapes`` on ``device``, the device of the tensor ``beside``."""
     check_tensor(name, mask)
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor (True = keep), got dtype {mask.dtype}")
-    options = list(dict.fromkeys(tuple(s) for s in shapes))  # distinct, in order
-    if tuple(mask.shape) not in options:
+    if tuple(mask.shape) not in [tuple(s) for s in shapes]:
+        # Distinct shapes, in order. Only here: hashing a traced symbolic length would pin it.
+        options = list(dict.fromkeys(tuple(s) for s in shapes))
         raise ValueError(f"{name} must have shape {' or '.join(map(str, options))}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device}, {beside} on {device}")
 
 
 def check_both_sides(modules: Sequence[object], **sides: Optional[Tensor]) -> None:

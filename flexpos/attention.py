@@ -14,8 +14,9 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from ._checks import (
-    check_both_sides,
     check_bool,
+    check_bool_mask,
+    check_both_sides,
     check_float,
     check_module_device,
     check_positive_float,
@@ -211,10 +212,7 @@ def _check_mask(
             raise ValueError(f"mask (a BlockMask) is on {mask.kv_num_blocks.device}, q on {device}")
     elif isinstance(mask, Tensor):
         shapes = [(*batch, len_k), (*batch, len_q, len_k), (*batch, heads, len_q, len_k)]
-        if tuple(mask.shape) not in shapes:
-            raise ValueError(f"mask must have shape {' or '.join(map(str, shapes))}, got {tuple(mask.shape)}")
-        if mask.device != device:
-            raise ValueError(f"mask is on {mask.device}, q on {device}")
+        check_bool_mask("mask", mask, shapes, device, "q")
     else:
         raise TypeError(f"mask must be a BlockMask, a bool tensor or None, got {type(mask).__name__}")
 

@@ -52,6 +52,8 @@ two, and at 512 their tiles no longer fit a GPU's shared memory."""
 
 
 def check_backend(requested: object) -> None:
+    if not isinstance(requested, str):
+        raise TypeError(f"backend must be 'auto', 'flex' or 'chunked', got {type(requested).__name__}")
     if requested not in ("auto", "flex", "chunked"):
         raise ValueError(f"backend must be 'auto', 'flex' or 'chunked', got {requested!r}")
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_bool, check_positive_float
+from ._checks import check_bool, check_divisor
 from .positions import Positions
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -92,7 +92,7 @@ class Positional(nn.Module):
     masks_scores = True  # its score_mod may return -inf (see score_mod); False where it never does
 
     def _init_divisor(self, divide: float, learned_div: bool) -> None:
-        self.divide = check_positive_float("divide", divide)
+        self.divide = check_divisor("divide", divide)
         self.learned = check_bool("learned_div", learned_div)
         if self.learned:
             self.div = nn.Parameter(torch.empty(()))

@@ -41,7 +41,8 @@ class InputTransform(Positional):
         positions = Positions.resolve(batch, length, length, x.device, pos=pos)
         keep = positions.has_position("q").expand(positions.batch, length)
         if mask is not None:
-            keep = keep & _align_mask(mask, batch, length, positions.q.shape[-1])
+            check_bool_mask("mask", mask, [(*batch, length), (*batch, positions.q.shape[-1])], x.device, "x")
+            keep = keep & _align_mask(mask, batch, length)
         keep = keep.contiguous()  # one compiled variant with and without a mask
         flat = x.reshape(positions.batch, length, self.dim)
         padded = F.pad(positions.q, (length - positions.q.shape[-1], 0))
@@ -52,8 +53,7 @@ class InputTransform(Positional):
         raise NotImplementedError
 
 
-def _align_mask(mask: Tensor, batch: tuple[int, ...], length: int, n_pos: int) -> Tensor:
-    shapes = [(*batch, length), (*batch, n_pos)]
-    check_bool_mask("mask", mask, shapes)
+def _align_mask(mask: Tensor, batch: tuple[int, ...], length: int) -> Tensor:
+    """A checked (*batch, L) or (*batch, L') mask -> (N, L), True before the last L'."""
     flat = mask.reshape(math.prod(batch), mask.shape[-1])  # -1 is ambiguous when L' = 0
     return F.pad(flat, (length - flat.shape[-1], 0), value=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, cast
+from typing import Iterable, Optional, Sequence, cast
 
 import torch
 from einops import rearrange
@@ -53,6 +53,8 @@ class AttentionLayer(nn.Module):
             raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads}")
         if isinstance(positional, nn.Module) and not isinstance(positional, nn.ModuleList):
             raise TypeError(f"positional must be a sequence of modules, got a single {type(positional).__name__}")
+        if positional is not None and not isinstance(positional, Iterable):
+            raise TypeError(f"positional must be a sequence of modules, got {type(positional).__name__}")
         positional = [] if positional is None else list(positional)  # a generator is read once
         for m in positional:
             _check_fits(m, dim, n_heads)

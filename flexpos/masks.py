@@ -169,10 +169,16 @@ def _memoised(build: Callable[..., BlockMask]) -> Callable[..., BlockMask]:
     return get
 
 
-def _indexed(device: torch.device | str) -> torch.device:
-    """``device`` with its index where it has one ('cuda' -> 'cuda:0'): masks are memoised per
-    device, and 'cuda' names another GPU after ``torch.cuda.set_device``."""
-    device = torch.device(device)
+def _indexed(device: object) -> torch.device:
+    """``device`` (a torch.device or its name) checked, with its index where it has one
+    ('cuda' -> 'cuda:0'): masks are memoised per device, and 'cuda' names another GPU after
+    ``torch.cuda.set_device``."""
+    if not isinstance(device, (torch.device, str)):
+        raise TypeError(f"device must be a torch.device or a device name, got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device must name a torch device, got {device!r}") from error
     if device.index is None and device.type not in ("cpu", "meta"):
         return torch.empty(0, device=device).device
     return device
@@ -291,6 +297,7 @@ def sliding_window_mask(
     len_k = len_q if len_k is None else check_length("len_k", len_k)
     # Index distances are integers: compare them with the whole part of the window, exactly.
     reach = math.floor(min(_check_window(window), 2.0**62))
+    device = _indexed(device)
     full, empty = _window_states(_index_ranges(len_q, device), _index_ranges(len_k, device), reach)
     w_t = torch.tensor(reach, dtype=torch.int64, device=device)
 
@@ -496,9 +503,9 @@ def and_masks(*masks: BlockMask) -> BlockMask:
     lengths = {tuple(m.seq_lengths) for m in masks}
     if len(lengths) != 1:
         raise ValueError(f"and_masks needs masks of equal (Lq, Lk), got {sorted(lengths)}")
+    _check_combinable(masks)
     if len(masks) == 1:
         return masks[0]
-    _check_combinable(masks)
     masks = tuple(tiles_decide(m) for m in masks)
     states = torch.broadcast_tensors(*[states_of(m) for m in masks])
     combined = torch.stack(states).amin(0)

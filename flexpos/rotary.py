@@ -223,6 +223,8 @@ class Rotary(Positional):
             raise ValueError(
                 f"k must have shape (*{tuple(q.shape[:-2])}, Lk, D) like q {tuple(q.shape)}, got {tuple(k.shape)}"
             )
+        if k.dtype != q.dtype:
+            raise TypeError(f"q and k must share one dtype, got {q.dtype}/{k.dtype}")
         if k.device != q.device:
             raise ValueError(f"q and k must be on one device, got {q.device}/{k.device}")
         check_module_device(self, q.device)
