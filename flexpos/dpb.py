@@ -129,7 +129,11 @@ class DPB(Positional):
     most ``(step / divide)^2 / 8 * max|MLP''|`` with ``step = 2 * span / (table_size - 1)``
     (details in :mod:`flexpos.dpb`). Tokens without a position get no bias.
 
-    A score_mod, passed to :func:`flexpos.attention` with q (B, *, n_heads, Lq, D) and positions
+    ``dim`` is the MLP's hidden width, not the model's. With bio-attention's defaults
+    (``depth=1``, no ``norm``) the MLP is two Linear layers, so the bias is linear in ``Delta``;
+    ``depth >= 2`` adds SiLU blocks, ``norm`` LayerNorms.
+
+    A module providing a score_mod, passed to :func:`flexpos.attention` with q (B, *, n_heads, Lq, D) and positions
     ``pos`` (B, *, L') or ``pos_q`` (B, *, Lq') / ``pos_k`` (B, *, Lk').
 
     Example::

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.nn.attention import flex_attention as flex_attention_module
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._checks import check_length, check_rank, check_tensor
+from ._checks import check_length, check_rank, check_tensor, shape_text
 from ._compile import CPU_FLEX_MIN_TORCH, torch_version
 from ._host import capturing_cuda_graph, functorch_active, tracing
 from .base import shared_index
@@ -203,16 +203,8 @@ def _full_mask(len_q: int, len_k: int, device: torch.device) -> BlockMask:
     return from_states(states, everything, len_q, len_k)
 
 
-def _check_per_token(name: str, x: object, shape_doc: str) -> Tensor:
-    """``x`` must be a 2-D tensor (B, L) (its dtype is checked by the caller)."""
-    x = check_tensor(name, x)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must have shape {shape_doc}, got {tuple(x.shape)}")
-    return x
-
-
 def padding_mask(key_valid: Tensor, len_q: int) -> BlockMask:
-    """Key padding: ``key_valid`` (B, Lk) bool, True = real token; any query length Lq.
+    """Key padding: ``key_valid`` (B, *, Lk) bool, True = real token; any query length Lq.
 
     Example::
 
@@ -222,7 +214,8 @@ def padding_mask(key_valid: Tensor, len_q: int) -> BlockMask:
     check_tensor("key_valid", key_valid)
     if key_valid.dtype != torch.bool:
         raise TypeError(f"key_valid must be a bool tensor (True = real token), got dtype {key_valid.dtype}")
-    _check_per_token("key_valid", key_valid, "(B, Lk)")
+    check_rank("key_valid", key_valid, 2, "(B, *, Lk)")
+    key_valid = key_valid.flatten(0, -2)  # the mask's batch: the product of the batch dims
     len_q = check_length("len_q", len_q)
     len_k = key_valid.shape[-1]
     tiles = _blocks(key_valid, len_k, True)
@@ -326,9 +319,10 @@ def distance_window_mask(
     ``pos`` (B, *, L) for self-attention or ``pos_q`` (B, *, Lq') / ``pos_k`` (B, *, Lk'); the
     mask's batch is the product of the batch dims. Sequences may be longer than their
     positions (``len_q``/``len_k``); leading tokens without a position are not windowed. Any
-    positions work; sorted ones make the mask block-sparse. Distances are exact differences
-    rounded to float32: integer distances below 2**24 are exact, and a pair within a float32
-    rounding of the window (about 1e-7 of it) may fall on either side, the same way in any tile.
+    positions work; sorted ones make the mask block-sparse. Distances are those of
+    :mod:`flexpos.positions`, rounded to float32: integer distances below 2**24 are exact, and
+    a pair within a float32 rounding of the window (about 1e-7 of it; for float positions also
+    about 2**-48 of their spread) may fall on either side, the same way in any tile.
 
     Example::
 
@@ -372,7 +366,7 @@ def distance_window_mask(
 def segment_mask(segments_q: Tensor, segments_k: Optional[Tensor] = None) -> BlockMask:
     """Packed sequences: attend only within the same segment/document id.
 
-    ``segments_q`` (B, Lq) and ``segments_k`` (B, Lk) integer ids (defaults to segments_q).
+    ``segments_q`` (B, *, Lq) and ``segments_k`` (B, *, Lk) integer ids (defaults to segments_q).
 
     Example::
 
@@ -380,18 +374,20 @@ def segment_mask(segments_q: Tensor, segments_k: Optional[Tensor] = None) -> Blo
         mask = and_masks(segment_mask(ids), causal_mask(256))  # three packed documents
     """
     seg_k = segments_q if segments_k is None else segments_k
-    for name, s, shape_doc in (("segments_q", segments_q, "(B, Lq)"), ("segments_k", seg_k, "(B, Lk)")):
+    for name, s, shape_doc in (("segments_q", segments_q, "(B, *, Lq)"), ("segments_k", seg_k, "(B, *, Lk)")):
         check_tensor(name, s)
         if s.is_floating_point() or s.is_complex() or s.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor of segment ids, got dtype {s.dtype}")
-        _check_per_token(name, s, shape_doc)
+        check_rank(name, s, 2, shape_doc)
     if seg_k.device != segments_q.device:
         raise ValueError(f"segments_k is on {seg_k.device}, segments_q on {segments_q.device}: pass them on one device")
-    if seg_k.shape[0] != segments_q.shape[0]:
+    if seg_k.shape[:-1] != segments_q.shape[:-1]:
         raise ValueError(
-            f"segments_k must have shape ({segments_q.shape[0]}, Lk) to match segments_q, got {tuple(seg_k.shape)}"
+            f"segments_k must have shape {shape_text(*segments_q.shape[:-1], 'Lk')} to match segments_q, "
+            f"got {tuple(seg_k.shape)}"
         )
-    segments_q, seg_k = segments_q.long(), seg_k.long()  # exact for any id; unsigned ids pad with -1
+    # One batch dim (their product), int64: exact for any id; unsigned ids pad with -1.
+    segments_q, seg_k = segments_q.flatten(0, -2).long(), seg_k.flatten(0, -2).long()
     len_q, len_k = segments_q.shape[-1], seg_k.shape[-1]
     q_lo, q_hi = _ranges(segments_q, torch.ones_like(segments_q, dtype=torch.bool), len_q)
     k_lo, k_hi = _ranges(seg_k, torch.ones_like(seg_k, dtype=torch.bool), len_k)

@@ -11,9 +11,10 @@ where a score_mod reads their extents anyway (a read is a sync there; see
 
 Relative schemes need ``p_i - p_j``. Casting positions near 1.2e9 to float32 first would round
 them to multiples of 128, so distances are formed from a per-sequence offset in int64/float64
-and stored as a float32 pair ``hi + lo``: ``(hi_i - hi_j) + (lo_i - lo_j)`` equals the float64
-difference to float32 precision of the *difference itself*, whatever the magnitude of the
-positions. Integer distances below 2**24 are exact.
+and stored as a float32 pair ``hi + lo`` (48 bits). For integer positions ``(hi_i - hi_j) +
+(lo_i - lo_j)`` equals the difference to float32 precision of the *difference itself*, whatever
+the magnitude of the positions (integer distances below 2**24 are exact); float positions are
+held to about 2**-48 of their spread in the sequence, then differences rounded to float32.
 
 Score_mods read fewer tables where the host knows that costs nothing in precision: none for the
 default positions ``0 .. L-1`` (the distance is ``q_idx - kv_idx``), and the ``hi`` part alone

@@ -8,6 +8,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, crea
 import flexpos
 import flexpos.masks as M
 import reference as R
+from conftest import TOLERANCE
 
 LQ, LK = 300, 420
 
@@ -142,6 +143,25 @@ KV = torch.ones(2, 10, dtype=torch.bool)
 MASK_SHAPES = r"mask must have shape \(B, Lk\), \(B, Lq, Lk\) or \(B, H, Lq, Lk\) with Lq=10, Lk=10, got "
 
 
+def test_per_token_masks_take_extra_batch_dims():
+    """(B, *, L) like attention's inputs: the mask of the flattened batch, which serves q of
+    shape (B, *, H, L, D)."""
+    valid = torch.rand(2, 3, 200) > 0.3
+    ids = torch.randint(0, 3, (2, 3, 200)).sort(-1).values
+    for mask, flat in (
+        (M.padding_mask(valid, 150), M.padding_mask(valid.reshape(6, 200), 150)),
+        (M.segment_mask(ids), M.segment_mask(ids.reshape(6, 200))),
+    ):
+        assert torch.equal(M.states_of(mask), M.states_of(flat))
+        assert torch.equal(mask.to_dense(), flat.to_dense())
+    q, k, v = (torch.randn(2, 3, 2, 200, 8, dtype=torch.float64) for _ in range(3))
+    with torch.no_grad():
+        out = flexpos.attention(q, k, v, mask=M.segment_mask(ids))
+    same = ids[..., :, None] == ids[..., None, :]
+    want = R.attend(q, k, v, keep=same[:, :, None])
+    assert (out - want).abs().max() <= TOLERANCE[torch.float64]
+
+
 @pytest.mark.parametrize(
     "call, error, match",
     [
@@ -161,8 +181,6 @@ MASK_SHAPES = r"mask must have shape \(B, Lk\), \(B, Lq, Lk\) or \(B, H, Lq, Lk\
         (lambda: M.distance_window_mask(1.0, pos_q=torch.rand(2, 3), pos_k=torch.rand(2, 4), len_k=-1), ValueError, "len_k must be >= 0"),
         (lambda: M.distance_window_mask(1.0, pos_q=torch.rand(2, 3), pos_k=torch.rand(2, 4), len_k=0), ValueError, "pos_k has 4 positions but the sequence has only 0"),
         # tensors of the wrong kind
-        (lambda: M.padding_mask(torch.ones(2, 1, 5, dtype=torch.bool), 5), ValueError, r"key_valid must have shape \(B, Lk\), got \(2, 1, 5\)"),
-        (lambda: M.segment_mask(torch.zeros(2, 1, 3, dtype=torch.long)), ValueError, r"segments_q must have shape \(B, Lq\)"),
         (lambda: M.distance_window_mask(1.0, pos=[1.0, 2.0]), TypeError, "pos must be a torch.Tensor, got list"),
         (lambda: M.distance_window_mask(1.0, pos=torch.rand(10)), ValueError, r"pos must have shape \(B, \*, L'\)"),
         (lambda: M.distance_window_mask(1.0, pos_q=torch.rand(2, 3), pos_k=torch.rand(3)), ValueError, "pos_k must have shape"),
@@ -205,12 +223,14 @@ MASK_SHAPES = r"mask must have shape \(B, Lk\), \(B, Lq, Lk\) or \(B, H, Lq, Lk\
         (lambda: M.sliding_window_mask(10, torch.tensor(3.0)), TypeError, "got Tensor"),
         # a wrong dtype is a TypeError, a wrong shape a ValueError
         (lambda: M.padding_mask(torch.ones(2, 10), 10), TypeError, "key_valid must be a bool tensor"),
-        (lambda: M.padding_mask(torch.ones(3, dtype=torch.bool), 5), ValueError, r"key_valid must have shape \(B, Lk\)"),
+        (lambda: M.padding_mask(torch.ones(3, dtype=torch.bool), 5), ValueError, r"key_valid must have shape \(B, \*, Lk\) \(at least 2 dims\), got \(3,\)"),
         (lambda: M.padding_mask(KV.numpy(), 5), TypeError, "key_valid must be a torch.Tensor"),
         (lambda: M.segment_mask(torch.rand(1, 5)), TypeError, "segments_q must be an integer tensor"),
         (lambda: M.segment_mask(torch.ones(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.bool)), TypeError, "segments_k must be an integer tensor"),
-        (lambda: M.segment_mask(torch.ones(5, dtype=torch.long)), ValueError, r"segments_q must have shape \(B, Lq\)"),
-        (lambda: M.segment_mask(torch.ones(2, 5, dtype=torch.long), torch.ones(3, 5, dtype=torch.long)), ValueError, r"segments_k must have shape \(2, Lk\)"),
+        (lambda: M.segment_mask(torch.ones(5, dtype=torch.long)), ValueError, r"segments_q must have shape \(B, \*, Lq\)"),
+        (lambda: M.segment_mask(torch.ones(2, 5, dtype=torch.long), torch.ones(3, 5, dtype=torch.long)), ValueError, r"segments_k must have shape \(2, Lk\) to match segments_q, got \(3, 5\)"),
+        (lambda: M.segment_mask(torch.ones(2, 3, 5, dtype=torch.long), torch.ones(2, 2, 5, dtype=torch.long)), ValueError,
+         r"segments_k must have shape \(2, 3, Lk\)"),
     ],
 )
 def test_bad_mask_input(call, error, match):

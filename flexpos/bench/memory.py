@@ -53,7 +53,7 @@ class _RssSampler:
 
     def __init__(self) -> None:
         try:
-            import psutil  # type: ignore[import-not-found]
+            import psutil
 
             self._rss = psutil.Process().memory_info
         except ImportError:
