@@ -97,6 +97,76 @@ def test_arguments_are_checked():
     assert args.schemes == ["alibi", "dpb"] and args.lengths == [128, 256] and args.dtype == "float32"
 
 
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--batch", "0"], "--batch"),
+        (["--batch", "-1"], "--batch"),
+        (["--heads", "0"], "--heads"),
+        (["--heads", "-2"], "--heads"),
+        (["--head-dim", "-4"], "--head-dim"),
+        (["--head-dim", "0"], "--head-dim"),
+        (["--head-dim", "3", "--schemes", "rotary"], "--head-dim"),
+        (["--heads", "3", "--head-dim", "3", "--schemes", "xl"], "--head-dim"),
+        (["--repeat", "0"], "--repeat"),
+        (["--lengths", "0"], "--lengths"),
+        (["--lengths", "1.5"], "--lengths"),
+        (["--lengths", ","], "--lengths"),
+        (["--lengths", str(10**12)], "--lengths"),
+        (["--batch", str(10**12)], "--batch"),
+        (["--heads", "4096", "--head-dim", "4096", "--schemes", "xl"], "--head-dim"),
+        (["--schemes", "alibi,nope"], "--schemes"),
+        (["--schemes", ","], "--schemes"),
+        (["--window", "-1"], "--window"),
+        (["--window", "nan"], "--window"),
+        (["--seed", str(2**65)], "--seed"),
+        (["--seed", "2**65"], "--seed"),
+        (["--device", "bogus"], "--device"),
+        (["--device", "5"], "--device"),
+        (["--device", "meta"], "--device"),
+        (["--device", "cuda:99"], "--device"),
+        (["--dtype", "float64"], "--dtype"),
+        (["--mode", "bwd"], "--mode"),
+        (["--json", "{tmp}"], "--json"),
+        (["--json", ""], "--json"),
+        (["--plot", "{tmp}"], "--plot"),
+        (["--plot", "{tmp}/plot.xyz"], "--plot"),
+        (["--plot", "{tmp}/plot"], "--plot"),
+    ],
+)
+def test_a_bad_value_is_an_argparse_error_naming_its_option(tmp_path, monkeypatch, capsys, argv, option):
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())  # as with matplotlib
+    with pytest.raises(SystemExit) as exit:
+        bench.parse_args([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and option in err and "Traceback" not in err
+
+
+def test_dense_bio_without_bio_attention_is_an_argparse_error(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "bio_available", lambda: False)
+    with pytest.raises(SystemExit) as exit:
+        bench.parse_args(["--dense", "bio", "--device", "cpu"])
+    assert exit.value.code == 2 and "--dense bio needs bio-attention" in capsys.readouterr().err
+
+
+def test_an_unwritable_output_path_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
+    path = tmp_path / "out.json"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--json", str(path), "--device", "cpu"])
+    assert f"--json {path}: not writable" in capsys.readouterr().err
+
+
+def test_edge_values_are_accepted():
+    """inf (no window), torch's seed range; a combination the library refuses on CPU is left to
+    the run, which reports it in the table."""
+    args = bench.parse_args(["--window", "inf", "--seed", str(2**64 - 1), "--head-dim", "3", "--schemes", "alibi",
+                             "--device", "cpu", "--backend", "flex", "--mode", "fwdbwd"])
+    assert args.window == float("inf") and args.seed == 2**64 - 1 and args.head_dim == 3
+    assert bench.parse_args(["--seed", "-1", "--device", "cpu"]).seed == -1
+
+
 def test_plot_without_matplotlib_is_refused_before_the_run(monkeypatch, capsys):
     monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)  # as without matplotlib
     with pytest.raises(SystemExit):

@@ -26,6 +26,7 @@ from .memory import MIB
 SCHEMES = ("alibi", "dpb", "xl", "rotary", "window")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DPB_DIM, DPB_DEPTH = 32, 2
+BIO_NEEDS = "--dense bio needs bio-attention (pip install bio-attention==0.1.15)"
 
 
 @dataclass
@@ -72,7 +73,7 @@ def resolve_dense(kind: str) -> str:
     if kind == "auto":
         return "bio" if bio_available() else "formula"
     if kind == "bio" and not bio_available():
-        raise SystemExit("--dense bio needs bio-attention (pip install bio-attention==0.1.15)")
+        raise SystemExit(BIO_NEEDS)
     return kind
 
 

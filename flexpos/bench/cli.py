@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -16,9 +17,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .cases import DPB_DEPTH, DPB_DIM, DTYPES, SCHEMES, Setup, resolve_dense
-from .memory import MIB, PeakMemory
-from .report import PLOT_NEEDS, cell, format_table, machine_facts, plot_results
+from .cases import BIO_NEEDS, DPB_DEPTH, DPB_DIM, DTYPES, SCHEMES, Setup, bio_available, resolve_dense
+from .memory import GIB, MIB, PeakMemory, available_bytes
+from .report import PLOT_FORMATS, PLOT_NEEDS, cell, format_table, machine_facts, plot_results
 from .run import Log, Row, run_case
 
 DEFAULT_LENGTHS = (512, 2048)
@@ -38,8 +39,63 @@ def foresee(seen: Sequence[tuple[int, float]], length: int) -> Optional[float]:
     return p1 * MIB * (length / l1) ** e
 
 
-def _split_list(text: Sequence[str]) -> list[str]:
-    return [item for part in text for item in part.replace(",", " ").split()]
+def _items(text: str) -> list[str]:
+    return text.replace(",", " ").split()
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: positive ints, separated by commas or spaces."""
+    if not _items(text):
+        raise argparse.ArgumentTypeError(f"must be positive ints, got {text!r}")
+    return [positive_int(item) for item in _items(text)]
+
+
+def scheme_names(text: str) -> list[str]:
+    """argparse type: scheme names, separated by commas or spaces."""
+    names = _items(text)
+    if not names or any(name not in SCHEMES for name in names):
+        raise argparse.ArgumentTypeError(f"must be any of {', '.join(SCHEMES)}, got {text!r}")
+    return names
+
+
+def window_width(text: str) -> float:
+    """argparse type: a number >= 0, inf for no window."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (inf for no window), got {text}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type: an int in torch.manual_seed's range."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 2**64
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an int from -2**63 to 2**64 - 1, got {text}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """argparse type: auto, cpu, cuda or cuda:N (the devices whose memory the bench measures)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:(0|[1-9][0-9]*))?", text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def program() -> str:
@@ -57,50 +113,84 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         description="flexpos vs the dense path (materialised (B, NH, L, L) bias + SDPA), side by side.",
         epilog="Example: python -m flexpos.bench --schemes alibi dpb --lengths 1024 4096 --json out.json",
     )
-    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default="auto", type=device_name, help="auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--lengths", nargs="+", default=None, metavar="L",
+    p.add_argument("--lengths", nargs="+", type=positive_ints, default=None, metavar="L",
                    help=f"sequence lengths (default {' '.join(map(str, DEFAULT_LENGTHS))})")
-    p.add_argument("--schemes", nargs="+", default=None, metavar="S",
+    p.add_argument("--schemes", nargs="+", type=scheme_names, default=None, metavar="S",
                    help=f"any of {', '.join(SCHEMES)} (default {' '.join(SCHEMES)})")
     p.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwd", help="forward, or forward + backward (default fwd)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per call (default 1)")
-    p.add_argument("--heads", type=int, default=8, help="attention heads (default 8)")
-    p.add_argument("--head-dim", type=int, default=64, help="features per head (default 64)")
-    p.add_argument("--window", type=float, default=512.0, help="window of the 'window' scheme, in position units (default 512)")
+    p.add_argument("--batch", type=positive_int, default=1, help="sequences per call (default 1)")
+    p.add_argument("--heads", type=positive_int, default=8, help="attention heads (default 8)")
+    p.add_argument("--head-dim", type=positive_int, default=64, help="features per head (default 64)")
+    p.add_argument("--window", type=window_width, default=512.0, help="window of the 'window' scheme, in position units (default 512)")
     p.add_argument("--dense", choices=("auto", "bio", "formula"), default="auto",
                    help="dense baseline: bio-attention's plugins, or the dense formulas in flexpos.bench "
                    "(default auto: bio-attention where installed)")
     p.add_argument("--backend", choices=("auto", "flex", "chunked"), default="auto", help="flexpos backend (default auto)")
-    p.add_argument("--repeat", type=int, default=3,
+    p.add_argument("--repeat", type=positive_int, default=3,
                    help="timed runs per path, median reported (paths slower than 5 s run once; default 3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the inputs and weights (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the inputs and weights (default 0)")
     p.add_argument("--json", metavar="PATH", help="save the results and machine facts as JSON")
     p.add_argument("--plot", metavar="PATH", help="draw time and memory vs L (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
-    args.schemes = _split_list(args.schemes) if args.schemes else list(SCHEMES)
-    bad = [s for s in args.schemes if s not in SCHEMES]
-    if bad:
-        p.error(f"unknown scheme(s) {', '.join(bad)}; choose from {', '.join(SCHEMES)}")
-    try:
-        args.lengths = [int(x) for x in _split_list(args.lengths)] if args.lengths else list(DEFAULT_LENGTHS)
-    except ValueError:
-        p.error("--lengths takes integers")
-    if any(length < 1 for length in args.lengths) or args.repeat < 1:
-        p.error("lengths and --repeat must be positive")
+    args.schemes = [name for names in args.schemes for name in names] if args.schemes else list(SCHEMES)
+    args.lengths = [n for ns in args.lengths for n in ns] if args.lengths else list(DEFAULT_LENGTHS)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda but torch.cuda.is_available() is False")
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    _check_device(p, args.device)
+    _check_sizes(p, args)
+    if args.dense == "bio" and not bio_available():
+        p.error(BIO_NEEDS)
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # before the run, not after it
         p.error(PLOT_NEEDS)
-    for option, path in (("--json", args.json), ("--plot", args.plot)):
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if folder is not None and not os.path.isdir(folder):
-            p.error(f"{option} {path}: no folder {folder}")
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    _check_output(p, "--json", args.json)
+    _check_output(p, "--plot", args.plot)
+    if args.plot and Path(args.plot).suffix.lower().lstrip(".") not in PLOT_FORMATS:
+        p.error(f"--plot {args.plot}: name a file ending in .{', .'.join(PLOT_FORMATS)}")
     return args
+
+
+def _check_device(p: argparse.ArgumentParser, device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {device} but torch.cuda.is_available() is False")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        p.error(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), from cuda:0")
+
+
+def _least_bytes(args: argparse.Namespace) -> int:
+    """Bytes the longest case needs at the least: q, k and v, and XL's dim x dim weight."""
+    itemsize = DTYPES[args.dtype].itemsize
+    inputs = 3 * args.batch * args.heads * max(args.lengths) * args.head_dim * itemsize
+    return inputs + ((args.heads * args.head_dim) ** 2 * 4 if "xl" in args.schemes else 0)
+
+
+def _check_sizes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What the schemes need of the head dim, and that the longest case fits the memory."""
+    if "rotary" in args.schemes and args.head_dim % 2:
+        p.error(f"--head-dim must be even for the rotary scheme (sin/cos pairs), got {args.head_dim}")
+    if "xl" in args.schemes and args.heads * args.head_dim % 2:
+        p.error(f"--heads x --head-dim must be even for the xl scheme (sin/cos pairs), got {args.heads} x {args.head_dim}")
+    free, need = available_bytes(torch.device(args.device)), _least_bytes(args)
+    if free is not None and need > free:
+        p.error(f"--lengths {max(args.lengths)} --batch {args.batch} --heads {args.heads} --head-dim {args.head_dim} "
+                f"({', '.join(args.schemes)}, {args.dtype}) need at least {need / GIB:,.1f} GiB; "
+                f"{free / GIB:,.1f} GiB free on {args.device}")
+
+
+def _check_output(p: argparse.ArgumentParser, option: str, path: Optional[str]) -> None:
+    """``path`` names a file that can be written, so that a long run is not lost at the end."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not path or os.path.isdir(path):
+        p.error(f"{option} must name a file, got {path!r}")
+    if not os.path.isdir(folder):
+        p.error(f"{option} {path}: no folder {folder}")
+    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        p.error(f"{option} {path}: not writable")
 
 
 def _header(args: argparse.Namespace, device: torch.device, dense_kind: str, memory: PeakMemory,
@@ -194,7 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         _save_json(args.json, argv, args, dense_kind, memory, facts, rows, elapsed, interrupted)
         log(f"wrote {args.json}")
-    if args.plot:
+    if args.plot and rows:
         plot_results(rows, args.plot)
         log(f"wrote {args.plot}")
     return 0

@@ -93,6 +93,9 @@ def machine_facts(device: torch.device) -> dict[str, Any]:
     return facts
 
 
+PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp")
+"""File name endings ``--plot`` takes: formats matplotlib's Agg backend writes (with Pillow, its dependency)."""
+
 PLOT_NEEDS = "--plot needs matplotlib: pip install matplotlib (or, from a checkout, pip install -e '.[plot]')"
 
 
