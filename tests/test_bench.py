@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from conftest import TOLERANCE
 from flexpos import bench
 from flexpos.bench import cli
 
@@ -56,6 +57,18 @@ def test_every_scheme_forward_and_backward_agrees(tmp_path, dense):
     for r in data["results"]:
         assert r["mode"] == "fwd+bwd" and r["dense_status"] == "ok" and r["flexpos_status"] == "ok", r
         assert r["max_abs_diff"] < 2e-4, r
+
+
+def test_bio_attentions_dense_path_runs_in_bfloat16(tmp_path):
+    """Its float32 plugins get float32 copies of bfloat16 q and k (a bare call failed on the dtype
+    mismatch for DPB and XL). DPB's biases here reach hundreds, rounded to bfloat16 steps of 1-2
+    in either path's SDPA: its outputs are compared in float32 only (above)."""
+    if not bench.bio_available():
+        pytest.skip("bio-attention is not installed")
+    data = run(tmp_path, "--schemes", *bench.SCHEMES, "--backend", "chunked", "--dtype", "bfloat16", "--dense", "bio")
+    for r in data["results"]:
+        assert r["dense_status"] == "ok" and r["flexpos_status"] == "ok", r
+        assert r["scheme"] == "dpb" or r["max_abs_diff"] < TOLERANCE[torch.bfloat16], r
 
 
 def test_dense_path_that_would_not_fit_is_reported_not_run(tmp_path, monkeypatch, capsys):

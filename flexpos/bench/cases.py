@@ -125,8 +125,11 @@ def bio_dense(
     from bio_attention import positional as bio
 
     H, D = s.heads, s.head_dim
-    # bio-attention's layout is (B, L, NH, H): views, as its layer would hand them over.
-    qb, kb, vb = (t.transpose(1, 2) for t in (q, k, v))
+    # bio-attention's layout is (B, L, NH, H): views, as its layer would hand them over. Its
+    # float32 plugins fail on float16/bfloat16 q and k (and under autocast would compute DPB's
+    # MLP in bfloat16, off by ~1 at distances of hundreds): they get float32 copies, made
+    # outside the timed call, and SDPA runs in q's dtype, as flexpos computes its biases.
+    qb, kb, vb = (t.transpose(1, 2).float() if t.itemsize < 4 else t.transpose(1, 2) for t in (q, k, v))
     bm: Any
     if s.scheme in ("alibi", "window"):
         bm = bio.ALiBi(H)
@@ -157,17 +160,22 @@ def bio_dense(
 
         def dense() -> Tensor:
             q2, k2, v2 = bm.mod_qkv(qb, kb, vb, pos_q_k=pos)
-            bias = bm.mod_mask(None, q2, k2, v2, pos_q_k=pos)
-            return sdpa(q2.transpose(1, 2), k2.transpose(1, 2), v2.transpose(1, 2), bias)
+            return _sdpa_bio(q2, k2, v2, bm.mod_mask(None, q2, k2, v2, pos_q_k=pos), q.dtype)
 
     else:
         bm = bio.Rotary(D)
 
         def dense() -> Tensor:
             q2, k2, v2 = bm.mod_qkv(qb, kb, vb, pos_q_k=pos)
-            return sdpa(q2.transpose(1, 2), k2.transpose(1, 2), v2.transpose(1, 2))
+            return _sdpa_bio(q2, k2, v2, None, q.dtype)
 
     return dense, bm.to(q.device)
+
+
+def _sdpa_bio(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """SDPA in ``dtype`` on q, k, v in bio-attention's layout (B, L, NH, H)."""
+    q, k, v = (t.transpose(1, 2).to(dtype) for t in (q, k, v))
+    return sdpa(q, k, v, bias)
 
 
 def formula_dense(s: Setup, fx: Any, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Callable[[], Tensor]:
