@@ -251,3 +251,17 @@ def test_forward_mode_ad_matches_the_cpu():
     finally:
         flexpos.set_compile(previous)
     assert torch.allclose(on_gpu, product("cpu"), atol=1e-9, rtol=0)
+
+
+def test_training_after_an_inference_pass_at_the_same_length():
+    """A validation pass under inference_mode first: its shared masks hold inference tensors,
+    which flex's autograd could not save for a later training step at that length."""
+    layer = flexpos.AttentionLayer(H * D, H, positional=[ALiBi(H)]).to(DEV)
+    x = torch.randn(2, 300, H * D, device=DEV)
+    with torch.inference_mode():
+        layer(x)
+        layer(x, causal=True)
+    for causal in (False, True):
+        layer(x.requires_grad_(), causal=causal).square().mean().backward()
+        assert x.grad is not None and x.grad.isfinite().all()
+        x.grad = None
