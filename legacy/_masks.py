@@ -25,6 +25,7 @@ from flexpos._checks import check_tensor
 from flexpos.base import Positional, ScoreMod, shared_index
 from flexpos.positions import Positions, table_len
 
+from ._checks import check_device
 from ._layout import additive, broadcasts_to
 
 
@@ -62,8 +63,9 @@ def _keep(keep: Tensor, extra: int, length: int) -> Tensor:
     return _pad_tokens(keep, min(extra, 2), length, True)
 
 
-def _check_layer_mask(mask: object, batch: tuple[int, ...], heads: int) -> int:
-    """Check a layer mask's type and shape; return how many dims follow the batch dims (1-3)."""
+def _check_layer_mask(mask: object, batch: tuple[int, ...], heads: int, device: torch.device) -> int:
+    """Check a layer mask's type, shape and device (x's); return how many dims follow the batch
+    dims (1-3)."""
     mask = check_tensor("mask", mask)
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(
@@ -77,14 +79,18 @@ def _check_layer_mask(mask: object, batch: tuple[int, ...], heads: int) -> int:
             f"mask must have shape (*batch, L), (*batch, L, L) or (*batch, {heads} or 1, L, L) with "
             f"batch {batch} (or dims of size 1 there), got {tuple(mask.shape)}"
         )
+    check_device("mask", mask, device, "x")
     return extra
 
 
-def layer_mask(mask: Optional[Tensor], batch: tuple[int, ...], heads: int, length: int) -> LayerMask:
-    """Split a bio-attention layer mask into flexpos' keep mask and an additive bias."""
+def layer_mask(
+    mask: Optional[Tensor], batch: tuple[int, ...], heads: int, length: int, device: torch.device
+) -> LayerMask:
+    """Split a bio-attention layer mask into flexpos' keep mask and an additive bias; the mask
+    must be on ``device``, x's."""
     if mask is None:
         return LayerMask()
-    extra = _check_layer_mask(mask, batch, heads)
+    extra = _check_layer_mask(mask, batch, heads, device)
     if extra == 3 and mask.shape[-3] == 1:  # one mask for every head
         mask, extra = mask.squeeze(-3), 2
     mask = mask.expand(*batch, *mask.shape[len(batch):])

@@ -16,6 +16,7 @@ refused.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Any, Optional, Sequence, Union
 
@@ -25,10 +26,11 @@ from einops import rearrange
 from torch import Tensor, nn
 
 import flexpos
-from flexpos._checks import check_float, check_positive_int, check_tensor
+from flexpos._checks import check_float, check_module_device, check_positive_int, check_tensor
 from flexpos.backends import Backend, check_backend
 from flexpos.base import Positional
 
+from ._checks import check_device
 from ._hint import hint_once
 from ._layout import expand_batch
 from ._masks import AdditiveMask, LayerMask, dense_layer_mask, layer_mask
@@ -63,9 +65,12 @@ class GLU(nn.Module):
 
 
 def attention_dropout(attn: Any) -> float:
-    """The dropout rate of a bio-attention ``Attention`` (0 for None)."""
+    """The dropout rate of a bio-attention ``Attention`` (0 for None). bio-attention stores any
+    ``attn`` and fails at the first call where it is not an attention module."""
     if attn is None:
         return 0.0
+    if not isinstance(attn, nn.Module):
+        raise TypeError(f"attn must be a bio_attention.attention.Attention or None, got {type(attn).__name__}")
     if type(attn).__name__ in ("RandomAttention", "WindowAttention"):
         raise TypeError(
             f"{type(attn).__name__} is not full attention; the flex-backed layers replace "
@@ -121,12 +126,28 @@ def check_width(dim: object, nh: object) -> tuple[int, int]:
     return dim, nh
 
 
-def check_input(x: object, dim: int) -> Tensor:
-    """x must be a floating point (B, *, L, dim) tensor."""
+def check_dropout(value: object) -> float:
+    """A dropout rate: a Python or numpy number in [0, 1], returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"dropout must be a float in [0, 1], got {type(value).__name__}")
+    rate = float(value)
+    if not 0.0 <= rate <= 1.0:  # NaN too
+        raise ValueError(f"dropout must be in [0, 1], got {rate}")
+    return rate
+
+
+def check_input(x: object, layer: nn.Module, weight: Tensor) -> Tensor:
+    """x must be a floating point (B, *, L, dim) tensor, dim = ``weight.shape[-1]``, on the
+    device of ``layer`` and of its dtype (``weight``'s) unless autocast casts it."""
     x = check_tensor("x", x)
     check_float("x", x)
+    dim = weight.shape[-1]
     if x.ndim < 3 or x.shape[-1] != dim:
         raise ValueError(f"x must have shape (B, *, L, {dim}) (at least 3 dims), got {tuple(x.shape)}")
+    check_device("x", x, weight.device, "the layer")
+    check_module_device(layer, x.device)  # the plugins too
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x must have the layer's dtype {weight.dtype}, got {x.dtype} (or run under autocast)")
     return x
 
 
@@ -178,11 +199,11 @@ class AttnLayer(nn.Module):
         """
         _no_mod_kwargs(mod_kwargs)
         self._warn_dropout()
-        batch, length = tuple(check_input(x, self.lin.in_features).shape[:-2]), x.shape[-2]
+        batch, length = tuple(check_input(x, self, self.lin.weight).shape[:-2]), x.shape[-2]
         q, k, v = (
             rearrange(t, "... l (n h) -> ... n l h", n=self.nh) for t in self.lin(x).split(x.size(-1), dim=-1)
         )
-        masks = layer_mask(mask, batch, self.nh, length)
+        masks = layer_mask(mask, batch, self.nh, length, x.device)
         pos_batch = expand_batch(pos, batch)
         if any(p.runs_hooks() for p in as_plugins(self.plugin)):
             q, k, v, masks = self._run_hooks(q, k, v, masks, pos, batch, length)
@@ -209,7 +230,7 @@ class AttnLayer(nn.Module):
             q, k, v = plug.mod_qkv(q, k, v, pos_q_k=pos)
             dense = plug.mod_mask(dense, q, k, v, pos_q_k=pos)
         q, k, v = (t.transpose(-2, -3) for t in (q, k, v))
-        return q, k, v, layer_mask(dense, batch, self.nh, length)
+        return q, k, v, layer_mask(dense, batch, self.nh, length, q.device)
 
     def flex_modules(self, batch: tuple[int, ...], pos: Optional[Tensor]) -> list[Positional]:
         """The plugins as flexpos modules for one call (identity plugins dropped)."""
@@ -269,7 +290,8 @@ class TransformerLayer(nn.Module):
         self.plugin = plugin_list(plugin)
         self.attn = AttnLayer(dim, attn, nh=nh, plugin=self.plugin, backend=backend)
         project_in = GLU(dim, 4 * dim, act) if glu_ff else nn.Sequential(nn.Linear(dim, 4 * dim), act)
-        self.ff = Residual(nn.Sequential(nn.LayerNorm(dim), project_in, nn.Dropout(dropout), nn.Linear(4 * dim, dim)))
+        dropout_layer = nn.Dropout(check_dropout(dropout))
+        self.ff = Residual(nn.Sequential(nn.LayerNorm(dim), project_in, dropout_layer, nn.Linear(4 * dim, dim)))
 
     def forward(
         self,
@@ -285,7 +307,7 @@ class TransformerLayer(nn.Module):
         no encoding added), as in bio-attention.
         """
         _no_mod_kwargs(mod_kwargs)
-        check_input(x, self.norm.normalized_shape[0])
+        check_input(x, self, self.norm.weight)
         key_mask = None
         if mask is not None and check_tensor("mask", mask).ndim == x.ndim - 1:
             if mask.dtype != torch.bool:

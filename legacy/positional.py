@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import flexpos
-from flexpos._checks import check_rank, check_tensor
+from flexpos._checks import check_float, check_module_device, check_rank, check_tensor
 from flexpos.alibi import alibi_slopes
 from flexpos.base import QK, Positional, ScoreMod
 from flexpos.inputs import InputTransform
 from flexpos.positions import Positions
 
 from ._bias import Parity, dense_bias, dpb_dense_bias, head_parity, legacy_alibi, legacy_parity
+from ._checks import check_device, check_key_batch
 from ._hint import hint_once
 from ._layout import (
     add_to_mask,
@@ -178,6 +179,15 @@ class Rotary(Base, flexpos.Rotary):
         keep = positions.has_position(side).to(x.dtype)[:, None]  # (L, 1)
         return self.rotate(x, positions, side, div=div) * keep
 
+    def _check_qk(self, q: Tensor, k: Tensor) -> None:
+        """q (B, *, L1, NH, H) and k (*, L2, NH, H): float tensors on the module's device, k with
+        q's batch dims or 1 there."""
+        for name, t in (("q", q), ("k", k)):
+            check_rank(name, check_tensor(name, t), 3, "(B, *, L, NH, H)")
+            check_float(name, t)
+        check_key_batch(q, k)
+        check_module_device(self, q.device)
+
     def transform_qk(self, q: Tensor, k: Tensor, positions: Positions, *, dot_only: bool = False) -> QK:
         # dot_only is not used: bio-attention rotates by absolute angles (and zeroes CLS tokens)
         div = self.divisor(torch.float64)  # one for both sides, as flexpos.Rotary.rotate_qk
@@ -197,8 +207,10 @@ class Rotary(Base, flexpos.Rotary):
         """Rotate q (B, *, L1, NH, H) and k (B, *, L2, NH, H); v is returned as is.
 
         ``self_attn_mode``: positions ``pos_q_k`` (B, *, L') for both; otherwise ``pos_q`` and
-        ``pos_k``. Missing positions count ``0 .. L-1``.
+        ``pos_k``. Missing positions count ``0 .. L-1``. k's batch dims may be 1 where q's are
+        not (an unbatched (L, NH, H) pair works too), as in bio-attention.
         """
+        self._check_qk(q, k)
         if self_attn_mode:
             positions = positions_for(q, k, pos_q_k=pos_q_k)
         else:
@@ -214,8 +226,8 @@ class _BiasMixin(Base):
     n_heads: int
 
     def _check_bias_inputs(self, mask: Optional[Tensor], q: Tensor, k: Tensor) -> tuple[int, ...]:
-        """Check q (B, *, L1, NH, H), k (B, *, L2, NH, H) and mask (B, *, NH|1, L1', L2');
-        return the batch dims (B, *)."""
+        """Check q (B, *, L1, NH, H), k (B, *, L2, NH, H) (batch dims q's or 1) and mask
+        (B, *, NH|1, L1', L2'), all on the module's device; return the batch dims (B, *)."""
         name, heads = type(self).__name__, self.n_heads
         for side, t in (("q", check_tensor("q", q)), ("k", check_tensor("k", k))):
             if t.ndim < 4 or t.shape[-2] != heads:
@@ -223,10 +235,12 @@ class _BiasMixin(Base):
                     f"{name}(n_heads={heads}).mod_mask expects {side} of shape (B, *, L, {heads}, H), "
                     f"got {tuple(t.shape)}"
                 )
+        check_key_batch(q, k)
+        check_module_device(self, q.device)
         batch = tuple(q.shape[:-3])
         if mask is None:
             return batch
-        check_tensor("mask", mask)
+        check_device("mask", check_tensor("mask", mask), q.device, "q")
         len_q, len_k = q.shape[-3], k.shape[-3]
         if (
             mask.ndim < 2
@@ -347,6 +361,9 @@ class DPB(_BiasMixin, flexpos.DPB):
         hint_once("positional.DPB")
 
     def dense(self, q: Tensor, positions: Positions, bias_batch: tuple[int, ...]) -> Tensor:
+        # The bias takes q's dtype (an integer q would truncate it; bio-attention's MLP refuses
+        # one). ALiBi and XL read only q's shape or promote it, as bio-attention does.
+        check_float("q", q)
         return dpb_dense_bias(self, positions).to(q.dtype)
 
 
@@ -386,6 +403,7 @@ class XL(_BiasMixin, flexpos.XL):
         head_dim = self.dim // self.n_heads
         if check_tensor("q", q).ndim < 4 or tuple(q.shape[-2:]) != (self.n_heads, head_dim):
             raise ValueError(f"q must have shape (B, *, L1, {self.n_heads}, {head_dim}), got {tuple(q.shape)}")
+        check_module_device(self, q.device)
         return q + self.bias_r_w, k, v
 
     def dense(self, q: Tensor, positions: Positions, bias_batch: tuple[int, ...]) -> Tensor:

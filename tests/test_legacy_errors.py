@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from bio_attention import attention as original_attention
+from bio_attention import positional as original
 from bio_attention.attention import Attention
 
 import flexpos
@@ -90,6 +91,24 @@ def test_activation_must_be_a_known_name(activation, error):
         TransformerLayer(None, DIM, NH, activation=activation)
 
 
+@pytest.mark.parametrize("attn", [5, "Attention", Attention], ids=["int", "str", "class"])
+def test_attn_must_be_an_attention_module_or_none(attn):
+    """bio-attention stores any attn and fails at the first call (an int is not callable)."""
+    with pytest.raises(TypeError, match="attn must be a bio_attention.attention.Attention or None"):
+        AttnLayer(DIM, attn, nh=NH)
+    with pytest.raises(TypeError, match="attn must be"):
+        TransformerLayer(attn, DIM, NH)
+    assert AttnLayer(DIM, Attention(dropout=0.1), nh=NH).dropout == 0.1
+
+
+@pytest.mark.parametrize(
+    "dropout, error", [("x", TypeError), (None, TypeError), (True, TypeError), (-0.1, ValueError), (1.5, ValueError), (float("nan"), ValueError)]
+)
+def test_dropout_must_be_a_rate(dropout, error):
+    with pytest.raises(error, match="dropout must"):
+        TransformerLayer(None, DIM, NH, dropout=dropout)
+
+
 def test_backend_is_checked_at_construction():
     with pytest.raises(ValueError, match="backend must be"):
         AttnLayer(DIM, None, nh=NH, backend="fast")
@@ -137,6 +156,12 @@ BAD_CALLS = {
     "mask-bool-heads": ({"mask": torch.ones(2, 3, L, L, dtype=torch.bool)}, ValueError, r"\(\*batch, 4 or 1, L, L\)"),
     "mask-float-heads": ({"mask": torch.zeros(2, 3, L, L)}, ValueError, r"\(\*batch, 4 or 1, L, L\)"),
     "mask-too-long": ({"mask": torch.ones(2, L + 1, dtype=torch.bool)}, ValueError, "mask covers 11 tokens"),
+    "x-float64": ({"x": torch.randn(2, L, DIM, dtype=torch.float64)}, TypeError, "x must have the layer's dtype torch.float32, got torch.float64"),
+    "x-float16": ({"x": torch.randn(2, L, DIM, dtype=torch.float16)}, TypeError, "x must have the layer's dtype"),
+    "x-meta": ({"x": torch.randn(2, L, DIM, device="meta")}, ValueError, "x is on meta, the layer on cpu"),
+    "mask-float-meta": ({"mask": torch.zeros(2, L, L, device="meta")}, ValueError, "mask is on meta, x on cpu"),
+    "mask-bool-meta": ({"mask": torch.ones(2, NH, L, L, dtype=torch.bool, device="meta")}, ValueError, "mask is on meta, x on cpu"),
+    "mask-key-meta": ({"mask": torch.ones(2, L, dtype=torch.bool, device="meta")}, ValueError, "mask is on meta, x on cpu"),
 }
 
 
@@ -147,6 +172,13 @@ def test_bad_layer_inputs_name_the_argument(call, error, match):
     for layer in layers():
         with pytest.raises(error, match=match):
             layer(x, **call)
+
+
+def test_a_plugin_on_another_device_is_named():
+    for layer in layers():
+        layer.plugin.append(legacy.DPB(8, NH).to("meta"))
+        with pytest.raises(ValueError, match=r"is on meta but its input is on cpu \(plugin\.1\.mlp"):
+            layer(torch.randn(2, L, DIM))
 
 
 def test_masks_and_positions_of_size_one_broadcast_over_the_batch():
@@ -206,3 +238,109 @@ def test_mod_qkv_positions_name_the_argument():
         legacy.Rotary(H).mod_qkv(q, k, v, pos_q_k=torch.rand(3, L))
     with pytest.raises(ValueError, match="pos_k must have shape"):
         legacy.Rotary(H).mod_qkv(q, k, v, pos_k=torch.rand(3, L), self_attn_mode=False)
+
+
+def mod_qkv(module, q, k, self_attn_mode):
+    return module.mod_qkv(q, k, k, self_attn_mode=self_attn_mode)
+
+
+BAD_QK = {
+    "q-none": (lambda q, k: (None, k), TypeError, "q must be a torch.Tensor, got NoneType"),
+    "k-list": (lambda q, k: (q, [0.0]), TypeError, "k must be a torch.Tensor, got list"),
+    "q-2d": (lambda q, k: (q[0, :, 0], k[0, :, 0]), ValueError, r"q must have shape \(B, \*, L, NH, H\) \(at least 3 dims\), got \(10, 8\)"),
+    "k-batch": (lambda q, k: (q, torch.randn(3, L, NH, H)), ValueError, r"k must have shape \(\*batch, L2, NH, H\) with q's batch \(2,\)"),
+    "k-extra-dim": (lambda q, k: (q, k[None]), ValueError, r"k must have shape .* got \(1, 2, 10, 4, 8\)"),
+    "q-batch-1": (lambda q, k: (q[:1], k), ValueError, r"k must have shape .* q's batch \(1,\)"),
+    "qk-bool": (lambda q, k: (q > 0, k > 0), TypeError, "q must be a floating point tensor .* got dtype torch.bool"),
+    "qk-int": (lambda q, k: (q.long(), k.long()), TypeError, "q must be a floating point tensor .* got dtype torch.int64"),
+    "k-int": (lambda q, k: (q, k.int()), TypeError, "k must be a floating point tensor .* got dtype torch.int32"),
+    "q-meta": (lambda q, k: (q.to("meta"), k), ValueError, "k is on cpu, q on meta"),
+    "qk-meta": (lambda q, k: (q.to("meta"), k.to("meta")), ValueError, "Rotary is on cpu but its input is on meta"),
+}
+
+
+@pytest.mark.parametrize("self_attn_mode", [True, False])
+@pytest.mark.parametrize("make, error, match", list(BAD_QK.values()), ids=list(BAD_QK))
+def test_rotary_mod_qkv_checks_q_and_k(make, error, match, self_attn_mode):
+    """bio-attention raises deep inside torch here, or returns integer (truncated) or bool q, k."""
+    q, k, _ = qkv()
+    with pytest.raises(error, match=match):
+        mod_qkv(legacy.Rotary(H), *make(q, k), self_attn_mode)
+
+
+@pytest.mark.parametrize("self_attn_mode", [True, False])
+@pytest.mark.parametrize(
+    "make",
+    [lambda q, k: (q[0], k[0]), lambda q, k: (q, k[:1]), lambda q, k: (q, k[..., :1, :]), lambda q, k: (q, k.double())],
+    ids=["unbatched", "k-batch-1", "k-one-head", "k-float64"],
+)
+def test_rotary_mod_qkv_keeps_what_the_original_takes(make, self_attn_mode):
+    q, k, _ = qkv()
+    q, k = make(q, k)
+    ours, theirs = legacy.Rotary(H), original.Rotary(H)
+    for a, b in zip(mod_qkv(ours, q, k, self_attn_mode)[:2], mod_qkv(theirs, q, k, self_attn_mode)[:2]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b.expand_as(a), atol=1e-6, rtol=0)
+
+
+def test_xl_mod_qkv_checks_the_device_of_q():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"XL is on cpu but its input is on meta \(bias_r_w\)"):
+        legacy.XL(DIM, NH).mod_qkv(q.to("meta"), k, v)
+
+
+BIAS_PLUGINS = [("ALiBi", (NH,)), ("DPB", (16, NH)), ("XL", (DIM, NH))]
+BAD_MOD_MASK = {
+    "k-batch": (lambda m, q, k: (m, q, torch.randn(3, L, NH, H)), ValueError, r"k must have shape \(\*batch, L2, NH, H\) with q's batch \(2,\)"),
+    "k-extra-dim": (lambda m, q, k: (m, q, k[None]), ValueError, r"k must have shape .* got \(1, 2, 10, 4, 8\)"),
+    "q-batch-1": (lambda m, q, k: (m, q[:1], k), ValueError, r"k must have shape .* q's batch \(1,\)"),
+    "k-meta": (lambda m, q, k: (m, q, k.to("meta")), ValueError, "k is on meta, q on cpu"),
+    "qk-meta": (lambda m, q, k: (m, q.to("meta"), k.to("meta")), ValueError, "is on cpu but its input is on meta"),
+    "mask-meta": (lambda m, q, k: (torch.zeros(2, NH, L, L, device="meta"), q, k), ValueError, "mask is on meta, q on cpu"),
+}
+
+
+@pytest.mark.parametrize("make, error, match", list(BAD_MOD_MASK.values()), ids=list(BAD_MOD_MASK))
+@pytest.mark.parametrize("name, args", BIAS_PLUGINS, ids=[n for n, _ in BIAS_PLUGINS])
+def test_mod_mask_checks_k_against_q(name, args, make, error, match):
+    """bio-attention broadcasts k's batch dims into its result ((1, 2, NH, L, L) for k[None])
+    or fails deep inside torch."""
+    q, k, v = qkv()
+    mask, q, k = make(None, q, k)
+    with pytest.raises(error, match=match):
+        getattr(legacy, name)(*args).mod_mask(mask, q, k, v)
+
+
+@pytest.mark.parametrize("name, args", BIAS_PLUGINS, ids=[n for n, _ in BIAS_PLUGINS])
+def test_mod_mask_keeps_a_key_batch_of_one(name, args):
+    theirs = getattr(original, name)(*args)
+    ours = getattr(legacy, name)(*args)
+    ours.load_state_dict(theirs.state_dict())
+    q, k, v = qkv()
+    torch.testing.assert_close(ours.mod_mask(None, q, k[:1], v), theirs.mod_mask(None, q, k[:1], v), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_dpb_mod_mask_refuses_a_non_float_q(dtype):
+    """Its bias takes q's dtype: an int64 bias was truncated (bio-attention's MLP raises)."""
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=rf"q must be a floating point tensor .* got dtype {dtype}"):
+        legacy.DPB(16, NH).mod_mask(None, q.to(dtype), k, v)
+
+
+@pytest.mark.parametrize("name, args", [("ALiBi", (NH,)), ("XL", (DIM, NH))])
+def test_alibi_and_xl_mod_mask_take_an_integer_q_as_the_original(name, args):
+    """They read only q's shape (ALiBi) or add a float parameter to it (XL)."""
+    theirs = getattr(original, name)(*args)
+    ours = getattr(legacy, name)(*args)
+    ours.load_state_dict(theirs.state_dict())
+    q, k, v = qkv()
+    q = (q * 3).long()
+    torch.testing.assert_close(ours.mod_mask(None, q, k, v), theirs.mod_mask(None, q, k, v), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["Sinusoidal", "LearnedContinuous", "LearnedVocab"])
+def test_mod_x_checks_the_device_of_the_mask(name):
+    module = getattr(legacy, name)(*((DIM, 16) if name == "LearnedVocab" else (DIM,)))
+    with pytest.raises(ValueError, match="mask is on meta, x on cpu"):
+        module.mod_x(torch.randn(2, L, DIM), mask=torch.ones(2, L, dtype=torch.bool, device="meta"))

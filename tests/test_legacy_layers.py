@@ -388,12 +388,12 @@ def test_a_zero_float_mask_being_learned_gets_its_gradient(blocked):
 def test_float_masks_that_need_gradients_use_the_chunked_backend():
     layer = AttnLayer(DIM, None, nh=NH)
     learned = torch.randn(2, L, requires_grad=True)
-    assert layer._backend(layer_mask(torch.rand(2, L) > 0.5, (2,), NH, L)) == "auto"
-    assert layer._backend(layer_mask(pair_mask(2, L, L), (2,), NH, L)) == "auto"
-    assert layer._backend(layer_mask(learned.detach(), (2,), NH, L)) == "auto"
-    assert layer._backend(layer_mask(learned, (2,), NH, L)) == "chunked"
+    assert layer._backend(layer_mask(torch.rand(2, L) > 0.5, (2,), NH, L, torch.device("cpu"))) == "auto"
+    assert layer._backend(layer_mask(pair_mask(2, L, L), (2,), NH, L, torch.device("cpu"))) == "auto"
+    assert layer._backend(layer_mask(learned.detach(), (2,), NH, L, torch.device("cpu"))) == "auto"
+    assert layer._backend(layer_mask(learned, (2,), NH, L, torch.device("cpu"))) == "chunked"
     with torch.no_grad():
-        assert layer._backend(layer_mask(learned, (2,), NH, L)) == "auto"
+        assert layer._backend(layer_mask(learned, (2,), NH, L, torch.device("cpu"))) == "auto"
 
 
 def test_layer_matches_the_dense_path_for_short_alibi_positions():
