@@ -43,17 +43,17 @@ def cos_sin(angles: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     For float32 each angle is reduced to [-pi, pi] in float64 (exactly, for angles below
     2.7e10) and evaluated in float32, with a first-order correction for the reduced angle's
     rounding: as close to float64 trig as float32 trig itself is (compiled kernels use
-    functions accurate to 2 ulps; absolute error below 1.2e-7). Larger angles are reduced by
-    ``fmod`` with float64's 2*pi, off by ``|angle| * 4e-17``, within the half ulp to which
-    the float64 angle itself is rounded: any finite angle gives a rotation. Float64 trig made
-    the table kernel take half as long as rotating q and k on an H200 (gpu-2026-11-27-e.txt).
+    functions accurate to 2 ulps; absolute error below 1.2e-7). Larger angles, up to 2**53,
+    are reduced with float64's 2*pi in one step, within about an ulp of the float64 angle
+    (itself rounded by half an ulp). Past 2**53 float64 angles lie 2 or more radians apart and
+    hold no phase: they rotate by 0. Float64 trig made the table kernel take half as long as
+    rotating q and k on an H200 (gpu-2026-11-27-e.txt).
     """
     if dtype == torch.float64:
         return angles.cos(), angles.sin()
     turns = torch.round(angles / math.tau)
     exact = ((angles - turns * _TAU[0]) - turns * _TAU[1]) - turns * _TAU[2]
-    wide = torch.fmod(angles, math.tau)
-    wide = wide - torch.round(wide / math.tau) * math.tau
+    wide = torch.where(angles.abs() < 2.0**53, angles - turns * math.tau, 0.0)
     reduced = torch.where(turns.abs() < 2.0**32, exact, wide)
     near = reduced.to(dtype)
     rest = (reduced - near.double()).to(dtype)

@@ -71,9 +71,9 @@ def test_rotary_float32_table_as_accurate_as_float32_trig(request, compile_table
 
 @pytest.mark.parametrize("compile_table", [False, True])
 def test_rotary_float32_table_at_huge_angles_is_a_rotation(request, compile_table):
-    """Past 2**32 turns the float64 angle is reduced with fmod: within |angle| * 4e-17 (less than
-    the float64 angle's own rounding) of the exact cos and sin of that angle, and a rotation
-    for any finite angle (it once grew q's norm by 4e5 at 1e30, and gave inf and NaN above)."""
+    """Past 2**32 turns the float64 angle is reduced in one step: within about an ulp of it
+    (|angle| * 2.3e-16) of its exact cos and sin up to 2**53, a rotation by 0 beyond (it once
+    grew q's norm by 4e5 at 1e30, and gave inf and NaN above)."""
     from flexpos.rotary import rotation
 
     magnitudes = 10.0 ** torch.linspace(10, 300, 600, dtype=F64)
@@ -86,9 +86,11 @@ def test_rotary_float32_table_at_huge_angles_is_a_rotation(request, compile_tabl
     assert ((table[..., 0].square() + table[..., 1].square()) - 1).abs().max() <= 4e-7
     angles = pos[0, :, None] * thetas.double()
     exact = torch.tensor([[[math.cos(a), math.sin(a)] for a in row] for row in angles.tolist()], dtype=F64)
-    bound = angles[..., None] * 4e-17 + torch.finfo(torch.float32).eps
+    bound = angles[..., None] * 2.3e-16 + torch.finfo(torch.float32).eps
     sane = angles < 1e15  # beyond, float64's rounding of the angle exceeds a tenth of a radian
     assert ((table - exact).abs() <= bound)[sane].all()
+    no_phase = angles >= 2.0**53
+    assert no_phase.any() and table[no_phase].eq(torch.tensor([1.0, 0.0], dtype=F64)).all()
 
 
 def test_rotary_scores_depend_only_on_distance():
