@@ -132,7 +132,8 @@ class Rotary(Positional):
     in float64 from absolute positions (in :func:`flexpos.attention`, from positions minus a
     per-sequence offset when every token has one and Rotary is the last q/k transform: same
     scores). Tokens without a position are
-    left unrotated.
+    left unrotated. Angles of 2**53 radians or more, where float64 keeps no phase, rotate by 0
+    in float32 and half-precision models (see :func:`cos_sin`).
 
     Example::
 
