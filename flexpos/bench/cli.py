@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 
@@ -22,6 +22,7 @@ from .memory import GIB, MIB, PeakMemory, available_bytes
 from .report import PLOT_FORMATS, PLOT_NEEDS, cell, format_table, machine_facts, plot_results
 from .run import Log, Row, run_case
 
+T = TypeVar("T")
 DEFAULT_LENGTHS = (512, 2048)
 
 
@@ -43,15 +44,20 @@ def _items(text: str) -> list[str]:
     return text.replace(",", " ").split()
 
 
+def _parsed(text: str, convert: Callable[[str], T], ok: Callable[[T], bool], expected: str) -> T:
+    """``convert(text)`` where it works and gives a value that is ``ok``, else argparse's error."""
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {text}")
-    return value
+    return _parsed(text, int, lambda n: n >= 1, "a positive int")
 
 
 def positive_ints(text: str) -> list[int]:
@@ -71,24 +77,12 @@ def scheme_names(text: str) -> list[str]:
 
 def window_width(text: str) -> float:
     """argparse type: a number >= 0, inf for no window."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value >= 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be a number >= 0 (inf for no window), got {text}")
-    return value
+    return _parsed(text, float, lambda w: w >= 0, "a number >= 0 (inf for no window)")  # NaN fails
 
 
 def seed_int(text: str) -> int:
     """argparse type: an int in torch.manual_seed's range."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 2**64
-    if not -(2**63) <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"must be an int from -2**63 to 2**64 - 1, got {text}")
-    return value
+    return _parsed(text, int, lambda n: -(2**63) <= n < 2**64, "an int from -2**63 to 2**64 - 1")
 
 
 def device_name(text: str) -> str:
