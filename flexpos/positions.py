@@ -280,8 +280,11 @@ class Positions:
         device (no host sync)."""
         if self.q.shape[-1] == 0 or self.k.shape[-1] == 0:
             return torch.zeros((), dtype=torch.float64, device=self.q.device)
-        q, k = self.q.double(), self.k.double()
-        far = torch.maximum(q.amax(-1) - k.amin(-1), k.amax(-1) - q.amin(-1))
+        # Integers subtracted in int64: near 2**61 float64 would round them to multiples of 512,
+        # and a span rounded down leaves distances past the end of DPB's grid.
+        exact = torch.float64 if self.q.is_floating_point() or self.k.is_floating_point() else torch.int64
+        q, k = self.q.to(exact), self.k.to(exact)
+        far = torch.maximum(q.amax(-1) - k.amin(-1), k.amax(-1) - q.amin(-1)).double()
         return torch.cat((far.flatten(), far.new_zeros(1))).max()  # 0 for an empty batch too
 
     def relative(self, dtype: torch.dtype = torch.float32) -> Relative:

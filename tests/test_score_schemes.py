@@ -306,6 +306,21 @@ def test_dpb_runs_its_mlp_at_every_pair_where_pairs_are_fewer_than_grid_nodes(dp
     monkeypatch.setattr(flexpos.dpb, "tracing", lambda: True)
     assert not flexpos.dpb.evaluates_pairs(torch.device("cpu"), 10, 65537)
 
+
+def test_dpb_near_the_int64_limit_gives_the_biases_of_its_distances(dpb_grid):
+    """int64 positions near 2**61 (float64 rounds them to multiples of 512) spread over 1e6: the
+    grid's span is their exact spread (a rounded one left distances past the grid's end: an
+    IndexError), so the outputs are those of the same distances near 0."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 60, 4, dtype=F64) for _ in range(3))
+    dpb = DPB(8, 2, depth=2, divide=3.0).double()
+    pos = torch.randint(0, 10**6, (2, 60))
+    with torch.no_grad():
+        near_zero = flexpos.attention(q, k, v, dpb, pos=pos)
+        far = flexpos.attention(q, k, v, dpb, pos=pos + (2**61 - 12345))
+    assert (far - near_zero).abs().max() <= TOLERANCE[F64]
+
+
 def test_dpb_grid_covers_the_span_in_every_mode():
     span = torch.tensor(40.0, dtype=F64)
     modes = [{"known_span": 40, "shrink": True}, {"known_span": 40}, {}]  # CPU, accelerators, compiled
