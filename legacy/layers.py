@@ -26,7 +26,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 import flexpos
-from flexpos._checks import check_float, check_module_device, check_positive_int, check_tensor
+from flexpos._checks import check_float, check_positive_int, check_tensor
 from flexpos.backends import Backend, check_backend
 from flexpos.base import Positional
 
@@ -127,8 +127,11 @@ def check_width(dim: object, nh: object) -> tuple[int, int]:
 
 
 def check_dropout(value: object) -> float:
-    """A dropout rate: a Python or numpy number in [0, 1], returned as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    """A dropout rate in [0, 1], returned as a float: what ``nn.Dropout`` takes (a Python or numpy
+    number, a bool, a one-element tensor)."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if not isinstance(value, numbers.Real):
         raise TypeError(f"dropout must be a float in [0, 1], got {type(value).__name__}")
     rate = float(value)
     if not 0.0 <= rate <= 1.0:  # NaN too
@@ -136,16 +139,16 @@ def check_dropout(value: object) -> float:
     return rate
 
 
-def check_input(x: object, layer: nn.Module, weight: Tensor) -> Tensor:
+def check_input(x: object, weight: Tensor) -> Tensor:
     """x must be a floating point (B, *, L, dim) tensor, dim = ``weight.shape[-1]``, on the
-    device of ``layer`` and of its dtype (``weight``'s) unless autocast casts it."""
+    device of the layer's ``weight`` and of its dtype unless autocast casts it."""
     x = check_tensor("x", x)
     check_float("x", x)
     dim = weight.shape[-1]
     if x.ndim < 3 or x.shape[-1] != dim:
         raise ValueError(f"x must have shape (B, *, L, {dim}) (at least 3 dims), got {tuple(x.shape)}")
+    # Plugins check their own device where they run (flexpos.attention, mod_x, mod_qkv, mod_mask).
     check_device("x", x, weight.device, "the layer")
-    check_module_device(layer, x.device)  # the plugins too
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"x must have the layer's dtype {weight.dtype}, got {x.dtype} (or run under autocast)")
     return x
@@ -199,7 +202,7 @@ class AttnLayer(nn.Module):
         """
         _no_mod_kwargs(mod_kwargs)
         self._warn_dropout()
-        batch, length = tuple(check_input(x, self, self.lin.weight).shape[:-2]), x.shape[-2]
+        batch, length = tuple(check_input(x, self.lin.weight).shape[:-2]), x.shape[-2]
         q, k, v = (
             rearrange(t, "... l (n h) -> ... n l h", n=self.nh) for t in self.lin(x).split(x.size(-1), dim=-1)
         )
@@ -307,7 +310,7 @@ class TransformerLayer(nn.Module):
         no encoding added), as in bio-attention.
         """
         _no_mod_kwargs(mod_kwargs)
-        check_input(x, self, self.norm.weight)
+        check_input(x, self.norm.weight)
         key_mask = None
         if mask is not None and check_tensor("mask", mask).ndim == x.ndim - 1:
             if mask.dtype != torch.bool:

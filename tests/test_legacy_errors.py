@@ -3,6 +3,7 @@ naming the argument, never with a torch broadcast error or a silent reinterpreta
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from bio_attention import attention as original_attention
@@ -102,11 +103,17 @@ def test_attn_must_be_an_attention_module_or_none(attn):
 
 
 @pytest.mark.parametrize(
-    "dropout, error", [("x", TypeError), (None, TypeError), (True, TypeError), (-0.1, ValueError), (1.5, ValueError), (float("nan"), ValueError)]
+    "dropout, error", [("x", TypeError), (None, TypeError), (torch.ones(2), TypeError), (-0.1, ValueError), (1.5, ValueError), (float("nan"), ValueError)]
 )
 def test_dropout_must_be_a_rate(dropout, error):
     with pytest.raises(error, match="dropout must"):
         TransformerLayer(None, DIM, NH, dropout=dropout)
+
+
+@pytest.mark.parametrize("dropout, rate", [(False, 0.0), (torch.tensor(0.25), 0.25), (np.float32(0.5), 0.5)])
+def test_dropout_takes_what_nn_dropout_takes(dropout, rate):
+    """bio-attention passes dropout to nn.Dropout, which takes bools and one-element tensors."""
+    assert TransformerLayer(None, DIM, NH, dropout=dropout).ff.fn[2].p == rate
 
 
 def test_backend_is_checked_at_construction():
@@ -177,7 +184,7 @@ def test_bad_layer_inputs_name_the_argument(call, error, match):
 def test_a_plugin_on_another_device_is_named():
     for layer in layers():
         layer.plugin.append(legacy.DPB(8, NH).to("meta"))
-        with pytest.raises(ValueError, match=r"is on meta but its input is on cpu \(plugin\.1\.mlp"):
+        with pytest.raises(ValueError, match=r"DPB is on meta but its input is on cpu \(mlp\.0\.0\.weight\)"):
             layer(torch.randn(2, L, DIM))
 
 
