@@ -72,9 +72,10 @@ def _check_int(name: str, value: object) -> int:
     """A Python or numpy integer (not a bool, not a tensor), returned as an int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if abs(int(value)) >= 2**63:
-        raise ValueError(f"{name} must fit in int64, got {value}")
-    return int(value)
+    number = int(value)
+    if abs(number) >= 2**63:
+        raise ValueError(f"{name} must fit in int64, got {number}")
+    return number
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -226,6 +227,12 @@ def check_position_span(named: Sequence[tuple[str, Tensor, Optional[Extents]]]) 
         )
 
 
+def check_device(name: str, t: Tensor, device: torch.device, beside: str) -> None:
+    """``t`` must be on ``device``, the device of ``beside`` (a name for the message)."""
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, {beside} on {device}")
+
+
 def check_bool_mask(
     name: str, mask: Tensor, shapes: Sequence[tuple[int, ...]], device: torch.device, beside: str
 ) -> None:
@@ -237,8 +244,7 @@ def check_bool_mask(
         # Distinct shapes, in order. Only here: hashing a traced symbolic length would pin it.
         options = list(dict.fromkeys(tuple(s) for s in shapes))
         raise ValueError(f"{name} must have shape {' or '.join(map(str, options))}, got {tuple(mask.shape)}")
-    if mask.device != device:
-        raise ValueError(f"{name} is on {mask.device}, {beside} on {device}")
+    check_device(name, mask, device, beside)
 
 
 def check_both_sides(modules: Sequence[object], **sides: Optional[Tensor]) -> None:

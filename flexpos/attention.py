@@ -17,6 +17,7 @@ from ._checks import (
     check_bool,
     check_bool_mask,
     check_both_sides,
+    check_device,
     check_float,
     check_module_device,
     check_positive_float,
@@ -208,8 +209,7 @@ def _check_mask(
                 f"mask (a BlockMask) must have batch 1 or {flat} and heads 1 or {heads}, "
                 f"got {tuple(mask.kv_num_blocks.shape[:2])}"
             )
-        if mask.kv_num_blocks.device != device:
-            raise ValueError(f"mask (a BlockMask) is on {mask.kv_num_blocks.device}, q on {device}")
+        check_device("mask (a BlockMask)", mask.kv_num_blocks, device, "q")
     elif isinstance(mask, Tensor):
         shapes = [(*batch, len_k), (*batch, len_q, len_k), (*batch, heads, len_q, len_k)]
         check_bool_mask("mask", mask, shapes, device, "q")

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.nn.attention import flex_attention as flex_attention_module
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._checks import check_length, check_rank, check_tensor, shape_text
+from ._checks import check_device, check_length, check_rank, check_tensor, shape_text
 from ._compile import CPU_FLEX_MIN_TORCH, torch_version
 from ._host import capturing_cuda_graph, functorch_active, tracing
 from .base import shared_index
@@ -379,8 +379,7 @@ def segment_mask(segments_q: Tensor, segments_k: Optional[Tensor] = None) -> Blo
         if s.is_floating_point() or s.is_complex() or s.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor of segment ids, got dtype {s.dtype}")
         check_rank(name, s, 2, shape_doc)
-    if seg_k.device != segments_q.device:
-        raise ValueError(f"segments_k is on {seg_k.device}, segments_q on {segments_q.device}: pass them on one device")
+    check_device("segments_k", seg_k, segments_q.device, "segments_q")
     if seg_k.shape[:-1] != segments_q.shape[:-1]:
         raise ValueError(
             f"segments_k must have shape {shape_text(*segments_q.shape[:-1], 'Lk')} to match segments_q, "

@@ -1,19 +1,13 @@
-"""Checks of the adapter that flexpos' own (:mod:`flexpos._checks`) do not cover: the devices
-of tensors that meet in one call and bio-attention's q, k (B, *, L, NH, H) pairs. Shapes and
-devices only: nothing is read back."""
+"""Checks of the adapter that flexpos' own (:mod:`flexpos._checks`) do not cover:
+bio-attention's q, k (B, *, L, NH, H) pairs. Shapes and devices only: nothing is read back."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
+from flexpos._checks import check_device
+
 from ._layout import broadcasts_to
-
-
-def check_device(name: str, t: Tensor, device: torch.device, other: str) -> None:
-    """``t`` must be on ``device``, the device of ``other`` (worded as flexpos' check_bool_mask)."""
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, {other} on {device}")
 
 
 def check_key_batch(q: Tensor, k: Tensor) -> None:

@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flexpos._checks import check_tensor
+from flexpos._checks import check_device, check_tensor
 from flexpos.base import Positional, ScoreMod, shared_index
 from flexpos.positions import Positions, table_len
 
-from ._checks import check_device
 from ._layout import additive, broadcasts_to
 
 

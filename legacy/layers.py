@@ -26,11 +26,10 @@ from einops import rearrange
 from torch import Tensor, nn
 
 import flexpos
-from flexpos._checks import check_float, check_positive_int, check_tensor
+from flexpos._checks import check_device, check_float, check_positive_int, check_tensor
 from flexpos.backends import Backend, check_backend
 from flexpos.base import Positional
 
-from ._checks import check_device
 from ._hint import hint_once
 from ._layout import expand_batch
 from ._masks import AdditiveMask, LayerMask, dense_layer_mask, layer_mask

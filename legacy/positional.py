@@ -25,14 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import flexpos
-from flexpos._checks import check_float, check_module_device, check_rank, check_tensor
+from flexpos._checks import check_device, check_float, check_module_device, check_rank, check_tensor
 from flexpos.alibi import alibi_slopes
 from flexpos.base import QK, Positional, ScoreMod
 from flexpos.inputs import InputTransform
 from flexpos.positions import Positions
 
 from ._bias import Parity, dense_bias, dpb_dense_bias, head_parity, legacy_alibi, legacy_parity
-from ._checks import check_device, check_key_batch
+from ._checks import check_key_batch
 from ._hint import hint_once
 from ._layout import (
     add_to_mask,

@@ -11,6 +11,7 @@ from bio_attention import positional as original
 from bio_attention.attention import Attention
 
 import flexpos
+from conftest import TOLERANCE
 from legacy import positional as legacy
 from legacy.layers import AttnLayer, TransformerLayer
 
@@ -324,7 +325,7 @@ def test_mod_mask_keeps_a_key_batch_of_one(name, args):
     ours = getattr(legacy, name)(*args)
     ours.load_state_dict(theirs.state_dict())
     q, k, v = qkv()
-    torch.testing.assert_close(ours.mod_mask(None, q, k[:1], v), theirs.mod_mask(None, q, k[:1], v), atol=2e-5, rtol=0)
+    torch.testing.assert_close(ours.mod_mask(None, q, k[:1], v), theirs.mod_mask(None, q, k[:1], v), atol=TOLERANCE[torch.float32], rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
@@ -343,7 +344,7 @@ def test_alibi_and_xl_mod_mask_take_an_integer_q_as_the_original(name, args):
     ours.load_state_dict(theirs.state_dict())
     q, k, v = qkv()
     q = (q * 3).long()
-    torch.testing.assert_close(ours.mod_mask(None, q, k, v), theirs.mod_mask(None, q, k, v), atol=2e-5, rtol=0)
+    torch.testing.assert_close(ours.mod_mask(None, q, k, v), theirs.mod_mask(None, q, k, v), atol=TOLERANCE[torch.float32], rtol=0)
 
 
 @pytest.mark.parametrize("name", ["Sinusoidal", "LearnedContinuous", "LearnedVocab"])
