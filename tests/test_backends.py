@@ -319,7 +319,7 @@ def test_compiled_chunked_training_step(compiled):
     for got, e in zip(grads[3:], eager[3:]):
         assert torch.allclose(got, e, rtol=1e-4, atol=1e-6)
 
-    # A second backward through the same compiled graph (README: torch's donated buffers off).
+    # A second backward through the same compiled graph (docs/design.md: torch's donated buffers off).
     config = torch._functorch.config
     with config.patch(**({"donated_buffer": False} if hasattr(config, "donated_buffer") else {})):
         loss = flexpos.attention(q, k, v, alibi, dpb, pos=pos, mask=valid, causal=True).square().sum()
@@ -348,7 +348,7 @@ def test_compile_setting_changed_between_forward_and_backward(forward_compiled):
         got = torch.autograd.grad(out, leaves)
     finally:
         flexpos.set_compile(previous)
-    for a, w in zip(got, want):  # DPB's table gradient sums in thread order (README): not bitwise
+    for a, w in zip(got, want):  # DPB's table gradient sums in thread order (docs/design.md): not bitwise
         assert (a - w).abs().max() <= 1e-6 * w.abs().max()
 
 

@@ -262,7 +262,7 @@ def test_unsigned_positions_equal_int64_ones(tables):
 
 
 def test_dpb_padding_positions_decide_its_table(dpb_grid):
-    """README: padded tokens count in DPB's table span. Padding that repeats the last real
+    """docs/design.md: padded tokens count in DPB's table span. Padding that repeats the last real
     position keeps the biases between real tokens exact; padding with 0 at positions near 3e9
     stretches the table over 3e9 and they become a coarse interpolation (but stay exact where
     the MLP runs at every pair)."""
