@@ -35,7 +35,7 @@ def _rotate_heads_kernel(
     SPLIT_PAIRS: tl.constexpr,
 ):
     # q, k: (B, H, L, 2 * HALF) with unit stride in the last dim; outputs contiguous; pos (B, L)
-    # float64; consts: float64 2*pi in three parts and 1 / (2*pi).
+    # float64; consts: float64 2*pi in three parts, 2*pi and 1 / (2*pi).
     tile, b = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets throughout
     rows = (tile * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
     pairs = tl.arange(0, BLOCK_M)
@@ -45,9 +45,12 @@ def _rotate_heads_kernel(
     p = tl.load(pos_ptr + b * length + rows, mask=row_ok, other=0.0) / tl.load(div_ptr)
     theta = tl.load(theta_ptr + pairs, mask=pairs < HALF, other=0.0).to(tl.float64)
     angle = p[:, None] * theta[None, :]
-    turns = tl.floor(angle * tl.load(consts_ptr + 3) + 0.5)
-    reduced = angle - turns * tl.load(consts_ptr)
-    reduced = (reduced - turns * tl.load(consts_ptr + 1)) - turns * tl.load(consts_ptr + 2)
+    turns = tl.floor(angle * tl.load(consts_ptr + 4) + 0.5)
+    exact = angle - turns * tl.load(consts_ptr)
+    exact = (exact - turns * tl.load(consts_ptr + 1)) - turns * tl.load(consts_ptr + 2)
+    # past 2**32 turns in one step with float64's 2*pi; past 2**53 radians no phase: angle 0
+    wide = tl.where(tl.abs(angle) < 2.0**53, angle - turns * tl.load(consts_ptr + 3), 0.0)
+    reduced = tl.where(tl.abs(turns) < 2.0**32, exact, wide)
     near = reduced.to(tl.float32)
     rest = (reduced - near.to(tl.float64)).to(tl.float32)
     c, s = tl.cos(near), tl.sin(near)  # as Inductor's kernels (tl.math)
@@ -114,7 +117,7 @@ def _launch(q: Tensor, k: Tensor, pos: Tensor, thetas: Tensor, div: Tensor, sign
 @functools.lru_cache(maxsize=None)
 def _constants(device: torch.device) -> Tensor:
     # made once per device: copying a new host tensor in would wait for the queued GPU work
-    return torch.tensor([*_TAU, 1 / math.tau], dtype=torch.float64, device=device)
+    return torch.tensor([*_TAU, math.tau, 1 / math.tau], dtype=torch.float64, device=device)
 
 
 class _RotateHeads(torch.autograd.Function):

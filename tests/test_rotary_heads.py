@@ -29,15 +29,15 @@ DEV = "cuda" if ON_CUDA else "cpu"
 F64 = torch.float64
 
 
-def case(dtype, head_dim, layout_blhd=False):
+def case(dtype, head_dim, layout_blhd=False, base=2_000_000_000):
     """q, k (2, 3, 70, head_dim) in ``dtype``, 3 leading tokens without a position, positions
-    near 2e9, and the (pos, thetas, div) inputs with the float32 table of flexpos' rotation."""
+    from ``base`` on, and the (pos, thetas, div) inputs with the float32 table of flexpos' rotation."""
     gen = torch.Generator().manual_seed(0)
     shape = (2, 70, 3, head_dim) if layout_blhd else (2, 3, 70, head_dim)
     q, k = (torch.randn(shape, generator=gen).to(DEV, dtype) for _ in range(2))
     if layout_blhd:
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-    pos = torch.randint(0, 10**6, (2, 67), generator=gen) + 2_000_000_000
+    pos = torch.randint(0, 10**6, (2, 67), generator=gen) + base
     p, has = (t.to(DEV) for t in R.padded_positions(pos, 2, 70))
     rot = flexpos.Rotary(head_dim, divide=7.0).to(DEV)
     inputs = (p, rot.thetas, rot.divisor(F64))
@@ -66,6 +66,20 @@ def test_matches_flexpos_rotation(dtype, head_dim, layout_blhd, tiles):
         want = R.rotate(x.double(), p, has, rot.thetas.double(), 7.0)
         assert ((got.double() - want).abs() <= one_step(want, x, dtype)).all()
         assert torch.equal(got[:, :, :3], x[:, :, :3])  # no position: identity
+
+
+@pytest.mark.parametrize("base", [10**12, 10**17])
+def test_far_positions_match_flexpos_rotation(base):
+    """Angles past 2**32 turns (reduced in one step, within about an ulp of the float64 angle,
+    whose rounding is then all the phase there is) and past 2**53 radians (no phase: angle 0,
+    exactly as flexpos.rotary.cos_sin) for the largest frequencies."""
+    q, k, p, has, rot, inputs, table = case(torch.float32, 16, base=base)
+    angles = p.double()[:, None, :, None] / 7.0 * rot.thetas.double()  # (B, 1, L, D/2)
+    ulp = torch.where(angles < 2.0**53, torch.nextafter(angles, angles + 1) - angles, 0.0)
+    for got, x in zip(rotate_heads(q, k, *inputs), (q, k)):
+        shipped = rotate_real(x, table).double()
+        phase = 2 * ulp.repeat_interleave(2, -1) * x.abs().max().double()
+        assert ((got.double() - shipped).abs() <= one_step(shipped, x, torch.float32) + phase).all()
 
 
 def test_backward_rotates_by_minus_the_angle():
