@@ -20,6 +20,13 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
                           score - |rate_h * (p_q - p_k)|: the same numbers for rates >= 0
   ALiBi, default positions
                           no positions given: distances from token indices, no tables
+  ALiBi, learned divisor  flexpos.ALiBi(learned_div=True), shipped: flex's backward adds each
+                          score's gradient into its head's rate (one atomic add per score, all
+                          of a tile's into one address)
+  ALiBi, learned divisor, rates spread
+                          the same bias reading its head's rate from one of 128 copies (by key
+                          index mod 128): a tile's atomic adds go to as many addresses as it has
+                          key columns; the copies' gradients are summed after the kernel
   DPB frozen              flexpos.DPB without parameter gradients (no atomic adds into the
                           tables' gradients), shipped: an exact grid known on the host, so the
                           value alone is read per score
@@ -102,6 +109,26 @@ def rate_times_abs(alibi: flexpos.ALiBi, pos: Tensor, length: int) -> Callable[.
     return alibi_fma
 
 
+def spread_rates(alibi: flexpos.ALiBi, pos: Tensor, length: int, copies: int = 128) -> Callable[[], Callable[..., Tensor]]:
+    """Symmetric ALiBi's score_mod (no CLS tokens) with its (H,) rates, which carry the learned
+    divisor's gradient, read from ``copies`` copies per head by key index: made per call, as the
+    rates are."""
+    with torch.no_grad():
+        rel = Positions.resolve((pos.shape[0],), length, length, pos.device, pos).relative()
+
+    def make() -> Callable[..., Tensor]:
+        rates = (alibi.slopes.reshape(-1).double() / alibi.divisor(torch.float64)).float()
+        spread = rates[:, None].expand(-1, copies).contiguous()  # (H, copies)
+
+        def alibi_spread(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            delta, _ = rel.distance(b, q_idx, kv_idx)
+            return score - (spread[h, kv_idx % copies] * delta).abs()
+
+        return alibi_spread
+
+    return make
+
+
 def int32_index(dpb: flexpos.DPB, pos: Tensor, length: int) -> Callable[..., Tensor]:
     """DPB's score_mod on the exact grid (integer positions of one span known on the host, no CLS
     tokens) with the table index in int32: the same numbers as the shipped score_mod."""
@@ -144,6 +171,9 @@ def score_rows(s: Setup, repeat: int) -> None:
     symbolic = torch.compile(flex_attention, dynamic=True)
     tiles = backends.flex_kernel_options(device, [dpb])
 
+    learned = flexpos.ALiBi(s.heads, divide=1.0, learned_div=True).to(device)
+    spread = spread_rates(learned, pos, length)
+
     def direct(mod: Callable[..., Tensor], options: Optional[dict[str, int]]) -> ScoreFn:
         return lambda: backends.run_flex(q, k, v, mod, mask, q.shape[-1] ** -0.5, options)
 
@@ -156,12 +186,28 @@ def score_rows(s: Setup, repeat: int) -> None:
         ("ALiBi, hi + lo parts", direct(on_device_only(alibi, pos, length), None)),
         ("ALiBi, rate * |distance|", direct(rate_times_abs(alibi, pos, length), None)),
         ("ALiBi, default positions", lambda: flexpos.attention(q, k, v, alibi)),
+        ("ALiBi, learned divisor", lambda: flexpos.attention(q, k, v, learned, pos=pos)),
+        ("ALiBi, learned divisor, rates spread",
+         lambda: backends.run_flex(q, k, v, spread(), mask, q.shape[-1] ** -0.5)),
         ("DPB frozen", lambda: flexpos.attention(q, k, v, dpb, pos=pos)),
         ("DPB frozen, int32 index", direct(int32_index(dpb, pos, length), tiles)),
         ("DPB frozen, bfloat16 table", lambda: with_bf16_tables(dpb, lambda: flexpos.attention(q, k, v, dpb, pos=pos))),
         ("DPB frozen, grid chosen on the device", direct(on_device_only(dpb, pos, length), tiles)),
     ]
     time_rows(rows, runner, repeat)
+    if s.backward:
+        say(f"  learned divisor's gradient, shipped and spread: {divisor_grads(learned, rows, runner)}")
+
+
+def divisor_grads(alibi: flexpos.ALiBi, rows: Sequence[tuple[str, ScoreFn]], runner: Runner) -> str:
+    """The learned divisor's gradient from one call of each 'ALiBi, learned divisor' row."""
+    found = []
+    for name, fn in rows:
+        if name.startswith("ALiBi, learned divisor"):
+            alibi.div.grad = None
+            runner.call(fn)
+            found.append(f"{float(alibi.div.grad):.6e}")
+    return ", ".join(found)
 
 
 def time_rows(rows: Sequence[tuple[str, ScoreFn]], runner: Runner, repeat: int) -> None:
