@@ -8,7 +8,12 @@ Part 1 times ``flexpos.attention(...)`` + ``torch.autograd.grad`` with
 ``chunked._keeps_outputs`` as shipped and forced off (ALiBi, ALiBi with a position window, a
 frozen DPB, a key padding mask alone), and prints the largest difference of their gradients. Part 2 times SDPA's CPU flash backward on one ALiBi-like bias (chunks of 256
 queries, L=2048) with denormals as they come and flushed (``torch.set_flush_denormal``, which
-acts on the calling thread only).
+acts on the calling thread only). Part 3 times a bias that needs a gradient (ALiBi with a learned
+divisor, DPB with its MLP learned), where chunks are checkpointed, with ``chunked._attend_math``
+as shipped and replaced by SDPA (whose math kernel runs there), and prints the largest
+difference of their gradients relative to the largest gradient (of q, k, v; of the parameters).
+
+    python benchmarks/chunked_backward.py --parts 3   # part 3 alone
 """
 
 from __future__ import annotations
@@ -17,15 +22,18 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
+import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import flexpos  # noqa: E402
 from flexpos import chunked  # noqa: E402
 from flexpos.bench import irregular_positions  # noqa: E402
 from targets import interleaved  # noqa: E402  (the timing helper of benchmarks/targets.py)
+
+T = TypeVar("T")
 
 
 def median_ms(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
@@ -39,31 +47,74 @@ def median_ms(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, fl
 CASES = ("ALiBi", "ALiBi + position window 512", "DPB, frozen", "key padding mask alone")
 
 
-def kept_vs_checkpointed(case: str, length: int, repeat: int) -> None:
+def inputs(length: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v (1, 8, length, 64) that need gradients, an output gradient, positions (1, length)."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 8, length, 64, generator=gen).requires_grad_() for _ in range(3))
-    grad = torch.randn(1, 8, length, 64, generator=gen)
-    pos = irregular_positions(1, length, gen)
+    return q, k, v, torch.randn(1, 8, length, 64, generator=gen), irregular_positions(1, length, gen)
+
+
+def patched(owner: object, name: str, value: object, fn: Callable[[], T]) -> T:
+    """``fn()`` with ``owner.name`` set to ``value``."""
+    shipped = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        return fn()
+    finally:
+        setattr(owner, name, shipped)
+
+
+def kept_vs_checkpointed(case: str, length: int, repeat: int) -> None:
+    q, k, v, grad, pos = inputs(length)
+    gen = torch.Generator().manual_seed(1)
     modules = {"ALiBi": [flexpos.ALiBi(8)], "ALiBi + position window 512": [flexpos.ALiBi(8)],
                "DPB, frozen": [flexpos.DPB(32, 8, depth=2).requires_grad_(False)]}.get(case, [])
     mask = {"ALiBi + position window 512": flexpos.distance_window_mask(512.0, pos=pos),
             "key padding mask alone": torch.rand(1, length, generator=gen) > 0.2}.get(case)
-    shipped = chunked._keeps_outputs
 
     def step() -> tuple[torch.Tensor, ...]:
         return torch.autograd.grad(flexpos.attention(q, k, v, *modules, pos=pos, mask=mask), (q, k, v), grad)
 
     def checkpointed() -> tuple[torch.Tensor, ...]:
-        chunked._keeps_outputs = lambda *args: False
-        try:
-            return step()
-        finally:
-            chunked._keeps_outputs = shipped
+        return patched(chunked, "_keeps_outputs", lambda *args: False, step)
 
     diff = max(float((a - b).abs().max()) for a, b in zip(step(), checkpointed()))
     ms = median_ms({"kept": step, "checkpointed": checkpointed}, repeat)
     print(f"  {case:28s} L={length}: checkpointed {ms['checkpointed']:7.1f} ms, outputs kept "
           f"{ms['kept']:7.1f} ms, {ms['checkpointed'] / ms['kept']:.2f}x; max |grad difference| {diff:.1e}")
+
+
+def sdpa_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+GRAD_CASES = ("ALiBi, learned divisor", "DPB, learned")
+
+
+def explicit_vs_sdpa(case: str, length: int, repeat: int) -> None:
+    q, k, v, grad, pos = inputs(length)
+    module = flexpos.ALiBi(8, divide=2.0, learned_div=True) if case.startswith("ALiBi") else flexpos.DPB(32, 8, depth=2)
+    leaves = (q, k, v, *module.parameters())
+
+    def step() -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(flexpos.attention(q, k, v, module, pos=pos), leaves, grad)
+
+    def sdpa() -> tuple[torch.Tensor, ...]:
+        return patched(chunked, "_attend_math", sdpa_math, step)
+
+    got, want = step(), sdpa()
+    # relative to the largest gradient of q, k, v and of the parameters: some parameter gradients
+    # are 0 in exact arithmetic (DPB's output bias shifts every score of a head), rounding noise here
+    inputs_diff, params_diff = (relative_difference(got[part], want[part]) for part in (slice(0, 3), slice(3, None)))
+    ms = median_ms({"explicit": step, "sdpa": sdpa}, repeat)
+    print(f"  {case:28s} L={length}: SDPA (math kernel) {ms['sdpa']:7.1f} ms, explicit {ms['explicit']:7.1f} ms, "
+          f"{ms['sdpa'] / ms['explicit']:.2f}x; max |grad difference| / max |grad|: q, k, v {inputs_diff:.1e}, "
+          f"parameters {params_diff:.1e}")
+
+
+def relative_difference(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    scale = max(float(w.abs().max()) for w in want)
+    return max(float((g - w).abs().max()) for g, w in zip(got, want)) / scale
 
 
 def flash_backward_denormals(repeat: int, length: int = 2048, rows: int = 256) -> None:
@@ -99,13 +150,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
     args = p.parse_args(argv)
     print(f"flexpos chunked backward on CPU: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           "float32, B=1 H=8 D=64")
-    for case in CASES:
-        for length in args.lengths:
-            kept_vs_checkpointed(case, length, args.repeat)
-    flash_backward_denormals(max(3, args.repeat // 2))
+    if 1 in args.parts:
+        for case in CASES:
+            for length in args.lengths:
+                kept_vs_checkpointed(case, length, args.repeat)
+    if 2 in args.parts:
+        flash_backward_denormals(max(3, args.repeat // 2))
+    if 3 in args.parts:
+        for case in GRAD_CASES:
+            for length in args.lengths:
+                explicit_vs_sdpa(case, length, args.repeat)
     return 0
 
 

@@ -794,6 +794,23 @@ def test_weights_below_the_smallest_normal_are_cut_and_no_other(dtype):
     assert cut[weights < tiny / 2].all() and not cut[weights > tiny * 2].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_checkpointed_chunks_cut_subnormal_weights_and_no_normal_ones(dtype):
+    """A bias that needs a gradient runs flexpos' own math on CPU (no SDPA): its weights, read
+    out with v the identity, are the reference's, except that those below ``n`` times the
+    smallest normal float are 0, so that none is subnormal."""
+    n = 50
+    q, k = torch.randn(2, 3, 40, 16, dtype=dtype) * 3, torch.randn(2, 3, n, 16, dtype=dtype) * 3
+    tiny = torch.finfo(dtype).tiny
+    bias = -torch.rand(1, 3, 40, n, dtype=dtype) * 3 * -math.log(tiny)  # weights of 1 to far below tiny
+    eye = torch.eye(n, dtype=dtype).expand(2, 3, n, n)
+    weights = chunked._attend_math(q, k, eye, bias, 16**-0.5)
+    want = ((q.double() @ k.double().transpose(-1, -2)) * 16**-0.5 + bias.double()).softmax(-1)
+    assert ((weights == 0) | (weights >= tiny)).all() and (want < tiny).any()
+    assert (weights[want < tiny] == 0).all() and (weights[want > 2 * n * tiny] > 0).all()
+    assert (weights.double() - want).abs().max() <= TOLERANCE[dtype]
+
+
 def test_chunks_are_checkpointed_where_sdpas_private_kernel_choice_is_missing(monkeypatch):
     """flexpos asks torch._fused_sdp_choice (private) whether SDPA would run its flash kernel; a
     torch without it, or with another signature, gets checkpointed chunks and the same numbers."""
