@@ -22,7 +22,8 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Callable, Optional, Sequence
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +33,6 @@ import flexpos  # noqa: E402
 from flexpos import chunked  # noqa: E402
 from flexpos.bench import irregular_positions  # noqa: E402
 from targets import interleaved  # noqa: E402  (the timing helper of benchmarks/targets.py)
-
-T = TypeVar("T")
-
 
 def median_ms(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
     """:func:`targets.interleaved` after one warm-up each: median milliseconds per name."""
@@ -54,16 +52,6 @@ def inputs(length: int) -> tuple[torch.Tensor, ...]:
     return q, k, v, torch.randn(1, 8, length, 64, generator=gen), irregular_positions(1, length, gen)
 
 
-def patched(owner: object, name: str, value: object, fn: Callable[[], T]) -> T:
-    """``fn()`` with ``owner.name`` set to ``value``."""
-    shipped = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        return fn()
-    finally:
-        setattr(owner, name, shipped)
-
-
 def kept_vs_checkpointed(case: str, length: int, repeat: int) -> None:
     q, k, v, grad, pos = inputs(length)
     gen = torch.Generator().manual_seed(1)
@@ -76,7 +64,8 @@ def kept_vs_checkpointed(case: str, length: int, repeat: int) -> None:
         return torch.autograd.grad(flexpos.attention(q, k, v, *modules, pos=pos, mask=mask), (q, k, v), grad)
 
     def checkpointed() -> tuple[torch.Tensor, ...]:
-        return patched(chunked, "_keeps_outputs", lambda *args: False, step)
+        with mock.patch.object(chunked, "_keeps_outputs", lambda *args: False):
+            return step()
 
     diff = max(float((a - b).abs().max()) for a, b in zip(step(), checkpointed()))
     ms = median_ms({"kept": step, "checkpointed": checkpointed}, repeat)
@@ -100,7 +89,8 @@ def explicit_vs_sdpa(case: str, length: int, repeat: int) -> None:
         return torch.autograd.grad(flexpos.attention(q, k, v, module, pos=pos), leaves, grad)
 
     def sdpa() -> tuple[torch.Tensor, ...]:
-        return patched(chunked, "_attend_math", sdpa_math, step)
+        with mock.patch.object(chunked, "_attend_math", sdpa_math):
+            return step()
 
     got, want = step(), sdpa()
     # relative to the largest gradient of q, k, v and of the parameters: some parameter gradients
