@@ -88,19 +88,24 @@ def per_head_constant(alibi: flexpos.ALiBi) -> Callable[..., Tensor]:
     return head_constant
 
 
+def self_attention(pos: Tensor, length: int) -> Positions:
+    """Positions (B, length) of queries and keys alike."""
+    return Positions.resolve((pos.shape[0],), length, length, pos.device, pos)
+
+
 def on_device_only(module: flexpos.Positional, pos: Tensor, length: int) -> Callable[..., Tensor]:
     """``module``'s score_mod as a caller's torch.compile gets it: nothing read back to the host
     (ALiBi reads hi and lo parts, DPB a value and a slope)."""
     with flexpos.no_host_reads(), torch.no_grad():
-        positions = Positions.resolve((pos.shape[0],), length, length, pos.device, pos)
+        positions = self_attention(pos, length)
         return module.score_mod(positions)
 
 
 def rate_times_abs(alibi: flexpos.ALiBi, pos: Tensor, length: int) -> Callable[..., Tensor]:
     """Symmetric ALiBi's score_mod (no CLS tokens) as ``score - rate_h * |distance|``."""
     with torch.no_grad():
-        rel = Positions.resolve((pos.shape[0],), length, length, pos.device, pos).relative()
-        rates = (alibi.slopes.reshape(-1).double() / alibi.divisor(torch.float64)).float()
+        rel = self_attention(pos, length).relative()
+        rates = alibi.rates()
 
     def alibi_fma(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         delta, _ = rel.distance(b, q_idx, kv_idx)
@@ -114,10 +119,10 @@ def spread_rates(alibi: flexpos.ALiBi, pos: Tensor, length: int, copies: int = 1
     divisor's gradient, read from ``copies`` copies per head by key index: made per call, as the
     rates are."""
     with torch.no_grad():
-        rel = Positions.resolve((pos.shape[0],), length, length, pos.device, pos).relative()
+        rel = self_attention(pos, length).relative()
 
     def make() -> Callable[..., Tensor]:
-        rates = (alibi.slopes.reshape(-1).double() / alibi.divisor(torch.float64)).float()
+        rates = alibi.rates()
         spread = rates[:, None].expand(-1, copies).contiguous()  # (H, copies)
 
         def alibi_spread(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -133,7 +138,7 @@ def int32_index(dpb: flexpos.DPB, pos: Tensor, length: int) -> Callable[..., Ten
     """DPB's score_mod on the exact grid (integer positions of one span known on the host, no CLS
     tokens) with the table index in int32: the same numbers as the shipped score_mod."""
     with torch.no_grad():
-        positions = Positions.resolve((pos.shape[0],), length, length, pos.device, pos)
+        positions = self_attention(pos, length)
         grid = DistanceGrid.covering(positions.span_tensor(), True, dpb.table_size, positions.integer_span())
         if not grid.exact:
             raise ValueError("int32_index needs integer positions whose distances fit DPB's table")

@@ -92,10 +92,14 @@ class ALiBi(Positional):
     def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:
         return self.penalty_mod(positions, dtype, self.asymmetric)
 
+    def rates(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """(n_heads,) penalty per position unit, ``slope_h / divide``, formed in float64."""
+        return (self.slopes.reshape(-1).double() / self.divisor(torch.float64)).to(dtype)
+
     def penalty_mod(self, positions: Positions, dtype: torch.dtype, asymmetric: bool) -> ScoreMod:
         """The score_mod for ``positions``, with or without the asymmetric heads' masking."""
         rel = positions.relative(dtype)
-        rates = (self.slopes.reshape(-1).double() / self.divisor(torch.float64)).to(dtype)  # (H,) per unit
+        rates = self.rates(dtype)
 
         def alibi(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             delta, valid = rel.distance(b, q_idx, kv_idx)

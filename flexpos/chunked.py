@@ -135,9 +135,9 @@ def _attend_math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) ->
     below ``n * tiny`` (tiny: the smallest normal float) are 0 instead, so that every weight
     left is at least ``tiny``: as subnormal floats they slowed every product that reads the
     weights or their gradient several times (ALiBi's far keys), and each changes an output or
-    gradient term by less than ``n * tiny`` times its other factors (1.2e-38 * n in float32). ALiBi with a learned divisor
-    and a learned DPB, forward + backward at L=1024-2048: 1.9-2.8x faster than SDPA's math
-    kernel (benchmarks/chunked_backward.py, part 3)."""
+    gradient term by less than ``n * tiny`` times its other factors (1.2e-38 * n in float32).
+    ALiBi with a learned divisor and a learned DPB, forward + backward at L=1024-2048: 1.9-2.8x
+    faster than SDPA's math kernel (benchmarks/chunked_backward.py, part 3)."""
     batch, heads, rows, _ = q.shape
     n = k.shape[-2]
     logits = torch.baddbmm(
