@@ -8,10 +8,10 @@ Part 1 times ``flexpos.attention(...)`` + ``torch.autograd.grad`` with
 ``chunked._keeps_outputs`` as shipped and forced off (ALiBi, ALiBi with a position window, a
 frozen DPB, a key padding mask alone), and prints the largest difference of their gradients. Part 2 times SDPA's CPU flash backward on one ALiBi-like bias (chunks of 256
 queries, L=2048) with denormals as they come and flushed (``torch.set_flush_denormal``, which
-acts on the calling thread only). Part 3 times a bias that needs a gradient (ALiBi with a learned
-divisor, DPB with its MLP learned), where chunks are checkpointed, with ``chunked._attend_math``
-as shipped and replaced by SDPA (whose math kernel runs there), and prints the largest
-difference of their gradients relative to the largest gradient (of q, k, v; of the parameters).
+acts on the calling thread only). Part 3 times the chunks where SDPA would run its math kernel
+(``MATH_CASES``: a bias that needs a gradient, XL, torch 2.6 emulated) with ``chunked._attend_math``
+as shipped and replaced by SDPA's math kernel, and prints the largest difference of their
+outputs or gradients relative to the largest value (of q, k, v; of the parameters).
 
     python benchmarks/chunked_backward.py --parts 3   # part 3 alone
 """
@@ -19,6 +19,7 @@ difference of their gradients relative to the largest gradient (of q, k, v; of t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import flexpos  # noqa: E402
@@ -74,32 +76,47 @@ def kept_vs_checkpointed(case: str, length: int, repeat: int) -> None:
 
 
 def sdpa_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    with sdpa_kernel(SDPBackend.MATH):  # the kernel SDPA picks wherever flexpos runs its own math
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
-GRAD_CASES = ("ALiBi, learned divisor", "DPB, learned")
+MATH_CASES = ("ALiBi, learned divisor", "DPB, learned", "XL, key padding mask", "ALiBi, as in torch 2.6")
+"""Cases where chunks run flexpos' own math: a bias that needs a gradient (checkpointed chunks),
+q and k with more features than v (XL), and a torch whose CPU flash kernel takes no bias (2.6,
+emulated: the flash kernel is refused). The last two also run it without gradients."""
 
 
 def explicit_vs_sdpa(case: str, length: int, repeat: int) -> None:
     q, k, v, grad, pos = inputs(length)
-    module = flexpos.ALiBi(8, divide=2.0, learned_div=True) if case.startswith("ALiBi") else flexpos.DPB(32, 8, depth=2)
+    module = {"ALiBi, learned divisor": flexpos.ALiBi(8, divide=2.0, learned_div=True), "DPB, learned":
+              flexpos.DPB(32, 8, depth=2), "XL, key padding mask": flexpos.XL(512, 8)}.get(case, flexpos.ALiBi(8))
+    mask = torch.rand(1, length, generator=torch.Generator().manual_seed(1)) > 0.2 if case.startswith("XL") else None
     leaves = (q, k, v, *module.parameters())
+    as_torch_2_6 = case.endswith("2.6")
 
-    def step() -> tuple[torch.Tensor, ...]:
-        return torch.autograd.grad(flexpos.attention(q, k, v, module, pos=pos), leaves, grad)
+    def run(forward_only: bool, own: bool) -> Callable[[], tuple[torch.Tensor, ...]]:
+        def timed() -> tuple[torch.Tensor, ...]:
+            with contextlib.ExitStack() as stack:
+                if as_torch_2_6:
+                    stack.enter_context(mock.patch.object(chunked, "_flash_cpu_takes_a_bias", lambda: False))
+                if not own:
+                    stack.enter_context(mock.patch.object(chunked, "_attend_math", sdpa_math))
+                with torch.set_grad_enabled(not forward_only):
+                    out = flexpos.attention(q, k, v, module, pos=pos, mask=mask)
+                return (out,) if forward_only else torch.autograd.grad(out, leaves, grad)
+        return timed
 
-    def sdpa() -> tuple[torch.Tensor, ...]:
-        with mock.patch.object(chunked, "_attend_math", sdpa_math):
-            return step()
-
-    got, want = step(), sdpa()
-    # relative to the largest gradient of q, k, v and of the parameters: some parameter gradients
-    # are 0 in exact arithmetic (DPB's output bias shifts every score of a head), rounding noise here
-    inputs_diff, params_diff = (relative_difference(got[part], want[part]) for part in (slice(0, 3), slice(3, None)))
-    ms = median_ms({"explicit": step, "sdpa": sdpa}, repeat)
-    print(f"  {case:28s} L={length}: SDPA (math kernel) {ms['sdpa']:7.1f} ms, explicit {ms['explicit']:7.1f} ms, "
-          f"{ms['sdpa'] / ms['explicit']:.2f}x; max |grad difference| / max |grad|: q, k, v {inputs_diff:.1e}, "
-          f"parameters {params_diff:.1e}")
+    for forward_only in (True, False) if as_torch_2_6 or mask is not None else (False,):
+        got, want = run(forward_only, True)(), run(forward_only, False)()
+        # relative to the largest gradient of q, k, v and of the parameters: some parameter gradients
+        # are 0 in exact arithmetic (DPB's output bias shifts every score of a head), rounding noise here
+        parts = (slice(0, 1),) if forward_only else (slice(0, 3), slice(3, None))
+        diffs = ", ".join(f"{relative_difference(got[part], want[part]):.1e}" for part in parts if got[part])
+        ms = median_ms({"explicit": run(forward_only, True), "sdpa": run(forward_only, False)}, repeat)
+        kind = "forward" if forward_only else "forward + backward"
+        print(f"  {case:24s} {kind:18s} L={length}: SDPA (math kernel) {ms['sdpa']:7.1f} ms, explicit "
+              f"{ms['explicit']:7.1f} ms, {ms['sdpa'] / ms['explicit']:.2f}x; max |difference| / max |value| "
+              f"({'output' if forward_only else 'q, k, v; parameters'}): {diffs}")
 
 
 def relative_difference(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
@@ -151,7 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if 2 in args.parts:
         flash_backward_denormals(max(3, args.repeat // 2))
     if 3 in args.parts:
-        for case in GRAD_CASES:
+        for case in MATH_CASES:
             for length in args.lengths:
                 explicit_vs_sdpa(case, length, args.repeat)
     return 0

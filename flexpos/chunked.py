@@ -118,17 +118,27 @@ def _attend_chunk(
     # Outside autocast, which would round the bias to bf16 (by up to 0.4% of its size: whole
     # units of score for ALiBi and DPB at large distances) before adding it to the scores.
     with torch.autocast(q.device.type, enabled=False), kernel:
-        if bias.requires_grad and q.device.type == "cpu" and not (math_only or tracing()):
+        if _runs_own_math(q, v, bias, math_only):
             out = _attend_math(q, k, v_work, bias, scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v_work, attn_mask=bias, scale=scale)
     return (out if alive is None else torch.where(alive, out, 0.0)).to(v.dtype)
 
 
+def _runs_own_math(q: Tensor, v: Tensor, bias: Tensor, math_only: bool) -> bool:
+    """Whether a chunk runs :func:`_attend_math` rather than SDPA: on CPU, where SDPA would run
+    its math kernel, except where that kernel is asked for (``math_only``) or traced. SDPA's
+    CPU flash kernel takes no bias that needs a gradient, no q and k head dim other than v's
+    (XL's), and in torch 2.6 no bias at all (benchmarks/chunked_backward.py, part 3)."""
+    if q.device.type != "cpu" or math_only or tracing():
+        return False
+    return bias.requires_grad or q.shape[-1] != v.shape[-1] or not _flash_cpu_takes_a_bias()
+
+
 def _attend_math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
     """``softmax(q k^T * scale + bias) v``: q (B, H, C, E), k (B, H, n, E), v (B, H, n, Dv),
-    bias (B|1, H|1, C, n) -> (B, H, C, Dv), for a bias that needs a gradient on CPU, where SDPA
-    would run its math kernel.
+    bias (B|1, H|1, C, n) -> (B, H, C, Dv), on CPU where SDPA would run its math kernel (see
+    :func:`_runs_own_math`).
 
     The same computation, with the bias added inside the matrix product and without SDPA's pass
     for rows that have no key (the caller zeroes those). Weights with ``exp(logit - row max)``
