@@ -115,11 +115,15 @@ def check_positive_float(name: str, value: object) -> float:
     return value
 
 
+# Divisors of positions: float32's normal range.
+DIVISOR_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
+
+
 def check_divisor(name: str, value: object) -> float:
     """A positive float within float32's normal range: positions are divided by it in float32
     (a subnormal divisor's inverse, or a larger one's float32 value, is infinite)."""
     value = check_positive_float(name, value)
-    low, high = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    low, high = DIVISOR_RANGE
     if not low <= value <= high:
         raise ValueError(f"{name} must lie in float32's normal range [{low:.3g}, {high:.3g}], got {value}")
     return value

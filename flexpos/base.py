@@ -16,7 +16,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_bool, check_divisor
+from ._checks import DIVISOR_RANGE, check_bool, check_divisor
 from .positions import Positions
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -168,8 +168,9 @@ class Positional(nn.Module):
     def divisor(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """0-d tensor: the current divisor of positions, in ``dtype``."""
         if self.learned:
-            # exp in float64: absolute angles at positions ~1e9 amplify any rounding of it
-            return self.div.double().exp().clamp(min=1e-8).to(dtype)
+            # exp in float64: absolute angles at positions ~1e9 amplify any rounding of it. The
+            # clamp keeps a divisor trained past the constructor's range finite and non-zero.
+            return self.div.double().exp().clamp(*DIVISOR_RANGE).to(dtype)
         return self.div.to(dtype)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

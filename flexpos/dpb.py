@@ -50,7 +50,7 @@ from torch import Tensor
 from ._checks import check_positive_int
 from ._host import host_reads, tracing
 from .base import Positional, ScoreMod, index_grids
-from .learned import position_mlp, run_mlp
+from .learned import mlp_dtype, position_mlp, run_mlp
 from .positions import Positions
 
 
@@ -179,7 +179,7 @@ class DPB(Positional):
         to ``1 / step``. In the bias itself a slope is multiplied by an offset below the step,
         which undoes that.
         """
-        values = self.bias_at(grid.nodes(), torch.float64 if precise else None).t()
+        values = self.bias_at(grid.nodes(), torch.float64 if precise else mlp_dtype(dtype)).t()
         slopes = torch.diff(values, dim=-1) / grid.step
         # The last node (distance +span, which a pair can reach) continues the last cell's line.
         slopes = torch.cat((slopes, slopes[:, -1:]), dim=-1)
@@ -239,7 +239,7 @@ class DPB(Positional):
         reads it, evaluates score_mods at real queries and keys only."""
         b, _, q_idx, kv_idx = index_grids(positions.batch, 1, positions.len_q, positions.len_k, positions.q.device)
         delta, valid = positions.relative(dtype).distance(b, q_idx, kv_idx)  # (B, 1, Lq, Lk)
-        bias = self.bias_at(torch.where(valid, delta, 0.0)).to(dtype)  # (B, 1, Lq, Lk, n_heads)
+        bias = self.bias_at(torch.where(valid, delta, 0.0), mlp_dtype(dtype)).to(dtype)  # (B, 1, Lq, Lk, n_heads)
         table = torch.where(valid[..., None], bias, 0.0)[:, 0].permute(0, 3, 1, 2).contiguous()
 
         def dpb_pairs(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:

@@ -133,7 +133,7 @@ class AttentionLayer(nn.Module):
             if pos_context is not None:
                 raise ValueError("pos_context is for cross-attention: pass context too")
             return
-        if isinstance(context, Tensor) and context.ndim == x.ndim - 1:
+        if isinstance(context, Tensor) and context.ndim == x.ndim - 1 and _looks_like_positions(context, self.dim):
             raise ValueError(
                 f"context must have shape (B, *, Lc, dim), got {tuple(context.shape)}: positions are "
                 "keyword-only, pass them as pos=..."
@@ -157,6 +157,12 @@ class AttentionLayer(nn.Module):
         if t.shape[-1] != self.dim or tuple(t.shape[:-2]) != batch:
             raise ValueError(f"{name} must have shape {shape_text(*batch, 'L', self.dim)}, got {tuple(t.shape)}")
         return t
+
+
+def _looks_like_positions(t: Tensor, dim: int) -> bool:
+    """A tensor one dim short of x, taken for positions passed as context: integers, or floats
+    whose last dim is not the layer's ``dim``."""
+    return not t.is_floating_point() or t.shape[-1] != dim
 
 
 def _check_fits(module: object, dim: int, n_heads: int) -> None:

@@ -51,6 +51,12 @@ def run_mlp(mlp: nn.ModuleList, x: Tensor, dtype: torch.dtype | None = None) -> 
     return x
 
 
+def mlp_dtype(compute: torch.dtype) -> torch.dtype | None:
+    """The dtype to run a position MLP in for inputs computing in ``compute``: float64 for
+    float64 inputs, else None (the MLP's own, at least float32)."""
+    return torch.float64 if compute == torch.float64 else None
+
+
 def _warn_if_autocast(device: str, grad: Tensor) -> None:
     """Backward hook on a position MLP's output: autocast cannot be switched off for the MLP's
     backward, whose matmuls then run in bfloat16 or float16 where backward runs inside the
@@ -66,7 +72,7 @@ def _warn_if_autocast(device: str, grad: Tensor) -> None:
 
 @lazy_compile
 def _mlp_add(mlp: nn.ModuleList, x: Tensor, pos: Tensor, keep: Tensor, div: Tensor) -> Tensor:
-    enc = run_mlp(mlp, (pos / div)[..., None])
+    enc = run_mlp(mlp, (pos / div)[..., None], mlp_dtype(x.dtype))
     return x + (enc * keep[..., None]).to(x.dtype)
 
 

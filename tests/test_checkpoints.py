@@ -1,5 +1,7 @@
 """Native modules build bio-attention 0.1.15's buffers, load its checkpoints with strict=True and
-give them back; learned divisors of the transforms have correct gradients."""
+give them back; learned divisors give the fixed ones' numbers and correct gradients."""
+
+import math
 
 import pytest
 import torch
@@ -55,3 +57,39 @@ def test_learned_div_gradients_in_transforms(module):
 
     x = torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(f, (x, m.div))
+
+
+DIVIDED = {
+    "Sinusoidal": lambda **kw: flexpos.Sinusoidal(8, **kw),
+    "LearnedContinuous": lambda **kw: flexpos.LearnedContinuous(8, depth=2, **kw),
+    "Rotary": lambda **kw: flexpos.Rotary(4, **kw),
+    "ALiBi": lambda **kw: flexpos.ALiBi(2, **kw),
+    "DPB": lambda **kw: flexpos.DPB(8, 2, depth=2, **kw),
+    "XL": lambda **kw: flexpos.XL(8, 2, **kw),
+}
+
+
+@pytest.mark.parametrize("divide", [1e-9, 1e-30])
+@pytest.mark.parametrize("name", DIVIDED)
+def test_tiny_learned_divisors_equal_fixed_ones_and_learn(name, divide):
+    """Any divide the constructors accept: a learned divisor gives the fixed one's numbers and a
+    non-zero gradient (positions on its scale)."""
+    fixed = DIVIDED[name](divide=divide).double()
+    learned = DIVIDED[name](divide=divide, learned_div=True).double()
+    learned.load_state_dict(fixed.state_dict(), strict=False)
+    with torch.no_grad():
+        learned.div.fill_(math.log(divide))  # float64: the float32 parameter was rounded
+    pos = torch.tensor([[0.0, 1.5, 2.25, 6.0, 7.5]], dtype=torch.float64) * divide
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64)
+
+    def run(m):
+        if isinstance(m, (flexpos.Sinusoidal, flexpos.LearnedContinuous)):
+            return m(x.transpose(1, 2).flatten(-2), pos=pos)
+        if isinstance(m, flexpos.Rotary):
+            return torch.cat(m(x, x.flip(-2), pos=pos), -1)
+        return flexpos.attention(x, x.flip(-2), x, m, pos=pos)
+
+    want, got = run(fixed), run(learned)
+    assert (got - want).abs().max() <= 1e-9 * want.abs().max()
+    got.square().sum().backward()
+    assert torch.isfinite(learned.div.grad) and learned.div.grad != 0

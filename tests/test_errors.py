@@ -152,6 +152,7 @@ def attn(*args, **kwargs):
         (lambda: AttentionLayer(32, 4, positional=[Sinusoidal(16)]), ValueError, "Sinusoidal was built for dim=16 but the layer has dim=32"),
         (lambda: AttentionLayer(32, 4, positional=[XL(64, 4)]), ValueError, "XL was built for dim=64 but the layer has dim=32"),
         (lambda: AttentionLayer(32, 4)(torch.randn(2, 10, 32), torch.zeros(2, 10)), ValueError, "positions are keyword-only, pass them as pos="),
+        (lambda: AttentionLayer(32, 4)(torch.randn(2, 3, 10, 32), torch.randn(2, 7, 32)), ValueError, r"context must have shape \(2, 3, L, 32\), got \(2, 7, 32\)$"),
         (lambda: ALiBi(4)(sq), TypeError, r"ALiBi is not called on tensors: pass it to flexpos.attention\(q, k, v, alibi"),
         (lambda: XL(32, 4)(sq, sq), TypeError, "XL is not called on tensors"),
         (lambda: attn(q.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)), TypeError,

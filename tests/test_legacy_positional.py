@@ -19,6 +19,7 @@ import flexpos
 from flexpos.base import index_grids
 from legacy import _hint
 from legacy import positional as legacy
+from conftest import TOLERANCE
 from legacy_support import SCHEMES, assert_same, atol_for, irregular, pair, scheme_id
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -459,6 +460,29 @@ def test_output_dtypes_that_differ_from_the_original():
     blocked = want == want.min()
     assert torch.equal(got == got.min(), blocked)
     assert_same(got[~blocked].float(), want[~blocked])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_modules_keep_their_frequencies_in_float32(dtype):
+    """``.to(float16/bfloat16)`` leaves Sinusoidal's and Rotary's frequencies in float32 (the
+    original rounds them, and misses at positions near 1e4 the tolerance legacy meets): outputs
+    match the float64 module on the same rounded inputs within the dtype's tolerance.
+    (A checkpoint saved in half precision holds rounded frequencies, which load as they are.)"""
+    pos = irregular(2, L) + 10_000
+    x = torch.randn(2, L, DIM).to(dtype)
+    q, k, _ = (t.to(dtype) for t in qkv((2,)))
+    for name, args in [("Sinusoidal", (DIM,)), ("Rotary", (H,))]:
+        orig, new, exact = (getattr(m, name)(*args).to(t) for m, t in ((original, dtype), (legacy, dtype), (legacy, F64)))
+        table = "inv_freq" if name == "Sinusoidal" else "thetas"
+        assert getattr(new, table).dtype == torch.float32 and getattr(orig, table).dtype == dtype
+        if name == "Sinusoidal":
+            outputs = [m.mod_x(x.to(t), pos=pos) for m, t in ((new, dtype), (exact, F64), (orig, dtype))]
+        else:
+            outputs = [torch.cat(m.mod_qkv(q.to(t), k.to(t), None, pos_q_k=pos)[:2], -1) for m, t in ((new, dtype), (exact, F64), (orig, dtype))]
+        got, want, originals = outputs
+        assert got.dtype == dtype
+        assert_same(got.double(), want, atol=TOLERANCE[dtype], rtol=0)
+        assert (originals.double() - want).abs().max() > TOLERANCE[dtype]  # what legacy keeps
 
 
 def test_one_sided_positions_default_the_other_side():

@@ -103,6 +103,15 @@ def test_dpb_integer_positions_are_exact(depth, norm, divide, dpb_grid):
     assert_close(out, R.attend(q, k, v, R.dpb_bias(dpb, pq, pq, hq, hq, divide)))
 
 
+def test_dpb_of_a_float32_module_computes_in_float64_for_float64_inputs(dpb_grid):
+    q, k, v = qkv()
+    pos = irregular(B, L, start=10_000)
+    pq, hq = R.padded_positions(pos, B, L)
+    dpb = DPB(16, H, depth=2, norm=True, divide=30.0)
+    out = flexpos.attention(q, k, v, dpb, pos=pos)
+    assert_close(out, R.attend(q, k, v, R.dpb_bias(dpb, pq, pq, hq, hq, 30.0)))
+
+
 def test_dpb_integer_positions_with_leading_tokens_without_positions(dpb_grid):
     q, k, v = qkv()
     pos = irregular(B, L - 2, start=7)

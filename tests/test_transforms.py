@@ -139,6 +139,14 @@ def test_learned_vocab_and_continuous():
     assert torch.allclose(cont(x, pos=fpos), expected, atol=1e-12, rtol=0)
 
 
+def test_learned_continuous_runs_a_float32_mlp_in_float64_for_float64_x():
+    cont = LearnedContinuous(8, depth=2, norm=True, divide=4.0)
+    x = torch.randn(2, 12, 8, dtype=F64)
+    fpos = torch.rand(2, 12, dtype=F64) * 1e4
+    expected = x + R.mlp64(cont.mlp, (fpos / 4.0)[..., None])
+    assert (cont(x, pos=fpos) - expected).abs().max() <= TOLERANCE[F64] * expected.abs().max()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_learned_continuous_in_a_half_precision_model(dtype):
     """A ``.half()`` model runs the MLP in float32 on its (rounded) weights: in float16 the
