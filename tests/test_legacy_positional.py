@@ -472,14 +472,14 @@ def test_half_precision_modules_keep_their_frequencies_in_float32(dtype):
     x = torch.randn(2, L, DIM).to(dtype)
     q, k, _ = (t.to(dtype) for t in qkv((2,)))
     for name, args in [("Sinusoidal", (DIM,)), ("Rotary", (H,))]:
-        orig, new, exact = (getattr(m, name)(*args).to(t) for m, t in ((original, dtype), (legacy, dtype), (legacy, F64)))
+        runs = [(getattr(m, name)(*args).to(t), t) for m, t in ((legacy, dtype), (legacy, F64), (original, dtype))]
+        (new, _), _, (orig, _) = runs
         table = "inv_freq" if name == "Sinusoidal" else "thetas"
         assert getattr(new, table).dtype == torch.float32 and getattr(orig, table).dtype == dtype
         if name == "Sinusoidal":
-            outputs = [m.mod_x(x.to(t), pos=pos) for m, t in ((new, dtype), (exact, F64), (orig, dtype))]
+            got, want, originals = (m.mod_x(x.to(t), pos=pos) for m, t in runs)
         else:
-            outputs = [torch.cat(m.mod_qkv(q.to(t), k.to(t), None, pos_q_k=pos)[:2], -1) for m, t in ((new, dtype), (exact, F64), (orig, dtype))]
-        got, want, originals = outputs
+            got, want, originals = (torch.cat(m.mod_qkv(q.to(t), k.to(t), None, pos_q_k=pos)[:2], -1) for m, t in runs)
         assert got.dtype == dtype
         assert_same(got.double(), want, atol=TOLERANCE[dtype], rtol=0)
         assert (originals.double() - want).abs().max() > TOLERANCE[dtype]  # what legacy keeps
