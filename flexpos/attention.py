@@ -72,7 +72,8 @@ def attention(
             default, or ``BlockMask.from_kv_blocks`` with its default mask_mod; a custom
             mask_mod must be False wherever the block structure leaves a tile empty), or a bool
             tensor (True = attend) of shape (B, *, Lk),
-            (B, *, Lq, Lk) or (B, *, H, Lq, Lk).
+            (B, *, Lq, Lk) or (B, *, H, Lq, Lk), where 1 for every batch dim (one mask for all
+            sequences) or for H (one for all heads) broadcasts.
         causal: also mask keys after the query (by index, top-left aligned).
         scale: score scale, default ``1 / sqrt(D)``.
         backend: 'auto' ('chunked' on CPU, fused 'flex' elsewhere unless flex cannot run the
@@ -211,8 +212,11 @@ def _check_mask(
             )
         check_device("mask (a BlockMask)", mask.kv_num_blocks, device, "q")
     elif isinstance(mask, Tensor):
-        shapes = [(*batch, len_k), (*batch, len_q, len_k), (*batch, heads, len_q, len_k)]
-        check_bool_mask("mask", mask, shapes, device, "q")
+        trailing = [(len_k,), (len_q, len_k), (heads, len_q, len_k)]
+        ones = (1,) * len(batch)
+        broadcasts = [(*b, *t) for b in (batch, ones) for t in (*trailing, (1, len_q, len_k))]
+        shapes = [(*batch, *t) for t in trailing]
+        check_bool_mask("mask", mask, shapes, device, "q", broadcasts, "or with 1 for all batch dims or for H")
     else:
         raise TypeError(f"mask must be a BlockMask, a bool tensor or None, got {type(mask).__name__}")
 
@@ -226,7 +230,8 @@ def _build_mask(
     if isinstance(mask, BlockMask):
         block_mask = tiles_decide(mask)
     else:
-        block_mask = dense_mask(mask.reshape(math.prod(batch), *mask.shape[len(batch):]), len_q, len_k)
+        flat = math.prod(mask.shape[: len(batch)])  # B * ..., or 1 for a mask all sequences share
+        block_mask = dense_mask(mask.reshape(flat, *mask.shape[len(batch) :]), len_q, len_k)
     return and_masks(block_mask, causal_mask(len_q, len_k, device)) if causal else block_mask
 
 

@@ -54,6 +54,8 @@ def attn(*args, **kwargs):
         (lambda: AttentionLayer(32, 4, positional=[ALiBi(4)])(torch.randn(2, 10, 32), torch.randn(2, 7, 32), pos_context=torch.zeros(2, 7)),
          ValueError, "pos_context is given without pos: ALiBi reads"),
         (lambda: attn(q, k, v, mask=torch.ones(2, 10, dtype=torch.bool)), ValueError, "mask must have shape"),
+        (lambda: attn(q, k, v, mask=torch.ones(2, 2, 10, 12, dtype=torch.bool)), ValueError,
+         r"mask must have shape \(2, 12\) or \(2, 10, 12\) or \(2, 4, 10, 12\) \(or with 1 for all batch dims or for H\), got \(2, 2, 10, 12\)$"),
         (lambda: attn(q, k, v, mask=torch.ones(2, 12)), TypeError, "mask must be a bool tensor"),
         (lambda: attn(q, k, v, mask=[1, 2]), TypeError, "mask must be a BlockMask"),
         (lambda: attn(q, k, v, mask=flexpos.full_mask(10, 10)), ValueError, r"mask \(a BlockMask\) is for \(Lq, Lk\)=\(10, 10\), inputs have \(10, 12\) \(with fewer positions than tokens, build masks from positions with len_q=/len_k=\)"),
