@@ -271,7 +271,12 @@ def _transform_qk(
 
 
 def _compose(modules: list[Positional], positions: Positions, dtype: torch.dtype) -> Optional[ScoreMod]:
-    mods = [m.score_mod(positions, dtype) for m in modules if m.modifies_scores]
+    """One score_mod adding every module's bias. Modules that gather a table entry per score
+    (DPB) come last: Inductor's CPU flex kernel (torch 2.13) reads the positions of keys with a
+    wrong stride after such a gather (an index-out-of-bounds error at batch >= 2 and Lk > 128).
+    The biases do not depend on the score, so the order changes nothing but rounding."""
+    scoring = sorted((m for m in modules if m.modifies_scores), key=lambda m: m.gathers_per_score)
+    mods = [m.score_mod(positions, dtype) for m in scoring]
     if len(mods) <= 1:
         return mods[0] if mods else None
 

@@ -100,10 +100,14 @@ def _cpu_flex_refusal(
     ones: those whose mask_mod reads a captured table (padding, dense, distance-window,
     segment masks) torch 2.13 fails to build ("'cur_kvSplitSize2' was not declared") or indexes
     with a wrong stride, and a caller's own mask_mod is not known to build (one of indices alone
-    crashed the process with SIGFPE)."""
+    crashed the process with SIGFPE); more than one module that gathers per score (DPB): reads
+    of key positions after a gather get a wrong stride (see ``flexpos.attention._compose``)."""
     for m in modules:
         if m.cpu_flex_refusal is not None:
             return f"cannot run {m.cpu_flex_refusal} on CPU"
+    gathering = [type(m).__name__ for m in modules if m.gathers_per_score]
+    if len(gathering) > 1:  # the second one's position reads follow the first one's gather
+        return f"cannot run two score_mods that gather per score ({', '.join(gathering)}) on CPU"
     if torch_version() < CPU_FLEX_MIN_TORCH:
         return f"needs torch >= {'.'.join(map(str, CPU_FLEX_MIN_TORCH))} on CPU (found {torch.__version__})"
     if needs_grad:

@@ -38,7 +38,9 @@ def positions(b, length):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_flex_with_composed_mods_and_masks(dtype):
     """ALiBi + DPB with a CLS token: causal and a fractional sliding window on compiled flex; key
-    padding (incl. a sequence with no valid key) on the path 'auto' picks for it."""
+    padding (incl. a sequence with no valid key) on the path 'auto' picks for it. DPB comes first
+    on flex: Inductor's CPU kernel (torch 2.13) mis-indexed ALiBi's key positions after DPB's
+    gather at batch >= 2 and Lk > 128, so flexpos composes DPB last."""
     b, length = 3, 200
     q, k, v = inputs(b, length)
     pos = positions(b, length - 1)
@@ -48,7 +50,7 @@ def test_flex_with_composed_mods_and_masks(dtype):
     low = [t.to(dtype) for t in (q, k, v)]
     with torch.no_grad():
         window = flexpos.sliding_window_mask(length, 37.5)
-        causal = flexpos.attention(*low, alibi, dpb, pos=pos, mask=window, causal=True, backend="flex")
+        causal = flexpos.attention(*low, dpb, alibi, pos=pos, mask=window, causal=True, backend="flex")
         padded = flexpos.attention(*low, alibi, dpb, pos=pos, mask=valid, causal=True)
     p, has = R.padded_positions(pos, b, length)
     bias = R.alibi_bias(H, p, p, has, has, divide=50.0) + R.dpb_bias(dpb, p, p, has, has, 500.0)
@@ -392,6 +394,24 @@ def test_cpu_flex_refuses_table_masks_and_chunked_runs_them(monkeypatch):
     keep = (p[:, :, None] - p[:, None, :]).abs()[:, None] <= 100
     ref = R.attend(q, k, v, R.alibi_bias(H, p, p, has, has), keep)
     assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
+
+
+def test_cpu_flex_refuses_two_dpbs_and_chunked_runs_them(monkeypatch):
+    """The second DPB's key positions would be read after the first one's gather, which torch
+    2.13's CPU flex kernel mis-indexes (see test_flex_with_composed_mods_and_masks)."""
+    monkeypatch.setattr(backends, "torch_version", lambda: (2, 13))
+    q = torch.randn(1, 1, 4, 4)
+    first, second = DPB(8, H, divide=50.0), DPB(8, H, depth=2)
+    assert choose_backend("flex", q, False, None, [first, ALiBi(H)]) == "flex"
+    with pytest.raises(ValueError, match=r"cannot run two score_mods that gather per score \(DPB, DPB\) on CPU"):
+        choose_backend("flex", q, False, None, [first, ALiBi(H), second])
+    q, k, v = (torch.randn(2, H, 150, D, dtype=torch.float64) for _ in range(3))
+    pos = positions(2, 150)
+    p, has = R.padded_positions(pos, 2, 150)
+    bias = R.dpb_bias(first, p, p, has, has, 50.0) + R.dpb_bias(second, p, p, has, has, 1.0)
+    with torch.no_grad():
+        out = flexpos.attention(q, k, v, first, second, pos=pos)
+    assert (out - R.attend(q, k, v, bias)).abs().max() <= TOLERANCE[torch.float64]
 
 
 def test_chunk_rows_keep_the_bias_within_budget():
