@@ -95,8 +95,8 @@ class AttentionLayer(nn.Module):
         Rotary, XL, ALiBi or DPB give both or neither (neither: ``0 .. L-1`` and ``0 .. Lc-1``;
         a (B, *, 0) tensor: a side without positions); input transforms alone leave a context
         without ``pos_context`` as it is. ``mask``
-        as in :func:`flexpos.attention` (bool (B, *, Lk), (B, *, L, Lk), (B, *, H, L, Lk) or a
-        BlockMask), True = attend.
+        as in :func:`flexpos.attention` (bool (B, *, Lk), (B, *, L, Lk), (B, *, H, L, Lk), 1 for
+        all batch dims or for H shared, or a BlockMask), True = attend.
         """
         encoders, others = self._stages()
         self._check_call(x, context, pos, pos_context, others)
