@@ -396,6 +396,19 @@ def test_cpu_flex_refuses_table_masks_and_chunked_runs_them(monkeypatch):
     assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
 
 
+@needs_cpu_flex
+def test_cpu_flex_runs_a_one_head_dpb():
+    """DPB's exact grid with one head and batch 2: Inductor's CPU flex kernel (torch 2.13) failed
+    to build the read of a one-row table ("'cur_qSplitSize4' was not declared")."""
+    dpb = DPB(16, 1, depth=2)
+    q, k, v = (torch.randn(2, 1, 64, 32) for _ in range(3))
+    with torch.no_grad():
+        out = flexpos.attention(q, k, v, dpb, backend="flex")
+    p, has = R.padded_positions(torch.arange(64).expand(2, 64), 2, 64)
+    ref = R.attend(q, k, v, R.dpb_bias(dpb, p, p, has, has, 1.0))
+    assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
+
+
 def test_cpu_flex_refuses_two_dpbs_and_chunked_runs_them(monkeypatch):
     """The second DPB's key positions would be read after the first one's gather, which torch
     2.13's CPU flex kernel mis-indexes (see test_flex_with_composed_mods_and_masks)."""
