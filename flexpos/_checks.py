@@ -243,18 +243,18 @@ def check_bool_mask(
     shapes: Sequence[tuple[int, ...]],
     device: torch.device,
     beside: str,
-    broadcasts: Sequence[tuple[int, ...]] = (),
-    broadcast_doc: str = "",
+    shared: Sequence[tuple[int, ...]] = (),
+    shared_doc: str = "",
 ) -> None:
-    """A bool tensor of one of ``shapes``, or of ``broadcasts`` (left out of the message, which
-    says ``broadcast_doc`` instead), on ``device``, the device of the tensor ``beside``."""
+    """A bool tensor of one of ``shapes``, or of ``shared`` (left out of the message, which says
+    ``shared_doc`` instead), on ``device``, the device of the tensor ``beside``."""
     check_tensor(name, mask)
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor (True = keep), got dtype {mask.dtype}")
-    if tuple(mask.shape) not in [tuple(s) for s in (*shapes, *broadcasts)]:
+    if tuple(mask.shape) not in [tuple(s) for s in (*shapes, *shared)]:
         # Distinct shapes, in order. Only here: hashing a traced symbolic length would pin it.
         options = list(dict.fromkeys(tuple(s) for s in shapes))
-        note = f" ({broadcast_doc})" if broadcast_doc else ""
+        note = f" ({shared_doc})" if shared_doc else ""
         raise ValueError(f"{name} must have shape {' or '.join(map(str, options))}{note}, got {tuple(mask.shape)}")
     check_device(name, mask, device, beside)
 

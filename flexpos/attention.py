@@ -214,9 +214,9 @@ def _check_mask(
     elif isinstance(mask, Tensor):
         trailing = [(len_k,), (len_q, len_k), (heads, len_q, len_k)]
         ones = (1,) * len(batch)
-        broadcasts = [(*b, *t) for b in (batch, ones) for t in (*trailing, (1, len_q, len_k))]
         shapes = [(*batch, *t) for t in trailing]
-        check_bool_mask("mask", mask, shapes, device, "q", broadcasts, "or with 1 for all batch dims or for H")
+        shared = [(*ones, *t) for t in trailing] + [(*b, 1, len_q, len_k) for b in (batch, ones)]
+        check_bool_mask("mask", mask, shapes, device, "q", shared, "or with 1 for all batch dims or for H")
     else:
         raise TypeError(f"mask must be a BlockMask, a bool tensor or None, got {type(mask).__name__}")
 

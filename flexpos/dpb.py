@@ -51,7 +51,7 @@ from ._checks import check_positive_int
 from ._host import host_reads, tracing
 from .base import Positional, ScoreMod, index_grids
 from .learned import mlp_dtype, position_mlp, run_mlp
-from .positions import Positions
+from .positions import Positions, two_rows
 
 
 @dataclass(frozen=True)
@@ -205,10 +205,7 @@ class DPB(Positional):
         if positions.chunked and evaluates_pairs(device, pairs, grid.size):
             return self._pairs_score_mod(positions, dtype)
         values, slopes = self.tables(grid, dtype, positions.q.requires_grad or positions.k.requires_grad)
-        if values.shape[0] == 1:
-            # A one-head table gets a static stride that Inductor's CPU flex kernel fails to build
-            # (torch 2.13: "'cur_qSplitSize4' was not declared"); an unused second row avoids it.
-            values, slopes = values.expand(2, -1).contiguous(), slopes.expand(2, -1).contiguous()
+        values, slopes = two_rows(values), two_rows(slopes)
         rel = positions.relative(dtype)
         start, step = grid.start.to(dtype), grid.step.to(dtype)
         middle, zero = grid.middle()

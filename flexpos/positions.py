@@ -307,10 +307,7 @@ class Positions:
         q_hi, q_lo = _split(self.q, ref, self.len_q, dtype, remainder)
         k_hi, k_lo = _split(self.k, ref, self.len_k, dtype, remainder)
         tables: tuple[Optional[Tensor], ...] = (q_hi, k_hi, q_lo, k_lo)
-        if q_hi.shape[0] == 1:
-            # A batch-1 table gets a static stride that Inductor's CPU flex kernel mis-indexes
-            # (torch 2.13); a second, unused row keeps the batch dim symbolic.
-            tables = tuple(None if t is None else t.expand(2, -1).contiguous() for t in tables)
+        tables = tuple(None if t is None else two_rows(t) for t in tables)
         return Relative(dtype, off_q, off_k, complete, *tables)
 
     def _no_remainder(self, dtype: torch.dtype) -> bool:
@@ -341,6 +338,14 @@ def _minus(p: Tensor, ref: Tensor) -> Tensor:
     if p.dtype != ref.dtype:
         p, ref = p.double(), ref.double()
     return (p - ref).double()
+
+
+def two_rows(table: Tensor) -> Tensor:
+    """A table a score_mod reads, (n, ...): itself, or for n = 1 its row twice. A one-row table
+    gets a static stride that Inductor's CPU flex kernel (torch 2.13) mis-indexes (batch-1
+    position tables) or fails to build (DPB's one-head table: "'cur_qSplitSize4' was not
+    declared"); an unused second row keeps the dim symbolic."""
+    return table.expand(2, *table.shape[1:]).contiguous() if table.shape[0] == 1 else table
 
 
 def _split(
