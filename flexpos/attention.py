@@ -80,19 +80,23 @@ def attention(
             call: see :func:`flexpos.backends.choose_backend`), 'flex' or 'chunked'.
         kernel_options: FlexAttention ``kernel_options`` for the flex backend (on GPUs Triton
             tile sizes such as ``BLOCK_M``, ``num_stages``; ``fwd_``/``bwd_`` prefixes for one
-            pass), over flexpos' own choice, passed on unchecked: options that change results
+            pass), over flexpos' own choice. Passed on unchecked, except ``OUTPUT_LOGSUMEXP``
+            and ``OUTPUT_MAX``, which flex sets itself: options that change results
             (``ROWS_GUARANTEED_SAFE``) are the caller's responsibility. The chunked backend
             ignores them.
 
     Returns:
-        (B, *, H, Lq, Dv). Query rows with no key to attend to are zeros (also where Lk = 0);
-        any of B, *, H, Lq, Lk and Dv may be 0.
+        (B, *, H, Lq, Dv) in q's dtype; under ``torch.autocast`` float32 q, k, v are first
+        cast to its dtype, as SDPA's are (biases are still added in float32). Query rows with
+        no key to attend to are zeros (also where Lk = 0); any of B, *, H, Lq, Lk and Dv may
+        be 0.
 
     Example::
 
         out = flexpos.attention(q, k, v, ALiBi(8), Rotary(64), pos=pos, mask=key_valid)
     """
     batch = _check_qkv(q, k, v)
+    q, k, v = _autocast_qkv(q, k, v)
     heads, len_q, len_k, head_dim = q.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1]
     modules = _check_positional(positional, heads, head_dim, q.device)
     scale = head_dim**-0.5 if scale is None else check_positive_float("scale", scale)
@@ -147,6 +151,16 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
     if tuple(v.shape[:-1]) != tuple(k.shape[:-1]):
         raise ValueError(f"v must have shape {shape_text(*k.shape[:-1], 'Dv')} to match k, got {tuple(v.shape)}")
     return batch
+
+
+def _autocast_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Under ``torch.autocast`` for q's device, float32 q, k, v in its dtype, as autocast casts
+    SDPA's: flex would take them so, and chunked returns the same dtype. Biases stay float32."""
+    device = q.device.type
+    if q.dtype != torch.float32 or not torch.is_autocast_enabled(device):
+        return q, k, v
+    low = torch.get_autocast_dtype(device)
+    return q.to(low), k.to(low), v.to(low)
 
 
 def _check_not_vmapped(**tensors: object) -> None:

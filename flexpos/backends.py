@@ -135,6 +135,10 @@ with CUDA's default bf16 tiles on an H100/H200 (forward 128x128) DPB with a padd
 KernelOptions = Mapping[str, Union[int, bool, str]]
 
 
+# Chosen by flex_attention per call (from grad mode and return flags); it refuses them given.
+FLEX_OWN_OPTIONS = ("OUTPUT_LOGSUMEXP", "OUTPUT_MAX")
+
+
 def check_kernel_options(options: object) -> Optional[dict[str, Union[int, bool, str]]]:
     """None, or a mapping of FlexAttention kernel option names (str) to int, bool or str values,
     copied into a dict."""
@@ -147,6 +151,8 @@ def check_kernel_options(options: object) -> Optional[dict[str, Union[int, bool,
             raise TypeError(f"kernel_options keys must be option names (str), got {key!r}")
         if not isinstance(value, (int, str)):  # bool is an int
             raise TypeError(f"kernel_options[{key!r}] must be an int, bool or str, got {type(value).__name__}")
+        if key in FLEX_OWN_OPTIONS:
+            raise ValueError(f"kernel_options[{key!r}] is set by FlexAttention itself; leave it out")
     return dict(options)
 
 

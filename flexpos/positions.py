@@ -111,7 +111,8 @@ as they do when q is laid out (B, L, H, D)."""
 class Positions:
     """Positions of one attention call, resolved and checked.
 
-    q: (B, Lq') and k: (B, Lk') as given (int or float); len_q, len_k: token counts Lq, Lk.
+    q: (B, Lq') and k: (B, Lk') as int64 or float64 (``0 .. L-1`` where none were given);
+    len_q, len_k: token counts Lq, Lk.
     Build one with :meth:`resolve`.
     """
 

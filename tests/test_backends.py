@@ -355,6 +355,21 @@ def test_compile_setting_changed_between_forward_and_backward(forward_compiled):
 
 
 @needs_cpu_flex
+def test_autocast_casts_float32_qkv_on_both_backends():
+    """Under bf16 autocast, float32 q, k, v reach either backend in bf16, as SDPA's would: both
+    return bf16, at bf16's distance from the float64 reference of the rounded inputs."""
+    q, k, v = inputs(2, 160)
+    pos = positions(2, 160)
+    p, has = R.padded_positions(pos, 2, 160)
+    ref = R.attend(*(t.bfloat16() for t in (q, k, v)), R.alibi_bias(H, p, p, has, has, divide=50.0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for backend in ("flex", "chunked"):
+            out = flexpos.attention(q, k, v, ALiBi(H, divide=50.0), pos=pos, backend=backend)
+            assert out.dtype == torch.bfloat16, backend
+            assert (out.double() - ref).abs().max() <= TOLERANCE[torch.bfloat16], backend
+
+
+@needs_cpu_flex
 def test_cpu_flex_small_head_dims_and_short_sequences():
     """Head dims 8 and 16 at lengths < 128 on the CPU flex kernel (which flexpos feeds zero-padded
     to head dim 32) against the float64 reference."""

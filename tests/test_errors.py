@@ -87,6 +87,8 @@ def attn(*args, **kwargs):
         (lambda: attn(q, k, v, kernel_options={1: 64}), TypeError, r"kernel_options keys must be option names \(str\), got 1"),
         (lambda: attn(q, k, v, kernel_options={"BLOCK_M": 64.0}), TypeError, r"kernel_options\['BLOCK_M'\] must be an int, bool or str, got float"),
         (lambda: AttentionLayer(32, 4, kernel_options={"num_stages": None}), TypeError, r"kernel_options\['num_stages'\] must be an int"),
+        (lambda: attn(q, k, v, kernel_options={"OUTPUT_LOGSUMEXP": False}), ValueError, r"kernel_options\['OUTPUT_LOGSUMEXP'\] is set by FlexAttention itself"),
+        (lambda: AttentionLayer(32, 4, kernel_options={"OUTPUT_MAX": True}), ValueError, r"kernel_options\['OUTPUT_MAX'\] is set by FlexAttention itself"),
         (lambda: attn(q, k, v, scale="a"), TypeError, "scale must be a positive float"),
         (lambda: attn(q, k, v, scale=float("nan")), ValueError, "scale must be a finite positive"),
         (lambda: attn(q, k, v, scale=1e39), ValueError, r"scale must be finite in q's dtype torch.float32 \(at most 3.4e\+38\)"),

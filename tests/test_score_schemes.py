@@ -206,8 +206,9 @@ def test_dpb_float32_interpolation_rounds_at_the_scale_of_the_distance(dpb_grid)
 
 @pytest.mark.parametrize("scheme", ["alibi", "dpb"])
 def test_autocast_leaves_the_bias_in_float32(scheme):
-    """Under bf16 autocast the bias stays float32 (DPB's table MLP included) and is added to
-    float32 scores: autocast would round a bias of size 1e3 by whole units."""
+    """Under bf16 autocast q, k, v are cast to bf16 but the bias stays float32 (DPB's table MLP
+    included) and is added to float32 scores: autocast would round a bias of size 1e3 by whole
+    units, moving softmax weights by factors up to e^4."""
     q, k, v = qkv(dtype=torch.float32)
     pos = irregular(B, L)  # distances up to ~6000: DPB's table stays exact
     module = ALiBi(H) if scheme == "alibi" else DPB(16, H, depth=2, divide=10.0)
@@ -217,10 +218,11 @@ def test_autocast_leaves_the_bias_in_float32(scheme):
     else:
         bias = R.dpb_bias(module.double(), pq, pq, hq, hq, 10.0)
         module.float()
-    ref = R.attend(q.double(), k.double(), v.double(), bias)
+    ref = R.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = flexpos.attention(q, k, v, module, pos=pos)
-    assert_close(out, ref, torch.float32)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref, torch.bfloat16)
 
 
 @pytest.mark.parametrize("scheme", ["dpb", "learned_continuous"])
