@@ -10,6 +10,7 @@ resets torch.compile, so each case compiles once, outside the timings, and the r
 from __future__ import annotations
 
 import gc
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
@@ -37,6 +38,13 @@ class Live:
 
 
 _live: Optional[Live] = None
+
+
+def lengths(default: tuple[int, ...]) -> list[int]:
+    """The suite's lengths, or those in FLEXPOS_BENCH_LENGTHS; a window suite runs at the
+    one length given there, else at its own."""
+    text = os.environ.get("FLEXPOS_BENCH_LENGTHS")
+    return [int(x) for x in text.replace(",", " ").split()] if text else list(default)
 
 
 def live_case(setup: Setup) -> Live:

@@ -1,12 +1,13 @@
 """pytest-benchmark suites: ``pytest benchmarks/ --benchmark-only`` (never part of ``pytest``).
 
-The unit run collects ``tests/`` only (``testpaths``); these suites take minutes to hours.
-``FLEXPOS_BENCH_LENGTHS=1024,4096`` limits the lengths of every suite.
+The unit run collects ``tests/`` only (``testpaths``); these suites take minutes to hours, so
+a run without ``--benchmark-only`` (``pytest .``, say) skips them.
+``FLEXPOS_BENCH_LENGTHS=1024,4096`` limits the lengths of the scheme suites (see
+:func:`_harness.lengths`).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -16,11 +17,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _harness import summary_lines  # noqa: E402
 
+HERE = Path(__file__).parent
 
-def lengths(default: tuple[int, ...]) -> list[int]:
-    """The suite's lengths, or those in FLEXPOS_BENCH_LENGTHS."""
-    text = os.environ.get("FLEXPOS_BENCH_LENGTHS")
-    return [int(x) for x in text.replace(",", " ").split()] if text else list(default)
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("benchmark_only", False):
+        return
+    skip = pytest.mark.skip(reason="benchmarks run with `pytest benchmarks/ --benchmark-only`")
+    for item in items:
+        if HERE in Path(str(item.path)).parents:
+            item.add_marker(skip)
 
 
 @pytest.hookimpl(trylast=True)

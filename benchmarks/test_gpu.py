@@ -7,8 +7,7 @@ reference for the score_mods' throughput target). Skipped without CUDA.
 
 import pytest
 import torch
-from _harness import PATHS, run
-from conftest import lengths
+from _harness import PATHS, lengths, run
 
 from flexpos.bench import Setup
 
@@ -19,7 +18,7 @@ LENGTHS = lengths((1024, 4096, 16384, 65536))
 MODES = ("fwd", "fwdbwd")
 GPU_PATHS = (*PATHS, "flex_floor")
 CASES = [(s, n, m, p) for m in MODES for s in SCHEMES for n in LENGTHS for p in GPU_PATHS]
-WINDOW_LENGTH = 16384
+WINDOW_LENGTH = max(LENGTHS) if len(LENGTHS) == 1 else 16384
 WINDOWS = [2 * WINDOW_LENGTH // d for d in (64, 16, 4, 1)]
 WINDOW_CASES = [(m, w, p) for m in MODES for w in WINDOWS for p in ("flexpos", "dense")]
 

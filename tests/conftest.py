@@ -1,9 +1,7 @@
-"""Shared test settings.
-
-Tolerances are stated once, per dtype, as the largest allowed |flexpos - float64 reference|
-on attention outputs of unit-scale inputs. Transforms run eagerly unless a test asks for the
-compiled path with the ``compiled`` fixture: the numbers are the same and every compiled
-variant costs ~15 s on a 2-core CPU.
+"""Shared test settings: transforms run eagerly unless a test asks for the compiled path with
+the ``compiled`` fixture (the numbers are the same and every compiled variant costs ~15 s on
+a 2-core CPU). Tolerances live in ``support.py``: test modules import them from there, not
+from ``conftest`` (a name benchmarks/ has too).
 """
 
 from __future__ import annotations
@@ -15,23 +13,10 @@ import pytest
 import torch
 
 import flexpos
-from flexpos import backends
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-TOLERANCE = {
-    torch.float64: 1e-9,
-    torch.float32: 2e-5,
-    torch.float16: 5e-3,
-    torch.bfloat16: 3e-2,
-}
-
 flexpos.set_compile(False)
-
-needs_cpu_flex = pytest.mark.skipif(
-    backends.torch_version() < backends.CPU_FLEX_MIN_TORCH, reason="no CPU flex kernel in this torch"
-)
-
 
 @pytest.fixture
 def compiled():

@@ -12,7 +12,7 @@ import torch
 from bio_attention import positional as original
 from torch import Tensor
 
-from conftest import TOLERANCE
+from support import TOLERANCE
 from legacy import positional as legacy
 
 F32_ATOL = TOLERANCE[torch.float32]

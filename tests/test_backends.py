@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 import flexpos
 import reference as R
-from conftest import TOLERANCE, needs_cpu_flex
+from support import TOLERANCE, needs_cpu_flex
 from flexpos import ALiBi, DPB, XL
 from flexpos import backends, chunked
 from flexpos._compile import RECOMPILE_LIMIT, LazyCompiled, compile_settings

@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 
-from conftest import TOLERANCE
+from support import TOLERANCE
 from flexpos import bench
 from flexpos.bench import cli
 
 FIELDS = {
     "scheme", "length", "batch", "heads", "head_dim", "dtype", "mode", "device", "dense_ms", "flexpos_ms",
-    "floor_ms", "speedup", "dense_peak_mb", "flexpos_peak_mb", "max_abs_diff", "compile_s", "dense_status",
+    "floor_ms", "speedup", "dense_peak_mb", "flexpos_peak_mb", "max_abs_diff", "dense_abs_diff", "compile_s", "dense_status",
     "flexpos_status",
 }
 
@@ -44,7 +44,8 @@ def test_default_path_matches_the_dense_path(tmp_path, capsys):
             r["dense_ms"] / r["flexpos_ms"], rel=0.005)
         assert r["compile_s"] >= 0
     table = capsys.readouterr().out
-    assert "dense peak MB" in table and "max |diff|" in table and "alibi" in table
+    assert "dense peak MiB" in table and "max |diff|" in table and "alibi" in table
+    assert "dense |diff|" not in table and all(r["dense_abs_diff"] is None for r in rows)  # float32: none
 
 
 @pytest.mark.parametrize("dense", ["formula", "bio"])
@@ -59,16 +60,21 @@ def test_every_scheme_forward_and_backward_agrees(tmp_path, dense):
         assert r["max_abs_diff"] < 2e-4, r
 
 
-def test_bio_attentions_dense_path_runs_in_bfloat16(tmp_path):
+def test_bio_attentions_dense_path_runs_in_bfloat16(tmp_path, capsys):
     """Its float32 plugins get float32 copies of bfloat16 q and k (a bare call failed on the dtype
-    mismatch for DPB and XL). DPB's biases here reach hundreds, rounded to bfloat16 steps of 1-2
-    in either path's SDPA: its outputs are compared in float32 only (above)."""
+    mismatch for DPB and XL). Both paths are measured against the dense path in float32 on the
+    same inputs: DPB's biases here reach hundreds, which the dense path casts to bfloat16 steps
+    of 1-2 (it is the one off), while flexpos adds them to float32 scores."""
     if not bench.bio_available():
         pytest.skip("bio-attention is not installed")
     data = run(tmp_path, "--schemes", *bench.SCHEMES, "--backend", "chunked", "--dtype", "bfloat16", "--dense", "bio")
     for r in data["results"]:
         assert r["dense_status"] == "ok" and r["flexpos_status"] == "ok", r
-        assert r["scheme"] == "dpb" or r["max_abs_diff"] < TOLERANCE[torch.bfloat16], r
+        assert r["max_abs_diff"] < TOLERANCE[torch.bfloat16] and r["dense_abs_diff"] is not None, r
+    dpb = next(r for r in data["results"] if r["scheme"] == "dpb")
+    assert dpb["dense_abs_diff"] > 10 * dpb["max_abs_diff"], dpb
+    out = capsys.readouterr().out
+    assert "dense |diff|" in out and "from the dense path in float32 on the same inputs" in out
 
 
 def test_dense_path_that_would_not_fit_is_reported_not_run(tmp_path, monkeypatch, capsys):
@@ -108,6 +114,16 @@ def test_arguments_are_checked():
         bench.parse_args(["--schemes", "nope"])
     args = bench.parse_args(["--schemes", "alibi,dpb", "--lengths", "128", "256", "--device", "cpu"])
     assert args.schemes == ["alibi", "dpb"] and args.lengths == [128, 256] and args.dtype == "float32"
+    again = bench.parse_args(["--lengths", "64", "--lengths", "128", "64", "--schemes", "dpb", "--schemes", "alibi,dpb"])
+    assert again.lengths == [64, 128] and again.schemes == ["dpb", "alibi"]  # repeats add up, once each
+
+
+def test_exit_status_says_whether_flexpos_failed_or_the_run_was_cut(tmp_path):
+    """1 where flexpos failed on a case (here: CPU flex refuses gradients), 130 after Ctrl-C."""
+    argv = [*SMALL, "--schemes", "alibi", "--backend", "flex", "--mode", "fwdbwd", "--device", "cpu"]
+    assert bench.main(argv) == 1
+    ok = bench.Row("alibi", 8, 1, 1, 1, "float32", "fwd", "cpu")
+    assert cli.exit_code([ok], interrupted=False) == 0 and cli.exit_code([ok], interrupted=True) == 130
 
 
 @pytest.mark.parametrize(
@@ -145,6 +161,7 @@ def test_arguments_are_checked():
         (["--plot", "{tmp}"], "--plot"),
         (["--plot", "{tmp}/plot.xyz"], "--plot"),
         (["--plot", "{tmp}/plot"], "--plot"),
+        (["--json", "{tmp}/out.png", "--plot", "{tmp}/out.png"], "--plot"),
     ],
 )
 def test_a_bad_value_is_an_argparse_error_naming_its_option(tmp_path, monkeypatch, capsys, argv, option):
@@ -164,11 +181,15 @@ def test_dense_bio_without_bio_attention_is_an_argparse_error(monkeypatch, capsy
 
 
 def test_an_unwritable_output_path_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
+    """Opened as the end of the run will open it (``os.access`` says yes to root for any path)."""
+    def refuse(path, mode="r"):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(cli, "open", refuse, raising=False)
     path = tmp_path / "out.json"
     with pytest.raises(SystemExit):
         bench.parse_args(["--json", str(path), "--device", "cpu"])
-    assert f"--json {path}: not writable" in capsys.readouterr().err
+    assert f"--json {path}: not writable (Permission denied)" in capsys.readouterr().err
 
 
 def test_edge_values_are_accepted():
@@ -194,6 +215,8 @@ def test_an_output_path_in_a_missing_folder_is_refused_before_the_run(tmp_path, 
         bench.parse_args(["--json", str(missing), "--device", "cpu"])
     assert f"--json {missing}: no folder {missing.parent}" in capsys.readouterr().err
     assert bench.parse_args(["--json", str(tmp_path / "out.json"), "--device", "cpu"]).json
+    assert not (tmp_path / "out.json").exists()  # the check leaves no empty file behind
+
 
 def test_the_memory_round_is_not_timed_unless_a_path_is_slow():
     """The round that probes peak memory carries the probe's cost: medians come from the

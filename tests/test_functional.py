@@ -5,7 +5,7 @@ import pytest
 import reference as R
 import torch
 import torch.autograd.forward_ad as fwAD
-from conftest import TOLERANCE
+from support import TOLERANCE
 from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 

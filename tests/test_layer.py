@@ -6,7 +6,7 @@ from einops import rearrange
 from torch._dynamo.utils import counters
 
 import reference as R
-from conftest import TOLERANCE, needs_cpu_flex
+from support import TOLERANCE, needs_cpu_flex
 from flexpos import DPB, XL, ALiBi, AttentionLayer, LearnedContinuous, Rotary, Sinusoidal
 from flexpos._compile import torch_version
 

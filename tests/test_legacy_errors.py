@@ -11,7 +11,7 @@ from bio_attention import positional as original
 from bio_attention.attention import Attention
 
 import flexpos
-from conftest import TOLERANCE
+from support import TOLERANCE
 from legacy import positional as legacy
 from legacy.layers import AttnLayer, TransformerLayer
 

@@ -19,7 +19,7 @@ import flexpos
 from flexpos.base import index_grids
 from legacy import _hint
 from legacy import positional as legacy
-from conftest import TOLERANCE
+from support import TOLERANCE
 from legacy_support import SCHEMES, assert_same, atol_for, irregular, pair, scheme_id
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")

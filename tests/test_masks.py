@@ -8,7 +8,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, crea
 import flexpos
 import flexpos.masks as M
 import reference as R
-from conftest import TOLERANCE
+from support import TOLERANCE
 
 LQ, LK = 300, 420
 

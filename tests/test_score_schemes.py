@@ -10,7 +10,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import flexpos
 import reference as R
-from conftest import TOLERANCE
+from support import TOLERANCE
 from flexpos import ALiBi, DPB, XL, Rotary
 from flexpos.base import QK, Positional, index_grids
 from flexpos.dpb import DistanceGrid

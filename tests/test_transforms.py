@@ -7,7 +7,7 @@ import torch
 
 import flexpos
 import reference as R
-from conftest import TOLERANCE
+from support import TOLERANCE
 from flexpos import LearnedContinuous, LearnedVocab, Rotary, Sinusoidal
 
 F64 = torch.float64

@@ -105,13 +105,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog=program(),
         description="flexpos vs the dense path (materialised (B, NH, L, L) bias + SDPA), side by side.",
-        epilog="Example: python -m flexpos.bench --schemes alibi dpb --lengths 1024 4096 --json out.json",
+        epilog="Example: python -m flexpos.bench --schemes alibi dpb --lengths 1024 4096 --json out.json. "
+        "Exit status: 0; 1 where flexpos failed on a case; 130 when interrupted.",
     )
     p.add_argument("--device", default="auto", type=device_name, help="auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--lengths", nargs="+", type=positive_ints, default=None, metavar="L",
+    p.add_argument("--lengths", nargs="+", action="extend", type=positive_ints, default=None, metavar="L",
                    help=f"sequence lengths (default {' '.join(map(str, DEFAULT_LENGTHS))})")
-    p.add_argument("--schemes", nargs="+", type=scheme_names, default=None, metavar="S",
+    p.add_argument("--schemes", nargs="+", action="extend", type=scheme_names, default=None, metavar="S",
                    help=f"any of {', '.join(SCHEMES)} (default {' '.join(SCHEMES)})")
     p.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwd", help="forward, or forward + backward (default fwd)")
     p.add_argument("--batch", type=positive_int, default=1, help="sequences per call (default 1)")
@@ -129,8 +130,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--plot", metavar="PATH", help="draw time and memory vs L (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
-    args.schemes = [name for names in args.schemes for name in names] if args.schemes else list(SCHEMES)
-    args.lengths = [n for ns in args.lengths for n in ns] if args.lengths else list(DEFAULT_LENGTHS)
+    # Repeated options add up; a value given twice runs once.
+    args.schemes = list(dict.fromkeys(n for names in args.schemes for n in names)) if args.schemes else list(SCHEMES)
+    args.lengths = list(dict.fromkeys(n for ns in args.lengths for n in ns)) if args.lengths else list(DEFAULT_LENGTHS)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -142,6 +144,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         p.error(PLOT_NEEDS)
     _check_output(p, "--json", args.json)
     _check_output(p, "--plot", args.plot)
+    if args.json and args.plot and os.path.abspath(args.json) == os.path.abspath(args.plot):
+        p.error(f"--json and --plot name the same file {args.plot}")
     if args.plot and Path(args.plot).suffix.lower().lstrip(".") not in PLOT_FORMATS:
         p.error(f"--plot {args.plot}: name a file ending in .{', .'.join(PLOT_FORMATS)}")
     return args
@@ -183,8 +187,13 @@ def _check_output(p: argparse.ArgumentParser, option: str, path: Optional[str]) 
         p.error(f"{option} must name a file, got {path!r}")
     if not os.path.isdir(folder):
         p.error(f"{option} {path}: no folder {folder}")
-    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
-        p.error(f"{option} {path}: not writable")
+    existed = os.path.exists(path)
+    try:
+        open(path, "a").close()  # what will write it at the end; os.access trusts root
+    except OSError as err:
+        p.error(f"{option} {path}: not writable ({err.strerror})")
+    if not existed:
+        os.remove(path)
 
 
 def _header(args: argparse.Namespace, device: torch.device, dense_kind: str, memory: PeakMemory,
@@ -252,7 +261,8 @@ def _save_json(path: str, argv: Optional[Sequence[str]], args: argparse.Namespac
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m flexpos.bench [options]``: progress on stderr, the table on stdout."""
+    """``python -m flexpos.bench [options]``: progress on stderr, the table on stdout; the exit
+    status of :func:`exit_code`."""
     args = parse_args(argv)
     device = torch.device(args.device)
     dense_kind = resolve_dense(args.dense)
@@ -273,12 +283,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(rows))
     if interrupted:
         print(f"INTERRUPTED after {len(rows)} of {len(args.schemes) * len(args.lengths)} cases")
+    what = "outputs and input gradients" if args.mode == "fwdbwd" else "outputs"
+    against = ("the dense path" if args.dtype == "float32" else
+               f"the dense path in float32 on the same inputs; dense |diff|: the {args.dtype} dense path's own")
     print(f"speed-up = dense ms / flexpos ms; peak = memory growth during one warm call; "
           f"compile s = first call - steady call; total {elapsed:.0f} s")
+    print(f"max |diff| = flexpos' largest difference in its {what} from {against}")
     if args.json:
         _save_json(args.json, argv, args, dense_kind, memory, facts, rows, elapsed, interrupted)
         log(f"wrote {args.json}")
     if args.plot and rows:
         plot_results(rows, args.plot)
         log(f"wrote {args.plot}")
-    return 0
+    elif args.plot:
+        log(f"no finished case: {args.plot} not drawn")
+    return exit_code(rows, interrupted)
+
+
+def exit_code(rows: Sequence[Row], interrupted: bool) -> int:
+    """130 after Ctrl-C (as the shell reports SIGINT), 1 where flexpos failed on a case, else 0."""
+    if interrupted:
+        return 130
+    return 1 if any(r.flexpos_status.startswith("error") for r in rows) else 0

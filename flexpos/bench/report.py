@@ -22,9 +22,10 @@ COLUMNS = [
     ("dense ms", "dense_ms", ">"),
     ("flexpos ms", "flexpos_ms", ">"),
     ("speed-up", "speedup", ">"),
-    ("dense peak MB", "dense_peak_mb", ">"),
-    ("flexpos peak MB", "flexpos_peak_mb", ">"),
+    ("dense peak MiB", "dense_peak_mb", ">"),
+    ("flexpos peak MiB", "flexpos_peak_mb", ">"),
     ("max |diff|", "max_abs_diff", ">"),
+    ("dense |diff|", "dense_abs_diff", ">"),  # shown where measured: float16/bfloat16
     ("floor ms", "floor_ms", ">"),
     ("compile s", "compile_s", ">"),
 ]
@@ -36,7 +37,7 @@ def cell(key: str, value: Any) -> str:
         return "-"
     if key == "speedup":
         return f"{value:.2f}x"
-    if key == "max_abs_diff":
+    if key in ("max_abs_diff", "dense_abs_diff"):
         return f"{value:.1e}"
     if key in ("dense_peak_mb", "flexpos_peak_mb"):
         return f"{value:,.0f}" if abs(value) >= 10 else f"{value:.1f}"
@@ -47,19 +48,20 @@ def cell(key: str, value: Any) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
     """The aligned table, one line per row, with a note column (window, skipped or failed paths)."""
+    columns = [c for c in COLUMNS if c[1] != "dense_abs_diff" or any(r.dense_abs_diff is not None for r in rows)]
     body = []
     for r in rows:
-        cells = [cell(key, getattr(r, key)) for _, key, _ in COLUMNS]
+        cells = [cell(key, getattr(r, key)) for _, key, _ in columns]
         notes = [] if r.window is None else [f"window {r.window:g}"]
         if r.dense_status != "ok":
             notes.append(f"dense {r.dense_status}")
         if r.flexpos_status != "ok":
             notes.append(f"flexpos {r.flexpos_status}")
         body.append((cells, "; ".join(notes)))
-    widths = [max(len(h), *(len(c[i]) for c, _ in body)) if body else len(h) for i, (h, _, _) in enumerate(COLUMNS)]
+    widths = [max(len(h), *(len(c[i]) for c, _ in body)) if body else len(h) for i, (h, _, _) in enumerate(columns)]
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(f"{c:{a}{w}}" for c, w, (_, _, a) in zip(cells, widths, COLUMNS))
-    out = [line([h for h, _, _ in COLUMNS]) + "  note", line(["-" * w for w in widths])]
+        return "  ".join(f"{c:{a}{w}}" for c, w, (_, _, a) in zip(cells, widths, columns))
+    out = [line([h for h, _, _ in columns]) + "  note", line(["-" * w for w in widths])]
     out += [(line(c) + ("  " + n if n else "")).rstrip() for c, n in body]
     return "\n".join(out)
 
@@ -124,7 +126,7 @@ def plot_results(rows: Sequence[Row], path: str) -> None:
                 label = "SDPA floor" if kind == "floor" else f"{scheme} {kind}"
                 ax.plot(*zip(*pts), style, marker=marker, color="gray" if kind == "floor" else colors[i % len(colors)],
                         label=label)
-    for ax, title, unit in ((ax_t, "time", "ms"), (ax_m, "peak memory growth", "MB")):
+    for ax, title, unit in ((ax_t, "time", "ms"), (ax_m, "peak memory growth", "MiB")):
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
         ax.set_yscale("log")

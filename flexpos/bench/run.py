@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import statistics
 import time
@@ -31,10 +32,11 @@ class Row:
     flexpos_ms: Optional[float] = None
     floor_ms: Optional[float] = None
     speedup: Optional[float] = None
-    dense_peak_mb: Optional[float] = None
+    dense_peak_mb: Optional[float] = None  # peaks: memory growth in MiB
     flexpos_peak_mb: Optional[float] = None
     floor_peak_mb: Optional[float] = None
     max_abs_diff: Optional[float] = None
+    dense_abs_diff: Optional[float] = None
     compile_s: Optional[float] = None
     dense_estimate_gib: Optional[float] = None
     dense_status: str = "ok"
@@ -90,9 +92,21 @@ class Runner:
         return time.perf_counter() - start
 
 
+def _full(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".strip()
+
+
 def _short(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}".strip().splitlines()[0]
-    return text[:90]
+    """The error's first line, cut to fit a table note (the log has it whole)."""
+    text = _full(err).splitlines()[0]
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
+def _free(device: torch.device) -> None:
+    """Memory a failed call left behind, returned (to the CUDA allocator's pool too)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -101,6 +115,35 @@ def _is_oom(err: BaseException) -> bool:
 
 def _max_diff(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
     return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b))
+
+
+def _agreement(
+    s: Setup, case: Case, runner: Runner, row: Row, flexpos_out: Sequence[Tensor], dense_out: Sequence[Tensor],
+    log: Log, tag: str,
+) -> None:
+    """``row.max_abs_diff``: flexpos' largest difference from the dense path (outputs, and input
+    gradients when running backward). In float16/bfloat16, from the dense path rerun in float32
+    on the same (rounded) inputs instead, next to the low-precision dense path's own difference
+    (``row.dense_abs_diff``): its bias, cast to q's dtype, is off by whole units where large."""
+    if s.dtype == "float32":
+        row.max_abs_diff = _max_diff(flexpos_out, dense_out)
+        return
+    log(f"{tag}: dense path in float32 on the same inputs, the reference ...")
+    try:
+        reference = build_case(dataclasses.replace(s, dtype="float32"))
+        with torch.no_grad():
+            for wide, low in zip(reference.leaves, case.leaves):
+                wide.copy_(low)
+        wide_runner = Runner(runner.device, s.backward, reference.leaves)
+        wide_runner.grad_out = None if runner.grad_out is None else runner.grad_out.float()
+        expected = wide_runner.call(reference.dense)
+    except Exception as err:  # the difference from the low-precision dense path, then
+        log(f"{tag}: no float32 reference ({_full(err)}): max |diff| is from the {s.dtype} dense path")
+        _free(runner.device)
+        row.max_abs_diff = _max_diff(flexpos_out, dense_out)
+        return
+    row.max_abs_diff = _max_diff(flexpos_out, expected)
+    row.dense_abs_diff = _max_diff(dense_out, expected)
 
 
 def _reset_compiled() -> None:
@@ -125,7 +168,7 @@ def _first_flexpos(
         return runner.first(case.flexpos)
     except Exception as err:  # reported in the table; the case's compiled state is dropped
         row.flexpos_status = "error: " + _short(err)
-        log(f"{tag}: flexpos failed: {_short(err)}")
+        log(f"{tag}: flexpos failed: {_full(err)}")
         _reset_compiled()
         return None
 
@@ -147,10 +190,8 @@ def _first_dense(
         return runner.first(case.dense)
     except Exception as err:
         row.dense_status = ("out of memory: " if _is_oom(err) else "error: ") + _short(err)
-        log(f"{tag}: dense path failed: {row.dense_status}")
-        gc.collect()
-        if runner.device.type == "cuda":
-            torch.cuda.empty_cache()
+        log(f"{tag}: dense path failed: {_full(err)}")
+        _free(runner.device)
         return None
 
 
@@ -204,7 +245,7 @@ def run_case(
         "floor": runner.first(case.floor),
     }
     if first["flexpos"] is not None and first["dense"] is not None:
-        row.max_abs_diff = _max_diff(first["flexpos"][1], first["dense"][1])
+        _agreement(s, case, runner, row, first["flexpos"][1], first["dense"][1], log, tag)
     started = {name: result[0] for name, result in first.items() if result is not None}
     first.clear()  # the outputs: free them before timing
     gc.collect()
