@@ -56,5 +56,6 @@ def main() -> None:
             a, b = (1e3 * median_ms(fn, args.repeat) for fn in (ours, theirs))
         print(f"{name:32s} {a:10.0f} {b:9.0f} {a / b:12.1f}x")
 
+
 if __name__ == "__main__":
     main()

@@ -36,6 +36,7 @@ from flexpos import chunked  # noqa: E402
 from flexpos.bench import irregular_positions  # noqa: E402
 from targets import interleaved  # noqa: E402  (the timing helper of benchmarks/targets.py)
 
+
 def median_ms(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
     """:func:`targets.interleaved` after one warm-up each: median milliseconds per name."""
     for fn in fns.values():

@@ -4,7 +4,7 @@ score_mod (the GPU target's reference), through ``flexpos.attention(..., kernel_
     PYTHONPATH=. python benchmarks/flex_tiles.py                 # bf16, B=4 H=16 D=64, L=8192, fwd+bwd
     PYTHONPATH=. python benchmarks/flex_tiles.py --schemes dpb --configs "fwd 128x64" "bwd 64x64, 2 stages"
 
-Each configuration's options go over flexpos' own (for DPB, ``flexpos.backends.GATHER_TILES``:
+Each configuration's options go over flexpos' own (for DPB, ``flexpos.flex.GATHER_TILES``:
 forward 64x64, backward 32x64 / 64x32; flex's defaults for ALiBi). A configuration whose kernels
 do not fit the GPU's shared memory fails at its first call, and a failed compiled call leaves
 later compiled calls in its process on a slow path: the configurations run in a worker process,

@@ -7,7 +7,7 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
   flex no score_mod, symbolic sizes
                           torch.compile(flex_attention, dynamic=True): what symbolic sizes cost
   flex no score_mod, DPB's tiles
-                          the same with flexpos.backends.GATHER_TILES: what DPB's smaller tiles
+                          the same with flexpos.flex.GATHER_TILES: what DPB's smaller tiles
                           cost before any per-score work
   per-head constant       score - rate_h: what any score_mod costs before per-score work
   ALiBi                   flexpos.ALiBi as shipped: these integer positions are less than 2^24
@@ -69,7 +69,7 @@ import targets  # noqa: E402  (the timing helpers of benchmarks/targets.py)
 from targets import fmt, interleaved, release, say  # noqa: E402
 
 import flexpos  # noqa: E402
-from flexpos import backends  # noqa: E402
+from flexpos import flex  # noqa: E402
 from flexpos._compile import lazy_compile  # noqa: E402
 from flexpos.bench import Runner, Setup, build_case, irregular_positions  # noqa: E402
 from flexpos.dpb import DistanceGrid  # noqa: E402
@@ -174,18 +174,18 @@ def score_rows(s: Setup, repeat: int) -> None:
     alibi = case.modules["flexpos"]
     dpb = flexpos.DPB(32, s.heads, depth=2).to(device).requires_grad_(False)
     symbolic = torch.compile(flex_attention, dynamic=True)
-    tiles = backends.flex_kernel_options(device, [dpb])
+    tiles = flex.flex_kernel_options(device, [dpb])
 
     learned = flexpos.ALiBi(s.heads, divide=1.0, learned_div=True).to(device)
     spread = spread_rates(learned, pos, length)
 
     def direct(mod: Callable[..., Tensor], options: Optional[dict[str, int]]) -> ScoreFn:
-        return lambda: backends.run_flex(q, k, v, mod, mask, q.shape[-1] ** -0.5, options)
+        return lambda: flex.run_flex(q, k, v, mod, mask, q.shape[-1] ** -0.5, options)
 
     rows: list[tuple[str, ScoreFn]] = [
         ("flex no score_mod", case.flex_floor),
         ("flex no score_mod, symbolic sizes", lambda: symbolic(q, k, v, block_mask=mask)),
-        ("flex no score_mod, DPB's tiles", lambda: flexpos.attention(q, k, v, kernel_options=backends.GATHER_TILES)),
+        ("flex no score_mod, DPB's tiles", lambda: flexpos.attention(q, k, v, kernel_options=flex.GATHER_TILES)),
         ("per-head constant", direct(per_head_constant(alibi), None)),
         ("ALiBi", case.flexpos),
         ("ALiBi, hi + lo parts", direct(on_device_only(alibi, pos, length), None)),
@@ -193,7 +193,7 @@ def score_rows(s: Setup, repeat: int) -> None:
         ("ALiBi, default positions", lambda: flexpos.attention(q, k, v, alibi)),
         ("ALiBi, learned divisor", lambda: flexpos.attention(q, k, v, learned, pos=pos)),
         ("ALiBi, learned divisor, rates spread",
-         lambda: backends.run_flex(q, k, v, spread(), mask, q.shape[-1] ** -0.5)),
+         lambda: flex.run_flex(q, k, v, spread(), mask, q.shape[-1] ** -0.5)),
         ("DPB frozen", lambda: flexpos.attention(q, k, v, dpb, pos=pos)),
         ("DPB frozen, int32 index", direct(int32_index(dpb, pos, length), tiles)),
         ("DPB frozen, bfloat16 table", lambda: with_bf16_tables(dpb, lambda: flexpos.attention(q, k, v, dpb, pos=pos))),

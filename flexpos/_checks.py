@@ -54,6 +54,24 @@ def check_bool(name: str, value: object) -> bool:
     raise TypeError(f"{name} must be a bool, got {shown}")
 
 
+def check_layer_dtype(name: str, t: Tensor, weight: Tensor) -> None:
+    """A layer's input ``t`` must have the dtype of the layer's ``weight``, unless autocast,
+    which casts it at the projections, is on for its device."""
+    if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
+        raise TypeError(f"{name} must have the layer's dtype {weight.dtype}, got {t.dtype} (or run under autocast)")
+
+
+def check_module_heads(module: nn.Module, heads: int, head_dim: int, where: str) -> None:
+    """``module``'s own head count and head dim, where it has them, must be ``heads`` and
+    ``head_dim``; ``where`` names their source in the message ("q has", "the layer has")."""
+    n_heads = getattr(module, "n_heads", heads)
+    if n_heads != heads:
+        raise ValueError(f"{type(module).__name__} was built for n_heads={n_heads} but {where} {heads} heads")
+    own_dim = getattr(module, "head_dim", head_dim)
+    if own_dim != head_dim:
+        raise ValueError(f"{type(module).__name__} was built for head_dim={own_dim} but {where} head dim {head_dim}")
+
+
 def check_module_device(module: nn.Module, device: torch.device) -> None:
     """Every parameter and buffer of ``module`` must be on ``device``, its input's device (one
     left behind, such as a buffer outside the state_dict after ``load_state_dict(assign=True)``

@@ -76,7 +76,8 @@ def _settings() -> Iterator[tuple[Any, str, Any]]:
     """
     limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
     yield dynamo_config, limit, max(getattr(dynamo_config, limit), RECOMPILE_LIMIT)
-    yield fx_config, "use_duck_shape", False
+    if hasattr(fx_config, "use_duck_shape"):  # private, in every torch from 2.6 to 2.15
+        yield fx_config, "use_duck_shape", False
     if hasattr(dynamo_config, "skip_nnmodule_hook_guards"):
         yield dynamo_config, "skip_nnmodule_hook_guards", False
 

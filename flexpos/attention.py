@@ -20,23 +20,17 @@ from ._checks import (
     check_device,
     check_float,
     check_module_device,
+    check_module_heads,
     check_positive_float,
     check_rank,
     check_tensor,
     shape_text,
 )
 from ._host import functorch_active, vmapped
-from .backends import (
-    Backend,
-    KernelOptions,
-    check_backend,
-    check_kernel_options,
-    choose_backend,
-    flex_kernel_options,
-    run_flex,
-)
+from .backends import Backend, check_backend, choose_backend
 from .base import Positional, ScoreMod
 from .chunked import run_chunked
+from .flex import KernelOptions, check_kernel_options, flex_kernel_options, run_flex
 from .masks import and_masks, causal_mask, dense_mask, full_mask, tiles_decide
 from .positions import BLOCK, IN_QK, Positions
 
@@ -186,21 +180,10 @@ def _check_positional(
                 f"{type(m).__name__} transforms the input x, not q/k/scores: call it on x before "
                 "the projections (flexpos.AttentionLayer does this)"
             )
-        check_heads(m, heads, head_dim, "q has")
+        check_module_heads(m, heads, head_dim, "q has")
         check_module_device(m, device)
         checked.append(m)
     return checked
-
-
-def check_heads(module: Positional, heads: int, head_dim: int, where: str) -> None:
-    """``module``'s own head count and head dim, where it has them, must be ``heads`` and
-    ``head_dim``; ``where`` names their source in the message ("q has", "the layer has")."""
-    n_heads = getattr(module, "n_heads", heads)
-    if n_heads != heads:
-        raise ValueError(f"{type(module).__name__} was built for n_heads={n_heads} but {where} {heads} heads")
-    own_dim = getattr(module, "head_dim", head_dim)
-    if own_dim != head_dim:
-        raise ValueError(f"{type(module).__name__} was built for head_dim={own_dim} but {where} head dim {head_dim}")
 
 
 def _check_mask(

@@ -1,7 +1,8 @@
-"""The chunked backend: attention with SDPA under a bias built chunk by chunk.
+"""The chunked backend: attention under a bias built chunk by chunk.
 
 Queries go in chunks; per chunk one compiled kernel evaluates the score_mod and mask_mod on the
-chunk's grid of (query, key) indices, and SDPA attends with that bias: O(chunk * Lk) memory,
+chunk's grid of (query, key) indices, and SDPA attends with that bias (or, on CPU where SDPA
+would run its math kernel, flexpos' own softmax, :func:`_attend_math`): O(chunk * Lk) memory,
 autograd for everything, float64 included. The default on CPU, where Inductor's flex kernel has
 no backward (the choice between backends: :mod:`flexpos.backends`).
 """
@@ -146,7 +147,7 @@ def _attend_math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) ->
     left is at least ``tiny``: as subnormal floats they slowed every product that reads the
     weights or their gradient several times (ALiBi's far keys), and each changes an output or
     gradient term by less than ``n * tiny`` times its other factors (1.2e-38 * n in float32).
-    ALiBi with a learned divisor and a learned DPB, forward + backward at L=1024-2048: 1.9-2.8x
+    ALiBi with a learned divisor and a learned DPB, forward + backward at L=1024-2048: 2.1-2.8x
     faster than SDPA's math kernel (benchmarks/chunked_backward.py, part 3)."""
     batch, heads, rows, _ = q.shape
     n = k.shape[-2]
@@ -196,12 +197,13 @@ def run_chunked(
     needs_grad: bool = True,
     finite_scores: bool = False,
 ) -> Tensor:
-    """Same contract as :func:`flexpos.backends.run_flex`, on any device and dtype, with
+    """Same contract as :func:`flexpos.flex.run_flex`, on any device and dtype, with
     autograd (``needs_grad``: whether q, k, v or the score_mod's parameters need gradients;
     ``finite_scores``: the score_mod never returns -inf, so only chunks that evaluate the
     mask_mod can leave a query without keys).
 
-    Queries go in chunks of :func:`chunk_rows`; each chunk attends, with SDPA, to the span of
+    Queries go in chunks of :func:`chunk_rows`; each chunk attends, with SDPA or
+    :func:`_attend_math`, to the span of
     key tiles that the BlockMask leaves non-empty for it, under a bias that one compiled kernel
     evaluates from the score_mod and mask_mod (score_mods add a bias to the score, which every
     flexpos score_mod does). Memory is O(rows * Lk) per head; under autograd each chunk is

@@ -130,7 +130,7 @@ class DPB(Positional):
     (details in :mod:`flexpos.dpb`). Tokens without a position get no bias.
 
     ``dim`` is the MLP's hidden width, not the model's. With bio-attention's defaults
-    (``depth=1``, no ``norm``) the MLP is two Linear layers, so the bias is linear in ``Delta``;
+    (``depth=1``, no ``norm``) the MLP is two Linear layers, so the bias is affine in ``Delta``;
     ``depth >= 2`` adds SiLU blocks, ``norm`` LayerNorms.
 
     A module providing a score_mod, passed to :func:`flexpos.attention` with q (B, *, n_heads, Lq, D) and positions

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence, cast
 
-import torch
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -12,15 +11,18 @@ from ._checks import (
     check_both_sides,
     check_bool,
     check_float,
+    check_layer_dtype,
     check_module_device,
+    check_module_heads,
     check_positions,
     check_positive_int,
     check_rank,
     check_tensor,
     shape_text,
 )
-from .attention import Mask, attention, check_heads
-from .backends import Backend, KernelOptions, check_backend, check_kernel_options
+from .attention import Mask, attention
+from .backends import Backend, check_backend
+from .flex import KernelOptions, check_kernel_options
 from .base import Positional
 
 
@@ -150,9 +152,7 @@ class AttentionLayer(nn.Module):
         check_rank(name, t, 3, "(B, *, L, dim)")
         check_float(name, t)
         check_module_device(self, t.device)
-        weight = self.to_q.weight
-        if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
-            raise TypeError(f"{name} must have the layer's dtype {weight.dtype}, got {t.dtype} (or run under autocast)")
+        check_layer_dtype(name, t, self.to_q.weight)
         batch = tuple(t.shape[:-2]) if batch is None else batch
         if t.shape[-1] != self.dim or tuple(t.shape[:-2]) != batch:
             raise ValueError(f"{name} must have shape {shape_text(*batch, 'L', self.dim)}, got {tuple(t.shape)}")
@@ -174,7 +174,7 @@ def _check_fits(module: object, dim: int, n_heads: int) -> None:
     if own != dim:
         raise ValueError(f"{type(module).__name__} was built for dim={own} but the layer has dim={dim}")
     if not module.transforms_input:
-        check_heads(module, n_heads, dim // n_heads, "the layer has")
+        check_module_heads(module, n_heads, dim // n_heads, "the layer has")
 
 
 def _encode(encoders: Sequence[nn.Module], x: Tensor, pos: Optional[Tensor]) -> Tensor:

@@ -72,12 +72,14 @@ def _warn_if_autocast(device: str, grad: Tensor) -> None:
 
 @lazy_compile
 def _mlp_add(mlp: nn.ModuleList, x: Tensor, pos: Tensor, keep: Tensor, div: Tensor) -> Tensor:
+    """x (N, L, dim) + keep (N, L) * mlp(pos (N, L) / div) -> (N, L, dim), one compiled kernel."""
     enc = run_mlp(mlp, (pos / div)[..., None], mlp_dtype(x.dtype))
     return x + (enc * keep[..., None]).to(x.dtype)
 
 
 @lazy_compile
 def _vocab_add(emb: nn.Embedding, x: Tensor, pos: Tensor, keep: Tensor) -> Tensor:
+    """x (N, L, dim) + keep (N, L) * emb(pos (N, L)) -> (N, L, dim), one compiled kernel."""
     return x + (emb(pos) * keep[..., None]).to(x.dtype)
 
 

@@ -230,6 +230,7 @@ def padding_mask(key_valid: Tensor, len_q: int) -> BlockMask:
 
 
 def _index_ranges(length: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """Per-block (min, max) token index, float64 (1, n_blocks(length)) each (see :func:`_ranges`)."""
     idx = torch.arange(length, device=device, dtype=torch.float64)[None]
     return _ranges(idx, torch.ones_like(idx, dtype=torch.bool), length)
 

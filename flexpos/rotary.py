@@ -8,16 +8,26 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_both_sides, check_even, check_float, check_module_device, check_rank, check_tensor
+from ._checks import (
+    check_both_sides,
+    check_even,
+    check_float,
+    check_module_device,
+    check_rank,
+    check_tensor,
+    shape_text,
+)
 from ._compile import lazy_compile
 from ._host import tracing
 from .base import QK, Positional
 from .positions import IN_QK, Positions
+from .sinusoidal import inverse_frequencies
 
 
 def rotary_frequencies(head_dim: int, n_dims: Optional[int]) -> Tensor:
-    """(head_dim // 2,) float32 rotation frequencies; pairs past ``n_dims`` get 0 (no rotation)."""
-    thetas = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    """(head_dim // 2,) float32 rotation frequencies, a sinusoid's; pairs past ``n_dims`` get 0
+    (no rotation)."""
+    thetas = inverse_frequencies(head_dim)
     if n_dims is not None:
         thetas[check_even("n_dims", n_dims) // 2 :] = 0
     return thetas
@@ -164,6 +174,7 @@ class Rotary(Positional):
     def _cos_sin(
         self, positions: Positions, side: str, dtype: torch.dtype, centred: bool, div: Optional[Tensor] = None
     ) -> Tensor:
+        """(N, 1, L, D/2, 2) cos and sin of ``side``'s ('q' or 'k') angles (see :func:`rotation`)."""
         work = torch.promote_types(dtype, torch.float32)
         keep = positions.has_position(side)
         pos = positions.absolute(side, centred)
@@ -222,7 +233,7 @@ class Rotary(Positional):
             check_float(name, t)
         if k.shape[:-2] != q.shape[:-2]:
             raise ValueError(
-                f"k must have shape (*{tuple(q.shape[:-2])}, Lk, D) like q {tuple(q.shape)}, got {tuple(k.shape)}"
+                f"k must have shape {shape_text(*q.shape[:-2], 'Lk', 'D')} like q {tuple(q.shape)}, got {tuple(k.shape)}"
             )
         if k.dtype != q.dtype:
             raise TypeError(f"q and k must share one dtype, got {q.dtype}/{k.dtype}")

@@ -22,6 +22,7 @@ def sinusoid(angles: Tensor) -> Tensor:
 
 @lazy_compile
 def _sinusoidal_add(x: Tensor, pos: Tensor, keep: Tensor, inv_freq: Tensor, div: Tensor) -> Tensor:
+    """x (N, L, dim) + keep (N, L) * sinusoid(pos (N, L) / div * inv_freq (dim/2,)) -> (N, L, dim)."""
     # Angles in float64: absolute positions near 1e9 would be meaningless in float32.
     angles = (pos / div)[..., None] * inv_freq.double()
     enc = sinusoid(angles) * keep[..., None]

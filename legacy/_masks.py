@@ -59,6 +59,8 @@ def _as_4d(mask: Tensor, extra: int) -> Tensor:
 
 
 def _keep(keep: Tensor, extra: int, length: int) -> Tensor:
+    """A bool mask with ``extra`` trailing dims (see :func:`_as_4d`), padded with True on the
+    left to ``length`` tokens in its last dim (and its query dim, where it has one)."""
     return _pad_tokens(keep, min(extra, 2), length, True)
 
 

@@ -26,7 +26,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 import flexpos
-from flexpos._checks import check_device, check_float, check_positive_int, check_tensor
+from flexpos._checks import check_device, check_float, check_layer_dtype, check_positive_int, check_tensor
 from flexpos.backends import Backend, check_backend
 from flexpos.base import Positional
 
@@ -148,8 +148,7 @@ def check_input(x: object, weight: Tensor) -> Tensor:
         raise ValueError(f"x must have shape (B, *, L, {dim}) (at least 3 dims), got {tuple(x.shape)}")
     # Plugins check their own device where they run (flexpos.attention, mod_x, mod_qkv, mod_mask).
     check_device("x", x, weight.device, "the layer")
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(f"x must have the layer's dtype {weight.dtype}, got {x.dtype} (or run under autocast)")
+    check_layer_dtype("x", x, weight)
     return x
 
 

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 flexpos.set_compile(False)
 
+
 @pytest.fixture
 def compiled():
     """Run flexpos' pre-attention transforms compiled for the duration of a test."""

@@ -18,7 +18,7 @@ import flexpos
 import reference as R
 from support import TOLERANCE, needs_cpu_flex
 from flexpos import ALiBi, DPB, XL
-from flexpos import backends, chunked
+from flexpos import backends, chunked, flex
 from flexpos._compile import RECOMPILE_LIMIT, LazyCompiled, compile_settings
 from flexpos.backends import choose_backend
 from flexpos.positions import BLOCK
@@ -81,6 +81,7 @@ def test_cpu_flex_runs_dpb_on_its_grid_where_chunked_reads_pairs(dpb_mlp_rows):
         ref = R.attend(q, k, v, R.dpb_bias(dpb, p, p, has, has, 50.0))
         assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
         assert (chunked.double() - ref).abs().max() <= TOLERANCE[torch.float32]
+
 
 @needs_cpu_flex
 def test_flex_xl_appended_features():
@@ -151,7 +152,7 @@ def test_own_compiled_calls_allow_more_variants_than_dynamos_default(monkeypatch
         return v
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    monkeypatch.setattr(backends, "_flex", lambda device: fake_flex)
+    monkeypatch.setattr(flex, "_flex", lambda device: fake_flex)
     before = torch._dynamo.config.cache_size_limit
     previous = flexpos.set_compile(True)
     try:
@@ -159,10 +160,10 @@ def test_own_compiled_calls_allow_more_variants_than_dynamos_default(monkeypatch
     finally:
         flexpos.set_compile(previous)
     q = torch.randn(2, 2, 8, 32)
-    backends.run_flex(q, q, q, None, flexpos.full_mask(8, 8), 32**-0.5)
+    flex.run_flex(q, q, q, None, flexpos.full_mask(8, 8), 32**-0.5)
     assert limits == [RECOMPILE_LIMIT] * 2 and torch._dynamo.config.cache_size_limit == before < RECOMPILE_LIMIT
     with torch._dynamo.config.patch(cache_size_limit=1000):  # a higher setting of the user's stays
-        backends.run_flex(q, q, q, None, flexpos.full_mask(8, 8), 32**-0.5)
+        flex.run_flex(q, q, q, None, flexpos.full_mask(8, 8), 32**-0.5)
     assert limits[-1] == 1000
 
 
@@ -258,7 +259,6 @@ def test_no_key_anywhere_gives_zero_gradients_not_none():
     assert all(g is not None and g.eq(0).all() for g in grads)
 
 
-
 @pytest.mark.parametrize("shape_q, len_k", [((0, H, 10), 12), ((2, H, 0), 12), ((2, H, 10), 0), ((2, 3, H, 0), 12)])
 def test_empty_inputs_give_empty_or_zero_outputs_with_zero_gradients(shape_q, len_k):
     """An empty batch, no queries or no keys (each query then has no key: zeros, as where every
@@ -278,6 +278,7 @@ def test_empty_inputs_give_empty_or_zero_outputs_with_zero_gradients(shape_q, le
     assert all(t.grad is not None and t.grad.shape == t.shape and t.grad.eq(0).all() for t in leaves)
     with torch.no_grad():
         assert not flexpos.attention(q, k, v, *mods, pos_q=pos_q, pos_k=pos_k).requires_grad
+
 
 @pytest.mark.parametrize("len_q", [5, 0])
 def test_positions_that_no_module_reads_get_no_gradient(len_q):
@@ -557,9 +558,9 @@ def test_compiled_position_gradients_on_one_thread(tmp_path):
 def test_kernel_options_given_go_over_flexposs_own_and_reach_flex(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     given = {"BLOCK_M": 128, "bwd_num_stages": 2}
-    assert backends.flex_kernel_options(cuda, [DPB(8, 2)], given) == {**backends.GATHER_TILES, **given}
-    assert backends.flex_kernel_options(cpu, [DPB(8, 2)], given) == given
-    assert backends.flex_kernel_options(cuda, [ALiBi(2)], {}) is None
+    assert flex.flex_kernel_options(cuda, [DPB(8, 2)], given) == {**flex.GATHER_TILES, **given}
+    assert flex.flex_kernel_options(cpu, [DPB(8, 2)], given) == given
+    assert flex.flex_kernel_options(cuda, [ALiBi(2)], {}) is None
     seen = []
 
     def fake_run_flex(q, k, v, score_mod, block_mask, scale, kernel_options=None):
@@ -581,10 +582,10 @@ def test_kernel_options_given_go_over_flexposs_own_and_reach_flex(monkeypatch):
 
 def test_flex_kernel_options_shrink_tiles_for_score_mods_that_gather_per_score_on_cuda():
     cuda = torch.device("cuda")
-    tiles = backends.flex_kernel_options(cuda, [flexpos.Rotary(8), flexpos.DPB(8, 2)])
-    assert tiles == backends.GATHER_TILES
-    assert backends.flex_kernel_options(cuda, [flexpos.ALiBi(2), flexpos.Rotary(8)]) is None
-    assert backends.flex_kernel_options(torch.device("cpu"), [flexpos.DPB(8, 2)]) is None
+    tiles = flex.flex_kernel_options(cuda, [flexpos.Rotary(8), flexpos.DPB(8, 2)])
+    assert tiles == flex.GATHER_TILES
+    assert flex.flex_kernel_options(cuda, [flexpos.ALiBi(2), flexpos.Rotary(8)]) is None
+    assert flex.flex_kernel_options(torch.device("cpu"), [flexpos.DPB(8, 2)]) is None
     # flex's own constraints: tiles divide the BlockMask's blocks; backward N1 % M1 and M2 % N2
     assert all(BLOCK % size == 0 for size in tiles.values())
     assert tiles["BLOCK_N1"] % tiles["BLOCK_M1"] == 0 and tiles["BLOCK_M2"] % tiles["BLOCK_N2"] == 0

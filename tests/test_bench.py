@@ -208,7 +208,6 @@ def test_plot_without_matplotlib_is_refused_before_the_run(monkeypatch, capsys):
     assert "--plot needs matplotlib" in capsys.readouterr().err
 
 
-
 def test_an_output_path_in_a_missing_folder_is_refused_before_the_run(tmp_path, capsys):
     missing = tmp_path / "missing" / "out.json"
     with pytest.raises(SystemExit):

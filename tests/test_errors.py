@@ -101,7 +101,7 @@ def attn(*args, **kwargs):
         (lambda: Rotary(8, n_dims=3), ValueError, "n_dims must be even"),
         (lambda: Rotary(8, n_dims=10), ValueError, "n_dims must be <= head_dim"),
         (lambda: Rotary(8, n_dims="4"), TypeError, "n_dims must be an int"),
-        (lambda: Rotary(8)(sq, sq[:1]), ValueError, r"k must have shape \(\*\(2, 4\), Lk, D\) like q"),
+        (lambda: Rotary(8)(sq, sq[:1]), ValueError, r"k must have shape \(2, 4, Lk, D\) like q"),
         (lambda: Rotary(8)(sq, torch.randn(*sq.shape[:-1], 6)), ValueError, r"k must have head dim 8 \(Rotary\(head_dim=8\)\)"),
         (lambda: Rotary(8)(q, k, pos_k=torch.zeros(2, 12)), ValueError, "pos_k is given without pos_q: Rotary reads the positions"),
         (lambda: ALiBi(4, divide=0.0), ValueError, "divide must be a finite positive"),

@@ -99,6 +99,7 @@ def test_empty_batches_sequences_and_contexts():
     out = layer(x, context, pos=torch.rand(2, 40, dtype=F64), pos_context=torch.rand(2, 0, dtype=F64))
     assert torch.equal(out, layer.to_out(torch.zeros_like(x)))
 
+
 def test_layer_trains_on_cpu():
     layer = AttentionLayer(DIM, H, positional=[Rotary(DIM // H, learned_div=True), ALiBi(H, learned_div=True)])
     x = torch.randn(2, 50, DIM)

@@ -79,6 +79,7 @@ def test_what_the_original_takes_silently_is_refused(call, error, match):
     with pytest.raises(error, match=match):
         call()
 
+
 def test_a_refused_float_nh_leaves_later_layers_working():
     """einops caches recipes by value (4.0 == 4): a float nh reaching it broke later layers."""
     with pytest.raises(TypeError):

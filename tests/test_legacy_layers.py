@@ -165,7 +165,6 @@ def test_flex_layer_matches_the_original_layer(case, batch, kind):
     compare(orig, new, torch.randn(*batch, L, DIM), **_inputs(kind, [case], batch))
 
 
-
 @pytest.mark.parametrize("shape", [(0, L), (2, 0), (2, 3, 0)], ids=str)
 def test_empty_batches_and_sequences_match_the_original_layer(shape):
     """Every plugin at once on an empty batch or sequence, with positions and a key mask: the
@@ -178,6 +177,7 @@ def test_empty_batches_and_sequences_match_the_original_layer(shape):
     assert out.shape == orig(x, **call).shape == (*shape, DIM)
     out.sum().backward()
     assert all(p.grad is not None for p in new.parameters())
+
 
 @pytest.mark.parametrize("batch", BATCHES, ids=str)
 def test_plugin_list_with_cls_tokens_matches(batch):

@@ -242,7 +242,6 @@ def test_mod_qkv_and_mod_mask_in_the_original_call_order(case):
     assert_same(new.mod_mask(None, q_n, k_n, v_n, pos_q_k=pos), orig.mod_mask(None, q_o, k_o, v_o, pos_q_k=pos))
 
 
-
 @pytest.mark.parametrize("case", SCHEMES, ids=scheme_id)
 @pytest.mark.parametrize("batch, length", [((0,), L), ((2,), 0), ((2, 0), L), ((2, 3), 0)], ids=str)
 def test_empty_batches_and_sequences_pass_through_like_the_original(case, batch, length):
@@ -262,6 +261,7 @@ def test_empty_batches_and_sequences_pass_through_like_the_original(case, batch,
     for a, b in zip((*outs_n, *([mask_n] if mask_n is not None else [])), (*outs_o, mask_o)):
         assert a.shape == b.shape
         assert_same(a, b)
+
 
 def test_xl_quirk_adds_u_twice_and_never_uses_v():
     _, new = pair("XL", DIM, NH)

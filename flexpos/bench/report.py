@@ -59,6 +59,7 @@ def format_table(rows: Sequence[Row]) -> str:
             notes.append(f"flexpos {r.flexpos_status}")
         body.append((cells, "; ".join(notes)))
     widths = [max(len(h), *(len(c[i]) for c, _ in body)) if body else len(h) for i, (h, _, _) in enumerate(columns)]
+
     def line(cells: Sequence[str]) -> str:
         return "  ".join(f"{c:{a}{w}}" for c, w, (_, _, a) in zip(cells, widths, columns))
     out = [line([h for h, _, _ in columns]) + "  note", line(["-" * w for w in widths])]
