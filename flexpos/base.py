@@ -76,6 +76,14 @@ class Positional(nn.Module):
     rounds every angle, by whole turns at large positions. A module built on the meta device
     gets them, with their constructor's values, from ``to_empty``, and a fixed divisor from
     ``load_state_dict(assign=True)`` (no checkpoint holds it).
+
+    Class flags, which steer where :func:`flexpos.attention` and the layer call a module: one
+    of ``transforms_input`` (x before the projections), ``transforms_qk`` (:meth:`transform_qk`)
+    and ``modifies_scores`` (:meth:`score_mod`); ``takes_dot_only``: its transform may use that
+    q and k meet only in their dot product when it is the last one; ``masks_scores``: its
+    score_mod may return -inf; ``gathers_per_score``: its score_mod reads a table at an index
+    that depends on q and k both; ``cpu_flex_refusal``: what Inductor's CPU flex kernel cannot
+    run with it, if anything.
     """
 
     transforms_input = False

@@ -229,42 +229,68 @@ def run_chunked(
     rows = chunk_rows(q.shape[0] * q.shape[1], len_k, q.device)
     plan = _blind_plan(len_q, len_k, rows) if unread else on_host(functional, _plan, states, len_q, len_k, rows)
     # One output buffer, filled chunk by chunk: a list of chunk outputs would interleave small
-    # long-lived blocks with the freed bias buffers and fragment the heap. torch.func's
-    # transforms take neither in-place writes of batched chunks nor checkpoint's hooks: there
-    # the chunks are concatenated and kept for backward (memory O(Lq * Lk), as the dense path).
+    # long-lived blocks with the freed bias buffers and fragment the heap.
     out = v.new_zeros(*q.shape[:2], len_q, v.shape[-1])
-    pieces: list[tuple[int, int, Tensor]] = []  # under torch.func: (start, stop, chunk output)
-    recompute: Optional[dict[str, Any]] = None
-    keep = needs_grad and not functional and torch.is_grad_enabled() and _keeps_outputs(q, k, v, score_mod)
-    # Checkpoint would recompute a chunk in backward, outside forward-mode AD's dual level, where
-    # it takes other kernels and saves other tensors: in forward mode chunks are kept.
-    recomputes = needs_grad and torch.is_grad_enabled() and not forward_ad_active()
-    if keep:  # what kept chunks keep, in two buffers for the same reason as ``out``
-        work = torch.promote_types(q.dtype, torch.float32)
-        kept = (q.new_empty(*q.shape[:2], len_q, v.shape[-1], dtype=work), q.new_empty(*q.shape[:3], dtype=work))
-        settings = _settings_now()
+    pieces: list[tuple[int, int, Tensor]] = []  # stored chunks: (start, stop, chunk output)
+    call = _ChunkCall(_chunk_mode(q, k, v, score_mod, needs_grad, functional), q, v)
     with compile_settings():  # entered once, not per chunk
         for c in plan:
             args = (q[:, :, c.start : c.stop], k[:, :, c.k0 : c.k1], v[:, :, c.k0 : c.k1], c.start, c.k0, score_mod,
                     block_mask.mask_mod if c.partial else None, scale, unread, c.partial or not finite_scores)
-            if functional:
+            if call.mode == "stored":
                 pieces.append((c.start, c.stop, _attend_chunk(*args)))
-            elif keep:
-                # .data: each chunk's view gets a version counter of its own, so it can be saved
-                into = tuple(t.data[:, :, c.start : c.stop] for t in kept)
-                out[:, :, c.start : c.stop] = _SavedChunk.apply(*args[:3], (*args[3:], settings, into))
-            elif recomputes:
-                recompute = _recompute_options() if recompute is None else recompute
-                out[:, :, c.start : c.stop] = checkpoint(_attend_chunk, *args, use_reentrant=False, **recompute)
             else:
-                # Also grad mode where q, k, v, positions and parameters need no gradient: no
-                # checkpoint, and still a graph if the score_mod captured a tensor that needs one.
-                out[:, :, c.start : c.stop] = _attend_chunk(*args)
-    if functional:
+                out[:, :, c.start : c.stop] = call(args, c.start, c.stop)
+    if call.mode == "stored":
         out = _concatenate(out, pieces)
     if not plan and needs_grad and torch.is_grad_enabled():
         out = _keep_graph(out, q, k, v, score_mod, block_mask.mask_mod, scale)
     return out
+
+
+def _chunk_mode(
+    q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[ScoreMod], needs_grad: bool, functional: bool
+) -> str:
+    """How the chunks of a call run:
+
+    - 'stored' inside torch.func transforms, which take neither in-place writes of batched
+      chunks nor checkpoint's hooks: chunk outputs are concatenated and kept for backward
+      (memory O(Lq * Lk), as the dense path);
+    - 'kept' (:class:`_SavedChunk`) where autograd needs them and :func:`_keeps_outputs`;
+    - 'checkpoint' where autograd needs them otherwise, except in forward-mode AD: checkpoint
+      would recompute a chunk in backward, outside the dual level, where it takes other
+      kernels and saves other tensors;
+    - 'plain' else, also in grad mode where q, k, v, positions and parameters need no
+      gradient (still a graph if the score_mod captured a tensor that needs one).
+    """
+    autograd = needs_grad and torch.is_grad_enabled()
+    if functional:
+        return "stored"
+    if autograd and _keeps_outputs(q, k, v, score_mod):
+        return "kept"
+    return "checkpoint" if autograd and not forward_ad_active() else "plain"
+
+
+class _ChunkCall:
+    """One chunk's output in a call's mode (see :func:`_chunk_mode`; 'stored' chunks run plain),
+    from :func:`_attend_chunk`'s arguments for query rows ``start:stop`` of q (B, H, Lq, E)."""
+
+    def __init__(self, mode: str, q: Tensor, v: Tensor) -> None:
+        self.mode = mode
+        if mode == "kept":  # what kept chunks keep, in two buffers (one per call, as the output)
+            work = torch.promote_types(q.dtype, torch.float32)
+            self.kept = (q.new_empty(*q.shape[:3], v.shape[-1], dtype=work), q.new_empty(*q.shape[:3], dtype=work))
+            self.settings = _settings_now()
+        self.recompute = _recompute_options() if mode == "checkpoint" else {}
+
+    def __call__(self, args: tuple[Any, ...], start: int, stop: int) -> Tensor:
+        if self.mode == "kept":
+            # .data: each chunk's view gets a version counter of its own, so it can be saved
+            into = tuple(t.data[:, :, start:stop] for t in self.kept)
+            return _SavedChunk.apply(*args[:3], (*args[3:], self.settings, into))
+        if self.mode == "checkpoint":
+            return checkpoint(_attend_chunk, *args, use_reentrant=False, **self.recompute)
+        return _attend_chunk(*args)
 
 
 class _SavedChunk(torch.autograd.Function):

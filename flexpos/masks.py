@@ -293,7 +293,7 @@ def sliding_window_mask(
     reach = math.floor(min(_check_window(window), 2.0**62))
     device = _indexed(device)
     full, empty = _window_states(_index_ranges(len_q, device), _index_ranges(len_k, device), reach)
-    w_t = torch.tensor(reach, dtype=torch.int64, device=device)
+    w_t = torch.full((), reach, dtype=torch.int64, device=device)
 
     @_flex_cpu_ok
     def sliding_window(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -354,7 +354,7 @@ def distance_window_mask(
     unpositioned_q = _blocks(~has_q, len_q, False).any(-1)
     unpositioned_k = _blocks(~has_k, len_k, False).any(-1)
     empty = empty & ~(unpositioned_q[:, :, None] | unpositioned_k[:, None, :])
-    w_t = torch.tensor(w, dtype=torch.float32, device=given.device)
+    w_t = torch.full((), w, dtype=torch.float32, device=given.device)
     batch = positions.batch
 
     def distance_window(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:

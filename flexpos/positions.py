@@ -112,7 +112,8 @@ class Positions:
     """Positions of one attention call, resolved and checked.
 
     q: (B, Lq') and k: (B, Lk') as int64 or float64 (``0 .. L-1`` where none were given);
-    len_q, len_k: token counts Lq, Lk.
+    len_q, len_k: token counts Lq, Lk; chunked: whether the call runs on the chunked backend,
+    set by :func:`flexpos.attention` before score_mods are built (DPB reads it).
     Build one with :meth:`resolve`.
     """
 
@@ -296,8 +297,10 @@ class Positions:
 
     def _split_relative(self, dtype: torch.dtype) -> Relative:
         device = self.q.device
-        off_q = torch.tensor(self.off_q, device=device)
-        off_k = torch.tensor(self.off_k, device=device)
+        # Filled on the device: torch.tensor would copy from host memory, which blocks on
+        # accelerators and which a CUDA graph capture refuses.
+        off_q = torch.full((), self.off_q, dtype=torch.int64, device=device)
+        off_k = torch.full((), self.off_k, dtype=torch.int64, device=device)
         complete = self.off_q == 0 and self.off_k == 0
         exact = EXACT_INTEGERS[dtype]
         fewer = fewer_tables(device)

@@ -68,8 +68,8 @@ def legacy_parity(batch: Batch, bias_batch: Batch, device: torch.device) -> Pari
     if bias_batch[1] == 1:
         return lambda b, h, q_idx: b * 0
     axis = len(batch) - len(bias_batch) + 1
-    stride = torch.tensor(math.prod(batch[axis + 1 :]), device=device)
-    size = torch.tensor(batch[axis], device=device)
+    stride = torch.full((), math.prod(batch[axis + 1 :]), dtype=torch.int64, device=device)
+    size = torch.full((), batch[axis], dtype=torch.int64, device=device)
     return lambda b, h, q_idx: (b // stride) % size
 
 
@@ -88,7 +88,7 @@ def legacy_alibi(
         return symmetric
     rel = positions.relative(dtype)
     slopes = alibi.slopes.reshape(-1).to(dtype)
-    big = torch.tensor(penalty, dtype=dtype, device=slopes.device)
+    big = torch.full((), penalty, dtype=dtype, device=slopes.device)
     first_q = positions.off_q
 
     def alibi_legacy(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:

@@ -595,7 +595,8 @@ def test_flex_kernel_options_shrink_tiles_for_score_mods_that_gather_per_score_o
 def _reads_forbidden(monkeypatch, mode):
     """Any read of a tensor's values back to the host fails the test, within
     ``flexpos.no_host_reads()`` or as while a CUDA graph is captured (flexpos sees a capturing
-    stream)."""
+    stream); so does ``torch.tensor(value, device=...)``, on an accelerator a blocking copy from
+    host memory, which a capture refuses (``torch.full`` fills on the device instead)."""
     with monkeypatch.context() as m, (flexpos.no_host_reads() if mode == "no_host_reads" else contextlib.nullcontext()):
         if mode == "capture":
             m.setattr(torch.cuda, "is_initialized", lambda: True)
@@ -606,6 +607,14 @@ def _reads_forbidden(monkeypatch, mode):
 
         for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
             m.setattr(torch.Tensor, name, host_read)
+        tensor = torch.tensor
+
+        def no_copy_to_a_device(*args, **kwargs):
+            if kwargs.get("device") is not None:
+                raise AssertionError("torch.tensor(..., device=...): a copy from host memory")
+            return tensor(*args, **kwargs)
+
+        m.setattr(torch, "tensor", no_copy_to_a_device)
         yield
 
 
