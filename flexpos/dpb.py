@@ -192,6 +192,8 @@ class DPB(Positional):
         return values.to(dtype).contiguous(), slopes.to(dtype).contiguous()
 
     def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:
+        """The MLP at every pair's distance (:meth:`_pairs_score_mod`), or read from its table on
+        a grid of distances that covers the positions (:meth:`_grid_score_mod`)."""
         device = positions.q.device
         # The grid is a discretisation, not a function of the positions: no gradient through it.
         grid = DistanceGrid.covering(
@@ -204,6 +206,11 @@ class DPB(Positional):
         pairs = positions.batch * positions.len_q * positions.len_k
         if positions.chunked and evaluates_pairs(device, pairs, grid.size):
             return self._pairs_score_mod(positions, dtype)
+        return self._grid_score_mod(positions, grid, dtype)
+
+    def _grid_score_mod(self, positions: Positions, grid: DistanceGrid, dtype: torch.dtype) -> ScoreMod:
+        """The score_mod reading the MLP's (n_heads, nodes) table on ``grid``: at the node of each
+        distance on an exact grid, else interpolated between the two nodes around it."""
         values, slopes = self.tables(grid, dtype, positions.q.requires_grad or positions.k.requires_grad)
         values, slopes = two_rows(values), two_rows(slopes)
         rel = positions.relative(dtype)

@@ -370,6 +370,25 @@ def test_autocast_casts_float32_qkv_on_both_backends():
             assert (out.double() - ref).abs().max() <= TOLERANCE[torch.bfloat16], backend
 
 
+def test_chunks_without_a_bias_run_sdpa_in_the_inputs_dtype(monkeypatch):
+    """No bias to keep in float32 (Rotary alone, no mask): bf16 q, k, v go to SDPA's fused kernel
+    as they are, as the floor's do (2.2x faster on CPU than in float32, the same error); with a
+    bias the chunk works in float32."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(chunked.F, "scaled_dot_product_attention", lambda q, *a, **kw: seen.append(q.dtype) or sdpa(q, *a, **kw))
+    q, k, v = inputs(2, 160, torch.bfloat16)
+    pos = positions(2, 150)
+    rotary = flexpos.Rotary(D)
+    out = flexpos.attention(q, k, v, rotary, pos=pos, backend="chunked")
+    assert seen == [torch.bfloat16] and out.dtype == torch.bfloat16
+    p, has = R.padded_positions(pos, 2, 160)
+    ref = R.attend(*(R.rotate(t, p, has, rotary.thetas, 1.0) for t in (q, k)), v)
+    assert (out.double() - ref).abs().max() <= TOLERANCE[torch.bfloat16]
+    flexpos.attention(q, k, v, ALiBi(H), pos=pos, backend="chunked")
+    assert all(dtype == torch.float32 for dtype in seen[1:])  # its own softmax calls no SDPA in torch 2.6
+
+
 @needs_cpu_flex
 def test_cpu_flex_small_head_dims_and_short_sequences():
     """Head dims 8 and 16 at lengths < 128 on the CPU flex kernel (which flexpos feeds zero-padded
