@@ -151,7 +151,7 @@ def _autocast_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tens
     """Under ``torch.autocast`` for q's device, float32 q, k, v in its dtype, as autocast casts
     SDPA's: flex would take them so, and chunked returns the same dtype. Biases stay float32."""
     device = q.device.type
-    if q.dtype != torch.float32 or not torch.is_autocast_enabled(device):
+    if q.dtype != torch.float32 or device == "meta" or not torch.is_autocast_enabled(device):
         return q, k, v
     low = torch.get_autocast_dtype(device)
     return q.to(low), k.to(low), v.to(low)

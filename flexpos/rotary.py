@@ -21,13 +21,11 @@ from ._compile import lazy_compile
 from ._host import tracing
 from .base import QK, Positional
 from .positions import IN_QK, Positions
-from .sinusoidal import inverse_frequencies
 
 
 def rotary_frequencies(head_dim: int, n_dims: Optional[int]) -> Tensor:
-    """(head_dim // 2,) float32 rotation frequencies, a sinusoid's; pairs past ``n_dims`` get 0
-    (no rotation)."""
-    thetas = inverse_frequencies(head_dim)
+    """(head_dim // 2,) float32 rotation frequencies; pairs past ``n_dims`` get 0 (no rotation)."""
+    thetas = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     if n_dims is not None:
         thetas[check_even("n_dims", n_dims) // 2 :] = 0
     return thetas

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -206,6 +207,17 @@ def test_plot_without_matplotlib_is_refused_before_the_run(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--plot", "p.png", "--device", "cpu"])
     assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_output_paths_that_are_links_or_pipes_are_left_as_they_are(tmp_path):
+    """A dangling symlink keeps pointing at a file not yet written; a FIFO is not opened (that
+    would block until a reader comes)."""
+    link, fifo = tmp_path / "link.json", tmp_path / "fifo.json"
+    link.symlink_to(tmp_path / "target.json")
+    os.mkfifo(fifo)
+    assert bench.parse_args(["--json", str(link), "--plot", str(tmp_path / "p.png"), "--device", "cpu"]).json
+    assert link.is_symlink() and not (tmp_path / "target.json").exists()
+    assert bench.parse_args(["--json", str(fifo), "--device", "cpu"]).json == str(fifo)
 
 
 def test_an_output_path_in_a_missing_folder_is_refused_before_the_run(tmp_path, capsys):

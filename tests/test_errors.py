@@ -136,6 +136,7 @@ def attn(*args, **kwargs):
         (lambda: flexpos.distance_window_mask(5.0), ValueError, "needs pos"),
         (lambda: flexpos.set_compile("no"), TypeError, "enabled must be a bool, got str"),
         (lambda: attn(q, k, v, ALiBi(4).to("meta")), ValueError, "ALiBi is on meta but its input is on cpu"),
+        (lambda: attn(*(t.to("meta") for t in (q, k, v)), ALiBi(4)), ValueError, "ALiBi is on cpu but its input is on meta"),
         (lambda: attn(q, k, v, XL(32, 4).to("meta")), ValueError, "XL is on meta but its input is on cpu"),
         (lambda: Sinusoidal(8).to("meta")(torch.randn(1, 3, 8)), ValueError, "Sinusoidal is on meta but its input"),
         (lambda: attn(sq, sq, sq, pos=torch.zeros(2, 10, device="meta")), ValueError, "pos is on the meta device"),

@@ -187,13 +187,18 @@ def _check_output(p: argparse.ArgumentParser, option: str, path: Optional[str]) 
         p.error(f"{option} must name a file, got {path!r}")
     if not os.path.isdir(folder):
         p.error(f"{option} {path}: no folder {folder}")
-    existed = os.path.exists(path)
+    real = os.path.realpath(path)  # a symlink's target, which the end of the run writes
+    if os.path.exists(real) and not os.path.isfile(real):  # a FIFO or device: opening may block
+        if not os.access(real, os.W_OK):
+            p.error(f"{option} {path}: not writable")
+        return
+    existed = os.path.exists(real)
     try:
-        open(path, "a").close()  # what will write it at the end; os.access trusts root
+        open(real, "a").close()  # as the end of the run will open it; os.access trusts root
     except OSError as err:
         p.error(f"{option} {path}: not writable ({err.strerror})")
     if not existed:
-        os.remove(path)
+        os.remove(real)
 
 
 def _header(args: argparse.Namespace, device: torch.device, dense_kind: str, memory: PeakMemory,
