@@ -215,7 +215,7 @@ def test_output_paths_that_are_links_or_pipes_are_left_as_they_are(tmp_path):
     link, fifo = tmp_path / "link.json", tmp_path / "fifo.json"
     link.symlink_to(tmp_path / "target.json")
     os.mkfifo(fifo)
-    assert bench.parse_args(["--json", str(link), "--plot", str(tmp_path / "p.png"), "--device", "cpu"]).json
+    assert bench.parse_args(["--json", str(link), "--device", "cpu"]).json
     assert link.is_symlink() and not (tmp_path / "target.json").exists()
     assert bench.parse_args(["--json", str(fifo), "--device", "cpu"]).json == str(fifo)
 
