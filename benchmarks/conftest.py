@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
 
 from _harness import summary_lines  # noqa: E402
-
-HERE = Path(__file__).parent
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -25,7 +24,7 @@ def pytest_collection_modifyitems(config, items) -> None:
         return
     skip = pytest.mark.skip(reason="benchmarks run with `pytest benchmarks/ --benchmark-only`")
     for item in items:
-        if HERE in Path(str(item.path)).parents:
+        if HERE in item.path.parents:
             item.add_marker(skip)
 
 

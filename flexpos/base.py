@@ -201,8 +201,9 @@ class Positional(nn.Module):
 
         It must return ``score + bias(b, h, q_idx, kv_idx)``, with ``bias`` independent of
         ``score`` (``-inf`` allowed): the chunked backend evaluates it once at ``score = 0`` per
-        chunk of queries and adds the result to the scores (inside SDPA, or its own softmax). A module whose bias is
-        always finite says so with ``masks_scores = False``: the chunked backend then skips its
-        search for queries left without keys, where the mask leaves each of them some.
+        chunk of queries and adds the result to the scores (inside SDPA, or its own softmax). A
+        module whose bias is always finite says so with ``masks_scores = False``: the chunked
+        backend then skips its search for queries left without keys, where the mask leaves each
+        of them some.
         """
         raise NotImplementedError(f"{type(self).__name__} does not modify scores")

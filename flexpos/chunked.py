@@ -109,15 +109,15 @@ def _attend_chunk(
     # Under torch.func, SDPA's math kernel: differentiable in every input (vmap may otherwise
     # pick a kernel that is not, for a bias that needs gradients), and twice; in forward mode too.
     math_only = functional or forward_ad_active()
-    if score_mod is None and mask_mod is None and not math_only and not _needs_grad(q, k, v):
-        # No bias to keep in float32: SDPA's fused kernels take bf16/f16 as they are and
-        # accumulate in float32 (2.2x faster on CPU at L=512-2048, the same error). Not for
-        # gradients: in bf16 dk and dv were 1.5x further from float64 (9.5e-3 vs 6.3e-3).
-        return F.scaled_dot_product_attention(q, k, v, scale=scale).to(v.dtype)
-    work = torch.promote_types(q.dtype, torch.float32)
+    bias_free = score_mod is None and mask_mod is None
+    # No bias to keep in float32: SDPA's fused kernels take bf16/f16 as they are and accumulate
+    # in float32 (2.2x faster on CPU at L=512-2048, the same error). Not for gradients: in bf16
+    # dk and dv were 1.5x further from float64 (9.5e-3 vs 6.3e-3).
+    as_given = bias_free and not math_only and not _needs_grad(q, k, v)
+    work = q.dtype if as_given else torch.promote_types(q.dtype, torch.float32)
     q, k, v_work = q.to(work), k.to(work), v.to(work)
     kernel = sdpa_kernel(SDPBackend.MATH) if math_only else contextlib.nullcontext()
-    if score_mod is None and mask_mod is None:
+    if bias_free:
         with kernel:
             return F.scaled_dot_product_attention(q, k, v_work, scale=scale).to(v.dtype)
     bias, alive = _live_bias(q, k, q_start, k_start, score_mod, mask_mod, unread, rows_may_die)

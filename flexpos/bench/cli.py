@@ -188,11 +188,11 @@ def _check_output(p: argparse.ArgumentParser, option: str, path: Optional[str]) 
     if not os.path.isdir(folder):
         p.error(f"{option} {path}: no folder {folder}")
     real = os.path.realpath(path)  # a symlink's target, which the end of the run writes
-    if os.path.exists(real) and not os.path.isfile(real):  # a FIFO or device: opening may block
+    existed = os.path.exists(real)
+    if existed and not os.path.isfile(real):  # a FIFO or device: opening may block
         if not os.access(real, os.W_OK):
             p.error(f"{option} {path}: not writable")
         return
-    existed = os.path.exists(real)
     try:
         open(real, "a").close()  # as the end of the run will open it; os.access trusts root
     except OSError as err:
