@@ -37,6 +37,13 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
                           numbers: timing only)
   DPB frozen, grid chosen on the device
                           as inside a caller's torch.compile: a value and a slope per score
+  DPB affine frozen       bio-attention's default DPB (depth 1), shipped without parameter
+                          gradients: a rate and a shift per head, no table
+  DPB affine trained      the same with gradients into its MLP, shipped: its table, whose cells
+                          spread flex's atomic gradient adds
+  DPB affine trained, rate and shift
+                          the same reading its rate and shift per head: all of a tile's atomic
+                          adds into one address per head and tensor (not shipped)
 Rotary rows: the shipped module call and its parts (a float32 cos/sin table per call, then q and
 k rotated in one kernel, static sizes until a second shape), the table with static sizes,
 the kernel with a bfloat16 table and on q and k laid out (B, L, H, D); on CUDA also the
@@ -178,6 +185,8 @@ def score_rows(s: Setup, repeat: int) -> None:
 
     learned = flexpos.ALiBi(s.heads, divide=1.0, learned_div=True).to(device)
     spread = spread_rates(learned, pos, length)
+    affine = flexpos.DPB(32, s.heads).to(device)
+    frozen_affine = flexpos.DPB(32, s.heads).to(device).requires_grad_(False)
 
     def direct(mod: Callable[..., Tensor], options: Optional[dict[str, int]]) -> ScoreFn:
         return lambda: flex.run_flex(q, k, v, mod, mask, q.shape[-1] ** -0.5, options)
@@ -198,6 +207,11 @@ def score_rows(s: Setup, repeat: int) -> None:
         ("DPB frozen, int32 index", direct(int32_index(dpb, pos, length), tiles)),
         ("DPB frozen, bfloat16 table", lambda: with_bf16_tables(dpb, lambda: flexpos.attention(q, k, v, dpb, pos=pos))),
         ("DPB frozen, grid chosen on the device", direct(on_device_only(dpb, pos, length), tiles)),
+        ("DPB affine frozen", lambda: flexpos.attention(q, k, v, frozen_affine, pos=pos)),
+        ("DPB affine trained", lambda: flexpos.attention(q, k, v, affine, pos=pos)),
+        ("DPB affine trained, rate and shift",
+         lambda: flex.run_flex(q, k, v, affine._affine_score_mod(self_attention(pos, length), torch.float32),
+                               mask, q.shape[-1] ** -0.5)),
     ]
     time_rows(rows, runner, repeat)
     if s.backward:

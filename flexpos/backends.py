@@ -27,8 +27,6 @@ from .masks import cpu_flex_safe
 
 Backend = Literal["auto", "flex", "chunked"]
 
-
-
 MAX_FLEX_HEAD_DIM = 256
 """Largest q/k head dim 'auto' sends to flex: its Triton kernels round head dims up to a power of
 two, and at 512 their tiles no longer fit a GPU's shared memory."""

@@ -1,7 +1,14 @@
 """Dynamic positional bias: a per-head MLP of the relative distance, as a score_mod.
 
-The MLP is never run per score element. It is evaluated once on a grid of distances and the
-score_mod reads a (value, slope) pair per head and grid cell, interpolating linearly:
+The MLP is never run per score element. An affine MLP (bio-attention's default: ``depth=1``,
+no ``norm``) is ``rate_h * Delta + shift_h``: its score_mod reads those two numbers per head,
+exactly at every distance, with no table (:meth:`DPB._affine_score_mod`). The flex backend
+keeps the table below for it where its parameters get gradients: flex's backward adds each
+score's gradient into the captured tensor it read with an atomic add, and a per-head rate
+would take all of a tile's adds at one address, where table cells spread them.
+
+Any other MLP is evaluated once on a grid of distances and the score_mod reads a (value,
+slope) pair per head and grid cell, interpolating linearly:
 
 - integer positions whose distances fit the table (``2 * span + 1 <= table_size``): one grid
   node per integer distance, interpolation weight 0, so the bias is exactly the MLP's value;
@@ -45,7 +52,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._checks import check_positive_int
 from ._host import host_reads, tracing
@@ -130,8 +137,10 @@ class DPB(Positional):
     (details in :mod:`flexpos.dpb`). Tokens without a position get no bias.
 
     ``dim`` is the MLP's hidden width, not the model's. With bio-attention's defaults
-    (``depth=1``, no ``norm``) the MLP is two Linear layers, so the bias is affine in ``Delta``;
-    ``depth >= 2`` adds SiLU blocks, ``norm`` LayerNorms.
+    (``depth=1``, no ``norm``) the MLP is two Linear layers, so the bias is affine in ``Delta``:
+    it is then computed as ``rate_h * Delta + shift_h``, exact at any distance and without a
+    table (except where flex trains it, see :mod:`flexpos.dpb`). ``depth >= 2`` adds SiLU
+    blocks, ``norm`` LayerNorms.
 
     A module providing a score_mod, passed to :func:`flexpos.attention` with q (B, *, n_heads, Lq, D) and positions
     ``pos`` (B, *, L') or ``pos_q`` (B, *, Lq') / ``pos_k`` (B, *, Lk').
@@ -144,7 +153,6 @@ class DPB(Positional):
 
     modifies_scores = True
     masks_scores = False  # the MLP's values are finite
-    gathers_per_score = True
     _repr_fields = ("n_heads", "table_size")
 
     def __init__(
@@ -165,6 +173,20 @@ class DPB(Positional):
             raise ValueError(f"table_size must be >= 2, got {table_size}")
         self._init_divisor(divide, learned_div)
         self.mlp = position_mlp(dim, depth, norm, out=n_heads)
+
+    @property
+    def affine(self) -> bool:
+        """Whether the MLP is affine in its input: Linear(1, dim), then Linear(dim, n_heads)."""
+        return len(self.mlp) == 2 and all(isinstance(layer, nn.Identity) for layer in list(self.mlp[0].children())[1:])
+
+    @property
+    def gathers_per_score(self) -> bool:  # type: ignore[override]
+        """Reads its table per score: unless affine, or where its parameters get gradients (there
+        on the flex backend only; the flags are read before the backend is chosen)."""
+        return not self.affine or self._trains()
+
+    def _trains(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
     def bias_at(self, distances: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """(...,) distances in position units -> (..., n_heads) MLP outputs, computed in
@@ -192,8 +214,12 @@ class DPB(Positional):
         return values.to(dtype).contiguous(), slopes.to(dtype).contiguous()
 
     def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:
-        """The MLP at every pair's distance (:meth:`_pairs_score_mod`), or read from its table on
-        a grid of distances that covers the positions (:meth:`_grid_score_mod`)."""
+        """An affine MLP's rate and shift per head (:meth:`_affine_score_mod`; on the flex backend
+        only without parameter gradients), the MLP at every pair's distance
+        (:meth:`_pairs_score_mod`), or read from its table on a grid of distances that covers the
+        positions (:meth:`_grid_score_mod`)."""
+        if self.affine and (positions.chunked or not self._trains()):
+            return self._affine_score_mod(positions, dtype)
         device = positions.q.device
         # The grid is a discretisation, not a function of the positions: no gradient through it.
         grid = DistanceGrid.covering(
@@ -240,6 +266,21 @@ class DPB(Positional):
 
         # On an exact grid every offset is 0: the slope would be read for nothing.
         return dpb_exact if grid.exact else dpb
+
+    def _affine_score_mod(self, positions: Positions, dtype: torch.dtype) -> ScoreMod:
+        """The score_mod subtracting ``rate_h * Delta + shift_h``: the MLP's value at input 0 and
+        its change per position unit, from two MLP rows in float64."""
+        inputs = torch.arange(2, dtype=torch.float64, device=positions.q.device)[:, None]  # 0 and 1
+        at = run_mlp(self.mlp, inputs, torch.float64)  # (2, n_heads)
+        rates = ((at[1] - at[0]) / self.divisor(torch.float64)).to(dtype)
+        shifts = at[0].to(dtype)
+        rel = positions.relative(dtype)
+
+        def dpb_affine(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            delta, valid = rel.distance(b, q_idx, kv_idx)
+            return score - torch.where(valid, rates[h] * delta + shifts[h], 0.0).to(score.dtype)
+
+        return dpb_affine
 
     def _pairs_score_mod(self, positions: Positions, dtype: torch.dtype) -> ScoreMod:
         """The score_mod reading a (B, n_heads, Lq, Lk) table of the MLP at every pair's distance

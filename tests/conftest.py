@@ -29,10 +29,10 @@ def compiled():
 
 @pytest.fixture
 def dpb_mlp_rows(monkeypatch):
-    """A list that gets, per DPB.bias_at call, how many distances its MLP ran on."""
+    """A list that gets, per run of DPB's MLP, how many inputs it ran on."""
     rows = []
-    bias_at = flexpos.DPB.bias_at
-    monkeypatch.setattr(flexpos.DPB, "bias_at", lambda self, d, dtype=None: rows.append(d.numel()) or bias_at(self, d, dtype))
+    run_mlp = flexpos.dpb.run_mlp
+    monkeypatch.setattr(flexpos.dpb, "run_mlp", lambda mlp, x, dtype=None: rows.append(x.shape[:-1].numel()) or run_mlp(mlp, x, dtype))
     return rows
 
 

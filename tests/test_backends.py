@@ -212,11 +212,13 @@ class Heads(torch.nn.Module):
 
 
 def test_chunked_gradcheck_float64_all_parameters():
-    """Gradients into q, k, v, learned divisors, DPB's MLP and XL's weights; a fully masked row."""
+    """Gradients into q, k, v, learned divisors, DPB's MLP (on its grid, and an affine one as a
+    rate and shift per head) and XL's weights; a fully masked row."""
     b, length, heads, dim = 1, 9, 2, 4
     model = Heads(
         ALiBi(heads, divide=2.0, learned_div=True),
         DPB(3, heads, depth=2, divide=3.0, learned_div=True),
+        DPB(3, heads, divide=5.0, learned_div=True),
         XL(heads * dim, heads, divide=1.5, learned_div=True),
     ).double()
     pos = torch.tensor([[0, 3, 4, 9, 12, 13, 20, 21]])  # one token without a position
@@ -502,12 +504,13 @@ def test_chunked_attends_only_to_the_key_span_the_mask_leaves(monkeypatch):
 
 
 @needs_cpu_flex
-@pytest.mark.parametrize("heads", [1, H])
-def test_flex_batch_of_one(heads):
-    """Batch 1 (which the raw CPU kernel cannot build) with ALiBi + DPB and a causal mask."""
+@pytest.mark.parametrize("heads, depth", [(1, 2), (H, 1)])
+def test_flex_batch_of_one(heads, depth):
+    """Batch 1 (which the raw CPU kernel cannot build) with ALiBi + DPB (its table with one head,
+    rate and shift per head when affine) and a causal mask."""
     q, k, v = (torch.randn(1, heads, 300, D) for _ in range(3))
     pos = positions(1, 299)
-    alibi, dpb = ALiBi(heads, divide=20.0), DPB(16, heads, divide=300.0)
+    alibi, dpb = ALiBi(heads, divide=20.0), DPB(16, heads, depth=depth, divide=300.0)
     with torch.no_grad():
         out = flexpos.attention(q, k, v, alibi, dpb, pos=pos, causal=True, backend="flex")
     p, has = R.padded_positions(pos, 1, 300)
@@ -556,7 +559,7 @@ def test_masks_inside_attention_against_the_reference():
 ONE_THREAD_SCRIPT = """
 import torch, flexpos
 torch.manual_seed(0)
-dpb = flexpos.DPB(8, 1, divide=1000.0, table_size=33).double()
+dpb = flexpos.DPB(8, 1, depth=2, divide=1000.0, table_size=33).double()
 q, k, v = (torch.randn(1, 1, 6, 8, dtype=torch.float64) for _ in range(3))
 pos = (torch.rand(1, 5, dtype=torch.float64) * 12978 + 1e6).requires_grad_()  # token 0: CLS
 grads = []

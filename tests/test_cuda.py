@@ -43,6 +43,12 @@ def modules():
     ]
 
 
+def frozen_affine_modules():
+    """bio-attention's default DPB (affine) without parameter gradients: a rate and a shift per
+    head on flex, no table."""
+    return [ALiBi(H, divide=40.0), DPB(16, H, divide=300.0).requires_grad_(False)]
+
+
 def xl_modules():
     return [XL(H * D, H, divide=10.0, learned_div=True)]
 
@@ -82,13 +88,14 @@ def golden_eager_candidate(make_modules, dtype, candidate, default_positions=Fal
         other = run(mods, dtype, candidate, q, k, v, grad, **kwargs)
     finally:
         flexpos.set_compile(previous)
-    names = ["out", "dq", "dk", "dv"] + [n for m in mods for n, _ in m.named_parameters()]
+    names = ["out", "dq", "dk", "dv"] + [n for m in mods for n, p in m.named_parameters() if p.requires_grad]
     shifts = {i + 4: shift_rounding(other[0], grad, dtype) for i, p in enumerate(params(mods)) if is_shift(mods, p)}
     return names, golden, eager, other, shifts
 
 
 def params(mods):
-    return [p for m in mods for p in m.parameters()]
+    """The parameters that get gradients."""
+    return [p for m in mods for p in m.parameters() if p.requires_grad]
 
 
 def is_shift(mods, param) -> bool:
@@ -139,6 +146,11 @@ def test_flex_default_positions_against_golden():
     """Without positions ALiBi and DPB read no position tables (distances from token indices)."""
     dtype = torch.bfloat16
     assert_within_policy(dtype, *golden_eager_candidate(modules, dtype, "flex", default_positions=True))
+
+
+def test_flex_frozen_affine_dpb_against_golden():
+    dtype = torch.bfloat16
+    assert_within_policy(dtype, *golden_eager_candidate(frozen_affine_modules, dtype, "flex"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

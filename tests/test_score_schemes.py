@@ -184,16 +184,19 @@ def test_dpb_float32_position_gradients_keep_float32_accuracy(pairs, monkeypatch
     assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+@pytest.mark.parametrize("tabulated", [False, True], ids=["rate and shift", "table"])
 @pytest.mark.parametrize("dpb_grid", ["span on host, shrunk grid", "span on host, full grid", "span on device"], indirect=True)
-def test_dpb_float32_interpolation_rounds_at_the_scale_of_the_distance(dpb_grid):
+def test_dpb_float32_interpolation_rounds_at_the_scale_of_the_distance(tabulated, dpb_grid):
     """On the interpolating grid in float32, a distance's cell and offset are taken from the
     middle node (at or next to 0), so their rounding scales with the distance, not the span: from the
     grid's first node (-span), neighbours 3 to 17 units apart at a span of ~1e6 read biases
-    ~0.01 off. The MLP is affine, so interpolation adds no error: what is left is rounding."""
+    ~0.01 off. The MLP is affine, so interpolation adds no error: what is left is rounding.
+    The same bounds hold for the affine MLP's rate and shift (the table is read where flex
+    trains it: its parameters need gradients, not on the chunked backend)."""
     dpb = DPB(16, H, depth=1)
     pos = 1_200_000_000 + torch.tensor([[0, 3, 10, 17, 999_990]])  # integer span > 32768: interpolated
     positions = flexpos.Positions.resolve((1,), 5, 5, "cpu", pos=pos)
-    positions.chunked = True
+    positions.chunked = not tabulated
     bias = -dpb.score_mod(positions, torch.float32)(torch.zeros(()), *index_grids(1, H, 5, 5))
     p, has = R.padded_positions(pos, 1, 5)
     exact = -R.dpb_bias(dpb, p, p, has, has, 1.0)
@@ -202,6 +205,53 @@ def test_dpb_float32_interpolation_rounds_at_the_scale_of_the_distance(dpb_grid)
     assert (bias.double() - exact)[near].abs().max() <= 1e-6 * (1 + 17 * slope)
     far = (bias.double() - exact)[~near].abs().max() / exact[~near].abs().max()
     assert far <= 1e-6  # float32's relative precision at the far distances
+
+
+def test_affine_dpb_reads_a_rate_and_a_shift_per_head(dpb_mlp_rows):
+    """bio-attention's default DPB (depth 1, no norm) is affine: its MLP runs on two inputs per
+    call whatever the span, and its score_mod gathers nothing (flex's default tiles on CUDA),
+    except where flex trains it (its table then spreads flex's atomic gradient adds)."""
+    seen = dpb_mlp_rows
+    affine, deep, normed = DPB(8, H), DPB(8, H, depth=2), DPB(8, H, norm=True)
+    assert affine.affine and not deep.affine and not normed.affine
+    pos = irregular(1, 30, integer=False) * 1e5
+    cuda = torch.device("cuda")
+    for chunked, trains, nodes in [(True, True, 2), (True, False, 2), (False, False, 2), (False, True, affine.table_size)]:
+        positions = flexpos.Positions.resolve((1,), 30, 30, "cpu", pos=pos)
+        positions.chunked = chunked
+        seen.clear()
+        with torch.set_grad_enabled(trains):
+            affine.score_mod(positions)
+            assert affine.gathers_per_score == trains
+            assert (flexpos.flex.flex_kernel_options(cuda, [affine]) is None) != trains
+            assert deep.gathers_per_score and normed.gathers_per_score
+        assert seen == [nodes]
+    with torch.no_grad():
+        affine.requires_grad_(False)
+    assert not affine.gathers_per_score
+
+
+def test_affine_dpb_gradients_match_autograd_through_its_mlp():
+    """Rate and shift: gradients into q, k, v, float positions on both sides, the MLP's
+    parameters and a learned divisor, against float64 autograd through the MLP at every pair;
+    leading tokens without a position on both sides."""
+    dpb = DPB(8, H, divide=30.0, learned_div=True).double()
+    q, k, v = (t.requires_grad_() for t in qkv(20, 24))
+    pos_q = irregular(B, 19, integer=False).requires_grad_()
+    pos_k = irregular(B, 22, integer=False).requires_grad_()
+    leaves = (q, k, v, pos_q, pos_k, *dpb.parameters())
+    grad_out = torch.randn_like(q)
+    out = flexpos.attention(q, k, v, dpb, pos_q=pos_q, pos_k=pos_k)
+    got = torch.autograd.grad((out * grad_out).sum(), leaves)
+    (pq, hq), (pk, hk) = R.padded_positions(pos_q, B, 20), R.padded_positions(pos_k, B, 24)
+    mlp = R.distances(pq, pk)[:, 0, ..., None] / dpb.divisor(F64)  # (B, Lq, Lk, 1)
+    for layer in dpb.mlp:
+        mlp = layer(mlp)
+    bias = torch.where(R.both_have(hq, hk), -mlp.permute(0, 3, 1, 2), 0.0)
+    want = torch.autograd.grad((R.attend(q, k, v, bias) * grad_out).sum(), leaves)
+    for name, a, b in zip(["q", "k", "v", "pos_q", "pos_k", *dict(dpb.named_parameters())], got, want):
+        err = (a - b).abs().max().item()
+        assert err <= TOLERANCE[F64] * max(1.0, b.abs().max().item()), (name, err)
 
 
 @pytest.mark.parametrize("scheme", ["alibi", "dpb"])
@@ -301,7 +351,7 @@ def test_dpb_runs_its_mlp_at_every_pair_where_pairs_are_fewer_than_grid_nodes(dp
     per pair (a bias per pair, exact); with more pairs, once per grid node. Off CPU, and inside
     a caller's torch.compile, the grid."""
     seen = dpb_mlp_rows
-    dpb = DPB(8, H).double()
+    dpb = DPB(8, H, depth=2).double()
     q, k, v = qkv(40, 30, batch=(2,))
     pos_q, pos_k = irregular(2, 40, integer=False), irregular(2, 28, integer=False)
     out = flexpos.attention(q, k, v, dpb, pos_q=pos_q, pos_k=pos_k)
@@ -508,7 +558,7 @@ def test_dpb_reads_its_table_only_inside_the_grid(dpb_grid):
     """A key without a position lies outside the positioned span: queries at 0 and 100 over one
     positioned key at 50 (span 50); the eager score_mod would raise on an index past the table."""
     q, k, v = qkv(2, 2, batch=(1,))
-    dpb = DPB(8, H).double()
+    dpb = DPB(8, H, depth=2).double()
     pos_q, pos_k = torch.tensor([[0, 100]]), torch.tensor([[50]])
     out = flexpos.attention(q, k, v, dpb, pos_q=pos_q, pos_k=pos_k)
     pq, hq = R.padded_positions(pos_q, 1, 2)
@@ -523,7 +573,7 @@ def test_dpb_with_unchecked_nan_positions_gives_nan_not_a_read_past_its_table(mo
     q, k, v = qkv(6, 6, batch=(2,))
     pos = torch.tensor([[0.0, 1, 2, float("nan"), 4, 5], [0, 1, 2, 3, 4, 5]])
     with torch.no_grad(), flexpos.no_host_reads():
-        out = flexpos.attention(q, k, v, DPB(8, H).double(), pos=pos)
+        out = flexpos.attention(q, k, v, DPB(8, H, depth=2).double(), pos=pos)
     assert out.isnan().all()
 
 
