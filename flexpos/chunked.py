@@ -110,10 +110,16 @@ def _attend_chunk(
     # pick a kernel that is not, for a bias that needs gradients), and twice; in forward mode too.
     math_only = functional or forward_ad_active()
     bias_free = score_mod is None and mask_mod is None
-    # No bias to keep in float32: SDPA's fused kernels take bf16/f16 as they are and accumulate
-    # in float32 (2.2x faster on CPU at L=512-2048, the same error). Not for gradients: in bf16
-    # dk and dv were 1.5x further from float64 (9.5e-3 vs 6.3e-3).
-    as_given = bias_free and not math_only and not _needs_grad(q, k, v)
+    # No bias to keep in float32 (none, or a mask's 0 and -inf, exact in any dtype): SDPA's
+    # fused kernels take bf16/f16 as they are and accumulate in float32 (2.2x faster on CPU at
+    # L=512-2048, the same error). Not for gradients: in bf16 dk and dv were 1.5x further from
+    # float64 (9.5e-3 vs 6.3e-3); nor where flexpos' own softmax would run, in q's dtype.
+    as_given = (
+        score_mod is None
+        and not math_only
+        and not _needs_grad(q, k, v)
+        and (mask_mod is None or not _runs_own_math(q, v, False, math_only))
+    )
     work = q.dtype if as_given else torch.promote_types(q.dtype, torch.float32)
     q, k, v_work = q.to(work), k.to(work), v.to(work)
     kernel = sdpa_kernel(SDPBackend.MATH) if math_only else contextlib.nullcontext()
@@ -124,7 +130,7 @@ def _attend_chunk(
     # Outside autocast, which would round the bias to bf16 (by up to 0.4% of its size: whole
     # units of score for ALiBi and DPB at large distances) before adding it to the scores.
     with torch.autocast(q.device.type, enabled=False), kernel:
-        if _runs_own_math(q, v, bias, math_only):
+        if _runs_own_math(q, v, bias.requires_grad, math_only):
             out = _attend_math(q, k, v_work, bias, scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v_work, attn_mask=bias, scale=scale)
@@ -135,14 +141,14 @@ def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _runs_own_math(q: Tensor, v: Tensor, bias: Tensor, math_only: bool) -> bool:
+def _runs_own_math(q: Tensor, v: Tensor, bias_needs_grad: bool, math_only: bool) -> bool:
     """Whether a chunk runs :func:`_attend_math` rather than SDPA: on CPU, where SDPA would run
     its math kernel, except where that kernel is asked for (``math_only``) or traced. SDPA's
     CPU flash kernel takes no bias that needs a gradient, no q and k head dim other than v's
     (XL's), and in torch 2.6 no bias at all (benchmarks/chunked_backward.py, part 3)."""
     if q.device.type != "cpu" or math_only or tracing():
         return False
-    return bias.requires_grad or q.shape[-1] != v.shape[-1] or not _flash_cpu_takes_a_bias()
+    return bias_needs_grad or q.shape[-1] != v.shape[-1] or not _flash_cpu_takes_a_bias()
 
 
 def _attend_math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:

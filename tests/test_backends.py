@@ -373,22 +373,32 @@ def test_autocast_casts_float32_qkv_on_both_backends():
 
 
 def test_chunks_without_a_bias_run_sdpa_in_the_inputs_dtype(monkeypatch):
-    """No bias to keep in float32 (Rotary alone, no mask): bf16 q, k, v go to SDPA's fused kernel
-    as they are, as the floor's do (2.2x faster on CPU than in float32, the same error); with a
-    bias the chunk works in float32."""
+    """No bias to keep in float32 (Rotary alone, with no mask or a mask's 0 and -inf): bf16 q,
+    k, v go to SDPA's fused kernel as they are, as the floor's do (2.2x faster on CPU than in
+    float32, the same error); with a bias, or where flexpos' own softmax runs (XL's wider q and
+    k), the chunk works in float32."""
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(chunked.F, "scaled_dot_product_attention", lambda q, *a, **kw: seen.append(q.dtype) or sdpa(q, *a, **kw))
     q, k, v = inputs(2, 160, torch.bfloat16)
     pos = positions(2, 150)
     rotary = flexpos.Rotary(D)
-    out = flexpos.attention(q, k, v, rotary, pos=pos, backend="chunked")
-    assert seen == [torch.bfloat16] and out.dtype == torch.bfloat16
     p, has = R.padded_positions(pos, 2, 160)
-    ref = R.attend(*(R.rotate(t, p, has, rotary.thetas, 1.0) for t in (q, k)), v)
-    assert (out.double() - ref).abs().max() <= TOLERANCE[torch.bfloat16]
+    rotated = [R.rotate(t, p, has, rotary.thetas, 1.0) for t in (q, k)]
+    valid = torch.rand(2, 160) > 0.3
+    valid[1] = False  # no key at all: zeros
+    tril = torch.ones(160, 160, dtype=torch.bool).tril()
+    for mask, causal, keep in [(None, False, None), (None, True, tril), (valid, True, valid[:, None, None] & tril)]:
+        del seen[:]
+        out = flexpos.attention(q, k, v, rotary, pos=pos, mask=mask, causal=causal, backend="chunked")
+        assert seen and all(dtype == torch.bfloat16 for dtype in seen) and out.dtype == torch.bfloat16
+        ref = R.attend(*rotated, v, 0.0, keep)
+        assert (out.double() - ref).abs().max() <= TOLERANCE[torch.bfloat16]
+    assert out[1].eq(0).all()
+    del seen[:]
     flexpos.attention(q, k, v, ALiBi(H), pos=pos, backend="chunked")
-    assert all(dtype == torch.float32 for dtype in seen[1:])  # its own softmax calls no SDPA in torch 2.6
+    flexpos.attention(q, k, v, XL(H * D, H), pos=pos, causal=True, backend="chunked")
+    assert all(dtype == torch.float32 for dtype in seen)  # none at all where its own softmax runs
     # With gradients in float32 after all: bf16 SDPA's dk and dv were 1.5x further from float64.
     del seen[:]
     flexpos.attention(q, k, v.requires_grad_(), rotary, pos=pos, backend="chunked").sum().backward()
