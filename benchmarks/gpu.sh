@@ -7,7 +7,7 @@
 #
 # STEPs (default: tests targets table): tests, targets, targets-8k (the targets without
 # L=32768), variants (benchmarks/gpu_variants.py: where the score_mods' and Rotary's time goes,
-# about 1 minute), tiles (benchmarks/flex_tiles.py: ALiBi and DPB under other flex tiles, about
+# about 1-2 minutes), tiles (benchmarks/flex_tiles.py: ALiBi and DPB under other flex tiles, about
 # 3-4 minutes estimated, not yet run), table.
 #
 # Needs torch with CUDA (+ triton), einops, pytest; bio-attention is not needed (the dense
@@ -104,7 +104,7 @@ run_step() {
         # Each verdict is printed as it is reached; an interrupted run still prints its summary.
         targets) step "GPU targets" 200 "$PY" benchmarks/targets.py --gpu-only --repeat 5 ;;
         targets-8k) step "GPU targets, L=8192" 130 "$PY" benchmarks/targets.py --gpu-only --skip-32k --repeat 5 ;;
-        variants) step "GPU variants" 140 "$PY" benchmarks/gpu_variants.py --repeat 5 ;;
+        variants) step "GPU variants" 180 "$PY" benchmarks/gpu_variants.py --repeat 5 ;;
         # flex tile configurations for DPB and ALiBi (kernel_options), a worker process per failure
         tiles) step "flex tiles" 300 "$PY" benchmarks/flex_tiles.py --repeat 3 ;;
         # the side-by-side table at L=8192; its kernels are in Inductor's cache by now
