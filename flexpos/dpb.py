@@ -2,10 +2,11 @@
 
 The MLP is never run per score element. An affine MLP (bio-attention's default: ``depth=1``,
 no ``norm``) is ``rate_h * Delta + shift_h``: its score_mod reads those two numbers per head,
-exactly at every distance, with no table (:meth:`DPB._affine_score_mod`). The flex backend
-keeps the table below for it where its parameters get gradients: flex's backward adds each
-score's gradient into the captured tensor it read with an atomic add, and a per-head rate
-would take all of a tile's adds at one address, where table cells spread them.
+at every distance without interpolation, with no table (:meth:`DPB._affine_score_mod`). The
+flex backend keeps the table below for it where its parameters get gradients (flex's backward
+adds each score's gradient into the captured tensor it read with an atomic add, and a per-head
+rate would take all of a tile's adds at one address, where table cells spread them) and on
+CPU (:attr:`DPB.gathers_per_score`).
 
 Any other MLP is evaluated once on a grid of distances and the score_mod reads a (value,
 slope) pair per head and grid cell, interpolating linearly:
@@ -128,19 +129,22 @@ class DPB(Positional):
     """Subtracts ``MLP(Delta / divide)[h]`` from every score, ``Delta = p_q - p_k``.
 
     The MLP has bio-attention's layout (``mlp.0`` ... ``mlp.depth``: Linear(1, dim) with
-    optional LayerNorm, then ``depth - 1`` SiLU/Linear blocks, then Linear(dim, n_heads)).
-    The MLP runs once per call on a grid of at most ``table_size`` distances, not per score
-    (on CPU's chunked backend at every pair's distance where there are fewer pairs): for
-    integer positions with ``2 * span + 1 <= table_size`` (span: the largest ``|p_q - p_k|`` in
-    the call) the bias is the MLP's exact value; otherwise a linear interpolation, off by at
-    most ``(step / divide)^2 / 8 * max|MLP''|`` with ``step = 2 * span / (table_size - 1)``
-    (details in :mod:`flexpos.dpb`). Tokens without a position get no bias.
+    optional LayerNorm, then ``depth - 1`` SiLU/Linear blocks, then Linear(dim, n_heads));
+    ``dim`` is its hidden width, not the model's. It never runs per score:
 
-    ``dim`` is the MLP's hidden width, not the model's. With bio-attention's defaults
-    (``depth=1``, no ``norm``) the MLP is two Linear layers, so the bias is affine in ``Delta``:
-    it is then computed as ``rate_h * Delta + shift_h``, exact at any distance and without a
-    table (except where flex trains it, see :mod:`flexpos.dpb`). ``depth >= 2`` adds SiLU
-    blocks, ``norm`` LayerNorms.
+    - With bio-attention's defaults (``depth=1``, no ``norm``) it is two Linear layers, affine in
+      ``Delta``: the bias is ``rate_h * Delta + shift_h``, from two MLP rows per call, with no
+      table and no interpolation (only the rounding of that product in the compute dtype).
+      The flex backend reads a table instead where the MLP trains, and on CPU (see
+      :attr:`gathers_per_score`).
+    - Otherwise (``depth >= 2`` adds SiLU blocks, ``norm`` LayerNorms) it runs once per call on
+      a grid of at most ``table_size`` distances (on CPU's chunked backend at every pair's
+      distance where there are fewer pairs): for integer positions with ``2 * span + 1 <=
+      table_size`` (span: the largest ``|p_q - p_k|`` in the call) the bias is the MLP's exact
+      value; otherwise a linear interpolation, off by at most ``(step / divide)^2 / 8 *
+      max|MLP''|`` with ``step = 2 * span / (table_size - 1)`` (details in :mod:`flexpos.dpb`).
+
+    Tokens without a position get no bias.
 
     A module providing a score_mod, passed to :func:`flexpos.attention` with q (B, *, n_heads, Lq, D) and positions
     ``pos`` (B, *, L') or ``pos_q`` (B, *, Lq') / ``pos_k`` (B, *, Lk').
@@ -181,9 +185,11 @@ class DPB(Positional):
 
     @property
     def gathers_per_score(self) -> bool:  # type: ignore[override]
-        """Reads its table per score: unless affine, or where its parameters get gradients (there
-        on the flex backend only; the flags are read before the backend is chosen)."""
-        return not self.affine or self._trains()
+        """Reads its table per score on the flex backend (the flags are read before the backend
+        is chosen): unless affine, except where its parameters get gradients, and on CPU, where
+        Inductor's flex kernel (torch 2.13) mis-indexed the rate-and-shift score_mod at batch >= 2
+        and more than 128 queries ("index out of bounds ... cur_qSplitSize")."""
+        return not self.affine or self._trains() or self.mlp[-1].weight.device.type == "cpu"
 
     def _trains(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
@@ -215,10 +221,10 @@ class DPB(Positional):
 
     def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:
         """An affine MLP's rate and shift per head (:meth:`_affine_score_mod`; on the flex backend
-        only without parameter gradients), the MLP at every pair's distance
+        only where :attr:`gathers_per_score` says so), the MLP at every pair's distance
         (:meth:`_pairs_score_mod`), or read from its table on a grid of distances that covers the
         positions (:meth:`_grid_score_mod`)."""
-        if self.affine and (positions.chunked or not self._trains()):
+        if self.affine and (positions.chunked or not self.gathers_per_score):
             return self._affine_score_mod(positions, dtype)
         device = positions.q.device
         # The grid is a discretisation, not a function of the positions: no gradient through it.
@@ -272,13 +278,18 @@ class DPB(Positional):
         its change per position unit, from two MLP rows in float64."""
         inputs = torch.arange(2, dtype=torch.float64, device=positions.q.device)[:, None]  # 0 and 1
         at = run_mlp(self.mlp, inputs, torch.float64)  # (2, n_heads)
-        rates = ((at[1] - at[0]) / self.divisor(torch.float64)).to(dtype)
-        shifts = at[0].to(dtype)
+        rates, shifts = (at[1] - at[0]) / self.divisor(torch.float64), at[0]
+        # With gradients in float64: the rate's gradient sums gradient * distance over every
+        # score, terms that cancel (a query's gradients sum to 0 over its keys). In float32 the
+        # MLP's weight gradients were 2x further from float64 than through the table (1.1e-4
+        # against 5.3e-5 of the largest), in float64 2.4e-5.
+        work = torch.float64 if rates.requires_grad else dtype
+        rates, shifts = rates.to(work), shifts.to(work)
         rel = positions.relative(dtype)
 
         def dpb_affine(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             delta, valid = rel.distance(b, q_idx, kv_idx)
-            return score - torch.where(valid, rates[h] * delta + shifts[h], 0.0).to(score.dtype)
+            return score - torch.where(valid, rates[h] * delta.to(work) + shifts[h], 0.0).to(score.dtype)
 
         return dpb_affine
 

@@ -344,7 +344,8 @@ class _BoundALiBi(Positional):
 class DPB(_BiasMixin, flexpos.DPB):
     """Dynamic positional bias; see :class:`flexpos.DPB`. ``learned_div`` works (it crashes in
     bio-attention). ``mod_mask`` runs the MLP on every distance like bio-attention; inside
-    flexpos.attention the MLP is tabulated (exact for integer positions, see flexpos.dpb)."""
+    flexpos.attention an affine MLP (the default) is a rate and a shift per head, others are
+    tabulated (exact for integer positions, see flexpos.dpb)."""
 
     def __init__(
         self,

@@ -448,6 +448,21 @@ def test_cpu_flex_refuses_table_masks_and_chunked_runs_them(monkeypatch):
 
 
 @needs_cpu_flex
+def test_cpu_flex_runs_the_default_dpb_from_its_table():
+    """bio-attention's default DPB (affine) at batch 2 over 300 tokens, a CLS token: the CPU flex
+    kernel (torch 2.13) raised "index out of bounds ... cur_qSplitSize" on its rate-and-shift
+    score_mod, so on CPU flex it reads its table."""
+    dpb = DPB(16, H, divide=300.0)
+    q, k, v = (torch.randn(2, H, 300, D) for _ in range(3))
+    pos = positions(2, 299)
+    with torch.no_grad():
+        out = flexpos.attention(q, k, v, dpb, pos=pos, backend="flex")
+    p, has = R.padded_positions(pos, 2, 300)
+    ref = R.attend(q, k, v, R.dpb_bias(dpb, p, p, has, has, 300.0))
+    assert (out.double() - ref).abs().max() <= TOLERANCE[torch.float32]
+
+
+@needs_cpu_flex
 def test_cpu_flex_runs_a_one_head_dpb():
     """DPB's exact grid with one head and batch 2: Inductor's CPU flex kernel (torch 2.13) failed
     to build the read of a one-row table ("'cur_qSplitSize4' was not declared")."""

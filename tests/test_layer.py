@@ -177,15 +177,14 @@ def test_torch_export_of_a_layer_on_the_default_backend():
 
 @needs_cpu_flex
 def test_flex_inside_the_callers_torch_compile_is_one_graph():
-    """With backend='flex', a caller's torch.compile captures Rotary + ALiBi + DPB attention (on
-    its grid, and an affine one) as one graph, with no graph break: flexpos' value checks, DPB's
-    span read and its own compiled flex step aside.
+    """With backend='flex', a caller's torch.compile captures Rotary + ALiBi + DPB attention as
+    one graph, with no graph break: flexpos' value checks, DPB's span read and its own compiled
+    flex step aside.
     Traced by Dynamo and AOTAutograd without Inductor, whose CPU flex kernel (torch 2.13)
     cannot lower a score_mod that reads tables computed inside the graph (NoValidChoicesError),
     as ALiBi's and DPB's position tables are."""
     torch.manual_seed(0)
-    mods = [Rotary(128 // H), ALiBi(H), DPB(16, H, depth=2, divide=50.0), DPB(8, H, divide=20.0)]
-    layer = AttentionLayer(128, H, positional=mods, backend="flex")
+    layer = AttentionLayer(128, H, positional=[Rotary(128 // H), ALiBi(H), DPB(16, H, divide=50.0)], backend="flex")
     x = torch.randn(2, 300, 128)
     pos = torch.rand(2, 300).cumsum(-1) * 10
     breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]

@@ -41,6 +41,7 @@ PLUGINS = [
     ("ALiBi", (NH,), {"use_n_heads": 3, "divide": 2.0}),
     ("DPB", (16, NH), {"depth": 2, "norm": True}),
     ("XL", (DIM, NH), {"divide": 2.0}),
+    ("DPB", (16, NH), {"divide": 3.0}),  # the default MLP: affine, a rate and a shift per head
 ]
 
 

@@ -208,27 +208,30 @@ def test_dpb_float32_interpolation_rounds_at_the_scale_of_the_distance(tabulated
 
 
 def test_affine_dpb_reads_a_rate_and_a_shift_per_head(dpb_mlp_rows):
-    """bio-attention's default DPB (depth 1, no norm) is affine: its MLP runs on two inputs per
-    call whatever the span, and its score_mod gathers nothing (flex's default tiles on CUDA),
-    except where flex trains it (its table then spreads flex's atomic gradient adds)."""
+    """bio-attention's default DPB (depth 1, no norm) is affine: on the chunked backend its MLP
+    runs on two inputs per call whatever the span. On the flex backend its score_mod gathers
+    nothing (flex's default tiles on CUDA), except where flex trains it (its table then
+    spreads flex's atomic gradient adds) and on CPU (Inductor's kernel mis-indexed it)."""
     seen = dpb_mlp_rows
     affine, deep, normed = DPB(8, H), DPB(8, H, depth=2), DPB(8, H, norm=True)
     assert affine.affine and not deep.affine and not normed.affine
     pos = irregular(1, 30, integer=False) * 1e5
-    cuda = torch.device("cuda")
-    for chunked, trains, nodes in [(True, True, 2), (True, False, 2), (False, False, 2), (False, True, affine.table_size)]:
+    for chunked, trains, nodes in [(True, True, 2), (True, False, 2), (False, False, affine.table_size)]:
         positions = flexpos.Positions.resolve((1,), 30, 30, "cpu", pos=pos)
         positions.chunked = chunked
         seen.clear()
         with torch.set_grad_enabled(trains):
             affine.score_mod(positions)
-            assert affine.gathers_per_score == trains
-            assert (flexpos.flex.flex_kernel_options(cuda, [affine]) is None) != trains
-            assert deep.gathers_per_score and normed.gathers_per_score
         assert seen == [nodes]
-    with torch.no_grad():
-        affine.requires_grad_(False)
-    assert not affine.gathers_per_score
+    accelerated = DPB(8, H).to("meta")  # parameters off the CPU, as on a GPU
+    cuda = torch.device("cuda")
+    for trains in (False, True):
+        with torch.set_grad_enabled(trains):
+            assert accelerated.gathers_per_score == trains
+            assert (flexpos.flex.flex_kernel_options(cuda, [accelerated]) is None) != trains
+            assert affine.gathers_per_score and deep.gathers_per_score and normed.gathers_per_score
+    accelerated.requires_grad_(False)
+    assert not accelerated.gathers_per_score
 
 
 def test_affine_dpb_gradients_match_autograd_through_its_mlp():
@@ -252,6 +255,31 @@ def test_affine_dpb_gradients_match_autograd_through_its_mlp():
     for name, a, b in zip(["q", "k", "v", "pos_q", "pos_k", *dict(dpb.named_parameters())], got, want):
         err = (a - b).abs().max().item()
         assert err <= TOLERANCE[F64] * max(1.0, b.abs().max().item()), (name, err)
+
+
+def test_affine_dpb_float32_weight_gradients_sum_in_float64(compiled):
+    """A float32 model's rate gradient sums gradient * distance over every score, terms that
+    cancel over each query's keys: summed in float32 by the compiled bias kernel (as users run
+    it), the MLP's weight gradients were 1.1e-4 of the largest off float64 autograd through the
+    MLP at every pair here, in float64 2.5e-5
+    (attention's own float32 rounding; other seeds: 1e-6 to 5e-5 against 1e-5 to 1.2e-4)."""
+    torch.manual_seed(0)
+    dpb = DPB(16, H)
+    q, k, v = (torch.randn(4, H, 200, 6) for _ in range(3))
+    pos = (torch.rand(4, 200) * 4).cumsum(-1)
+    grad_out = torch.randn_like(q)
+    got = torch.autograd.grad((flexpos.attention(q, k, v, dpb, pos=pos) * grad_out).sum(), list(dpb.parameters()))
+    dpb64 = DPB(16, H).double()
+    dpb64.load_state_dict(dpb.state_dict())
+    p, has = R.padded_positions(pos, 4, 200)
+    mlp = R.distances(p, p)[:, 0, ..., None]
+    for layer in dpb64.mlp:
+        mlp = layer(mlp)
+    ref = R.attend(q, k, v, -mlp.permute(0, 3, 1, 2))
+    want = torch.autograd.grad((ref * grad_out.double()).sum(), list(dpb64.parameters()))
+    for (name, _), a, b in zip(dpb.named_parameters(), got, want):
+        if name.endswith("weight"):
+            assert (a.double() - b).abs().max() <= 5e-5 * b.abs().max(), name
 
 
 @pytest.mark.parametrize("scheme", ["alibi", "dpb"])
