@@ -42,8 +42,10 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
   DPB affine trained      the same with gradients into its MLP, shipped: its table, whose cells
                           spread flex's atomic gradient adds
   DPB affine trained, rate and shift
-                          the same reading its rate and shift per head: all of a tile's atomic
-                          adds into one address per head and tensor (not shipped)
+                          the same reading its rate and shift per head in float32: all of a
+                          tile's atomic adds into one address per head and tensor (not shipped)
+                          (With --forward-only nothing trains: these two rows then time the
+                          frozen path, the first one exactly as shipped.)
 Rotary rows: the shipped module call and its parts (a float32 cos/sin table per call, then q and
 k rotated in one kernel, static sizes until a second shape), the table with static sizes,
 the kernel with a bfloat16 table and on q and k laid out (B, L, H, D); on CUDA also the
@@ -80,6 +82,7 @@ from flexpos import flex  # noqa: E402
 from flexpos._compile import lazy_compile  # noqa: E402
 from flexpos.bench import Runner, Setup, build_case, irregular_positions  # noqa: E402
 from flexpos.dpb import DistanceGrid  # noqa: E402
+from flexpos.learned import run_mlp  # noqa: E402
 from flexpos.positions import Positions  # noqa: E402
 from flexpos.rotary import _rotate_real_pair, rotate_real_pair, rotation  # noqa: E402
 
@@ -141,6 +144,26 @@ def spread_rates(alibi: flexpos.ALiBi, pos: Tensor, length: int, copies: int = 1
     return make
 
 
+def affine_rate_and_shift(dpb: flexpos.DPB, pos: Tensor, length: int) -> Callable[[], Callable[..., Tensor]]:
+    """An affine DPB's score_mod (no CLS tokens) reading its rate and shift per head in float32,
+    with gradients into them: made per call, as they are."""
+    with torch.no_grad():
+        rel = self_attention(pos, length).relative()
+    inputs = torch.arange(2, dtype=torch.float64, device=pos.device)[:, None]
+
+    def make() -> Callable[..., Tensor]:
+        at = run_mlp(dpb.mlp, inputs, torch.float64)
+        rates, shifts = ((at[1] - at[0]) / dpb.divisor(torch.float64)).float(), at[0].float()
+
+        def dpb_rate_shift(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            delta, _ = rel.distance(b, q_idx, kv_idx)
+            return score - (rates[h] * delta + shifts[h])
+
+        return dpb_rate_shift
+
+    return make
+
+
 def int32_index(dpb: flexpos.DPB, pos: Tensor, length: int) -> Callable[..., Tensor]:
     """DPB's score_mod on the exact grid (integer positions of one span known on the host, no CLS
     tokens) with the table index in int32: the same numbers as the shipped score_mod."""
@@ -186,6 +209,7 @@ def score_rows(s: Setup, repeat: int) -> None:
     learned = flexpos.ALiBi(s.heads, divide=1.0, learned_div=True).to(device)
     spread = spread_rates(learned, pos, length)
     affine = flexpos.DPB(32, s.heads).to(device)
+    rate_and_shift = affine_rate_and_shift(affine, pos, length)
     frozen_affine = flexpos.DPB(32, s.heads).to(device).requires_grad_(False)
 
     def direct(mod: Callable[..., Tensor], options: Optional[dict[str, int]]) -> ScoreFn:
@@ -210,8 +234,7 @@ def score_rows(s: Setup, repeat: int) -> None:
         ("DPB affine frozen", lambda: flexpos.attention(q, k, v, frozen_affine, pos=pos)),
         ("DPB affine trained", lambda: flexpos.attention(q, k, v, affine, pos=pos)),
         ("DPB affine trained, rate and shift",
-         lambda: flex.run_flex(q, k, v, affine._affine_score_mod(self_attention(pos, length), torch.float32),
-                               mask, q.shape[-1] ** -0.5)),
+         lambda: flex.run_flex(q, k, v, rate_and_shift(), mask, q.shape[-1] ** -0.5)),
     ]
     time_rows(rows, runner, repeat)
     if s.backward:

@@ -29,8 +29,9 @@ def no_host_reads() -> Iterator[None]:
     (so that they compile the kernels the capture will launch). flexpos enters this mode by itself
     while a CUDA graph is captured.
 
-    It costs: positions are not checked (NaN/inf, their span) nor LearnedVocab's for range; DPB
-    chooses its grid on the device and reads a value and a slope per score; ALiBi reads two
+    It costs: positions are not checked (NaN/inf, their span) nor LearnedVocab's for range; DPB,
+    where it reads a table, chooses its grid on the device and reads a value and a slope per
+    score; ALiBi reads two
     parts of each position; the chunked backend attends every query chunk to every key.
 
     Example::
