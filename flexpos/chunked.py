@@ -145,7 +145,9 @@ def _runs_own_math(q: Tensor, v: Tensor, bias_needs_grad: bool, math_only: bool)
     """Whether a chunk runs :func:`_attend_math` rather than SDPA: on CPU, where SDPA would run
     its math kernel, except where that kernel is asked for (``math_only``) or traced. SDPA's
     CPU flash kernel takes no bias that needs a gradient, no q and k head dim other than v's
-    (XL's), and in torch 2.6 no bias at all (benchmarks/chunked_backward.py, part 3)."""
+    (XL's), and no bias at all where its ops have no bias argument (benchmarks/chunked_backward.py,
+    part 3). torch 2.6's have one, but there SDPA picks its math kernel for a bias broadcast
+    over batch or heads (stride 0), which this does not detect."""
     if q.device.type != "cpu" or math_only or tracing():
         return False
     return bias_needs_grad or q.shape[-1] != v.shape[-1] or not _flash_cpu_takes_a_bias()
