@@ -31,8 +31,8 @@ def no_host_reads() -> Iterator[None]:
 
     It costs: positions are not checked (NaN/inf, their span) nor LearnedVocab's for range; DPB,
     where it reads a table, chooses its grid on the device and reads a value and a slope per
-    score; ALiBi reads two
-    parts of each position; the chunked backend attends every query chunk to every key.
+    score; ALiBi reads two parts of each position; the chunked backend attends every query chunk
+    to every key.
 
     Example::
 
