@@ -84,8 +84,8 @@ def sdpa_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
 MATH_CASES = ("ALiBi, learned divisor", "DPB, learned", "XL, key padding mask", "ALiBi, as in torch 2.6")
 """Cases where chunks run flexpos' own math: a bias that needs a gradient (checkpointed chunks),
 q and k with more features than v (XL), and a torch whose CPU flash kernel takes no bias
-(emulated: the flash kernel is refused; torch 2.6's takes a bias unless it is broadcast,
-docs/design.md). The last two also run it without gradients."""
+(emulated: the flash kernel is refused; torch 2.6's does take one, docs/design.md). The last
+two also run it without gradients."""
 
 
 def explicit_vs_sdpa(case: str, length: int, repeat: int) -> None:

@@ -146,8 +146,7 @@ def _runs_own_math(q: Tensor, v: Tensor, bias_needs_grad: bool, math_only: bool)
     its math kernel, except where that kernel is asked for (``math_only``) or traced. SDPA's
     CPU flash kernel takes no bias that needs a gradient, no q and k head dim other than v's
     (XL's), and no bias at all where its ops have no bias argument (benchmarks/chunked_backward.py,
-    part 3). torch 2.6's have one, but there SDPA picks its math kernel for a bias broadcast
-    over batch or heads (stride 0), which this does not detect."""
+    part 3)."""
     if q.device.type != "cpu" or math_only or tracing():
         return False
     return bias_needs_grad or q.shape[-1] != v.shape[-1] or not _flash_cpu_takes_a_bias()
@@ -388,7 +387,8 @@ def _keeps_outputs(q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[ScoreMod
         if probe.requires_grad:
             return False
     q1, k1, v1 = (t[:, :, :1].to(work) for t in (q, k, v))
-    bias = torch.zeros((), dtype=work).expand(q.shape[0], q.shape[1], 1, 1)
+    # Not an expanded scalar: for a bias with every stride 0, torch 2.6 picks the math kernel.
+    bias = torch.zeros(q.shape[0], q.shape[1], 1, 1, dtype=work)
     try:  # a private function: any torch that lacks it or changed it checkpoints instead
         choice = torch._fused_sdp_choice(q1, k1, v1, bias, 0.0, False, scale=None)
     except (AttributeError, TypeError, RuntimeError):
