@@ -388,7 +388,7 @@ def _keeps_outputs(q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[ScoreMod
             return False
     q1, k1, v1 = (t[:, :, :1].to(work) for t in (q, k, v))
     # Not an expanded scalar: for a bias with every stride 0, torch 2.6 picks the math kernel.
-    bias = torch.zeros(q.shape[0], q.shape[1], 1, 1, dtype=work)
+    bias = torch.zeros(q.shape[0], q.shape[1], 1, 1, dtype=work, device=q.device)
     try:  # a private function: any torch that lacks it or changed it checkpoints instead
         choice = torch._fused_sdp_choice(q1, k1, v1, bias, 0.0, False, scale=None)
     except (AttributeError, TypeError, RuntimeError):
