@@ -82,7 +82,6 @@ from flexpos import flex  # noqa: E402
 from flexpos._compile import lazy_compile  # noqa: E402
 from flexpos.bench import Runner, Setup, build_case, irregular_positions  # noqa: E402
 from flexpos.dpb import DistanceGrid  # noqa: E402
-from flexpos.learned import run_mlp  # noqa: E402
 from flexpos.positions import Positions  # noqa: E402
 from flexpos.rotary import _rotate_real_pair, rotate_real_pair, rotation  # noqa: E402
 
@@ -149,11 +148,9 @@ def affine_rate_and_shift(dpb: flexpos.DPB, pos: Tensor, length: int) -> Callabl
     with gradients into them: made per call, as they are."""
     with torch.no_grad():
         rel = self_attention(pos, length).relative()
-    inputs = torch.arange(2, dtype=torch.float64, device=pos.device)[:, None]
 
     def make() -> Callable[..., Tensor]:
-        at = run_mlp(dpb.mlp, inputs, torch.float64)
-        rates, shifts = ((at[1] - at[0]) / dpb.divisor(torch.float64)).float(), at[0].float()
+        rates, shifts = (t.float() for t in dpb.rate_and_shift())
 
         def dpb_rate_shift(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             delta, _ = rel.distance(b, q_idx, kv_idx)

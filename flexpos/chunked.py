@@ -118,7 +118,7 @@ def _attend_chunk(
         score_mod is None
         and not math_only
         and not _needs_grad(q, k, v)
-        and (mask_mod is None or not _runs_own_math(q, v, False, math_only))
+        and (bias_free or not _runs_own_math(q, v, False, math_only))
     )
     work = q.dtype if as_given else torch.promote_types(q.dtype, torch.float32)
     q, k, v_work = q.to(work), k.to(work), v.to(work)

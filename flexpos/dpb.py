@@ -273,12 +273,16 @@ class DPB(Positional):
         # On an exact grid every offset is 0: the slope would be read for nothing.
         return dpb_exact if grid.exact else dpb
 
-    def _affine_score_mod(self, positions: Positions, dtype: torch.dtype) -> ScoreMod:
-        """The score_mod subtracting ``rate_h * Delta + shift_h``: the MLP's value at input 0 and
-        its change per position unit, from two MLP rows in float64."""
-        inputs = torch.arange(2, dtype=torch.float64, device=positions.q.device)[:, None]  # 0 and 1
+    def rate_and_shift(self) -> tuple[Tensor, Tensor]:
+        """An affine MLP's bias ``rate_h * Delta + shift_h`` as two (n_heads,) float64 tensors:
+        its change per position unit and its value at 0, from two MLP rows."""
+        inputs = torch.arange(2, dtype=torch.float64, device=self.div.device)[:, None]  # 0 and 1
         at = run_mlp(self.mlp, inputs, torch.float64)  # (2, n_heads)
-        rates, shifts = (at[1] - at[0]) / self.divisor(torch.float64), at[0]
+        return (at[1] - at[0]) / self.divisor(torch.float64), at[0]
+
+    def _affine_score_mod(self, positions: Positions, dtype: torch.dtype) -> ScoreMod:
+        """The score_mod subtracting ``rate_h * Delta + shift_h`` (:meth:`rate_and_shift`)."""
+        rates, shifts = self.rate_and_shift()
         # With gradients in float64: the rate's gradient sums gradient * distance over every
         # score, terms that cancel (a query's gradients sum to 0 over its keys). In float32 the
         # MLP's weight gradients were 2x further from float64 than through the table (1.1e-4

@@ -65,8 +65,17 @@ def mlp64(module_list: torch.nn.ModuleList, x: Tensor) -> Tensor:
 
 
 def dpb_bias(dpb, pq: Tensor, pk: Tensor, hq: Tensor, hk: Tensor, divide: float) -> Tensor:
-    """Per-element MLP of ``Delta / divide``: (B, H, Lq, Lk)."""
+    """Per-element MLP of ``Delta / divide``: (B, H, Lq, Lk), on a float64 copy of the MLP."""
     out = mlp64(dpb.mlp, (distances(pq, pk)[:, 0] / divide)[..., None])  # (B, Lq, Lk, H)
+    return torch.where(both_have(hq, hk), -out.permute(0, 3, 1, 2), 0.0)
+
+
+def dpb_bias_through(dpb, pq: Tensor, pk: Tensor, hq: Tensor, hk: Tensor, divide: Tensor | float) -> Tensor:
+    """As :func:`dpb_bias`, through a float64 module's own layers: gradients reach its
+    parameters, the positions and a tensor ``divide``."""
+    out = distances(pq, pk)[:, 0, ..., None] / divide  # (B, Lq, Lk, 1)
+    for layer in dpb.mlp:
+        out = layer(out)
     return torch.where(both_have(hq, hk), -out.permute(0, 3, 1, 2), 0.0)
 
 

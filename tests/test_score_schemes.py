@@ -247,10 +247,7 @@ def test_affine_dpb_gradients_match_autograd_through_its_mlp():
     out = flexpos.attention(q, k, v, dpb, pos_q=pos_q, pos_k=pos_k)
     got = torch.autograd.grad((out * grad_out).sum(), leaves)
     (pq, hq), (pk, hk) = R.padded_positions(pos_q, B, 20), R.padded_positions(pos_k, B, 24)
-    mlp = R.distances(pq, pk)[:, 0, ..., None] / dpb.divisor(F64)  # (B, Lq, Lk, 1)
-    for layer in dpb.mlp:
-        mlp = layer(mlp)
-    bias = torch.where(R.both_have(hq, hk), -mlp.permute(0, 3, 1, 2), 0.0)
+    bias = R.dpb_bias_through(dpb, pq, pk, hq, hk, dpb.divisor(F64))
     want = torch.autograd.grad((R.attend(q, k, v, bias) * grad_out).sum(), leaves)
     for name, a, b in zip(["q", "k", "v", "pos_q", "pos_k", *dict(dpb.named_parameters())], got, want):
         err = (a - b).abs().max().item()
@@ -272,10 +269,7 @@ def test_affine_dpb_float32_weight_gradients_sum_in_float64(compiled):
     dpb64 = DPB(16, H).double()
     dpb64.load_state_dict(dpb.state_dict())
     p, has = R.padded_positions(pos, 4, 200)
-    mlp = R.distances(p, p)[:, 0, ..., None]
-    for layer in dpb64.mlp:
-        mlp = layer(mlp)
-    ref = R.attend(q, k, v, -mlp.permute(0, 3, 1, 2))
+    ref = R.attend(q, k, v, R.dpb_bias_through(dpb64, p, p, has, has, 1.0))
     want = torch.autograd.grad((ref * grad_out.double()).sum(), list(dpb64.parameters()))
     for (name, _), a, b in zip(dpb.named_parameters(), got, want):
         if name.endswith("weight"):
