@@ -1,7 +1,8 @@
 """``flexpos.attention``: FlexAttention with positional modules, masks and irregular positions.
 
 Shape legend: B batch (any leading dims ``B, *`` are flattened and restored), H heads,
-Lq/Lk query/key tokens, D head dim, Dv value head dim.
+Hkv key/value heads (H, or a divisor of H for grouped-query attention), Lq/Lk query/key
+tokens, D head dim, Dv value head dim.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ._checks import (
     check_tensor,
     shape_text,
 )
+from ._gqa import groups_heads, share_kv_heads
 from ._host import functorch_active, vmapped
 from .backends import Backend, check_backend, choose_backend
 from .base import Positional, ScoreMod
@@ -54,7 +56,9 @@ def attention(
     """Attention with any mix of Rotary, XL, ALiBi and DPB modules.
 
     Args:
-        q: (B, *, H, Lq, D) queries. k: (B, *, H, Lk, D) keys. v: (B, *, H, Lk, Dv) values.
+        q: (B, *, H, Lq, D) queries. k: (B, *, Hkv, Lk, D) keys. v: (B, *, Hkv, Lk, Dv)
+            values. Hkv = H, or a divisor of H for grouped-query attention: query head h
+            reads key/value head ``h // (H // Hkv)``, as SDPA's ``enable_gqa``.
         positional: Rotary/XL (query/key transforms, applied in the given order) and
             ALiBi/DPB (score_mods, composed into one).
         pos: (B, *, L') positions for self-attention; ``pos_q`` (B, *, Lq') and ``pos_k``
@@ -121,6 +125,7 @@ def attention(
         out = run_flex(q, k, v, score_mod, block_mask, scale, flex_kernel_options(q.device, modules, kernel_options))
     else:
         finite = not any(m.modifies_scores and m.masks_scores for m in modules)
+        k, v = share_kv_heads(k, v, heads)
         out = run_chunked(q, k, v, score_mod, block_mask, scale, needs_grad, finite)
     return out.reshape(*batch, heads, len_q, v.shape[-1])
 
@@ -137,10 +142,11 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
         raise ValueError(f"q, k, v must be on one device, got {q.device}/{k.device}/{v.device}")
     if q.shape[-1] == 0:
         raise ValueError(f"q and k need a head dim D of at least 1, got q {tuple(q.shape)}")
-    if tuple(k.shape[:-1]) != (*batch, q.shape[-3], k.shape[-2]) or k.shape[-1] != q.shape[-1]:
+    heads, kv_heads = q.shape[-3], k.shape[-3]
+    if tuple(k.shape[:-3]) != batch or k.shape[-1] != q.shape[-1] or not groups_heads(heads, kv_heads):
         raise ValueError(
-            f"k must have shape {shape_text(*batch, q.shape[-3], 'Lk', q.shape[-1])} to match q "
-            f"{tuple(q.shape)}, got {tuple(k.shape)}"
+            f"k must have shape {shape_text(*batch, 'Hkv', 'Lk', q.shape[-1])} to match q {tuple(q.shape)}, "
+            f"with Hkv = {heads} or a divisor of it (grouped-query attention), got {tuple(k.shape)}"
         )
     if tuple(v.shape[:-1]) != tuple(k.shape[:-1]):
         raise ValueError(f"v must have shape {shape_text(*k.shape[:-1], 'Dv')} to match k, got {tuple(v.shape)}")

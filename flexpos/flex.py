@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ._compile import compile_settings
+from ._gqa import share_kv_heads
 from ._host import tracing
 from .base import Positional, ScoreMod
 
@@ -89,13 +90,18 @@ def run_flex(
     scale: float,
     kernel_options: Optional[KernelOptions] = None,
 ) -> Tensor:
-    """q (B, H, Lq, E), k (B, H, Lk, E), v (B, H, Lk, Dv) -> (B, H, Lq, Dv); ``kernel_options``
-    go to flex's Triton kernels (see :func:`flex_kernel_options`)."""
+    """q (B, H, Lq, E), k (B, Hkv, Lk, E), v (B, Hkv, Lk, Dv) -> (B, H, Lq, Dv), Hkv dividing H
+    (grouped-query attention); ``kernel_options`` go to flex's Triton kernels (see
+    :func:`flex_kernel_options`)."""
     if not torch.is_grad_enabled():
         # CPU flex refuses inputs that require grad even under no_grad; nothing flows back here.
         q, k, v = q.detach(), k.detach(), v.detach()
     dv = v.shape[-1]
+    grouped = k.shape[1] != q.shape[1]
     if q.device.type == "cpu":
+        # The batch-of-one workaround moves heads into the batch, where flex cannot group them.
+        k, v = share_kv_heads(k, v, q.shape[1])
+        grouped = False
         q, k, v, score_mod, restore = _cpu_batch_of_one(q, k, v, score_mod)
         q, k, v = _cpu_safe(q, k, v)
     default = q.shape[-1] ** -0.5
@@ -104,7 +110,9 @@ def run_flex(
         # kernel cannot lower; fold it into q and let flex apply its default 1/sqrt(E).
         q = q * (scale / default)
     with compile_settings():
-        out = _flex(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=kernel_options)
+        out = _flex(q.device)(
+            q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=kernel_options, enable_gqa=grouped
+        )
     if q.device.type == "cpu":
         out = restore(out)
     return out[..., :dv]

@@ -31,7 +31,10 @@ class AttentionLayer(nn.Module):
 
     ``positional`` may mix all three stages: input transforms (Sinusoidal, learned) are added
     to the layer's input before projecting (and to ``context`` when ``pos_context`` is given),
-    Rotary/XL transform q and k, ALiBi/DPB modify scores.
+    Rotary/XL transform q and k, ALiBi/DPB modify scores. ``n_kv_heads`` (a divisor of
+    ``n_heads``; default ``n_heads``) makes it grouped-query attention: keys and values are
+    projected to ``n_kv_heads`` heads of ``dim // n_heads`` features, each shared by
+    ``n_heads // n_kv_heads`` query heads.
 
     Example::
 
@@ -47,12 +50,16 @@ class AttentionLayer(nn.Module):
         bias: bool = True,
         backend: Backend = "auto",
         kernel_options: Optional[KernelOptions] = None,
+        n_kv_heads: Optional[int] = None,
     ) -> None:
         """``backend`` and ``kernel_options``: as in :func:`flexpos.attention`, for every call."""
         super().__init__()
         dim, n_heads = check_positive_int("dim", dim), check_positive_int("n_heads", n_heads)
         if dim % n_heads:
             raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads}")
+        n_kv_heads = n_heads if n_kv_heads is None else check_positive_int("n_kv_heads", n_kv_heads)
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads} (grouped-query attention)")
         if isinstance(positional, nn.Module) and not isinstance(positional, nn.ModuleList):
             raise TypeError(f"positional must be a sequence of modules, got a single {type(positional).__name__}")
         if positional is not None and not isinstance(positional, Iterable):
@@ -63,9 +70,10 @@ class AttentionLayer(nn.Module):
         check_backend(backend)
         self.dim = dim
         self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
         bias = check_bool("bias", bias)
         self.to_q = nn.Linear(dim, dim, bias=bias)
-        self.to_kv = nn.Linear(dim, 2 * dim, bias=bias)
+        self.to_kv = nn.Linear(dim, 2 * n_kv_heads * (dim // n_heads), bias=bias)
         self.to_out = nn.Linear(dim, dim, bias=bias)
         self.positional = nn.ModuleList(positional)
         self.backend = backend
@@ -79,7 +87,8 @@ class AttentionLayer(nn.Module):
 
     def extra_repr(self) -> str:
         options = f", kernel_options={self.kernel_options}" if self.kernel_options else ""
-        return f"dim={self.dim}, n_heads={self.n_heads}, backend={self.backend!r}{options}"
+        grouped = f", n_kv_heads={self.n_kv_heads}" if self.n_kv_heads != self.n_heads else ""
+        return f"dim={self.dim}, n_heads={self.n_heads}{grouped}, backend={self.backend!r}{options}"
 
     def forward(
         self,
@@ -106,9 +115,9 @@ class AttentionLayer(nn.Module):
         cross = context is not None
         if context is not None and pos_context is not None:
             context = _encode(encoders, context, pos_context)
-        heads = lambda t: rearrange(t, "... l (h d) -> ... h l d", h=self.n_heads)  # noqa: E731
-        q = heads(self.to_q(x))
-        k, v = map(heads, self.to_kv(context if cross else x).chunk(2, dim=-1))
+        q = rearrange(self.to_q(x), "... l (h d) -> ... h l d", h=self.n_heads)
+        kv = self.to_kv(context if cross else x)
+        k, v = rearrange(kv, "... l (two h d) -> two ... h l d", two=2, h=self.n_kv_heads)
         out = attention(
             q, k, v, *others,
             pos=None if cross else pos, pos_q=pos if cross else None, pos_k=pos_context,

@@ -195,7 +195,7 @@ class Rotary(Positional):
         return _rotate(x, self._cos_sin(positions, side, x.dtype, centred, div))
 
     def rotate_qk(self, q: Tensor, k: Tensor, positions: Positions, centred: bool = False) -> QK:
-        """q (B, H, Lq, head_dim) and k (B, H, Lk, head_dim) rotated, see :meth:`rotate`."""
+        """q (B, H, Lq, head_dim) and k (B, Hkv, Lk, head_dim) rotated, see :meth:`rotate`."""
         if positions.q is positions.k and q.shape[-2] == k.shape[-2]:  # self-attention: share angles
             self._check_dim("q", q)
             self._check_dim("k", k)
@@ -224,14 +224,15 @@ class Rotary(Positional):
         pos_q: Optional[Tensor] = None,
         pos_k: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor]:
-        """Rotate q (B, *, H, Lq, D) and k (B, *, H, Lk, D); pos (B, *, L') or pos_q and pos_k."""
+        """Rotate q (B, *, H, Lq, D) and k (B, *, Hkv, Lk, D) (any head counts: the angles
+        depend on positions only); pos (B, *, L') or pos_q and pos_k."""
         for name, t in (("q", q), ("k", k)):
             check_tensor(name, t)
             check_rank(name, t, 4, "(B, *, H, L, D)")
             check_float(name, t)
-        if k.shape[:-2] != q.shape[:-2]:
+        if k.shape[:-3] != q.shape[:-3]:
             raise ValueError(
-                f"k must have shape {shape_text(*q.shape[:-2], 'Lk', 'D')} like q {tuple(q.shape)}, got {tuple(k.shape)}"
+                f"k must have shape {shape_text(*q.shape[:-3], 'Hkv', 'Lk', 'D')} like q {tuple(q.shape)}, got {tuple(k.shape)}"
             )
         if k.dtype != q.dtype:
             raise TypeError(f"q and k must share one dtype, got {q.dtype}/{k.dtype}")

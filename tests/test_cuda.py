@@ -64,16 +64,17 @@ def run(mods, dtype, backend, q, k, v, grad, **kwargs):
     return [out.double()] + [g.double() for g in grads]
 
 
-def golden_eager_candidate(make_modules, dtype, candidate, default_positions=False):
+def golden_eager_candidate(make_modules, dtype, candidate, default_positions=False, kv_heads=H):
     """float64 'chunked' golden, the test dtype on 'chunked' (eager) and on ``candidate`` (with
     flexpos' compiled transforms and bias kernels, which the rest of the suite runs eagerly): a CLS
-    token (unless ``default_positions``: none given), padding, a length not a multiple of 128
-    and a sequence with no valid key."""
+    token (unless ``default_positions``: none given), padding, a length not a multiple of 128,
+    a sequence with no valid key, and ``kv_heads`` key/value heads."""
     b, length = 2, 1000
     pos = None if default_positions else torch.randint(0, 20_000, (b, length - 1), device=DEV).sort(-1).values
     valid = torch.rand(b, length, device=DEV) > 0.2
     valid[1] = False
-    q, k, v = (torch.randn(b, H, length, D, device=DEV) for _ in range(3))
+    q = torch.randn(b, H, length, D, device=DEV)
+    k, v = (torch.randn(b, kv_heads, length, D, device=DEV) for _ in range(2))
     grad = torch.randn(b, H, length, D, device=DEV, dtype=torch.float64)
     mods = [m.to(DEV) for m in make_modules()]
     golden_mods = make_modules()
@@ -151,6 +152,12 @@ def test_flex_default_positions_against_golden():
 def test_flex_frozen_affine_dpb_against_golden():
     dtype = torch.bfloat16
     assert_within_policy(dtype, *golden_eager_candidate(frozen_affine_modules, dtype, "flex"))
+
+
+def test_flex_grouped_query_heads_against_golden():
+    """Two key/value heads for four query heads: flex's own enable_gqa, forward and backward."""
+    dtype = torch.bfloat16
+    assert_within_policy(dtype, *golden_eager_candidate(modules, dtype, "flex", kv_heads=2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,0 +1,139 @@
+"""Grouped-query attention: k and v with fewer heads than q, against float64 references in
+which each key/value head is repeated for its group of query heads."""
+
+import pytest
+import torch
+
+import flexpos
+import reference as R
+from support import TOLERANCE, needs_cpu_flex
+from flexpos import ALiBi, DPB, XL, AttentionLayer, Rotary
+
+B, H, D = 2, 6, 8
+F64 = torch.float64
+DIVIDE = 3.0
+
+SCHEMES = {
+    "alibi": lambda: ALiBi(H, divide=DIVIDE),
+    "dpb-affine": lambda: DPB(8, H, divide=DIVIDE),
+    "dpb-depth-2": lambda: DPB(8, H, depth=2, divide=DIVIDE),
+    "rotary": lambda: Rotary(D, divide=DIVIDE),
+    "xl": lambda: XL(H * D, H, divide=DIVIDE),
+}
+
+
+def positions(n: int, length: int) -> torch.Tensor:
+    """(n, length) integer positions, sorted and irregular."""
+    return torch.randint(0, 40 * max(length, 1), (n, length)).sort(-1).values
+
+
+def reference(scheme, module, q, k, v, pos_q, pos_k, keep=None):
+    """float64 attention of q (N, H, Lq, D) with k, v (N, Hkv, Lk, D), each key/value head
+    repeated for its ``H // Hkv`` query heads."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    n, lq, lk = q.shape[0], q.shape[-2], k.shape[-2]
+    pq, hq = R.padded_positions(pos_q, n, lq)
+    pk, hk = R.padded_positions(pos_k, n, lk)
+    if scheme == "rotary":
+        rq, rk = (R.rotate(t, p, h, module.thetas, DIVIDE) for t, p, h in ((q, pq, hq), (k, pk, hk)))
+        return R.attend(rq, rk, v, keep=keep)
+    if scheme == "xl":
+        u, w = (b.double()[None, :, None] for b in (module.bias_r_w, module.bias_r_r))
+        return R.attend(q + u, k, v, R.xl_bias(module, q + w, pq, pk, hq, hk, DIVIDE), keep)
+    if scheme == "alibi":
+        bias = R.alibi_bias(H, pq, pk, hq, hk, divide=DIVIDE)
+    else:
+        bias = R.dpb_bias(module, pq, pk, hq, hk, DIVIDE)
+    return R.attend(q, k, v, bias, keep)
+
+
+def assert_close(got, want, dtype=F64):
+    err = (got.double() - want).abs().max().item()
+    bound = TOLERANCE[dtype] * max(1.0, want.abs().max().item())
+    assert err <= bound, f"max |difference| {err} > {bound}"
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 3])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_grouped_heads_match_the_reference_with_gradients(scheme, kv_heads):
+    """Cross-attention with a CLS token on both sides (integer positions: DPB's table is exact
+    there), a per-head bool mask: outputs and the gradients of q, k and v."""
+    lq, lk = 70, 90
+    module = SCHEMES[scheme]().double()
+    q = torch.randn(B, H, lq, D, dtype=F64, requires_grad=True)
+    k, v = (torch.randn(B, kv_heads, lk, D, dtype=F64, requires_grad=True) for _ in range(2))
+    pos_q, pos_k = positions(B, lq - 1), positions(B, lk - 1)
+    keep = torch.rand(B, H, lq, lk) > 0.2
+    out = flexpos.attention(q, k, v, module, pos_q=pos_q, pos_k=pos_k, mask=keep)
+    want = reference(scheme, module, q, k, v, pos_q, pos_k, keep)
+    assert out.shape == (B, H, lq, D)
+    assert_close(out, want)
+    grad_out = torch.randn_like(want)
+    got = torch.autograd.grad((out * grad_out).sum(), (q, k, v))
+    expected = torch.autograd.grad((want * grad_out).sum(), (q, k, v))
+    for name, a, b in zip("qkv", got, expected):
+        assert a.shape == b.shape, name
+        assert_close(a, b)
+
+
+def test_extra_batch_dims_and_the_layer_share_one_key_value_head():
+    """AttentionLayer(n_kv_heads=1) over (B, *, L, dim) with Rotary and ALiBi: its output from
+    its own weights, computed densely in float64 (multi-query attention)."""
+    dim, length = H * D, 50
+    layer = AttentionLayer(dim, H, positional=[Rotary(D), ALiBi(H)], n_kv_heads=1).double()
+    assert tuple(layer.to_kv.weight.shape) == (2 * D, dim)
+    x = torch.randn(2, 3, length, dim, dtype=F64)
+    pos = positions(6, length).view(2, 3, length)
+    y = layer(x, pos=pos)
+    flat = x.reshape(6, length, dim)
+    q = layer.to_q(flat).view(6, length, H, D).transpose(1, 2)
+    k, v = (t.view(6, length, 1, D).transpose(1, 2) for t in layer.to_kv(flat).chunk(2, dim=-1))
+    p, has = R.padded_positions(pos.reshape(6, length), 6, length)
+    thetas = layer.positional[0].thetas
+    rq, rk = R.rotate(q, p, has, thetas, 1.0), R.rotate(k.expand(-1, H, -1, -1), p, has, thetas, 1.0)
+    out = R.attend(rq, rk, v.expand(-1, H, -1, -1), R.alibi_bias(H, p, p, has, has))
+    want = layer.to_out(out.transpose(1, 2).reshape(6, length, dim)).view(2, 3, length, dim)
+    assert_close(y, want)
+
+
+def test_rotary_alone_rotates_keys_with_fewer_heads():
+    rotary = Rotary(D, divide=DIVIDE)
+    q, k = torch.randn(B, H, 40, D, dtype=F64), torch.randn(B, 2, 40, D, dtype=F64)
+    pos = positions(B, 40)
+    rq, rk = rotary(q, k, pos=pos)
+    p, has = R.padded_positions(pos, B, 40)
+    assert_close(rq, R.rotate(q, p, has, rotary.thetas, DIVIDE))
+    assert_close(rk, R.rotate(k, p, has, rotary.thetas, DIVIDE))
+
+
+@needs_cpu_flex
+def test_cpu_flex_forward_with_grouped_heads(compiled):
+    """The flex backend (forward) with two key/value heads for six query heads, float32."""
+    module = SCHEMES["alibi"]()
+    q = torch.randn(B, H, 150, 32)
+    k, v = torch.randn(B, 2, 150, 32), torch.randn(B, 2, 150, 32)
+    pos = positions(B, 149)
+    with torch.no_grad():
+        out = flexpos.attention(q, k, v, module, pos=pos, backend="flex")
+    assert_close(out, reference("alibi", module, q.double(), k.double(), v.double(), pos, pos), torch.float32)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 0, 12])
+def test_key_value_heads_that_do_not_divide_the_query_heads_are_refused(kv_heads):
+    q = torch.randn(B, H, 10, D)
+    k, v = torch.randn(B, kv_heads, 10, D), torch.randn(B, kv_heads, 10, D)
+    with pytest.raises(ValueError, match=r"k must have shape \(2, Hkv, Lk, 8\).*Hkv = 6 or a divisor"):
+        flexpos.attention(q, k, v)
+
+
+def test_values_with_other_heads_than_keys_are_refused():
+    q, k, v = torch.randn(B, H, 10, D), torch.randn(B, 2, 10, D), torch.randn(B, 3, 10, D)
+    with pytest.raises(ValueError, match=r"v must have shape \(2, 2, 10, Dv\)"):
+        flexpos.attention(q, k, v)
+
+
+@pytest.mark.parametrize("n_kv_heads, error", [(4, ValueError), (0, ValueError), (2.0, TypeError)])
+def test_layer_n_kv_heads_must_divide_n_heads(n_kv_heads, error):
+    with pytest.raises(error, match="n_kv_heads"):
+        AttentionLayer(H * D, H, n_kv_heads=n_kv_heads)
