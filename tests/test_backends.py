@@ -147,7 +147,7 @@ def test_own_compiled_calls_allow_more_variants_than_dynamos_default(monkeypatch
     def fake_compile(fn, **kwargs):
         return lambda *args: limits.append(torch._dynamo.config.cache_size_limit) or fn(*args)
 
-    def fake_flex(q, k, v, score_mod, block_mask, kernel_options=None):
+    def fake_flex(q, k, v, score_mod, block_mask, kernel_options=None, enable_gqa=False):
         limits.append(torch._dynamo.config.cache_size_limit)
         return v
 
