@@ -267,10 +267,20 @@ def _transform_qk(
             if out.extra_k is None:
                 raise ValueError(f"{type(m).__name__}.transform_qk returned extra_q without extra_k")
             extra_q.append(out.extra_q)
-            extra_k.append(out.extra_k.expand(k.shape[0], k.shape[1], -1, -1))
+            extra_k.append(_key_features(m, out.extra_k, k))
     if not extra_q:
         return q, k, scale
     return torch.cat([q * scale, *extra_q], -1), torch.cat([k, *extra_k], -1), 1.0
+
+
+def _key_features(module: Positional, extra_k: Tensor, k: Tensor) -> Tensor:
+    """A transform's key features (B, Hkv|1, Lk, E) for k (B, Hkv, Lk, D), expanded to k's heads."""
+    if extra_k.ndim != 4 or extra_k.shape[1] not in (1, k.shape[1]):
+        raise ValueError(
+            f"{type(module).__name__}.transform_qk returned extra_k of shape {tuple(extra_k.shape)}; expected "
+            f"{shape_text(k.shape[0], f'{k.shape[1]} or 1', k.shape[2], 'E')}, for the key heads of k {tuple(k.shape)}"
+        )
+    return extra_k.expand(k.shape[0], k.shape[1], -1, -1)
 
 
 def _compose(modules: list[Positional], positions: Positions, dtype: torch.dtype) -> Optional[ScoreMod]:

@@ -3,7 +3,8 @@
 A positional module takes part in up to three stages of attention:
 
 1. input transform, ``forward(x, pos, mask)`` on ``(B, *, L, dim)`` (Sinusoidal, learned);
-2. query/key transform, ``transform_qk(q, k, positions)`` on ``(B, H, L, D)`` (Rotary, XL);
+2. query/key transform, ``transform_qk(q, k, positions)`` on q ``(B, H, Lq, D)`` and k
+   ``(B, Hkv, Lk, D)`` (Rotary, XL);
 3. score modification, ``score_mod(positions, dtype)`` returning a FlexAttention score_mod
    (ALiBi, DPB).
 """
@@ -43,8 +44,10 @@ def shared_index(idx: Tensor, size: int) -> Tensor:
 class QK(NamedTuple):
     """Result of a query/key transform.
 
-    q: (B, H, Lq, D), k: (B, H, Lk, D); extra_q (B, H, Lq, E) and extra_k (B, H|1, Lk, E) are
-    features appended to q and k so that ``extra_q @ extra_k.T`` adds to the scores unscaled.
+    q: (B, H, Lq, D), k: (B, Hkv, Lk, D); extra_q (B, H, Lq, E) and extra_k (B, Hkv|1, Lk, E)
+    are features appended to q and k so that ``extra_q @ extra_k.T`` adds to the scores
+    unscaled (Hkv: k's heads, H or a divisor of it in grouped-query attention, where query
+    head h meets key head ``h // (H // Hkv)``).
     """
 
     q: Tensor
@@ -190,7 +193,7 @@ class Positional(nn.Module):
         )
 
     def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
-        """q (B, H, Lq, D), k (B, H, Lk, D) -> :class:`QK`. A class with ``takes_dot_only``
+        """q (B, H, Lq, D), k (B, Hkv, Lk, D) -> :class:`QK`. A class with ``takes_dot_only``
         also takes ``dot_only=True`` when it is the last transform: its q and k then meet
         nothing but each other's dot products, so it may count positions from any
         per-sequence origin."""

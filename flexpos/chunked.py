@@ -213,7 +213,8 @@ def run_chunked(
     needs_grad: bool = True,
     finite_scores: bool = False,
 ) -> Tensor:
-    """Same contract as :func:`flexpos.flex.run_flex`, on any device and dtype, with
+    """Same contract as :func:`flexpos.flex.run_flex` for k and v with q's H heads (grouped
+    heads are repeated before: :func:`flexpos._gqa.share_kv_heads`), on any device and dtype, with
     autograd (``needs_grad``: whether q, k, v or the score_mod's parameters need gradients;
     ``finite_scores``: the score_mod never returns -inf, so only chunks that evaluate the
     mask_mod can leave a query without keys).

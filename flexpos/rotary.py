@@ -98,7 +98,7 @@ def rotate_real(x: Tensor, cos_sin: Tensor) -> Tensor:
 
 
 def rotate_real_pair(q: Tensor, k: Tensor, cos_sin: Tensor) -> tuple[Tensor, Tensor]:
-    """q and k (N, H, L, D) rotated by one table: compiled, one kernel that reads each table
+    """q (N, H, L, D) and k (N, Hkv, L, D) rotated by one table: compiled, one kernel that reads each table
     entry once for both (the table is re-read for every head: at L=131072 a sequence's
     float32 table is 33.5 MB and does not stay in cache, so the table adds half as many bytes
     again as q and k)."""

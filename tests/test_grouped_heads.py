@@ -7,7 +7,8 @@ import torch
 import flexpos
 import reference as R
 from support import TOLERANCE, needs_cpu_flex
-from flexpos import ALiBi, DPB, XL, AttentionLayer, Rotary
+from flexpos import ALiBi, DPB, XL, AttentionLayer, Positional, Rotary
+from flexpos.base import QK
 
 B, H, D = 2, 6, 8
 F64 = torch.float64
@@ -107,13 +108,64 @@ def test_rotary_alone_rotates_keys_with_fewer_heads():
     assert_close(rk, R.rotate(k, p, has, rotary.thetas, DIVIDE))
 
 
+def test_a_mix_with_block_masks_and_parameter_gradients():
+    """Rotary, a learned-divisor ALiBi and a depth-2 DPB with float positions, a position
+    window and causal masking: outputs and gradients of q, k, v, the positions and every
+    parameter, through a float64 reference that evaluates the DPB's MLP at every pair."""
+    length, kv_heads = 130, 2
+    rotary, alibi = Rotary(D, divide=DIVIDE), ALiBi(H, divide=DIVIDE, learned_div=True).double()
+    dpb = DPB(8, H, depth=2, divide=DIVIDE).double()
+    q = torch.randn(B, H, length, D, dtype=F64, requires_grad=True)
+    k, v = (torch.randn(B, kv_heads, length, D, dtype=F64, requires_grad=True) for _ in range(2))
+    pos = (torch.rand(B, length, dtype=F64).cumsum(-1) * 5).requires_grad_()
+    window = flexpos.distance_window_mask(200.0, pos=pos.detach())
+    out = flexpos.attention(q, k, v, rotary, alibi, dpb, pos=pos, mask=window, causal=True)
+    p, has = R.padded_positions(pos, B, length)
+    kr, vr = (t.repeat_interleave(H // kv_heads, dim=1) for t in (k, v))
+    rq, rk = (R.rotate(t, p, has, rotary.thetas, DIVIDE) for t in (q, kr))
+    bias = R.alibi_bias(H, p, p, has, has) / alibi.divisor(F64)  # learned: gradients reach it
+    bias = bias + R.dpb_bias_through(dpb, p, p, has, has, DIVIDE)
+    near = (p[:, :, None] - p[:, None, :]).abs() <= 200.0
+    keep = (near & torch.ones(length, length, dtype=torch.bool).tril())[:, None]
+    want = R.attend(rq, rk, vr, bias, keep)
+    assert_close(out, want)
+    leaves = (q, k, v, pos, *alibi.parameters(), *dpb.parameters())
+    grad_out = torch.randn_like(want)
+    got = torch.autograd.grad((out * grad_out).sum(), leaves)
+    expected = torch.autograd.grad((want * grad_out).sum(), leaves)
+    for a, b in zip(got, expected):
+        assert_close(a, b)
+
+
+def test_a_custom_transform_with_per_query_head_key_features_is_refused_by_name():
+    """Key features must have k's heads (or 1); with grouped heads a transform that returns them
+    per query head gets a ValueError naming it, not a broadcast error."""
+
+    class PerHeadKeys(Positional):
+        transforms_qk = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._init_divisor(1.0, False)
+
+        def transform_qk(self, q, k, positions):
+            extra_q = q.new_ones(*q.shape[:-1], 2)
+            return QK(q, k, extra_q, k.new_ones(k.shape[0], q.shape[1], k.shape[2], 2))
+
+    q, k, v = torch.randn(B, H, 10, D), torch.randn(B, 2, 10, D), torch.randn(B, 2, 10, D)
+    with pytest.raises(ValueError, match=r"PerHeadKeys.transform_qk returned extra_k of shape \(2, 6, 10, 2\)"):
+        flexpos.attention(q, k, v, PerHeadKeys())
+
+
 @needs_cpu_flex
-def test_cpu_flex_forward_with_grouped_heads(compiled):
-    """The flex backend (forward) with two key/value heads for six query heads, float32."""
+@pytest.mark.parametrize("batch, head_dim", [(2, 32), (1, 8)])
+def test_cpu_flex_forward_with_grouped_heads(batch, head_dim, compiled):
+    """The flex backend (forward) with two key/value heads for six query heads, float32; batch
+    1 and head dim 8 take its CPU workarounds (heads as the batch, features padded to 32)."""
     module = SCHEMES["alibi"]()
-    q = torch.randn(B, H, 150, 32)
-    k, v = torch.randn(B, 2, 150, 32), torch.randn(B, 2, 150, 32)
-    pos = positions(B, 149)
+    q = torch.randn(batch, H, 150, head_dim)
+    k, v = torch.randn(batch, 2, 150, head_dim), torch.randn(batch, 2, 150, head_dim)
+    pos = positions(batch, 149)
     with torch.no_grad():
         out = flexpos.attention(q, k, v, module, pos=pos, backend="flex")
     assert_close(out, reference("alibi", module, q.double(), k.double(), v.double(), pos, pos), torch.float32)
