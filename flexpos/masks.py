@@ -1,5 +1,6 @@
-"""BlockMask builders: full, padding, causal, windows by index or by position distance,
-segments, a caller's dense bool mask, and their intersection (``and_masks``).
+"""BlockMask builders: full, padding, causal, windows by index or by position distance (both
+ways, or causal in position), segments, a caller's dense bool mask, and their intersection
+(``and_masks``).
 
 Every builder decides per (query block, key block) tile whether it is empty, full or partial
 from cheap per-block summaries (O(L/128) values per sequence, never an L x L tensor except the
@@ -24,7 +25,7 @@ from torch import Tensor
 from torch.nn.attention import flex_attention as flex_attention_module
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._checks import check_device, check_length, check_rank, check_tensor, shape_text
+from ._checks import check_bool, check_device, check_length, check_rank, check_tensor, shape_text
 from ._compile import CPU_FLEX_MIN_TORCH, torch_version
 from ._host import capturing_cuda_graph, functorch_active, tracing
 from .base import shared_index
@@ -272,6 +273,18 @@ def _window_states(
     return farthest <= window - margin, nearest > window + margin
 
 
+def _past_window_states(
+    q: tuple[Tensor, Tensor], k: tuple[Tensor, Tensor], window: float, margin: float | Tensor, at_zero: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Full/empty tiles for ``0 <= x_q - x_k <= window`` from per-block (min, max) of x; tiles
+    with a pair within ``margin`` of the window or ``at_zero`` of 0 are neither."""
+    (q_lo, q_hi), (k_lo, k_hi) = q, k
+    least = q_lo[:, :, None] - k_hi[:, None, :]
+    most = q_hi[:, :, None] - k_lo[:, None, :]
+    full = (least >= at_zero) & (most <= window - margin)
+    return full, (most < -at_zero) | (least > window + margin)
+
+
 def _check_window(window: object) -> float:
     """A window half-width: an int or float >= 0; ``inf`` keeps every pair (no window)."""
     if isinstance(window, bool) or not isinstance(window, numbers.Real):
@@ -314,8 +327,12 @@ def distance_window_mask(
     pos_k: Optional[Tensor] = None,
     len_q: Optional[int] = None,
     len_k: Optional[int] = None,
+    causal: bool = False,
 ) -> BlockMask:
-    """Attend where ``|p_q - p_k| <= window`` in *position* units, not token indices.
+    """Attend where ``|p_q - p_k| <= window`` in *position* units, not token indices; with
+    ``causal``, only to keys at or before the query's position: ``0 <= p_q - p_k <= window``
+    (``window=inf``: every such key), the causal mask of irregular or cross-attention positions,
+    where token order says nothing (keys at the query's own position count as past).
 
     ``pos`` (B, *, L) for self-attention or ``pos_q`` (B, *, Lq') / ``pos_k`` (B, *, Lk'); the
     mask's batch is the product of the batch dims. Sequences may be longer than their
@@ -329,8 +346,10 @@ def distance_window_mask(
 
         window = distance_window_mask(5_000, pos=pos)  # genomic pos (B, L): |p_q - p_k| <= 5 kb
         out = flexpos.attention(q, k, v, ALiBi(H), pos=pos, mask=window)
+        past = distance_window_mask(math.inf, pos_q=t_query, pos_k=t_observed, causal=True)
     """
     w = _check_window(window)
+    causal = check_bool("causal", causal)
     given = pos if pos is not None else pos_q
     if given is None or (pos is None and pos_k is None):
         raise ValueError("distance_window_mask needs pos, or pos_q and pos_k")
@@ -349,19 +368,29 @@ def distance_window_mask(
     # The mask_mod compares float32 distances: relative error below 2**-22, plus a few 2**-46
     # of |p - offset| (at most twice the span) for float positions. Tiles whose pairs come
     # within that of the window are left to it, so each pair is decided alike in any tile.
-    margin = 0.0 if math.isinf(w) else w * 2.0**-20 + positions.span_tensor() * 2.0**-39
-    full, empty = _window_states(q_ranges, k_ranges, w, margin)
+    at_zero = positions.span_tensor() * 2.0**-39
+    margin = 0.0 if math.isinf(w) else w * 2.0**-20 + at_zero
+    if causal:
+        full, empty = _past_window_states(q_ranges, k_ranges, w, margin, at_zero)
+    else:
+        full, empty = _window_states(q_ranges, k_ranges, w, margin)
     unpositioned_q = _blocks(~has_q, len_q, False).any(-1)
     unpositioned_k = _blocks(~has_k, len_k, False).any(-1)
     empty = empty & ~(unpositioned_q[:, :, None] | unpositioned_k[:, None, :])
     w_t = torch.full((), w, dtype=torch.float32, device=given.device)
+    zero = torch.zeros((), dtype=torch.float32, device=given.device)
     batch = positions.batch
 
     def distance_window(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         delta, valid = rel.distance(shared_index(b, batch), q_idx, kv_idx)
         return (delta.abs() <= w_t) | ~valid
 
-    return from_states(_tile_states(full, empty), distance_window, len_q, len_k)
+    def past_distance_window(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        delta, valid = rel.distance(shared_index(b, batch), q_idx, kv_idx)
+        return ((delta >= zero) & (delta <= w_t)) | ~valid
+
+    mask_mod = past_distance_window if causal else distance_window
+    return from_states(_tile_states(full, empty), mask_mod, len_q, len_k)
 
 
 def segment_mask(segments_q: Tensor, segments_k: Optional[Tensor] = None) -> BlockMask:

@@ -121,6 +121,45 @@ def test_distance_window_cross_unsorted():
     check(mask, expected[:, None])
 
 
+@pytest.mark.parametrize("window", [0.0, 300.0, float("inf")])
+def test_causal_distance_window_on_irregular_positions(window):
+    """Keys at or before the query's position, within the window; ties (equal positions) and
+    leading tokens without a position included."""
+    pos = 1_200_000_000 + torch.randint(0, 20 * LQ, (2, LQ - 2)).sort(-1).values
+    mask = M.distance_window_mask(window, pos=pos, len_q=LQ, len_k=LQ, causal=True)
+    full = torch.nn.functional.pad(pos, (2, 0)).double()
+    has = torch.arange(LQ) >= 2
+    delta = full[:, :, None] - full[:, None, :]
+    states = check(mask, (((delta >= 0) & (delta <= window)) | ~(has[:, None] & has[None, :]))[:, None])
+    assert (states == M.EMPTY).any() and (window != float("inf") or (states == M.FULL).any())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_causal_distance_window_in_cross_attention(dtype):
+    """Queries and keys at their own float positions (unsorted keys): each query sees the keys
+    up to 100 units before it, whatever their order."""
+    pos_q = (torch.rand(2, LQ, dtype=torch.float64) * 1000).sort(-1).values.to(dtype)
+    pos_k = (torch.rand(2, LK, dtype=torch.float64) * 1000).to(dtype)
+    mask = M.distance_window_mask(100.0, pos_q=pos_q, pos_k=pos_k, causal=True)
+    delta = pos_q.double()[:, :, None] - pos_k.double()[:, None, :]
+    check(mask, ((delta >= 0) & (delta <= 100))[:, None])
+
+
+def test_causal_distance_window_in_attention_against_the_reference():
+    """In flexpos.attention with ALiBi, against the float64 reference with the dense mask."""
+    q, k, v = (torch.randn(2, 4, n, 16, dtype=torch.float64) for n in (LQ, LK, LK))
+    pos_q = torch.randint(0, 5000, (2, LQ)).sort(-1).values
+    pos_k = torch.randint(0, 5000, (2, LK))
+    mask = M.distance_window_mask(800.0, pos_q=pos_q, pos_k=pos_k, causal=True)
+    out = flexpos.attention(q, k, v, flexpos.ALiBi(4), pos_q=pos_q, pos_k=pos_k, mask=mask)
+    pq, hq = R.padded_positions(pos_q, 2, LQ)
+    pk, hk = R.padded_positions(pos_k, 2, LK)
+    delta = pq[:, :, None] - pk[:, None, :]
+    keep = ((delta >= 0) & (delta <= 800))[:, None]
+    want = R.attend(q, k, v, R.alibi_bias(4, pq, pk, hq, hk), keep)
+    assert (out - want).abs().max().item() <= TOLERANCE[torch.float64]
+
+
 def test_segments():
     seg_q = torch.repeat_interleave(torch.arange(4), torch.tensor([128, 100, 50, 22]))[None]
     seg_k = torch.repeat_interleave(torch.arange(4), torch.tensor([128, 172, 60, 60]))[None]
@@ -180,6 +219,7 @@ def test_per_token_masks_take_extra_batch_dims():
         (lambda: M.distance_window_mask(1.0, pos=torch.rand(2, 10), len_q=12.0), TypeError, "len_q must be an int"),
         (lambda: M.distance_window_mask(1.0, pos_q=torch.rand(2, 3), pos_k=torch.rand(2, 4), len_k=-1), ValueError, "len_k must be >= 0"),
         (lambda: M.distance_window_mask(1.0, pos_q=torch.rand(2, 3), pos_k=torch.rand(2, 4), len_k=0), ValueError, "pos_k has 4 positions but the sequence has only 0"),
+        (lambda: M.distance_window_mask(1.0, pos=torch.rand(2, 10), causal="past"), TypeError, "causal must be a bool, got str"),
         # tensors of the wrong kind
         (lambda: M.distance_window_mask(1.0, pos=[1.0, 2.0]), TypeError, "pos must be a torch.Tensor, got list"),
         (lambda: M.distance_window_mask(1.0, pos=torch.rand(10)), ValueError, r"pos must have shape \(B, \*, L'\)"),
