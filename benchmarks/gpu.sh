@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU run: the CUDA tests, the GPU targets and the flexpos-vs-dense table; about 4 minutes on
-# one H200 (2026-11-27; at most 9: the step limits below). Run from anywhere in the
+# one H200 (2026-11-27; at most 10: the step limits below). Run from anywhere in the
 # checkout:
 #
 #     PYTHONPATH=. bash benchmarks/gpu.sh [STEP ...]
@@ -99,7 +99,7 @@ run_step() {
     case "$1" in
         # correctness on the GPU: compiled flex forward/backward against float64 references, and
         # the candidate Rotary kernel (benchmarks/rotary_heads.py) against flexpos' rotation
-        tests) step "CUDA tests" 260 "$PY" -m pytest -q -p no:cacheprovider -p no:logging -rs --durations=0 tests/test_cuda.py tests/test_rotary_heads.py ;;
+        tests) step "CUDA tests" 300 "$PY" -m pytest -q -p no:cacheprovider -p no:logging -rs --durations=0 tests/test_cuda.py tests/test_rotary_heads.py ;;
         # Rotary bandwidth; ALiBi/DPB vs flex with no score_mod and vs dense at L=8192; L=32768.
         # Each verdict is printed as it is reached; an interrupted run still prints its summary.
         targets) step "GPU targets" 200 "$PY" benchmarks/targets.py --gpu-only --repeat 5 ;;
