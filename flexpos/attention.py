@@ -204,9 +204,11 @@ def _check_mask(
         if tuple(mask.BLOCK_SIZE) != (BLOCK, BLOCK):
             raise ValueError(f"mask (a BlockMask) must use {BLOCK}x{BLOCK} blocks, got {tuple(mask.BLOCK_SIZE)}")
         if tuple(mask.seq_lengths) != (len_q, len_k):
+            mask_q, mask_k = mask.seq_lengths
+            shorter = mask_q <= len_q and mask_k <= len_k  # as if built from positions alone
+            hint = " (with fewer positions than tokens, build masks from positions with len_q=/len_k=)" if shorter else ""
             raise ValueError(
-                f"mask (a BlockMask) is for (Lq, Lk)={tuple(mask.seq_lengths)}, inputs have {(len_q, len_k)} "
-                "(with fewer positions than tokens, build masks from positions with len_q=/len_k=)"
+                f"mask (a BlockMask) is for (Lq, Lk)={tuple(mask.seq_lengths)}, inputs have {(len_q, len_k)}{hint}"
             )
         if mask.kv_num_blocks.shape[0] not in (1, flat) or mask.kv_num_blocks.shape[1] not in (1, heads):
             raise ValueError(

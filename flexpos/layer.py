@@ -34,7 +34,8 @@ class AttentionLayer(nn.Module):
     Rotary/XL transform q and k, ALiBi/DPB modify scores. ``n_kv_heads`` (a divisor of
     ``n_heads``; default ``n_heads``) makes it grouped-query attention: keys and values are
     projected to ``n_kv_heads`` heads of ``dim // n_heads`` features, each shared by
-    ``n_heads // n_kv_heads`` query heads.
+    ``n_heads // n_kv_heads`` query heads. ``to_kv``'s output features are the keys' then the
+    values', each ``n_kv_heads`` heads of ``dim // n_heads`` features in head order.
 
     Example::
 

@@ -332,7 +332,8 @@ def distance_window_mask(
     """Attend where ``|p_q - p_k| <= window`` in *position* units, not token indices; with
     ``causal``, only to keys at or before the query's position: ``0 <= p_q - p_k <= window``
     (``window=inf``: every such key), the causal mask of irregular or cross-attention positions,
-    where token order says nothing (keys at the query's own position count as past).
+    where token order says nothing (keys at the query's own position count as past; tokens
+    without a position, such as CLS, attend and are attended both ways).
 
     ``pos`` (B, *, L) for self-attention or ``pos_q`` (B, *, Lq') / ``pos_k`` (B, *, Lk'); the
     mask's batch is the product of the batch dims. Sequences may be longer than their

@@ -59,6 +59,7 @@ def attn(*args, **kwargs):
         (lambda: attn(q, k, v, mask=torch.ones(2, 12)), TypeError, "mask must be a bool tensor"),
         (lambda: attn(q, k, v, mask=[1, 2]), TypeError, "mask must be a BlockMask"),
         (lambda: attn(q, k, v, mask=flexpos.full_mask(10, 10)), ValueError, r"mask \(a BlockMask\) is for \(Lq, Lk\)=\(10, 10\), inputs have \(10, 12\) \(with fewer positions than tokens, build masks from positions with len_q=/len_k=\)"),
+        (lambda: attn(q, k, v, mask=flexpos.full_mask(12, 12)), ValueError, r"mask \(a BlockMask\) is for \(Lq, Lk\)=\(12, 12\), inputs have \(10, 12\)$"),
         (lambda: attn(q, k, v, mask=torch.ones(2, 12, dtype=torch.bool, device="meta")), ValueError, "mask is on meta"),
         (lambda: attn(q[:0], k[:0], v[:0], mask=torch.ones(0, 12)), TypeError, "mask must be a bool tensor"),
         (lambda: attn(q[:, :0], k[:, :0], v[:, :0], mask=torch.ones(2, 12, dtype=torch.long)), TypeError, "mask must be a bool"),
