@@ -32,10 +32,9 @@ class AttentionLayer(nn.Module):
     ``positional`` may mix all three stages: input transforms (Sinusoidal, learned) are added
     to the layer's input before projecting (and to ``context`` when ``pos_context`` is given),
     Rotary/XL transform q and k, ALiBi/DPB modify scores. ``n_kv_heads`` (a divisor of
-    ``n_heads``; default ``n_heads``) makes it grouped-query attention: keys and values are
-    projected to ``n_kv_heads`` heads of ``dim // n_heads`` features, each shared by
-    ``n_heads // n_kv_heads`` query heads. ``to_kv``'s output features are the keys' then the
-    values', each ``n_kv_heads`` heads of ``dim // n_heads`` features in head order.
+    ``n_heads``; default ``n_heads``) makes it grouped-query attention: each key/value head
+    serves ``n_heads // n_kv_heads`` query heads. ``to_kv`` projects to the keys' features,
+    then the values', each ``n_kv_heads`` heads of ``dim // n_heads`` in head order.
 
     Example::
 

@@ -368,7 +368,8 @@ def distance_window_mask(
     k_ranges = _ranges(positions.absolute("k", centred=True), has_k, len_k)
     # The mask_mod compares float32 distances: relative error below 2**-22, plus a few 2**-46
     # of |p - offset| (at most twice the span) for float positions. Tiles whose pairs come
-    # within that of the window are left to it, so each pair is decided alike in any tile.
+    # within that of the window are left to it, so each pair is decided alike in any tile; at 0
+    # (causal) only the float positions' part applies.
     at_zero = positions.span_tensor() * 2.0**-39
     margin = 0.0 if math.isinf(w) else w * 2.0**-20 + at_zero
     if causal:
