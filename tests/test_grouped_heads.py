@@ -78,22 +78,24 @@ def test_grouped_heads_match_the_reference_with_gradients(scheme, kv_heads):
         assert_close(a, b)
 
 
-def test_extra_batch_dims_and_the_layer_share_one_key_value_head():
-    """AttentionLayer(n_kv_heads=1) over (B, *, L, dim) with Rotary and ALiBi: its output from
-    its own weights, computed densely in float64 (multi-query attention)."""
+@pytest.mark.parametrize("n_kv_heads", [1, 2])
+def test_the_layer_with_grouped_heads_and_extra_batch_dims(n_kv_heads):
+    """AttentionLayer(n_kv_heads=...) over (B, *, L, dim) with Rotary and ALiBi: its output from
+    its own weights (to_kv: keys, then values, each in head order), densely in float64."""
     dim, length = H * D, 50
-    layer = AttentionLayer(dim, H, positional=[Rotary(D), ALiBi(H)], n_kv_heads=1).double()
-    assert tuple(layer.to_kv.weight.shape) == (2 * D, dim)
+    layer = AttentionLayer(dim, H, positional=[Rotary(D), ALiBi(H)], n_kv_heads=n_kv_heads).double()
+    assert tuple(layer.to_kv.weight.shape) == (2 * n_kv_heads * D, dim)
     x = torch.randn(2, 3, length, dim, dtype=F64)
     pos = positions(6, length).view(2, 3, length)
     y = layer(x, pos=pos)
     flat = x.reshape(6, length, dim)
     q = layer.to_q(flat).view(6, length, H, D).transpose(1, 2)
-    k, v = (t.view(6, length, 1, D).transpose(1, 2) for t in layer.to_kv(flat).chunk(2, dim=-1))
+    k, v = (t.view(6, length, n_kv_heads, D).transpose(1, 2) for t in layer.to_kv(flat).chunk(2, dim=-1))
+    k, v = (t.repeat_interleave(H // n_kv_heads, dim=1) for t in (k, v))
     p, has = R.padded_positions(pos.reshape(6, length), 6, length)
     thetas = layer.positional[0].thetas
-    rq, rk = R.rotate(q, p, has, thetas, 1.0), R.rotate(k.expand(-1, H, -1, -1), p, has, thetas, 1.0)
-    out = R.attend(rq, rk, v.expand(-1, H, -1, -1), R.alibi_bias(H, p, p, has, has))
+    rq, rk = R.rotate(q, p, has, thetas, 1.0), R.rotate(k, p, has, thetas, 1.0)
+    out = R.attend(rq, rk, v, R.alibi_bias(H, p, p, has, has))
     want = layer.to_out(out.transpose(1, 2).reshape(6, length, dim)).view(2, 3, length, dim)
     assert_close(y, want)
 
