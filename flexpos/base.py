@@ -105,12 +105,13 @@ class Positional(nn.Module):
     def _init_divisor(self, divide: float, learned_div: bool) -> None:
         self.divide = check_divisor("divide", divide)
         self.learned = check_bool("learned_div", learned_div)
+        # Built with its value, not filled in later: a module built inside a caller's
+        # torch.compile otherwise kept an unfilled divisor (torch 2.13).
         if self.learned:
-            self.div = nn.Parameter(torch.empty(()))
+            self.div = nn.Parameter(torch.tensor(math.log(self.divide)))
         else:
-            self.register_buffer("div", torch.empty((), dtype=torch.float64), persistent=False)
+            self.register_buffer("div", torch.tensor(self.divide, dtype=torch.float64), persistent=False)
             self.register_load_state_dict_post_hook(_place_divisor)
-        self._reset_divisor()
 
     def _reset_divisor(self) -> None:
         if self.divide is not None:

@@ -5,6 +5,7 @@ import torch
 from einops import rearrange
 from torch._dynamo.utils import counters
 
+import flexpos
 import reference as R
 from support import TOLERANCE, needs_cpu_flex
 from flexpos import DPB, XL, ALiBi, AttentionLayer, LearnedContinuous, Rotary, Sinusoidal
@@ -126,6 +127,27 @@ def test_a_layer_inside_the_callers_torch_compile():
         (want_grad,) = torch.autograd.grad(want.square().sum(), x)
         assert (got - want).abs().max() <= TOLERANCE[torch.float32]
         assert (got_grad - want_grad).abs().max() <= 10 * TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_modules_built_inside_the_callers_torch_compile(backend):
+    """Modules built in compiled code, as in ``attention(q, k, v, ALiBi(H), ...)`` inside a
+    compiled forward: their fixed divisors hold their values (built empty and filled after a
+    graph break, they kept whatever memory they were given: often 0, and ALiBi's biases NaN)."""
+    torch._dynamo.reset()
+    q = torch.randn(2, H, 150, 16)
+    pos = torch.rand(2, 150).cumsum(-1) * 10
+
+    def build_and_attend(q: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mods = [Rotary(16, divide=3.0), Sinusoidal(DIM, divide=5.0), XL(DIM, H, divide=7.0), DPB(8, H, divide=11.0)]
+        divisors = torch.stack([m.divisor(torch.float64) for m in mods])
+        return divisors, flexpos.attention(q, q, q, ALiBi(H, divide=13.0), pos=pos)
+
+    with torch.no_grad():
+        divisors, got = torch.compile(build_and_attend, backend=backend)(q, pos)
+        want = flexpos.attention(q, q, q, ALiBi(H, divide=13.0), pos=pos)
+    assert divisors.tolist() == [3.0, 5.0, 7.0, 11.0]
+    assert (got - want).abs().max() <= TOLERANCE[torch.float32]
 
 
 def test_the_callers_torch_compile_does_not_recompile_for_new_lengths():
