@@ -132,8 +132,9 @@ def test_a_layer_inside_the_callers_torch_compile():
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_modules_built_inside_the_callers_torch_compile(backend):
     """Modules built in compiled code, as in ``attention(q, k, v, ALiBi(H), ...)`` inside a
-    compiled forward: their fixed divisors hold their values (built empty and filled after a
-    graph break, they kept whatever memory they were given: often 0, and ALiBi's biases NaN)."""
+    compiled forward: their fixed divisors hold their values (built empty and filled in place
+    across the constructor's graph breaks, they kept whatever memory they were given: often 0,
+    and ALiBi's biases NaN)."""
     torch._dynamo.reset()
     q = torch.randn(2, H, 150, 16)
     pos = torch.rand(2, 150).cumsum(-1) * 10
