@@ -129,7 +129,14 @@ def test_a_layer_inside_the_callers_torch_compile():
         assert (got_grad - want_grad).abs().max() <= 10 * TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor"])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "eager",
+        pytest.param("inductor", marks=pytest.mark.skipif(
+            torch_version() < (2, 7), reason="torch 2.6's Dynamo: 'SpeculationLog diverged' at a buffer registered in compiled code")),
+    ],
+)
 def test_modules_built_inside_the_callers_torch_compile(backend):
     """Modules built in compiled code, as in ``attention(q, k, v, ALiBi(H), ...)`` inside a
     compiled forward: their fixed divisors hold their values (built empty and filled in place
