@@ -97,13 +97,12 @@ def run_flex(
         # CPU flex refuses inputs that require grad even under no_grad; nothing flows back here.
         q, k, v = q.detach(), k.detach(), v.detach()
     dv = v.shape[-1]
-    grouped = k.shape[1] != q.shape[1]
     if q.device.type == "cpu":
         # The batch-of-one workaround moves heads into the batch, where flex cannot group them.
         k, v = share_kv_heads(k, v, q.shape[1])
-        grouped = False
         q, k, v, score_mod, restore = _cpu_batch_of_one(q, k, v, score_mod)
         q, k, v = _cpu_safe(q, k, v)
+    grouped = k.shape[1] != q.shape[1]
     default = q.shape[-1] ** -0.5
     if scale != default:
         # A Python float scale becomes a symbolic float under dynamic=True, which the CPU

@@ -20,6 +20,7 @@ from ._checks import (
     check_tensor,
     shape_text,
 )
+from ._gqa import groups_heads
 from .attention import Mask, attention
 from .backends import Backend, check_backend
 from .flex import KernelOptions, check_kernel_options
@@ -58,7 +59,7 @@ class AttentionLayer(nn.Module):
         if dim % n_heads:
             raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads}")
         n_kv_heads = n_heads if n_kv_heads is None else check_positive_int("n_kv_heads", n_kv_heads)
-        if n_heads % n_kv_heads:
+        if not groups_heads(n_heads, n_kv_heads):
             raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads} (grouped-query attention)")
         if isinstance(positional, nn.Module) and not isinstance(positional, nn.ModuleList):
             raise TypeError(f"positional must be a sequence of modules, got a single {type(positional).__name__}")

@@ -102,6 +102,30 @@ def rotate(x: Tensor, pos: Tensor, has: Tensor, thetas: Tensor, divide: float) -
     return torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
 
 
+def scheme_attention(scheme: str, module, q: Tensor, k: Tensor, v: Tensor, pos_q: Tensor, pos_k: Tensor,
+                     divide: float, keep: Optional[Tensor] = None) -> Tensor:
+    """float64 attention of q (N, H, Lq, D) with one module, by name: 'rotary', 'xl', 'alibi',
+    'alibi-asymmetric' or 'dpb' (its MLP at every pair); positions (N, ...) of each side, CLS
+    tokens first; k and v (N, Hkv, Lk, D) with Hkv dividing H, each key/value head repeated for
+    its group of query heads."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    n, lq, lk = q.shape[0], q.shape[-2], k.shape[-2]
+    pq, hq = padded_positions(pos_q.reshape(n, -1), n, lq)
+    pk, hk = padded_positions(pos_k.reshape(n, -1), n, lk)
+    if scheme == "rotary":
+        rq, rk = (rotate(t, p, h, module.thetas, divide) for t, p, h in ((q, pq, hq), (k, pk, hk)))
+        return attend(rq, rk, v, keep=keep)
+    if scheme == "xl":
+        u, w = (b.double()[None, :, None] for b in (module.bias_r_w, module.bias_r_r))
+        return attend(q + u, k, v, xl_bias(module, q + w, pq, pk, hq, hk, divide), keep)
+    if scheme in ("alibi", "alibi-asymmetric"):
+        bias = alibi_bias(q.shape[1], pq, pk, hq, hk, asymmetric=scheme == "alibi-asymmetric", divide=divide)
+    else:
+        bias = dpb_bias(module, pq, pk, hq, hk, divide)
+    return attend(q, k, v, bias, keep)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | float = 0.0,
            keep: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
     """Materialised float64 softmax attention; rows with nothing to attend to give 0."""

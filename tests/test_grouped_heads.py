@@ -31,22 +31,8 @@ def positions(n: int, length: int) -> torch.Tensor:
 def reference(scheme, module, q, k, v, pos_q, pos_k, keep=None):
     """float64 attention of q (N, H, Lq, D) with k, v (N, Hkv, Lk, D), each key/value head
     repeated for its ``H // Hkv`` query heads."""
-    group = q.shape[1] // k.shape[1]
-    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
-    n, lq, lk = q.shape[0], q.shape[-2], k.shape[-2]
-    pq, hq = R.padded_positions(pos_q, n, lq)
-    pk, hk = R.padded_positions(pos_k, n, lk)
-    if scheme == "rotary":
-        rq, rk = (R.rotate(t, p, h, module.thetas, DIVIDE) for t, p, h in ((q, pq, hq), (k, pk, hk)))
-        return R.attend(rq, rk, v, keep=keep)
-    if scheme == "xl":
-        u, w = (b.double()[None, :, None] for b in (module.bias_r_w, module.bias_r_r))
-        return R.attend(q + u, k, v, R.xl_bias(module, q + w, pq, pk, hq, hk, DIVIDE), keep)
-    if scheme == "alibi":
-        bias = R.alibi_bias(H, pq, pk, hq, hk, divide=DIVIDE)
-    else:
-        bias = R.dpb_bias(module, pq, pk, hq, hk, DIVIDE)
-    return R.attend(q, k, v, bias, keep)
+    name = "dpb" if scheme.startswith("dpb") else scheme
+    return R.scheme_attention(name, module, q, k, v, pos_q, pos_k, DIVIDE, keep)
 
 
 def assert_close(got, want, dtype=F64):

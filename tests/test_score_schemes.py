@@ -601,16 +601,7 @@ def test_dpb_with_unchecked_nan_positions_gives_nan_not_a_read_past_its_table(mo
 
 def cross_reference(scheme, module, q, k, v, pos_q, pos_k):
     """float64 reference of one scheme in cross-attention; q, k, v flattened to (N, H, L, D)."""
-    n, lq, lk = q.shape[0], q.shape[-2], k.shape[-2]
-    pq, hq = R.padded_positions(pos_q.reshape(n, -1), n, lq)
-    pk, hk = R.padded_positions(pos_k.reshape(n, -1), n, lk)
-    if scheme == "rotary":
-        rq, rk = (R.rotate(t, p, h, module.thetas, 2.0) for t, p, h in ((q, pq, hq), (k, pk, hk)))
-        return R.attend(rq, rk, v)
-    if scheme == "xl":
-        u, w = (b.double()[None, :, None] for b in (module.bias_r_w, module.bias_r_r))
-        return R.attend(q + u, k, v, R.xl_bias(module, q + w, pq, pk, hq, hk, 2.0))
-    return R.attend(q, k, v, R.alibi_bias(H, pq, pk, hq, hk, asymmetric=True, divide=2.0))
+    return R.scheme_attention(scheme, module, q, k, v, pos_q, pos_k, divide=2.0)
 
 
 CROSS_SCHEMES = {
