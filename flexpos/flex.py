@@ -93,6 +93,8 @@ def run_flex(
     """q (B, H, Lq, E), k (B, Hkv, Lk, E), v (B, Hkv, Lk, Dv) -> (B, H, Lq, Dv), Hkv dividing H
     (grouped-query attention); ``kernel_options`` go to flex's Triton kernels (see
     :func:`flex_kernel_options`)."""
+    if tracing() and not joins_callers_graph(q.device):
+        return _outside_callers_graph(q, k, v, score_mod, block_mask, scale, kernel_options)
     if not torch.is_grad_enabled():
         # CPU flex refuses inputs that require grad even under no_grad; nothing flows back here.
         q, k, v = q.detach(), k.detach(), v.detach()
@@ -115,6 +117,30 @@ def run_flex(
     if q.device.type == "cpu":
         out = restore(out)
     return out[..., :dv]
+
+
+def joins_callers_graph(device: torch.device) -> bool:
+    """Whether flex joins a caller's torch.compile graph on ``device``: not on CPU (see
+    :func:`_outside_callers_graph`)."""
+    return device.type != "cpu"
+
+
+@torch.compiler.disable
+def _outside_callers_graph(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    score_mod: Optional[ScoreMod],
+    block_mask: BlockMask,
+    scale: float,
+    kernel_options: Optional[KernelOptions] = None,
+) -> Tensor:
+    """:func:`run_flex` on CPU inside a caller's torch.compile, run as in eager calls (a graph
+    break), with flexpos' own compiled flex: Inductor's CPU flex kernel (torch 2.13) cannot
+    lower, inside the caller's graph, a score_mod reading tables computed there
+    (``NoValidChoicesError``), q from a view of a tensor of another rank (from a projection or
+    Rotary), or, once lengths are dynamic, tables sized by them (C++ errors)."""
+    return run_flex(q, k, v, score_mod, block_mask, scale, kernel_options)
 
 
 MIN_CPU_HEAD_DIM = 32

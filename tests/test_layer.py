@@ -206,13 +206,15 @@ def test_torch_export_of_a_layer_on_the_default_backend():
 
 
 @needs_cpu_flex
-def test_flex_inside_the_callers_torch_compile_is_one_graph():
+def test_flex_inside_the_callers_torch_compile_is_one_graph(monkeypatch):
     """With backend='flex', a caller's torch.compile captures Rotary + ALiBi + DPB attention as
     one graph, with no graph break: flexpos' value checks, DPB's span read and its own compiled
     flex step aside.
-    Traced by Dynamo and AOTAutograd without Inductor, whose CPU flex kernel (torch 2.13)
-    cannot lower a score_mod that reads tables computed inside the graph (NoValidChoicesError),
-    as ALiBi's and DPB's position tables are."""
+    Traced by Dynamo and AOTAutograd without Inductor, as flexpos traces on CUDA (on CPU it runs
+    flex outside the caller's graph: tested below)."""
+    import flexpos.flex
+
+    monkeypatch.setattr(flexpos.flex, "joins_callers_graph", lambda device: True)
     torch.manual_seed(0)
     layer = AttentionLayer(128, H, positional=[Rotary(128 // H), ALiBi(H), DPB(16, H, divide=50.0)], backend="flex")
     x = torch.randn(2, 300, 128)
@@ -225,6 +227,29 @@ def test_flex_inside_the_callers_torch_compile_is_one_graph():
         layer.backend = "chunked"
         want = layer(x, pos=pos, causal=True)
     assert (got - want).abs().max() <= TOLERANCE[torch.float32]
+
+
+@needs_cpu_flex
+def test_flex_on_cpu_inside_the_callers_inductor_compile():
+    """On CPU, backend='flex' inside a caller's torch.compile (Inductor) runs flexpos' own
+    compiled flex outside the caller's graph, one graph break: Inductor's CPU flex kernel
+    (torch 2.13) fails there on ALiBi's and DPB's tables (NoValidChoicesError), on q from a
+    projection, and on tables sized by dynamic lengths. Grouped-query heads, a CLS token and
+    causal masking, at two lengths (the second one dynamic), against the chunked backend."""
+    torch.manual_seed(0)
+    positional = [Rotary(64 // H), ALiBi(H), DPB(16, H, depth=2, divide=50.0)]
+    layer = AttentionLayer(64, H, n_kv_heads=H // 2, positional=positional, backend="flex").eval()
+    compiled = torch.compile(layer)
+    breaks = sum(counters["graph_break"].values())
+    with torch.no_grad():
+        for length in (200, 300):
+            x, pos = torch.randn(2, length, 64), torch.rand(2, length - 1).cumsum(-1) * 10
+            got = compiled(x, pos=pos, causal=True)
+            layer.backend = "chunked"
+            want = layer(x, pos=pos, causal=True)
+            layer.backend = "flex"
+            assert (got - want).abs().max() <= TOLERANCE[torch.float32]
+    assert sum(counters["graph_break"].values()) > breaks
 
 
 def test_positional_modules_from_a_generator_are_all_kept():
