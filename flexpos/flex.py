@@ -94,7 +94,7 @@ def run_flex(
     (grouped-query attention); ``kernel_options`` go to flex's Triton kernels (see
     :func:`flex_kernel_options`)."""
     if tracing() and not joins_callers_graph(q.device):
-        return _outside_callers_graph(q, k, v, score_mod, block_mask, scale, kernel_options)
+        return _run_flex_eagerly(q, k, v, score_mod, block_mask, scale, kernel_options)
     if not torch.is_grad_enabled():
         # CPU flex refuses inputs that require grad even under no_grad; nothing flows back here.
         q, k, v = q.detach(), k.detach(), v.detach()
@@ -120,27 +120,13 @@ def run_flex(
 
 
 def joins_callers_graph(device: torch.device) -> bool:
-    """Whether flex joins a caller's torch.compile graph on ``device``: not on CPU (see
-    :func:`_outside_callers_graph`)."""
+    """Whether flex joins a caller's torch.compile graph on ``device``. Not on CPU, where
+    :func:`run_flex` runs as in eager calls (a graph break), with flexpos' own compiled flex:
+    Inductor's CPU flex kernel (torch 2.13) cannot lower, inside the caller's graph, a score_mod
+    reading tables computed there (``NoValidChoicesError``), q from a view of a tensor of another
+    rank (from a projection or Rotary), or, once lengths are dynamic, tables sized by them (C++
+    errors)."""
     return device.type != "cpu"
-
-
-@torch.compiler.disable
-def _outside_callers_graph(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    score_mod: Optional[ScoreMod],
-    block_mask: BlockMask,
-    scale: float,
-    kernel_options: Optional[KernelOptions] = None,
-) -> Tensor:
-    """:func:`run_flex` on CPU inside a caller's torch.compile, run as in eager calls (a graph
-    break), with flexpos' own compiled flex: Inductor's CPU flex kernel (torch 2.13) cannot
-    lower, inside the caller's graph, a score_mod reading tables computed there
-    (``NoValidChoicesError``), q from a view of a tensor of another rank (from a projection or
-    Rotary), or, once lengths are dynamic, tables sized by them (C++ errors)."""
-    return run_flex(q, k, v, score_mod, block_mask, scale, kernel_options)
 
 
 MIN_CPU_HEAD_DIM = 32
@@ -188,3 +174,7 @@ def _cpu_safe(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if v.shape[-1] < MIN_CPU_HEAD_DIM:
         v = F.pad(v, (0, MIN_CPU_HEAD_DIM - v.shape[-1]))
     return q, k, v
+
+
+_run_flex_eagerly = torch.compiler.disable(run_flex)
+""":func:`run_flex` outside a caller's torch.compile graph (see :func:`joins_callers_graph`)."""
