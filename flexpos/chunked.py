@@ -198,7 +198,8 @@ def _live_bias(
     if not rows_may_die:  # no pass over the bias, no host read
         return bias, None
     alive = bias.amax(-1, keepdim=True) != float("-inf")  # a NaN row stays alive: NaN, not 0
-    if not unread and bool(alive.all()):
+    # Inside a caller's torch.compile the read would break the graph at every chunk.
+    if not unread and not tracing() and bool(alive.all()):
         return bias, None
     return torch.where(alive, bias, 0.0), alive
 
