@@ -10,8 +10,9 @@ transforms and the chunked backend's bias kernel; the flex backend always compil
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch._dynamo.config as dynamo_config
@@ -21,6 +22,8 @@ from ._checks import check_bool
 from ._host import forward_ad_active, tracing
 
 _enabled = os.environ.get("FLEXPOS_COMPILE", "1") != "0"
+
+Run = TypeVar("Run", bound=Callable[..., torch.Tensor])
 
 
 CPU_FLEX_MIN_TORCH = (2, 9)
@@ -131,3 +134,31 @@ def lazy_compile(
     """``dynamic=None`` is Dynamo's automatic mode: static sizes first, symbolic from the first
     call with other sizes on."""
     return LazyCompiled(fn, options, dynamic)
+
+
+def joins_callers_graph(device: torch.device) -> bool:
+    """Whether flexpos' attention kernels join a caller's torch.compile graph on ``device``.
+
+    Not on CPU, where they run as in eager calls (a graph break), compiled by flexpos itself.
+    Inside the caller's graph, Inductor's CPU flex kernel (torch 2.13) cannot lower a score_mod
+    reading tables computed there (``NoValidChoicesError``), q from a view of a tensor of
+    another rank (from a projection or Rotary), or, once lengths are dynamic, tables sized by
+    them (C++ errors); and the chunked backend's training step, traced, recomputed each chunk
+    in backward where eager calls keep the flash kernel's outputs (1.8x slower, see
+    benchmarks/callers_compile.py)."""
+    return device.type != "cpu"
+
+
+def outside_callers_graph_on_cpu(run: Run) -> Run:
+    """``run(q, ...)``, called outside a caller's torch.compile graph where
+    :func:`joins_callers_graph` says no for q's device. torch.export traces it (Dynamo alone
+    can leave a function out of its graph)."""
+    eager = torch.compiler.disable(run)
+
+    @functools.wraps(run)
+    def wrapper(q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.compiler.is_dynamo_compiling() and not joins_callers_graph(q.device):
+            return eager(q, *args, **kwargs)
+        return run(q, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

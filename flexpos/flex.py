@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from ._compile import compile_settings
+from ._compile import compile_settings, outside_callers_graph_on_cpu
 from ._gqa import share_kv_heads
 from ._host import tracing
 from .base import Positional, ScoreMod
@@ -81,6 +81,7 @@ def flex_kernel_options(
     return options or None
 
 
+@outside_callers_graph_on_cpu
 def run_flex(
     q: Tensor,
     k: Tensor,
@@ -93,8 +94,6 @@ def run_flex(
     """q (B, H, Lq, E), k (B, Hkv, Lk, E), v (B, Hkv, Lk, Dv) -> (B, H, Lq, Dv), Hkv dividing H
     (grouped-query attention); ``kernel_options`` go to flex's Triton kernels (see
     :func:`flex_kernel_options`)."""
-    if tracing() and not joins_callers_graph(q.device):
-        return _run_flex_eagerly(q, k, v, score_mod, block_mask, scale, kernel_options)
     if not torch.is_grad_enabled():
         # CPU flex refuses inputs that require grad even under no_grad; nothing flows back here.
         q, k, v = q.detach(), k.detach(), v.detach()
@@ -117,16 +116,6 @@ def run_flex(
     if q.device.type == "cpu":
         out = restore(out)
     return out[..., :dv]
-
-
-def joins_callers_graph(device: torch.device) -> bool:
-    """Whether flex joins a caller's torch.compile graph on ``device``. Not on CPU, where
-    :func:`run_flex` runs as in eager calls (a graph break), with flexpos' own compiled flex:
-    Inductor's CPU flex kernel (torch 2.13) cannot lower, inside the caller's graph, a score_mod
-    reading tables computed there (``NoValidChoicesError``), q from a view of a tensor of another
-    rank (from a projection or Rotary), or, once lengths are dynamic, tables sized by them (C++
-    errors)."""
-    return device.type != "cpu"
 
 
 MIN_CPU_HEAD_DIM = 32
@@ -175,6 +164,3 @@ def _cpu_safe(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         v = F.pad(v, (0, MIN_CPU_HEAD_DIM - v.shape[-1]))
     return q, k, v
 
-
-_run_flex_eagerly = torch.compiler.disable(run_flex)
-""":func:`run_flex` outside a caller's torch.compile graph (see :func:`joins_callers_graph`)."""

@@ -108,8 +108,11 @@ def test_layer_trains_on_cpu():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
 
 
-def test_a_layer_inside_the_callers_torch_compile():
+@pytest.mark.parametrize("joins", [False, True], ids=["cpu", "traced-as-on-accelerators"])
+def test_a_layer_inside_the_callers_torch_compile(joins, monkeypatch):
     """A model compiled by its user: same outputs and gradients as eager (graph breaks allowed),
+    with the chunked backend run as in eager calls (as on CPU) and traced into the caller's graph
+    (as on accelerators),
     also at a second length, where Dynamo makes the lengths symbolic (Inductor then failed on
     the mask's tile count written as -(-L // 128): "Exponent must be non-negative"). Symbolic
     lengths need torch >= 2.9 on CPU: Inductor in 2.6.0 and 2.7.1 fails to build that graph
@@ -117,6 +120,9 @@ def test_a_layer_inside_the_callers_torch_compile():
     The first queries have no key (causal, the first keys masked): the chunked backend zeroes
     their rows without reading back whether a chunk has any, which would break the graph at
     every chunk (with a warning from Dynamo each time)."""
+    import flexpos._compile
+
+    monkeypatch.setattr(flexpos._compile, "joins_callers_graph", lambda device: joins)
     torch.manual_seed(0)
     layer = AttentionLayer(DIM, H, positional=[Rotary(DIM // H), ALiBi(H)])
     compiled = torch.compile(layer)
@@ -223,9 +229,9 @@ def test_flex_inside_the_callers_torch_compile_is_one_graph(monkeypatch):
     flex step aside.
     Traced by Dynamo and AOTAutograd without Inductor, as flexpos traces on CUDA (on CPU it runs
     flex outside the caller's graph: tested below)."""
-    import flexpos.flex
+    import flexpos._compile
 
-    monkeypatch.setattr(flexpos.flex, "joins_callers_graph", lambda device: True)
+    monkeypatch.setattr(flexpos._compile, "joins_callers_graph", lambda device: True)
     torch.manual_seed(0)
     layer = AttentionLayer(128, H, positional=[Rotary(128 // H), ALiBi(H), DPB(16, H, divide=50.0)], backend="flex")
     x = torch.randn(2, 300, 128)

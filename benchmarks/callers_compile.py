@@ -1,0 +1,109 @@
+"""A layer inside its user's torch.compile against the same layer eager, on CPU, one process.
+
+    python benchmarks/callers_compile.py [--length 2048] [--repeat 10]
+
+AttentionLayer(512, 8) with Rotary and ALiBi, B=1, float32, a key padding mask (the last 48
+keys) and causal masking. On CPU flexpos' attention kernels run outside the caller's graph, as
+in eager calls (``flexpos._compile.joins_callers_graph``); "traced" patches that off, so that
+the caller's compile traces them into its graph, as on accelerators. Cases:
+
+  chunked, forward           no_grad, the default backend on CPU
+  chunked, forward+backward  gradients into x (the training step's attention)
+  flex, forward              backend='flex', no_grad, causal mask alone (CPU flex takes no
+                             padding mask); traced, Inductor fails to lower it (not timed)
+
+Each line: median ms of the compiled layer (outside the graph, and traced), of the eager
+layer, and their ratios. Compile excluded; "breaks" counts Dynamo's graph breaks at the first
+call of each compiled variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import breakdown  # noqa: F401  (makes flexpos importable from a checkout)
+from torch._dynamo.utils import counters
+
+import flexpos
+import flexpos._compile
+from flexpos import ALiBi, AttentionLayer, Rotary
+
+DIM, HEADS = 512, 8
+
+
+PLACES = {True: lambda device: True, False: lambda device: False}  # one object each: Dynamo guards on it
+
+
+def in_graph(joins: bool, step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` with flexpos' kernels traced into the caller's graph (``joins``) or not."""
+
+    def run() -> object:
+        real = flexpos._compile.joins_callers_graph
+        flexpos._compile.joins_callers_graph = PLACES[joins]
+        try:
+            return step()
+        finally:
+            flexpos._compile.joins_callers_graph = real
+
+    return run
+
+
+def interleaved_ms(steps: dict[str, Callable[[], object]], repeat: int) -> tuple[dict[str, float], dict[str, int]]:
+    """Median ms of each step, timed in turn round after round (drift hits all alike), and the
+    graph breaks Dynamo counted at each one's first call."""
+    breaks = {}
+    for name, step in steps.items():
+        before = sum(counters["graph_break"].values())
+        step()
+        breaks[name] = sum(counters["graph_break"].values()) - before
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeat):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}, breaks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=2048, help="L (default 2048)")
+    parser.add_argument("--repeat", type=int, default=10, help="timed calls per line (default 10)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    length = args.length
+    x = torch.randn(1, length, DIM, requires_grad=True)
+    pos = torch.rand(1, length).cumsum(-1) * 10
+    valid = torch.ones(1, length, dtype=torch.bool)
+    valid[:, -48:] = False
+    print(f"flexpos {flexpos.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"AttentionLayer({DIM}, {HEADS}) with Rotary + ALiBi, B=1 L={length}, float32")
+    print(f"{'case':26s} {'outside ms':>10s} {'breaks':>6s} {'traced ms':>9s} {'breaks':>6s} {'eager ms':>8s} "
+          f"{'outside/eager':>13s} {'traced/eager':>12s}")
+    for backend, mask, training in (("chunked", valid, False), ("chunked", valid, True), ("flex", None, False)):
+        layer = AttentionLayer(DIM, HEADS, positional=[Rotary(DIM // HEADS), ALiBi(HEADS)], backend=backend)
+        compiled = torch.compile(layer)
+
+        def step(model: torch.nn.Module) -> object:
+            out = model(x, pos=pos, mask=mask, causal=True)
+            return torch.autograd.grad(out.square().sum(), x) if training else out
+
+        steps = {"outside": in_graph(False, lambda: step(compiled)), "eager": lambda: step(layer)}
+        if backend != "flex":
+            steps["traced"] = in_graph(True, lambda: step(compiled))
+        with torch.set_grad_enabled(training):
+            ms, breaks = interleaved_ms(steps, args.repeat)
+        eager = ms["eager"]
+        traced = (f"{ms['traced']:9.1f} {breaks['traced']:6d}", f"{ms['traced'] / eager:11.2f}x") if "traced" in ms else (
+            f"{'-':>9s} {'-':>6s}", f"{'-':>12s}")
+        name = f"{backend}, {'forward+backward' if training else 'forward'}"
+        print(f"{name:26s} {ms['outside']:10.1f} {breaks['outside']:6d} {traced[0]} {eager:8.1f} "
+              f"{ms['outside'] / eager:12.2f}x {traced[1]}")
+
+
+if __name__ == "__main__":
+    main()
