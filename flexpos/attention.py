@@ -71,7 +71,8 @@ def attention(
             mask_mod must be False wherever the block structure leaves a tile empty), or a bool
             tensor (True = attend) of shape (B, *, Lk),
             (B, *, Lq, Lk) or (B, *, H, Lq, Lk), where 1 for every batch dim (one mask for all
-            sequences) or for H (one for all heads) broadcasts.
+            sequences), for H (one for all heads) or for Lq (one for all queries, as SDPA's
+            (B, 1, 1, Lk) key padding) broadcasts.
         causal: also mask keys after the query (by index, top-left aligned).
         scale: score scale, default ``1 / sqrt(D)``.
         backend: 'auto' ('chunked' on CPU, fused 'flex' elsewhere unless flex cannot run the
@@ -186,7 +187,7 @@ def _check_positional(
                 f"{type(m).__name__} transforms the input x, not q/k/scores: call it on x before "
                 "the projections (flexpos.AttentionLayer does this)"
             )
-        check_module_heads(m, heads, head_dim, "q has")
+        check_module_heads(m, heads, head_dim, "q (B, *, H, L, D) has")
         check_module_device(m, device)
         checked.append(m)
     return checked
@@ -220,8 +221,9 @@ def _check_mask(
         trailing = [(len_k,), (len_q, len_k), (heads, len_q, len_k)]
         ones = (1,) * len(batch)
         shapes = [(*batch, *t) for t in trailing]
-        shared = [(*ones, *t) for t in trailing] + [(*b, 1, len_q, len_k) for b in (batch, ones)]
-        check_bool_mask("mask", mask, shapes, device, "q", shared, "or with 1 for all batch dims or for H")
+        shared = [(*b, *t) for b in (batch, ones) for t in [*trailing, (1, len_k), (1, len_q, len_k), (heads, 1, len_k),
+                                                            (1, 1, len_k)]]
+        check_bool_mask("mask", mask, shapes, device, "q", shared, "or with 1 for all batch dims, for H or for Lq")
     else:
         raise TypeError(f"mask must be a BlockMask, a bool tensor or None, got {type(mask).__name__}")
 

@@ -435,12 +435,12 @@ def segment_mask(segments_q: Tensor, segments_k: Optional[Tensor] = None) -> Blo
 
 
 def _check_dense_shape(mask: Tensor, len_q: int, len_k: int) -> None:
-    """``mask`` must be (B, Lk), (B, Lq, Lk) or (B, H, Lq, Lk) for these lengths."""
-    trailing = {2: (len_k,), 3: (len_q, len_k), 4: (len_q, len_k)}.get(mask.ndim)
-    if trailing is None or tuple(mask.shape[-len(trailing) :]) != trailing:
+    """``mask`` must be (B, Lk), (B, Lq, Lk) or (B, H, Lq, Lk) for these lengths, or 1 for Lq."""
+    trailing = {2: [(len_k,)], 3: [(len_q, len_k), (1, len_k)], 4: [(len_q, len_k), (1, len_k)]}.get(mask.ndim, [])
+    if not any(tuple(mask.shape[-len(t) :]) == t for t in trailing):
         raise ValueError(
-            f"mask must have shape (B, Lk), (B, Lq, Lk) or (B, H, Lq, Lk) with Lq={len_q}, "
-            f"Lk={len_k}, got {tuple(mask.shape)}"
+            f"mask must have shape (B, Lk), (B, Lq, Lk) or (B, H, Lq, Lk) with Lq={len_q} (or 1, "
+            f"shared by every query), Lk={len_k}, got {tuple(mask.shape)}"
         )
 
 
@@ -453,16 +453,21 @@ def _pad_to(x: Tensor, rows: int, cols: int) -> Tensor:
 
 
 def dense_mask(mask: Tensor, len_q: int, len_k: int) -> BlockMask:
-    """BlockMask from a bool tensor (B, Lk), (B, Lq, Lk) or (B, H, Lq, Lk); True = attend."""
+    """BlockMask from a bool tensor (B, Lk), (B, Lq, Lk) or (B, H, Lq, Lk); True = attend. An
+    Lq of 1 serves every query (SDPA's (B, 1, 1, Lk) key padding): without heads, a
+    :func:`padding_mask`."""
     check_tensor("mask", mask)
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = attend), got dtype {mask.dtype}")
     len_q, len_k = check_length("len_q", len_q), check_length("len_k", len_k)
     _check_dense_shape(mask, len_q, len_k)
-    if mask.ndim == 2:
-        return padding_mask(mask, len_q)
     if mask.ndim == 3:
         mask = mask[:, None]
+    if mask.ndim == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
+        mask = mask[:, 0, 0]
+    if mask.ndim == 2:
+        return padding_mask(mask, len_q)
+    mask = mask.expand(-1, -1, len_q, -1)
     nq, nk = n_blocks(len_q), n_blocks(len_k)
     padded = _pad_to(mask, nq * BLOCK, nk * BLOCK)
     tiles = padded.unflatten(-1, (nk, BLOCK)).unflatten(-3, (nq, BLOCK))  # b h nq 128 nk 128

@@ -179,7 +179,7 @@ def test_dense_and_combination():
 
 
 KV = torch.ones(2, 10, dtype=torch.bool)
-MASK_SHAPES = r"mask must have shape \(B, Lk\), \(B, Lq, Lk\) or \(B, H, Lq, Lk\) with Lq=10, Lk=10, got "
+MASK_SHAPES = r"mask must have shape \(B, Lk\), \(B, Lq, Lk\) or \(B, H, Lq, Lk\) with Lq=10 \(or 1, shared by every query\), Lk=10, got "
 
 
 def test_per_token_masks_take_extra_batch_dims():
@@ -278,7 +278,7 @@ def test_bad_mask_input(call, error, match):
         call()
 
 
-@pytest.mark.parametrize("shape", [(2, LK), (2, LQ, LK), (2, 3, LQ, LK)])
+@pytest.mark.parametrize("shape", [(2, LK), (2, LQ, LK), (2, 3, LQ, LK), (2, 1, LK), (2, 1, 1, LK), (2, 3, 1, LK)])
 def test_dense_mask_of_each_accepted_shape(shape):
     dense = torch.rand(shape) > 0.5
     dense[..., 128:256] = False  # whole empty key tiles

@@ -519,19 +519,22 @@ def test_extra_batch_dims_and_masks():
 
 @pytest.mark.parametrize(
     "shape",
-    [(2, 3, 1, L, L), (1, 1, L), (1, 1, L, L), (1, 1, H, L, L), (1, 1, 1, L, L)],
-    ids=["one-head", "one-sequence-keys", "one-sequence-pairs", "one-sequence-heads", "one-for-all"],
+    [(2, 3, 1, L, L), (1, 1, L), (1, 1, L, L), (1, 1, H, L, L), (1, 1, 1, L, L),
+     (2, 3, 1, L), (2, 3, 1, 1, L), (2, 3, H, 1, L), (1, 1, 1, 1, L)],
+    ids=["one-head", "one-sequence-keys", "one-sequence-pairs", "one-sequence-heads", "one-for-all",
+         "one-query", "sdpa-key-padding", "one-query-per-head", "one-for-all-queries"],
 )
 def test_bool_masks_of_one_sequence_or_head_serve_all(shape):
-    """A bool mask with 1 for all batch dims or for H, against the reference with it expanded."""
+    """A bool mask with 1 for all batch dims, for H or for Lq (as SDPA's (B, 1, 1, Lk)), against
+    the reference with it expanded."""
     q, k, v = qkv(batch=(2, 3))
     pos = irregular(6, L).view(2, 3, L)
     keep = torch.rand(shape) > 0.3
     out = flexpos.attention(q, k, v, ALiBi(H), pos=pos, mask=keep)
     flat = [t.reshape(6, H, L, D) for t in (q, k, v)]
     pq, hq = R.padded_positions(pos.reshape(6, L), 6, L)
-    full = keep[..., None, :] if len(shape) == 3 else keep  # keys -> (.., 1, Lk) pairs
-    full = full.view(*shape[:2], -1, *full.shape[-2:]).expand(2, 3, H, L, L).reshape(6, H, L, L)
+    full = {3: keep[:, :, None, None], 4: keep[:, :, None], 5: keep}[keep.ndim]  # (.., H|1, Lq|1, Lk)
+    full = full.expand(2, 3, H, L, L).reshape(6, H, L, L)
     assert_close(out.reshape(6, H, L, D), R.attend(*flat, R.alibi_bias(H, pq, pq, hq, hq), full))
 
 
