@@ -436,8 +436,9 @@ def segment_mask(segments_q: Tensor, segments_k: Optional[Tensor] = None) -> Blo
 
 def _check_dense_shape(mask: Tensor, len_q: int, len_k: int) -> None:
     """``mask`` must be (B, Lk), (B, Lq, Lk) or (B, H, Lq, Lk) for these lengths, or 1 for Lq."""
-    trailing: list[tuple[int, ...]] = [(len_k,)] if mask.ndim == 2 else [(len_q, len_k), (1, len_k)] if mask.ndim in (3, 4) else []
-    if not any(tuple(mask.shape[-len(t) :]) == t for t in trailing):
+    pairs: list[tuple[int, ...]] = [(len_q, len_k), (1, len_k)]
+    accepted: dict[int, list[tuple[int, ...]]] = {2: [(len_k,)], 3: pairs, 4: pairs}
+    if not any(tuple(mask.shape[-len(t) :]) == t for t in accepted.get(mask.ndim, [])):
         raise ValueError(
             f"mask must have shape (B, Lk), (B, Lq, Lk) or (B, H, Lq, Lk) with Lq={len_q} (or 1, "
             f"shared by every query), Lk={len_k}, got {tuple(mask.shape)}"
