@@ -144,8 +144,8 @@ def joins_callers_graph(device: torch.device) -> bool:
     reading tables computed there (``NoValidChoicesError``), q from a view of a tensor of
     another rank (from a projection or Rotary), or, once lengths are dynamic, tables sized by
     them (C++ errors); and the chunked backend's training step, traced, recomputed each chunk
-    in backward where eager calls keep the flash kernel's outputs (1.8x slower, see
-    benchmarks/callers_compile.py)."""
+    in backward where eager calls keep the flash kernel's outputs (1.70x the eager layer's
+    time, against 1.06x outside: benchmarks/results/cpu-2026-11-29-e.txt)."""
     return device.type != "cpu"
 
 

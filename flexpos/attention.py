@@ -219,10 +219,10 @@ def _check_mask(
         check_device("mask (a BlockMask)", mask.kv_num_blocks, device, "q")
     elif isinstance(mask, Tensor):
         trailing = [(len_k,), (len_q, len_k), (heads, len_q, len_k)]
+        broadcast = [*trailing, (1, len_k), (1, len_q, len_k), (heads, 1, len_k), (1, 1, len_k)]  # 1 for H or Lq
         ones = (1,) * len(batch)
         shapes = [(*batch, *t) for t in trailing]
-        shared = [(*b, *t) for b in (batch, ones) for t in [*trailing, (1, len_k), (1, len_q, len_k), (heads, 1, len_k),
-                                                            (1, 1, len_k)]]
+        shared = [(*b, *t) for b in (batch, ones) for t in broadcast]
         check_bool_mask("mask", mask, shapes, device, "q", shared, "or with 1 for all batch dims, for H or for Lq")
     else:
         raise TypeError(f"mask must be a BlockMask, a bool tensor or None, got {type(mask).__name__}")

@@ -163,4 +163,3 @@ def _cpu_safe(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if v.shape[-1] < MIN_CPU_HEAD_DIM:
         v = F.pad(v, (0, MIN_CPU_HEAD_DIM - v.shape[-1]))
     return q, k, v
-
