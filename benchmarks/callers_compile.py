@@ -1,11 +1,13 @@
 """A layer inside its user's torch.compile against the same layer eager, on CPU, one process.
 
-    python benchmarks/callers_compile.py [--length 2048] [--repeat 10]
+    python benchmarks/callers_compile.py [--length 2048] [--batch 1] [--dim 512] [--heads 8] [--dpb]
+                                         [--repeat 10]
 
-AttentionLayer(512, 8) with Rotary and ALiBi, B=1, float32, a key padding mask (the last 48
-keys) and causal masking. On CPU flexpos' attention kernels run outside the caller's graph, as
-in eager calls (``flexpos._compile.joins_callers_graph``); "traced" patches that off, so that
-the caller's compile traces them into its graph, as on accelerators. Cases:
+AttentionLayer(dim, heads) with Rotary and ALiBi (``--dpb``: and a depth-2 DPB, whose MLP
+trains, so that the bias needs a gradient), float32, a key padding mask (the last eighth of
+the keys) and causal masking. On CPU flexpos.attention runs outside the caller's graph, as in
+eager calls (``flexpos._compile.joins_callers_graph``); "traced" patches that off, so that the
+caller's compile traces it into its graph, as on accelerators. Cases:
 
   chunked, forward           no_grad, the default backend on CPU
   chunked, forward+backward  gradients into x (the training step's attention)
@@ -30,9 +32,7 @@ from torch._dynamo.utils import counters
 
 import flexpos
 import flexpos._compile
-from flexpos import ALiBi, AttentionLayer, Rotary
-
-DIM, HEADS = 512, 8
+from flexpos import DPB, ALiBi, AttentionLayer, Rotary
 
 
 PLACES = {True: lambda device: True, False: lambda device: False}  # one object each: Dynamo guards on it
@@ -72,20 +72,26 @@ def interleaved_ms(steps: dict[str, Callable[[], object]], repeat: int) -> tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=2048, help="L (default 2048)")
+    parser.add_argument("--batch", type=int, default=1, help="B (default 1)")
+    parser.add_argument("--dim", type=int, default=512, help="model width (default 512)")
+    parser.add_argument("--heads", type=int, default=8, help="heads (default 8)")
+    parser.add_argument("--dpb", action="store_true", help="add a depth-2 DPB (its MLP trains)")
     parser.add_argument("--repeat", type=int, default=10, help="timed calls per line (default 10)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    length = args.length
-    x = torch.randn(1, length, DIM, requires_grad=True)
-    pos = torch.rand(1, length).cumsum(-1) * 10
-    valid = torch.ones(1, length, dtype=torch.bool)
-    valid[:, -48:] = False
+    length, heads = args.length, args.heads
+    x = torch.randn(args.batch, length, args.dim, requires_grad=True)
+    pos = torch.rand(args.batch, length).cumsum(-1) * 10
+    valid = torch.ones(args.batch, length, dtype=torch.bool)
+    valid[:, length - length // 8 :] = False
+    schemes = "Rotary + ALiBi" + (" + DPB(depth 2)" if args.dpb else "")
     print(f"flexpos {flexpos.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"AttentionLayer({DIM}, {HEADS}) with Rotary + ALiBi, B=1 L={length}, float32")
+          f"AttentionLayer({args.dim}, {heads}) with {schemes}, B={args.batch} L={length}, float32")
     print(f"{'case':26s} {'outside ms':>10s} {'breaks':>6s} {'traced ms':>9s} {'breaks':>6s} {'eager ms':>8s} "
           f"{'outside/eager':>13s} {'traced/eager':>12s}")
     for backend, mask, training in (("chunked", valid, False), ("chunked", valid, True), ("flex", None, False)):
-        layer = AttentionLayer(DIM, HEADS, positional=[Rotary(DIM // HEADS), ALiBi(HEADS)], backend=backend)
+        positional = [Rotary(args.dim // heads), ALiBi(heads)] + ([DPB(16, heads, depth=2, divide=100.0)] if args.dpb else [])
+        layer = AttentionLayer(args.dim, heads, positional=positional, backend=backend)
         compiled = torch.compile(layer)
 
         def step(model: torch.nn.Module) -> object:

@@ -137,20 +137,21 @@ def lazy_compile(
 
 
 def joins_callers_graph(device: torch.device) -> bool:
-    """Whether flexpos' attention kernels join a caller's torch.compile graph on ``device``.
+    """Whether :func:`flexpos.attention` on ``device`` joins a caller's torch.compile graph.
 
-    Not on CPU, where they run as in eager calls (a graph break), compiled by flexpos itself.
-    Inside the caller's graph, Inductor's CPU flex kernel (torch 2.13) cannot lower a score_mod
-    reading tables computed there (``NoValidChoicesError``), q from a view of a tensor of
-    another rank (from a projection or Rotary), or, once lengths are dynamic, tables sized by
-    them (C++ errors); and the chunked backend's training step, traced, recomputed each chunk
-    in backward where eager calls keep the flash kernel's outputs (1.70x the eager layer's
-    time, against 1.06x outside: benchmarks/results/cpu-2026-11-29-e.txt)."""
+    Not on CPU, where it runs as in eager calls (a graph break), with flexpos' own compiled
+    kernels. Traced into the caller's graph there, Inductor's CPU flex kernel (torch 2.13) could
+    not lower flex: a score_mod reading tables computed in the graph (``NoValidChoicesError``),
+    q from a view of a tensor of another rank (from a projection or Rotary), and, once lengths
+    are dynamic, tables sized by them (C++ errors). And the chunked backend's training steps were
+    slower than eager ones: each chunk recomputed in backward where eager calls keep the flash
+    kernel's outputs, and DPB's table on its full grid where eager calls size it to the
+    positions (benchmarks/results/cpu-2026-11-29-f.txt)."""
     return device.type != "cpu"
 
 
 def outside_callers_graph_on_cpu(run: Run) -> Run:
-    """``run(q, ...)``, called outside a caller's torch.compile graph where
+    """``run(q, ...)``, called outside a caller's torch.compile graph, as in eager calls, where
     :func:`joins_callers_graph` says no for q's device. torch.export traces it (Dynamo alone
     can leave a function out of its graph)."""
     eager = torch.compiler.disable(run)

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends, sdpa_kerne
 from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
-from ._compile import compile_enabled, compile_settings, compiling, lazy_compile, outside_callers_graph_on_cpu
+from ._compile import compile_enabled, compile_settings, compiling, lazy_compile
 from ._host import blind, exporting, forward_ad_active, functorch_active, on_host, tracing, without_grad_wrappers
 from .base import ScoreMod, index_grids
 from .masks import EMPTY, FULL, MaskMod, states_of
@@ -204,7 +204,6 @@ def _live_bias(
     return torch.where(alive, bias, 0.0), alive
 
 
-@outside_callers_graph_on_cpu
 def run_chunked(
     q: Tensor,
     k: Tensor,

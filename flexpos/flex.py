@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from ._compile import compile_settings, outside_callers_graph_on_cpu
+from ._compile import compile_settings
 from ._gqa import share_kv_heads
 from ._host import tracing
 from .base import Positional, ScoreMod
@@ -81,7 +81,6 @@ def flex_kernel_options(
     return options or None
 
 
-@outside_callers_graph_on_cpu
 def run_flex(
     q: Tensor,
     k: Tensor,

@@ -111,7 +111,7 @@ def test_layer_trains_on_cpu():
 @pytest.mark.parametrize("joins", [False, True], ids=["cpu", "traced-as-on-accelerators"])
 def test_a_layer_inside_the_callers_torch_compile(joins, monkeypatch):
     """A model compiled by its user: same outputs and gradients as eager (graph breaks allowed),
-    with the chunked backend run as in eager calls (as on CPU) and traced into the caller's graph
+    with flexpos.attention run as in eager calls (as on CPU) and traced into the caller's graph
     (as on accelerators),
     also at a second length, where Dynamo makes the lengths symbolic (Inductor then failed on
     the mask's tile count written as -(-L // 128): "Exponent must be non-negative"). Symbolic
@@ -248,8 +248,8 @@ def test_flex_inside_the_callers_torch_compile_is_one_graph(monkeypatch):
 
 @needs_cpu_flex
 def test_flex_on_cpu_inside_the_callers_inductor_compile():
-    """On CPU, backend='flex' inside a caller's torch.compile (Inductor) runs flexpos' own
-    compiled flex outside the caller's graph, one graph break: Inductor's CPU flex kernel
+    """On CPU, backend='flex' inside a caller's torch.compile (Inductor) runs as in eager calls,
+    with flexpos' own compiled flex, outside the caller's graph: Inductor's CPU flex kernel
     (torch 2.13) fails there on ALiBi's and DPB's tables (NoValidChoicesError), on q from a
     projection, and on tables sized by dynamic lengths. Grouped-query heads, a CLS token and
     causal masking, at two lengths (the second one dynamic), against the chunked backend."""
