@@ -36,9 +36,7 @@ def run_mlp(mlp: nn.ModuleList, x: Tensor, dtype: torch.dtype | None = None) -> 
     ``dtype`` runs on cast copies of the parameters (gradients reach them)."""
     own = next(mlp.parameters()).dtype  # the first layer's, Linear(1, dim)
     dtype = dtype or (own if own.itemsize >= 4 else torch.float32)
-    device = x.device.type
-    autocast = torch.is_autocast_enabled(device)
-    with torch.autocast(device, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         x = x.to(dtype)
         for layer in mlp:
             if dtype == own:
@@ -46,7 +44,14 @@ def run_mlp(mlp: nn.ModuleList, x: Tensor, dtype: torch.dtype | None = None) -> 
             else:
                 cast = {name: p.to(dtype) for name, p in layer.named_parameters()}
                 x = torch.func.functional_call(layer, cast, (x,))
-    if autocast and x.requires_grad and not tracing() and not functorch_active():
+    return x
+
+
+def watch_autocast(x: Tensor) -> Tensor:
+    """``x``, a position MLP's output (or a result of it) outside compiled code, hooked to warn
+    where its backward runs inside an autocast block (see :func:`_warn_if_autocast`)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.requires_grad and not tracing() and not functorch_active():
         x.register_hook(functools.partial(_warn_if_autocast, device))
     return x
 
@@ -131,4 +136,4 @@ class LearnedContinuous(InputTransform):
 
     def encode_add(self, x: Tensor, pos: Tensor, keep: Tensor) -> Tensor:
         # pos cast here: one compiled variant for int and float positions
-        return _mlp_add(self.mlp, x, pos.double(), keep, self.divisor(torch.float64))
+        return watch_autocast(_mlp_add(self.mlp, x, pos.double(), keep, self.divisor(torch.float64)))
