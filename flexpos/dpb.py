@@ -56,7 +56,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_positive_int
-from ._compile import lazy_compile
 from ._host import host_reads, tracing
 from .base import Positional, ScoreMod, index_grids
 from .learned import mlp_dtype, position_mlp, run_mlp, watch_autocast
@@ -201,18 +200,24 @@ class DPB(Positional):
         return watch_autocast(run_mlp(self.mlp, (distances.double() / self.divisor(torch.float64))[..., None], dtype))
 
     def tables(self, grid: DistanceGrid, dtype: torch.dtype, precise: bool = False) -> tuple[Tensor, Tensor]:
-        """(n_heads, size + 2) values at the grid nodes and slopes per position unit to the next
-        (:func:`_grid_tables`: one compiled kernel, about 3x faster than eager ops at 65537 nodes
-        on CPU).
+        """(n_heads, size + 2) values at the grid nodes and slopes per position unit to the next.
 
         ``precise`` runs the MLP in float64. Gradients with respect to positions need it: a
         slope divides a value difference by the step, which magnifies the MLP's rounding by up
         to ``1 / step``. In the bias itself a slope is multiplied by an offset below the step,
         which undoes that.
         """
-        inputs = (grid.nodes() / self.divisor(torch.float64))[:, None]
-        values, slopes = _grid_tables(self.mlp, inputs, grid.step, torch.float64 if precise else mlp_dtype(dtype), dtype)
-        return watch_autocast(values), slopes
+        values = self.bias_at(grid.nodes(), torch.float64 if precise else mlp_dtype(dtype)).t()
+        slopes = torch.diff(values, dim=-1) / grid.step
+        # The last node (distance +span, which a pair can reach) continues the last cell's line.
+        slopes = torch.cat((slopes, slopes[:, -1:]), dim=-1)
+        # One guard cell at each end extends the line outward: a distance rounded just past the
+        # grid still reads a valid cell, so the score_mod needs no clamp.
+        before = values[:, :1] - slopes[:, :1] * grid.step
+        after = values[:, -1:] + slopes[:, -1:] * grid.step
+        values = torch.cat((before, values, after), dim=-1)
+        slopes = F.pad(slopes, (1, 1), mode="replicate")
+        return values.to(dtype).contiguous(), slopes.to(dtype).contiguous()
 
     def score_mod(self, positions: Positions, dtype: torch.dtype = torch.float32) -> ScoreMod:
         """An affine MLP's rate and shift per head (:meth:`_affine_score_mod`; on the flex backend
@@ -306,22 +311,3 @@ class DPB(Positional):
 
         return dpb_pairs
 
-
-@lazy_compile
-def _grid_tables(
-    mlp: nn.ModuleList, inputs: Tensor, step: Tensor, work: Optional[torch.dtype], dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """:meth:`DPB.tables`: the MLP at ``inputs`` (size, 1), grid nodes over the divisor, computed
-    in ``work`` (see :func:`flexpos.learned.run_mlp`), and the slopes per position unit between
-    nodes ``step`` apart; both (n_heads, size + 2) in ``dtype``, with a guard cell at each end."""
-    values = run_mlp(mlp, inputs, work).t()
-    slopes = torch.diff(values, dim=-1) / step
-    # The last node (distance +span, which a pair can reach) continues the last cell's line.
-    slopes = torch.cat((slopes, slopes[:, -1:]), dim=-1)
-    # One guard cell at each end extends the line outward: a distance rounded just past the
-    # grid still reads a valid cell, so the score_mod needs no clamp.
-    before = values[:, :1] - slopes[:, :1] * step
-    after = values[:, -1:] + slopes[:, -1:] * step
-    values = torch.cat((before, values, after), dim=-1)
-    slopes = F.pad(slopes, (1, 1), mode="replicate")
-    return values.to(dtype).contiguous(), slopes.to(dtype).contiguous()
