@@ -227,8 +227,8 @@ def test_flex_inside_the_callers_torch_compile_is_one_graph(monkeypatch):
     """With backend='flex', a caller's torch.compile captures Rotary + ALiBi + DPB attention as
     one graph, with no graph break: flexpos' value checks, DPB's span read and its own compiled
     flex step aside.
-    Traced by Dynamo and AOTAutograd without Inductor, as flexpos traces on CUDA (on CPU it runs
-    flex outside the caller's graph: tested below)."""
+    Traced by Dynamo and AOTAutograd without Inductor, as flexpos traces on CUDA (on CPU flexpos.attention
+    runs outside the caller's graph: tested below)."""
     import flexpos._compile
 
     monkeypatch.setattr(flexpos._compile, "joins_callers_graph", lambda device: True)
