@@ -5,9 +5,10 @@
 
 AttentionLayer(dim, heads) with Rotary and ALiBi (``--dpb``: and a depth-2 DPB, whose MLP
 trains, so that the bias needs a gradient), float32, a key padding mask (the last eighth of
-the keys) and causal masking. On CPU flexpos.attention runs outside the caller's graph, as in
-eager calls (``flexpos._compile.joins_callers_graph``); "traced" patches that off, so that the
-caller's compile traces it into its graph, as on accelerators. Cases:
+the keys) and causal masking. "outside": flexpos.attention runs outside the caller's graph, as in
+eager calls; "traced": the caller's compile traces it into its graph, as on accelerators
+(``flexpos._compile.joins_callers_graph`` patched either way). By default CPU training steps
+and flex run outside, chunked inference is traced. Cases:
 
   chunked, forward           no_grad, the default backend on CPU
   chunked, forward+backward  gradients into x (the training step's attention)
@@ -35,7 +36,7 @@ import flexpos._compile
 from flexpos import DPB, ALiBi, AttentionLayer, Rotary
 
 
-PLACES = {True: lambda device: True, False: lambda device: False}  # one object each: Dynamo guards on it
+PLACES = {True: lambda *where: True, False: lambda *where: False}  # one object each: Dynamo guards on it
 
 
 def in_graph(joins: bool, step: Callable[[], object]) -> Callable[[], object]:

@@ -136,29 +136,34 @@ def lazy_compile(
     return LazyCompiled(fn, options, dynamic)
 
 
-def joins_callers_graph(device: torch.device) -> bool:
-    """Whether :func:`flexpos.attention` on ``device`` joins a caller's torch.compile graph.
+def joins_callers_graph(device: torch.device, grad_enabled: bool, backend: str) -> bool:
+    """Whether :func:`flexpos.attention` joins a caller's torch.compile graph: on devices other
+    than the CPU always; on the CPU in inference (grad mode off) on the chunked backend.
 
-    Not on CPU, where it runs as in eager calls (a graph break), with flexpos' own compiled
-    kernels. Traced into the caller's graph there, Inductor's CPU flex kernel (torch 2.13) could
-    not lower flex: a score_mod reading tables computed in the graph (``NoValidChoicesError``),
-    q from a view of a tensor of another rank (from a projection or Rotary), and, once lengths
-    are dynamic, tables sized by them (C++ errors). And the chunked backend's training steps were
-    slower than eager ones: each chunk recomputed in backward where eager calls keep the flash
-    kernel's outputs, and DPB's table on its full grid where eager calls size it to the
-    positions (benchmarks/results/cpu-2026-11-29-f.txt)."""
-    return device.type != "cpu"
+    Elsewhere on the CPU it runs as in eager calls (a graph break), with flexpos' own compiled
+    kernels (benchmarks/results/cpu-2026-11-29-f.txt and -g.txt). Traced into the caller's
+    graph, the chunked backend's training steps were slower than eager ones: each chunk
+    recomputed in backward where eager calls keep the flash kernel's outputs (Rotary + ALiBi,
+    L=2048: 1.60x the eager layer's time, against 1.08x outside), and DPB's table on its full
+    grid where eager calls size it to the positions; its inference was as fast or faster there
+    (a small DPB layer: 0.76x against 1.14x). And Inductor's CPU flex kernel (torch 2.13) could
+    not lower flex there: a score_mod reading tables computed in the graph
+    (``NoValidChoicesError``), q from a view of a tensor of another rank (from a projection or
+    Rotary), and, once lengths are dynamic, tables sized by them (C++ errors)."""
+    return device.type != "cpu" or (not grad_enabled and backend != "flex")
 
 
-def outside_callers_graph_on_cpu(run: Run) -> Run:
-    """``run(q, ...)``, called outside a caller's torch.compile graph, as in eager calls, where
-    :func:`joins_callers_graph` says no for q's device. torch.export traces it (Dynamo alone
-    can leave a function out of its graph)."""
+def eager_unless_joining(run: Run) -> Run:
+    """``run(q, ..., backend=...)``, called outside a caller's torch.compile graph, as in eager
+    calls, where :func:`joins_callers_graph` says no. torch.export traces it (Dynamo alone can
+    leave a function out of its graph)."""
     eager = torch.compiler.disable(run)
 
     @functools.wraps(run)
     def wrapper(q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if torch.compiler.is_dynamo_compiling() and not joins_callers_graph(q.device):
+        if torch.compiler.is_dynamo_compiling() and not joins_callers_graph(
+            q.device, torch.is_grad_enabled(), kwargs.get("backend", "auto")
+        ):
             return eager(q, *args, **kwargs)
         return run(q, *args, **kwargs)
 

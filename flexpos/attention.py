@@ -27,7 +27,7 @@ from ._checks import (
     check_tensor,
     shape_text,
 )
-from ._compile import outside_callers_graph_on_cpu
+from ._compile import eager_unless_joining
 from ._gqa import groups_heads, share_kv_heads
 from ._host import functorch_active, vmapped
 from .backends import Backend, check_backend, choose_backend
@@ -40,7 +40,7 @@ from .positions import BLOCK, IN_QK, Positions
 Mask = Union[BlockMask, Tensor, None]
 
 
-@outside_callers_graph_on_cpu
+@eager_unless_joining
 def attention(
     q: Tensor,
     k: Tensor,

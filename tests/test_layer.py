@@ -122,7 +122,7 @@ def test_a_layer_inside_the_callers_torch_compile(joins, monkeypatch):
     every chunk (with a warning from Dynamo each time)."""
     import flexpos._compile
 
-    monkeypatch.setattr(flexpos._compile, "joins_callers_graph", lambda device: joins)
+    monkeypatch.setattr(flexpos._compile, "joins_callers_graph", lambda *where: joins)
     torch.manual_seed(0)
     layer = AttentionLayer(DIM, H, positional=[Rotary(DIM // H), ALiBi(H)])
     compiled = torch.compile(layer)
@@ -231,7 +231,7 @@ def test_flex_inside_the_callers_torch_compile_is_one_graph(monkeypatch):
     runs outside the caller's graph: tested below)."""
     import flexpos._compile
 
-    monkeypatch.setattr(flexpos._compile, "joins_callers_graph", lambda device: True)
+    monkeypatch.setattr(flexpos._compile, "joins_callers_graph", lambda *where: True)
     torch.manual_seed(0)
     layer = AttentionLayer(128, H, positional=[Rotary(128 // H), ALiBi(H), DPB(16, H, divide=50.0)], backend="flex")
     x = torch.randn(2, 300, 128)
