@@ -141,13 +141,13 @@ def joins_callers_graph(device: torch.device, grad_enabled: bool, backend: str) 
     than the CPU always; on the CPU in inference (grad mode off) on the chunked backend.
 
     Elsewhere on the CPU it runs as in eager calls (a graph break), with flexpos' own compiled
-    kernels (benchmarks/results/cpu-2026-11-29-f.txt and -g.txt). Traced into the caller's
-    graph, the chunked backend's training steps were slower than eager ones: each chunk
-    recomputed in backward where eager calls keep the flash kernel's outputs (Rotary + ALiBi,
-    L=2048: 1.60x the eager layer's time, against 1.08x outside), and DPB's table on its full
-    grid where eager calls size it to the positions; its inference was as fast or faster there
-    (a small DPB layer: 0.76x against 1.14x). And Inductor's CPU flex kernel (torch 2.13) could
-    not lower flex there: a score_mod reading tables computed in the graph
+    kernels (benchmarks/results/cpu-2026-11-29-g.txt). Traced into the caller's graph, the
+    chunked backend's training steps were slower than eager ones: each chunk recomputed in
+    backward where eager calls keep the flash kernel's outputs (Rotary + ALiBi, L=2048: 1.74x
+    the eager layer's time, against 1.12x outside), and DPB's table on its full grid where eager
+    calls size it to the positions; its inference was as fast or faster there (a small DPB
+    layer: 0.58x against 0.87x). And Inductor's CPU flex kernel (torch 2.13) could not lower
+    flex there: a score_mod reading tables computed in the graph
     (``NoValidChoicesError``), q from a view of a tensor of another rank (from a projection or
     Rotary), and, once lengths are dynamic, tables sized by them (C++ errors)."""
     return device.type != "cpu" or (not grad_enabled and backend != "flex")

@@ -310,4 +310,3 @@ class DPB(Positional):
             return score - table[b, h, q_idx, kv_idx].to(score.dtype)
 
         return dpb_pairs
-
