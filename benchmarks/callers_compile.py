@@ -24,49 +24,39 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Callable
+from unittest import mock
 
 import torch
-import breakdown  # noqa: F401  (makes flexpos importable from a checkout)
+from targets import interleaved  # also makes flexpos importable from a checkout
 from torch._dynamo.utils import counters
 
 import flexpos
 import flexpos._compile
 from flexpos import DPB, ALiBi, AttentionLayer, Rotary
 
-
 PLACES = {True: lambda *where: True, False: lambda *where: False}  # one object each: Dynamo guards on it
 
 
 def in_graph(joins: bool, step: Callable[[], object]) -> Callable[[], object]:
-    """``step`` with flexpos' kernels traced into the caller's graph (``joins``) or not."""
+    """``step`` with flexpos.attention traced into the caller's graph (``joins``) or not."""
 
     def run() -> object:
-        real = flexpos._compile.joins_callers_graph
-        flexpos._compile.joins_callers_graph = PLACES[joins]
-        try:
+        with mock.patch.object(flexpos._compile, "joins_callers_graph", PLACES[joins]):
             return step()
-        finally:
-            flexpos._compile.joins_callers_graph = real
 
     return run
 
 
 def interleaved_ms(steps: dict[str, Callable[[], object]], repeat: int) -> tuple[dict[str, float], dict[str, int]]:
-    """Median ms of each step, timed in turn round after round (drift hits all alike), and the
-    graph breaks Dynamo counted at each one's first call."""
+    """Median ms of each step (:func:`targets.interleaved`, after one warm-up call each), and the
+    graph breaks Dynamo counted at each one's warm-up."""
     breaks = {}
     for name, step in steps.items():
         before = sum(counters["graph_break"].values())
         step()
         breaks[name] = sum(counters["graph_break"].values()) - before
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeat):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved(steps, lambda: None, repeat)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}, breaks
 
 

@@ -103,20 +103,24 @@ class Positional(nn.Module):
     masks_scores = True  # its score_mod may return -inf (see score_mod); False where it never does
 
     def _init_divisor(self, divide: float, learned_div: bool) -> None:
-        self.divide = check_divisor("divide", divide)
+        self.divide = divide = check_divisor("divide", divide)
         self.learned = check_bool("learned_div", learned_div)
         # Built with its value, not filled in later: a module built inside a caller's
         # torch.compile otherwise kept an unfilled divisor (torch 2.13).
         if self.learned:
-            self.div = nn.Parameter(torch.tensor(math.log(self.divide)))
+            self.div = nn.Parameter(torch.tensor(self._initial_div(divide)))
         else:
-            self.register_buffer("div", torch.tensor(self.divide, dtype=torch.float64), persistent=False)
+            self.register_buffer("div", torch.tensor(self._initial_div(divide), dtype=torch.float64), persistent=False)
             self.register_load_state_dict_post_hook(_place_divisor)
+
+    def _initial_div(self, divide: float) -> float:
+        """What ``div`` holds when built or reset: ``log(divide)`` when learned, else ``divide``."""
+        return math.log(divide) if self.learned else divide
 
     def _reset_divisor(self) -> None:
         if self.divide is not None:
             with torch.no_grad():
-                self.div.fill_(math.log(self.divide) if self.learned else self.divide)
+                self.div.fill_(self._initial_div(self.divide))
 
     def constants(self) -> dict[str, Tensor]:
         """Buffers that are functions of the constructor arguments alone, by name, freshly built
