@@ -7,7 +7,7 @@
 #
 # STEPs (default: tests targets table): tests, targets, targets-8k (the targets without
 # L=32768), variants (benchmarks/gpu_variants.py: where the score_mods' and Rotary's time goes,
-# about 1-2 minutes), tiles (benchmarks/flex_tiles.py: ALiBi and DPB under other flex tiles, about
+# about 3 minutes; fewer rows with VARIANTS_ARGS), tiles (benchmarks/flex_tiles.py: ALiBi and DPB under other flex tiles, about
 # 3-4 minutes estimated, not yet run), table.
 #
 # Needs torch with CUDA (+ triton), einops, pytest; bio-attention is not needed (the dense
@@ -45,7 +45,7 @@ commit="${FLEXPOS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unkno
 
 preamble() {  # machine facts; fails (and the run stops) without a GPU that compiles
     echo "# flexpos GPU run, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "# command: GPU_DEADLINE=${GPU_DEADLINE:-} PYTHONPATH=$PYTHONPATH bash benchmarks/gpu.sh $* (cwd $(pwd), commit $commit, python $PY)"
+    echo "# command: GPU_DEADLINE=${GPU_DEADLINE:-} VARIANTS_ARGS='${VARIANTS_ARGS:-}' PYTHONPATH=$PYTHONPATH bash benchmarks/gpu.sh $* (cwd $(pwd), commit $commit, python $PY)"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv 2>/dev/null \
         || echo "nvidia-smi: not available"
     local cc_path
@@ -98,13 +98,17 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 run_step() {
     case "$1" in
         # correctness on the GPU: compiled flex forward/backward against float64 references, and
-        # the candidate Rotary kernel (benchmarks/rotary_heads.py) against flexpos' rotation
-        tests) step "CUDA tests" 300 "$PY" -m pytest -q -p no:cacheprovider -p no:logging -rs --durations=0 tests/test_cuda.py tests/test_rotary_heads.py ;;
+        # Rotary's Triton kernel against the float64 and the compiled rotation
+        tests) step "CUDA tests" 300 "$PY" -m pytest -q -p no:cacheprovider -p no:logging -rs --durations=0 tests/test_cuda.py tests/test_rotary_triton.py ;;
         # Rotary bandwidth; ALiBi/DPB vs flex with no score_mod and vs dense at L=8192; L=32768.
         # Each verdict is printed as it is reached; an interrupted run still prints its summary.
         targets) step "GPU targets" 200 "$PY" benchmarks/targets.py --gpu-only --repeat 5 ;;
         targets-8k) step "GPU targets, L=8192" 130 "$PY" benchmarks/targets.py --gpu-only --skip-32k --repeat 5 ;;
-        variants) step "GPU variants" 180 "$PY" benchmarks/gpu_variants.py --repeat 5 ;;
+        # VARIANTS_ARGS: more options, shell-quoted, e.g. '--score-rows "DPB frozen" --skip-rotary'
+        variants)
+            local extra=()
+            eval "extra=(${VARIANTS_ARGS:-})"
+            step "GPU variants" 180 "$PY" benchmarks/gpu_variants.py --repeat 5 "${extra[@]}" ;;
         # flex tile configurations for DPB and ALiBi (kernel_options), a worker process per failure
         tiles) step "flex tiles" 300 "$PY" benchmarks/flex_tiles.py --repeat 3 ;;
         # the side-by-side table at L=8192; its kernels are in Inductor's cache by now

@@ -46,12 +46,12 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
                           tile's atomic adds into one address per head and tensor (not shipped)
                           (With --forward-only nothing trains: these two rows then time the
                           frozen path, the first one exactly as shipped.)
-Rotary rows: the shipped module call and its parts (a float32 cos/sin table per call, then q and
-k rotated in one kernel, static sizes until a second shape), the table with static sizes,
-the kernel with a bfloat16 table and on q and k laid out (B, L, H, D); on CUDA also the
-candidate kernel of benchmarks/rotary_heads.py (all heads of a tile of positions per program,
-no table) and its largest difference from the shipped kernel; GPU time per call over queued
-calls.
+Rotary rows: the shipped module call (on CUDA flexpos.rotary_triton: all heads of a tile of
+positions per program, angles formed in the kernel, no table), that kernel alone with other
+tiles and on q and k laid out (B, L, H, D); the compiled path that Rotary takes inside a
+caller's torch.compile or with a learned divisor that trains (a float32 cos/sin table per call,
+then q and k rotated in one Inductor kernel, static sizes until a second shape) and its parts;
+the largest difference between the two paths; GPU time per call over queued calls.
 
 Positions are sorted integers with gaps 1-3, as in the targets. Score_mod tables are built once
 outside the timed calls for the variants that call flex directly (the shipped rows rebuild them
@@ -191,7 +191,8 @@ def with_bf16_tables(dpb: flexpos.DPB, fn: ScoreFn) -> Tensor:
         return fn()
 
 
-def score_rows(s: Setup, repeat: int) -> None:
+def score_rows(s: Setup, repeat: int, chosen: Sequence[str] = ()) -> None:
+    """The score_mod rows (all, or the first and those whose names start with one of ``chosen``)."""
     device = torch.device(s.device)
     case = build_case(s)
     q, k, v = case.leaves
@@ -233,8 +234,10 @@ def score_rows(s: Setup, repeat: int) -> None:
         ("DPB affine trained, rate and shift",
          lambda: flex.run_flex(q, k, v, rate_and_shift(), mask, q.shape[-1] ** -0.5)),
     ]
+    if chosen:
+        rows = rows[:1] + [row for row in rows[1:] if row[0].startswith(tuple(chosen))]
     time_rows(rows, runner, repeat)
-    if s.backward:
+    if s.backward and any(name.startswith("ALiBi, learned divisor") for name, _ in rows):
         say(f"  learned divisor's gradient, shipped and spread: {divisor_grads(learned, rows, runner)}")
 
 
@@ -267,10 +270,10 @@ def time_rows(rows: Sequence[tuple[str, ScoreFn]], runner: Runner, repeat: int) 
 
 
 def rotary_rows(s: Setup, length: int, repeat: int) -> None:
-    """The shipped module call; its parts (the cos/sin table built per call, with symbolic and
-    with static sizes, then q and k in one kernel); the kernel alone with a bfloat16 table (other
-    numbers: timing only) and on q and k laid out (B, L, H, D) in memory, as AttentionLayer's
-    projections give them."""
+    """The shipped module call; the Triton kernel alone (CUDA, or Triton's interpreter) with
+    other tiles and on q and k laid out (B, L, H, D) in memory, as AttentionLayer's projections
+    give them; the compiled path (table with symbolic and with static sizes, then q and k in
+    one kernel) and its kernel alone, also with a bfloat16 table (other numbers: timing only)."""
     device = torch.device(s.device)
     gen = torch.Generator(device).manual_seed(0)
     shape = (s.batch, s.heads, length, s.head_dim)
@@ -285,20 +288,20 @@ def rotary_rows(s: Setup, length: int, repeat: int) -> None:
     half = cos_sin.to(torch.bfloat16)
     static_table = lazy_compile(rotation.fn, dynamic=False)
     static_pair = lazy_compile(rotate_real_pair, dynamic=False)
-    paths = {
-        "Rotary module call (shipped)": lambda: rot(q, k, pos=pos),
-        "table (symbolic sizes) + kernel": lambda: _rotate_real_pair(q, k, rotation(*inputs, torch.float32)),
-        "table (static sizes) + kernel": lambda: _rotate_real_pair(q, k, static_table(*inputs, torch.float32)),
-        "kernel alone (table built)": lambda: _rotate_real_pair(q, k, cos_sin),
-        "kernel alone, bfloat16 table": lambda: static_pair(q, k, half),
-        "kernel alone, q and k laid out (B, L, H, D)": lambda: static_pair(q3, k3, cos_sin),
-    }
-    candidate = head_looping_candidate(device)
-    if candidate is not None:
-        angle_inputs = (pos64, rot.thetas, div)
-        for tiles in CANDIDATE_TILES:
-            paths[f"candidate, tiles {tiles}"] = lambda t=tiles: candidate(q, k, *angle_inputs, t)
-        paths["candidate, q and k laid out (B, L, H, D)"] = lambda: candidate(q3, k3, *angle_inputs)
+    paths = {"Rotary module call (shipped)": lambda: rot(q, k, pos=pos)}
+    kernel = triton_kernel(device)
+    if kernel is not None:
+        angles = (pos64, rot.thetas, div)
+        for rows in KERNEL_ROWS:
+            paths[f"Triton kernel, {rows} positions per program"] = lambda r=rows: kernel(*angles, q, k, rows=r)
+        paths["Triton kernel, q and k laid out (B, L, H, D)"] = lambda: kernel(*angles, q3, k3)
+    paths.update({
+        "compiled: table (symbolic sizes) + rotation": lambda: _rotate_real_pair(q, k, rotation(*inputs, torch.float32)),
+        "compiled: table (static sizes) + rotation": lambda: _rotate_real_pair(q, k, static_table(*inputs, torch.float32)),
+        "compiled: rotation alone (table built)": lambda: _rotate_real_pair(q, k, cos_sin),
+        "compiled: rotation alone, bfloat16 table": lambda: static_pair(q, k, half),
+        "compiled: rotation, q and k laid out (B, L, H, D)": lambda: static_pair(q3, k3, cos_sin),
+    })
     for fn in paths.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in paths}
@@ -308,26 +311,26 @@ def rotary_rows(s: Setup, length: int, repeat: int) -> None:
     moved = 2 * 2 * q.numel() * q.element_size()  # read and write q and k (same for every row)
     for name, t in times.items():
         say(f"  {name:50s} {fmt(t)}  -> {moved / statistics.median(t) / 1e9:,.0f} GB/s")
-    if candidate is not None:
-        pairs = zip(candidate(q, k, *angle_inputs), _rotate_real_pair(q, k, cos_sin))
-        say(f"  max |candidate - shipped kernel| over q and k: {max(float((a.float() - b.float()).abs().max()) for a, b in pairs):.2e}")
+    if kernel is not None:
+        pairs = zip(kernel(*angles, q, k), _rotate_real_pair(q, k, cos_sin))
+        say(f"  max |Triton kernel - compiled path| over q and k: {max(float((a.float() - b.float()).abs().max()) for a, b in pairs):.2e}")
 
 
-CANDIDATE_TILES = ((64, 4, False), (32, 4, False), (128, 8, False), (64, 4, True), (32, 4, True))
-"""Configurations of the candidate Rotary kernel (rotary_heads.Tiles)"""
+KERNEL_ROWS = (16, 32, 64)
+"""Positions per program of the Triton kernel's rows (the shipped choice at D=64: 32)."""
 
 
-def head_looping_candidate(device: torch.device) -> Optional[Callable[..., tuple[Tensor, Tensor]]]:
-    """benchmarks/rotary_heads.py's kernel where it can run (CUDA with Triton, or Triton's
-    interpreter on CPU), else None."""
+def triton_kernel(device: torch.device) -> Optional[Callable[..., tuple[Tensor, ...]]]:
+    """flexpos.rotary_triton.rotate where it runs (CUDA with Triton, or Triton's interpreter on
+    CPU), else None."""
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return None
     try:
-        from rotary_heads import rotate_heads
+        from flexpos.rotary_triton import rotate
     except ImportError as err:
-        say(f"  (candidate kernel not timed: {err})")
+        say(f"  (Triton kernel not timed: {err})")
         return None
-    return rotate_heads
+    return rotate
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -346,17 +349,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--forward-only", action="store_true")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--score-rows", nargs="*", default=(), metavar="PREFIX",
+                   help="time only the score_mod rows whose names start with one of these (and the first)")
+    p.add_argument("--skip-rotary", action="store_true")
     args = p.parse_args(argv)
     s = Setup("alibi", args.length, batch=args.batch, heads=args.heads, head_dim=64, dtype=args.dtype,
               device=args.device, backward=not args.forward_only, dense="formula")
     say(f"flexpos GPU variants: {args.device} {torch.cuda.get_device_name() if args.device == 'cuda' else ''}; "
         f"torch {torch.__version__}; {args.dtype}; B={args.batch} H={args.heads} D=64")
     # Rotary first: its rows print at the end of their timing, and a step's limit cuts the last part
-    say(f"\n[rotary] q and k of ({args.batch}, {args.heads}, {args.rotary_length}, 64) bfloat16")
-    targets.guarded("rotary variants", rotary_rows, s, args.rotary_length, args.repeat)
-    release()
+    if not args.skip_rotary:
+        say(f"\n[rotary] q and k of ({args.batch}, {args.heads}, {args.rotary_length}, 64) bfloat16")
+        targets.guarded("rotary variants", rotary_rows, s, args.rotary_length, args.repeat)
+        release()
     say(f"\n[score_mods] L={args.length}, {'forward' if args.forward_only else 'forward+backward'}")
-    targets.guarded("score_mod variants", score_rows, s, args.repeat)
+    targets.guarded("score_mod variants", score_rows, s, args.repeat, args.score_rows)
     for name, measured, mark in targets.RESULTS:
         say(f"  {mark:6s}  {name}: {measured}")
     return 0

@@ -397,7 +397,7 @@ def gpu_rotary(repeat: int) -> None:
     rot(q, k, pos=pos)
     torch.cuda.synchronize(device)
     say(f"  first call (compile + run): {time.perf_counter() - start:.1f} s")
-    paths = {"flexpos compiled": lambda: rot(q, k, pos=pos),
+    paths = {"flexpos": lambda: rot(q, k, pos=pos),
              "eager formula": lambda: (dense_rotate(rot, q, pos), dense_rotate(rot, k, pos))}
     times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(repeat):  # interleaved; each sample: GPU time per call over 20 queued calls
@@ -407,7 +407,7 @@ def gpu_rotary(repeat: int) -> None:
     moved = 2 * 2 * q.numel() * q.element_size() + 2 * pos.numel() * pos.element_size()
     for name, t in times.items():
         say(f"  {name:18s} {fmt(t)}  -> {moved / statistics.median(t) / 1e9:,.0f} GB/s")
-    achieved = moved / statistics.median(times["flexpos compiled"])
+    achieved = moved / statistics.median(times["flexpos"])
     peak, source = gpu_peak_bandwidth(device)
     copy = measured_copy_bandwidth(device)
     say(f"  device-to-device copy: {copy / 1e9:,.0f} GB/s; theoretical peak: "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from types import ModuleType
 from typing import Optional
 
 import torch
@@ -17,8 +19,8 @@ from ._checks import (
     check_tensor,
     shape_text,
 )
-from ._compile import lazy_compile
-from ._host import tracing
+from ._compile import compile_enabled, lazy_compile
+from ._host import capturing_cuda_graph, forward_ad_active, functorch_active, tracing
 from .base import QK, Positional
 from .positions import IN_QK, Positions
 
@@ -42,7 +44,7 @@ def _three_part_tau() -> tuple[float, float, float]:
     return c1, c2, (rest - c2) + tail
 
 
-_TAU = _three_part_tau()
+TAU_PARTS = _three_part_tau()
 
 
 def cos_sin(angles: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -60,7 +62,7 @@ def cos_sin(angles: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     if dtype == torch.float64:
         return angles.cos(), angles.sin()
     turns = torch.round(angles / math.tau)
-    exact = ((angles - turns * _TAU[0]) - turns * _TAU[1]) - turns * _TAU[2]
+    exact = ((angles - turns * TAU_PARTS[0]) - turns * TAU_PARTS[1]) - turns * TAU_PARTS[2]
     wide = torch.where(angles.abs() < 2.0**53, angles - turns * math.tau, 0.0)
     reduced = torch.where(turns.abs() < 2.0**32, exact, wide)
     near = reduced.to(dtype)
@@ -133,6 +135,38 @@ def _rotate_both(q: Tensor, k: Tensor, cos_sin: Tensor) -> tuple[Tensor, Tensor]
     return _rotate_real_pair(q, k, cos_sin)
 
 
+@functools.cache
+def _triton_kernel() -> Optional[ModuleType]:
+    """:mod:`flexpos.rotary_triton` where Triton imports, else None."""
+    try:
+        from . import rotary_triton
+    except ImportError:
+        return None
+    return rotary_triton
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernel_for(x: Tensor, pos: Tensor, div: Tensor) -> Optional[ModuleType]:
+    """The Triton rotation kernel (:mod:`flexpos.rotary_triton`) where it takes this call, else
+    None: eager calls on CUDA with compiling on (:func:`flexpos.set_compile`), x in float32 or
+    half precision, neither positions nor divisor needing a gradient, no torch.func transform
+    or forward-mode AD, and not the first call on this GPU inside a CUDA graph capture (its
+    constants are copied in once). Elsewhere the compiled table and rotation, which a caller's
+    torch.compile traces like any other code."""
+    if tracing() or not (x.is_cuda and x.dtype in _KERNEL_DTYPES and x.numel() and compile_enabled()):
+        return None
+    if functorch_active() or forward_ad_active():
+        return None
+    if torch.is_grad_enabled() and (pos.requires_grad or div.requires_grad) or pos.shape[0] not in (1, x.shape[0]):
+        return None
+    kernel = _triton_kernel()
+    if kernel is None or (capturing_cuda_graph() and not kernel.has_constants(x.device)):
+        return None
+    return kernel
+
+
 class Rotary(Positional):
     """Rotates query/key pairs ``(x_2m, x_2m+1)`` by angle ``p * theta_m / divide``.
 
@@ -169,14 +203,16 @@ class Rotary(Positional):
     def constants(self) -> dict[str, Tensor]:
         return {"thetas": rotary_frequencies(self.head_dim, self.n_dims)}
 
-    def _cos_sin(
-        self, positions: Positions, side: str, dtype: torch.dtype, centred: bool, div: Optional[Tensor] = None
-    ) -> Tensor:
-        """(N, 1, L, D/2, 2) cos and sin of ``side``'s ('q' or 'k') angles (see :func:`rotation`)."""
-        work = torch.promote_types(dtype, torch.float32)
-        keep = positions.has_position(side)
+    def _rotated(self, positions: Positions, side: str, centred: bool, div: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
+        """xs (one tensor, or q and k sharing ``side``'s positions), each (N, H, L, head_dim),
+        rotated by the angles of ``side``'s positions ('q' or 'k'); see :func:`rotation`."""
         pos = positions.absolute(side, centred)
-        return rotation(pos, keep, self.thetas, self.divisor(torch.float64) if div is None else div, work)
+        kernel = _kernel_for(xs[0], pos, div)
+        if kernel is not None:
+            return kernel.rotate(pos, self.thetas.float(), div, *xs)
+        work = torch.promote_types(xs[0].dtype, torch.float32)
+        cos_sin = rotation(pos, positions.has_position(side), self.thetas, div, work)
+        return (_rotate(xs[0], cos_sin),) if len(xs) == 1 else _rotate_both(xs[0], xs[1], cos_sin)
 
     def _check_dim(self, name: str, x: Tensor) -> None:
         if x.shape[-1] != self.head_dim:
@@ -192,15 +228,14 @@ class Rotary(Positional):
         by positions minus the per-sequence offset (see :meth:`transform_qk`). ``div``: the
         float64 divisor, where a caller shares one between q and k (see :meth:`rotate_qk`)."""
         self._check_dim(side, x)
-        return _rotate(x, self._cos_sin(positions, side, x.dtype, centred, div))
+        return self._rotated(positions, side, centred, self.divisor(torch.float64) if div is None else div, x)[0]
 
     def rotate_qk(self, q: Tensor, k: Tensor, positions: Positions, centred: bool = False) -> QK:
         """q (B, H, Lq, head_dim) and k (B, Hkv, Lk, head_dim) rotated, see :meth:`rotate`."""
         if positions.q is positions.k and q.shape[-2] == k.shape[-2]:  # self-attention: share angles
             self._check_dim("q", q)
             self._check_dim("k", k)
-            cos_sin = self._cos_sin(positions, "q", q.dtype, centred)
-            return QK(*_rotate_both(q, k, cos_sin))
+            return QK(*self._rotated(positions, "q", centred, self.divisor(torch.float64), q, k))
         # One divisor for both sides: a learned float16 one would otherwise get two float16
         # partial gradients, which overflow or round before they cancel.
         div = self.divisor(torch.float64)

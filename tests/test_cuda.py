@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import flexpos
+import reference as R
 from flexpos import ALiBi, DPB, XL, Rotary
+from support import rotation_tolerance
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DEV = "cuda"
@@ -45,8 +47,8 @@ def modules():
 
 def frozen_affine_modules():
     """bio-attention's default DPB (affine) without parameter gradients: a rate and a shift per
-    head on flex, no table."""
-    return [ALiBi(H, divide=40.0), DPB(16, H, divide=300.0).requires_grad_(False)]
+    head on flex, no table; Rotary with a fixed divisor: its Triton kernel, q and k trained."""
+    return [Rotary(D, divide=3.0), ALiBi(H, divide=40.0), DPB(16, H, divide=300.0).requires_grad_(False)]
 
 
 def xl_modules():
@@ -284,3 +286,56 @@ def test_training_after_an_inference_pass_at_the_same_length():
         layer(x.requires_grad_(), causal=causal).square().mean().backward()
         assert x.grad is not None and x.grad.isfinite().all()
         x.grad = None
+
+
+def rotated_reference(x, pos, thetas, divide):
+    """x (2, 2, H, L, D) rotated in float64 at pos (2, 2, L') (CLS tokens first), and the
+    float64 leaf it came from."""
+    leaf = x.detach().double().requires_grad_()
+    p, has = (t.to(DEV) for t in R.padded_positions(pos.flatten(0, 1).cpu(), 4, x.shape[-2]))
+    flat = R.rotate(leaf.flatten(0, 1), p, has, thetas.double(), divide)
+    return flat.unflatten(0, x.shape[:2]), leaf
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_takes_the_triton_kernel(dtype, monkeypatch, compiled):
+    """Rotary on CUDA: a fixed divisor takes flexpos.rotary_triton (self- and cross-attention
+    positions, extra batch dims, grouped keys, CLS tokens), forward and backward within a
+    rounding step of the float64 rotation; a learned divisor that trains takes the compiled
+    table (its gradient as the float64 one's), one under no_grad the kernel."""
+    rotary_triton = pytest.importorskip("flexpos.rotary_triton")
+    real, calls = rotary_triton.rotate, []
+    monkeypatch.setattr(rotary_triton, "rotate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 4, 300, D, generator=gen).to(DEV, dtype).requires_grad_()
+    k_self, k = (torch.randn(2, 2, 2, n, D, generator=gen).to(DEV, dtype).requires_grad_() for n in (300, 200))
+    pos_q, pos_k = ((torch.rand(2, 2, n, generator=gen, dtype=torch.float64).cumsum(-1) * 40).to(DEV) for n in (297, 197))
+    for name, kwargs in (("self", {"pos": pos_q}), ("cross", {"pos_q": pos_q, "pos_k": pos_k})):
+        rot = Rotary(D, divide=3.0).to(DEV)
+        x_k, p_k = (k_self, pos_q) if name == "self" else (k, pos_k)
+        calls.clear()
+        out_q, out_k = rot(q, x_k, **kwargs)
+        assert calls, name
+        grads = [torch.randn_like(out_q), torch.randn_like(out_k)]
+        got = torch.autograd.grad((out_q, out_k), (q, x_k), grads)
+        for out, x, p, grad, dx in ((out_q, q, pos_q, grads[0], got[0]), (out_k, x_k, p_k, grads[1], got[1])):
+            want, leaf = rotated_reference(x, p, rot.thetas, 3.0)
+            want.backward(grad.double())
+            assert ((out.double() - want).abs() <= rotation_tolerance(want, x, dtype)).all(), name
+            assert ((dx.double() - leaf.grad).abs() <= rotation_tolerance(leaf.grad, grad, dtype)).all(), name
+
+    learned = Rotary(D, divide=3.0, learned_div=True).to(DEV)
+    calls.clear()
+    out_q, out_k = learned(q, k, pos_q=pos_q, pos_k=pos_k)
+    assert not calls
+    weights = [torch.randn_like(out) for out in (out_q, out_k)]  # |rotated x|^2 would not see the angle
+    ((out_q * weights[0]).float().sum() + (out_k * weights[1]).float().sum()).backward()
+    div = torch.tensor(3.0, dtype=torch.float64, device=DEV, requires_grad=True)
+    want = [rotated_reference(x, p, learned.thetas, div)[0] for x, p in ((q, pos_q), (k, pos_k))]
+    sum((w * c.double()).sum() for w, c in zip(want, weights)).backward()
+    # learned_div holds log(divide): d/d log(div) = div * d/d div
+    assert torch.allclose(learned.div.grad.double(), div.grad * 3.0, rtol=1e-3), (learned.div.grad, div.grad * 3.0)
+    with torch.no_grad():
+        calls.clear()
+        learned(q, k, pos_q=pos_q, pos_k=pos_k)
+        assert calls
