@@ -1,15 +1,15 @@
 """flexpos.rotary_triton, Rotary's CUDA kernel, against the float64 rotation and flexpos' compiled
 rotation.
 
-Runs on CUDA, or on CPU under Triton's interpreter:
-
-    TRITON_INTERPRET=1 python -m pytest tests/test_rotary_triton.py   # with triton installed
-
-Skipped otherwise (CI installs no Triton). That Rotary on CUDA takes this kernel is tested in
-tests/test_cuda.py.
+Runs on CUDA, or on CPU under Triton's interpreter, which this module switches on
+(``TRITON_INTERPRET=1``, read where a kernel is defined: at the kernel module's import). Skipped
+without Triton (``pip install triton``; .ci/run installs it). That Rotary on CUDA takes this
+kernel is tested in tests/test_cuda.py.
 """
 
+import importlib
 import os
+import sys
 
 import pytest
 import torch
@@ -21,8 +21,10 @@ from support import rotation_tolerance
 
 pytest.importorskip("triton")
 ON_CUDA = torch.cuda.is_available()
-if not ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+if not ON_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "flexpos.rotary_triton" in sys.modules:  # defined for a GPU: define it again, interpreted
+        importlib.reload(sys.modules["flexpos.rotary_triton"])
 from flexpos.rotary_triton import rotate  # noqa: E402
 
 DEV = "cuda" if ON_CUDA else "cpu"
