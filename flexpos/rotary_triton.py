@@ -33,14 +33,16 @@ from .rotary import TAU_PARTS
 @triton.jit  # type: ignore[misc]
 def _rotate_kernel(  # type: ignore[no-untyped-def]  # Triton's argument types
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, theta_ptr, div_ptr, consts_ptr,
-    length, spb, spl, sqb, sqh, sql, skb, skh, skl, sign,
+    length, tiles, spb, spl, sqb, sqh, sql, skb, skh, skl, sign,
     Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, HALF: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # q (N, Q_HEADS, L, 2*HALF), k (N, K_HEADS, L, 2*HALF), unit stride in the last dim; outputs
     # contiguous; pos (N or 1, L) float64 (strides spb, spl); consts: 2*pi in three parts, 2*pi
-    # and 1/(2*pi), float64. Offsets in int64 throughout.
-    tile, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    # and 1/(2*pi), float64. Offsets in int64 throughout. A one-dimensional grid of N * tiles
+    # programs: a grid's second dimension would stop at 65535 sequences.
+    program = tl.program_id(0).to(tl.int64)
+    tile, b = program % tiles, program // tiles
     rows = (tile * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
     pairs = tl.arange(0, BLOCK_M)
     row_ok = rows < length
@@ -99,10 +101,13 @@ def _launch(pos: Tensor, thetas: Tensor, div: Tensor, sign: float, q: Tensor, k:
     k_out = q_out if k is None else torch.empty_like(k, memory_format=torch.contiguous_format)
     other = q if k is None else k
     block = rows or block_rows(dim)
+    tiles = triton.cdiv(length, block)
+    if tiles * batch == 0:
+        return (q_out,) if k is None else (q_out, k_out)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _rotate_kernel[(triton.cdiv(length, block), batch)](
+        _rotate_kernel[(tiles * batch,)](
             q, other, q_out, k_out, pos, thetas, div.reshape(1), _constants(q.device),
-            length, pos.stride(0) if pos.shape[0] > 1 else 0, pos.stride(1),
+            length, tiles, pos.stride(0) if pos.shape[0] > 1 else 0, pos.stride(1),
             q.stride(0), q.stride(1), q.stride(2), other.stride(0), other.stride(1), other.stride(2), sign,
             Q_HEADS=q_heads, K_HEADS=0 if k is None else k.shape[1], HALF=dim // 2,
             BLOCK_L=block, BLOCK_M=triton.next_power_of_2(dim // 2), num_warps=4,

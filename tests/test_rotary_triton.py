@@ -125,3 +125,11 @@ def test_rejects_mismatched_inputs():
         rotate(p, inputs[1][:4], inputs[2], q, k)
     with pytest.raises(ValueError, match=r"k \(N, Hkv, L, D\)"):
         rotate(*inputs, q, k[:, :, 1:])
+
+
+def test_empty_inputs():
+    """No positions or no sequences: empty outputs, no launch."""
+    q, k, p, has, rot, inputs, table = case(torch.float32, 16)
+    for x, pos in ((q[:, :, :0], p[:, :0]), (q[:0], p[:0])):
+        got_q, got_k = rotate(pos, *inputs[1:], x, x)
+        assert got_q.shape == got_k.shape == x.shape
