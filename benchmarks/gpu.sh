@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU run: the CUDA tests, the GPU targets and the flexpos-vs-dense table; about 4 minutes on
-# one H200 (2026-11-27; at most 10: the step limits below). Run from anywhere in the
-# checkout:
+# GPU run: the CUDA tests, the GPU targets and the flexpos-vs-dense table; 5-7 minutes on one
+# H200 (2026-11-29: tests 190-270 s, targets at L=8192 46 s, table 22 s; at most 10: the step
+# limits below). Run from anywhere in the checkout:
 #
 #     PYTHONPATH=. bash benchmarks/gpu.sh [STEP ...]
 #
