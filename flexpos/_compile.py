@@ -39,8 +39,8 @@ def torch_version() -> tuple[int, int]:
 
 def set_compile(enabled: bool) -> bool:
     """Turn compiling of flexpos transforms and the chunked bias kernel on or off (on CUDA also
-    Rotary's Triton kernel, :mod:`flexpos.rotary_triton`); returns the previous setting. Chunks that the chunked backend recomputes in backward keep the setting
-    of their forward pass."""
+    Rotary's Triton kernel, :mod:`flexpos.rotary_triton`); returns the previous setting. Chunks
+    that the chunked backend recomputes in backward keep the setting of their forward pass."""
     global _enabled
     previous, _enabled = _enabled, check_bool("enabled", enabled)
     return previous

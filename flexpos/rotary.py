@@ -159,7 +159,7 @@ def _kernel_for(x: Tensor, pos: Tensor, div: Tensor) -> Optional[ModuleType]:
         return None
     if functorch_active() or forward_ad_active():
         return None
-    if torch.is_grad_enabled() and (pos.requires_grad or div.requires_grad) or pos.shape[0] not in (1, x.shape[0]):
+    if torch.is_grad_enabled() and (pos.requires_grad or div.requires_grad):
         return None
     kernel = _triton_kernel()
     if kernel is None or (capturing_cuda_graph() and not kernel.has_constants(x.device)):

@@ -86,8 +86,8 @@ def _rotate_rows(x_ptr, stride_l, out_ptr, rows, row_ok, cos, sin,  # type: igno
 
 
 def block_rows(head_dim: int) -> int:
-    """Positions per program: 32 (the fastest of 32 and 64 on an H200 at D=64), fewer for wide
-    heads so that a tile stays at 4096 elements."""
+    """Positions per program: 32 at D=64 (level with 64 on an H200; 16 was 6% faster in one
+    run, gpu-2026-11-29-c.txt), fewer for wide heads so that a tile stays at 4096 elements."""
     return max(1, min(32, 4096 // triton.next_power_of_2(head_dim)))
 
 
