@@ -100,6 +100,11 @@ def attention(
     q, k, v = _autocast_qkv(q, k, v)
     heads, len_q, len_k, head_dim = q.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1]
     modules = _check_positional(positional, heads, head_dim, q.device)
+    if q.is_meta:
+        raise ValueError(
+            "q, k, v are on the meta device, which holds no values, and attention reads some back (mask "
+            "tiles, positions): run it on a real device (a model built on the meta device: .to_empty() first)"
+        )
     scale = head_dim**-0.5 if scale is None else check_positive_float("scale", scale)
     largest = torch.finfo(q.dtype).max
     if scale > largest:
