@@ -1,13 +1,31 @@
 """Checks of the adapter that flexpos' own (:mod:`flexpos._checks`) do not cover:
-bio-attention's q, k (B, *, L, NH, H) pairs. Shapes and devices only: nothing is read back."""
+bio-attention's q, k (B, *, L, NH, H) pairs (shapes and devices only: nothing is read back),
+and its on/off constructor arguments."""
 
 from __future__ import annotations
 
+import numbers
+
 from torch import Tensor
 
-from flexpos._checks import check_device
+from flexpos._checks import check_bool, check_device
 
 from ._layout import broadcasts_to
+
+
+def check_flag(name: str, value: object) -> bool:
+    """An on/off argument of a bio-attention constructor (``learned_div``, ``norm``,
+    ``asymmetric`` ...) as a bool. bio-attention only tests its truth, so configs that pass 0/1
+    (JSON, argparse ``type=int``) or None build there: integers and None are taken too. Anything
+    else but a bool raises a TypeError (a string such as "False" would be true there)."""
+    if value is None:
+        return False
+    if isinstance(value, numbers.Integral):
+        return bool(value)
+    try:
+        return check_bool(name, value)
+    except TypeError:
+        raise TypeError(f"{name} must be a bool, an integer or None, got {type(value).__name__}") from None
 
 
 def check_key_batch(q: Tensor, k: Tensor) -> None:

@@ -32,7 +32,7 @@ from flexpos.inputs import InputTransform
 from flexpos.positions import Positions
 
 from ._bias import Parity, dense_bias, dpb_dense_bias, head_parity, legacy_alibi, legacy_parity
-from ._checks import check_key_batch
+from ._checks import check_flag, check_key_batch
 from ._hint import hint_once
 from ._layout import (
     add_to_mask,
@@ -57,7 +57,7 @@ class Base(Positional):
 
     def __init__(self, divide: float = 1.0, learned: bool = False) -> None:
         super().__init__()
-        self._init_divisor(divide, learned)
+        self._init_divisor(divide, check_flag("learned", learned))
         hint_once(f"positional.{type(self).__name__}")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -139,7 +139,7 @@ class Sinusoidal(_InputMixin, flexpos.Sinusoidal):
     """Sinusoidal encoding added to x; see :class:`flexpos.Sinusoidal`."""
 
     def __init__(self, dim: int, divide: float = 1.0, learned_div: bool = False) -> None:
-        flexpos.Sinusoidal.__init__(self, dim, divide, learned_div)
+        flexpos.Sinusoidal.__init__(self, dim, divide, check_flag("learned_div", learned_div))
         hint_once("positional.Sinusoidal")
 
 
@@ -158,6 +158,7 @@ class LearnedContinuous(_InputMixin, flexpos.LearnedContinuous):
     def __init__(
         self, dim: int, depth: int = 1, norm: bool = False, divide: float = 1.0, learned_div: bool = False
     ) -> None:
+        norm, learned_div = check_flag("norm", norm), check_flag("learned_div", learned_div)
         flexpos.LearnedContinuous.__init__(self, dim, depth, norm, divide, learned_div)
         hint_once("positional.LearnedContinuous")
 
@@ -172,7 +173,7 @@ class Rotary(Base, flexpos.Rotary):
     def __init__(
         self, head_dim: int, n_dims: Optional[int] = None, divide: float = 1.0, learned_div: bool = False
     ) -> None:
-        flexpos.Rotary.__init__(self, head_dim, n_dims, divide, learned_div)
+        flexpos.Rotary.__init__(self, head_dim, n_dims, divide, check_flag("learned_div", learned_div))
         hint_once("positional.Rotary")
 
     def _rotate_or_zero(self, x: Tensor, positions: Positions, side: str, div: Tensor) -> Tensor:
@@ -235,6 +236,11 @@ class _BiasMixin(Base):
                     f"{name}(n_heads={heads}).mod_mask expects {side} of shape (B, *, L, {heads}, H), "
                     f"got {tuple(t.shape)}"
                 )
+        head_dim = self._query_head_dim()
+        if head_dim is not None and q.shape[-1] != head_dim:
+            raise ValueError(
+                f"{name}(n_heads={heads}).mod_mask expects q of shape (B, *, L, {heads}, {head_dim}), got {tuple(q.shape)}"
+            )
         check_key_batch(q, k)
         check_module_device(self, q.device)
         batch = tuple(q.shape[:-3])
@@ -253,6 +259,10 @@ class _BiasMixin(Base):
                 f"size 1 there), L1' <= {len_q} and L2' <= {len_k}, got {tuple(mask.shape)}"
             )
         return batch
+
+    def _query_head_dim(self) -> Optional[int]:
+        """The head dim H that q must have, where the bias reads q's features (XL)."""
+        return None
 
     def dense(self, q: Tensor, positions: Positions, bias_batch: tuple[int, ...]) -> Tensor:
         """(N, NH, L1, L2) bias for q (B, *, L1, NH, H)."""
@@ -303,6 +313,7 @@ class ALiBi(_BiasMixin, flexpos.ALiBi):
         divide: float = 1.0,
         learned_div: bool = False,
     ) -> None:
+        asymmetric, learned_div = check_flag("asymmetric", asymmetric), check_flag("learned_div", learned_div)
         flexpos.ALiBi.__init__(self, n_heads, use_n_heads, asymmetric, divide, learned_div)
         hint_once("positional.ALiBi")
 
@@ -358,6 +369,7 @@ class DPB(_BiasMixin, flexpos.DPB):
         *,
         table_size: int = 65537,
     ) -> None:
+        norm, learned_div = check_flag("norm", norm), check_flag("learned_div", learned_div)
         flexpos.DPB.__init__(self, dim, n_heads, depth, norm, divide, learned_div, table_size=table_size)
         hint_once("positional.DPB")
 
@@ -378,8 +390,11 @@ class XL(_BiasMixin, flexpos.XL):
     """
 
     def __init__(self, dim: int, n_heads: int, divide: float = 1.0, learned_div: bool = False) -> None:
-        flexpos.XL.__init__(self, dim, n_heads, divide, learned_div)
+        flexpos.XL.__init__(self, dim, n_heads, divide, check_flag("learned_div", learned_div))
         hint_once("positional.XL")
+
+    def _query_head_dim(self) -> Optional[int]:
+        return self.dim // self.n_heads
 
     def transform_qk(self, q: Tensor, k: Tensor, positions: Positions) -> QK:
         self.check_heads(q)

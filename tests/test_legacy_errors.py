@@ -80,6 +80,44 @@ def test_what_the_original_takes_silently_is_refused(call, error, match):
         call()
 
 
+FLAGS = [
+    ("Base", (), "learned"),
+    ("Sinusoidal", (DIM,), "learned_div"),
+    ("Rotary", (H,), "learned_div"),
+    ("LearnedContinuous", (DIM,), "norm"),
+    ("LearnedContinuous", (DIM,), "learned_div"),
+    ("ALiBi", (NH,), "asymmetric"),
+    ("ALiBi", (NH,), "learned_div"),
+    ("DPB", (16, NH), "norm"),
+    ("DPB", (16, NH), "learned_div"),
+    ("XL", (DIM, NH), "learned_div"),
+]
+
+
+@pytest.mark.parametrize("name, args, flag", FLAGS, ids=[f"{n}-{f}" for n, _, f in FLAGS])
+@pytest.mark.parametrize("value", [0, 1, None, np.bool_(True), np.int64(1)], ids=repr)
+def test_on_off_arguments_take_what_the_original_takes(name, args, flag, value):
+    """bio-attention tests these arguments for truth only: 0/1 and None from a config build
+    there, and build the same module here (same state_dict keys, same numbers)."""
+    if flag == "learned_div" and name in ("ALiBi", "DPB", "XL") and value:
+        pytest.skip("bio-attention cannot build these with learned_div (docs/legacy.md)")
+    ours, theirs = getattr(legacy, name)(*args, **{flag: value}), getattr(original, name)(*args, **{flag: value})
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    if flag == "asymmetric":
+        ours.load_state_dict(theirs.state_dict())
+        q, k, v = (torch.randn(2, L, NH, H) for _ in range(3))
+        pos = torch.arange(L).expand(2, L)
+        assert torch.allclose(ours.mod_mask(None, q, k, v, pos_q_k=pos), theirs.mod_mask(None, q, k, v, pos_q_k=pos))
+
+
+@pytest.mark.parametrize("name, args, flag", FLAGS, ids=[f"{n}-{f}" for n, _, f in FLAGS])
+def test_on_off_arguments_refuse_strings_and_floats(name, args, flag):
+    """"False" is true in bio-attention: refused here, naming the argument."""
+    for value in ("False", 1.0):
+        with pytest.raises(TypeError, match=rf"{flag} must be a bool, an integer or None, got"):
+            getattr(legacy, name)(*args, **{flag: value})
+
+
 def test_a_refused_float_nh_leaves_later_layers_working():
     """einops caches recipes by value (4.0 == 4): a float nh reaching it broke later layers."""
     with pytest.raises(TypeError):
@@ -233,6 +271,13 @@ def test_mod_x_checks_positions_and_mask(name):
         module.mod_x([[0.0] * DIM])
     with pytest.raises(ValueError, match=r"mask must have shape \(\*batch, L'\) \(at least 1 dims\), got \(\)"):
         module.mod_x(x, mask=torch.tensor(True))
+
+
+def test_xl_mod_mask_checks_the_head_dim_of_q():
+    """XL's bias reads q's features: another head dim failed inside torch's matmul."""
+    q, k, v = (torch.randn(2, L, NH, H + 2) for _ in range(3))
+    with pytest.raises(ValueError, match=rf"XL\(n_heads={NH}\).mod_mask expects q of shape \(B, \*, L, {NH}, {H}\)"):
+        legacy.XL(DIM, NH).mod_mask(None, q, k, v)
 
 
 def test_xl_mod_qkv_checks_the_heads_of_q():
