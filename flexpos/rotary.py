@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from types import ModuleType
 from typing import Optional
 
@@ -21,6 +20,7 @@ from ._checks import (
 )
 from ._compile import compile_enabled, lazy_compile
 from ._host import capturing_cuda_graph, forward_ad_active, functorch_active, tracing
+from ._trig import cos_sin
 from .base import QK, Positional
 from .positions import IN_QK, Positions
 
@@ -33,48 +33,10 @@ def rotary_frequencies(head_dim: int, n_dims: Optional[int]) -> Tensor:
     return thetas
 
 
-def _three_part_tau() -> tuple[float, float, float]:
-    """2*pi as c1 + c2 + c3, c1 and c2 of 21 significant bits: for whole turns n < 2^32,
-    ``n * c1`` and ``n * c2`` are exact in float64 (Cody-Waite reduction)."""
-    tail = 2.4492935982947064e-16  # 2*pi minus its float64 value
-    c1 = math.ldexp(round(math.ldexp(math.tau, 18)), -18)
-    rest = math.tau - c1
-    exponent = math.frexp(rest)[1]
-    c2 = math.ldexp(round(math.ldexp(rest, 21 - exponent)), exponent - 21)
-    return c1, c2, (rest - c2) + tail
-
-
-TAU_PARTS = _three_part_tau()
-
-
-def cos_sin(angles: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin of float64 ``angles`` in ``dtype`` (float32 or float64).
-
-    For float32 each angle is reduced to [-pi, pi] in float64 (exactly, for angles below
-    2.7e10) and evaluated in float32, with a first-order correction for the reduced angle's
-    rounding: as close to float64 trig as float32 trig itself is (compiled kernels use
-    functions accurate to 2 ulps; absolute error below 1.2e-7). Larger angles, up to 2**53,
-    are reduced with float64's 2*pi in one step, within about an ulp of the float64 angle
-    (itself rounded by half an ulp). Past 2**53 float64 angles lie 2 or more radians apart and
-    hold no phase: they rotate by 0. Float64 trig made the table kernel take half as long as
-    rotating q and k on an H200 (gpu-2026-11-27-e.txt).
-    """
-    if dtype == torch.float64:
-        return angles.cos(), angles.sin()
-    turns = torch.round(angles / math.tau)
-    exact = ((angles - turns * TAU_PARTS[0]) - turns * TAU_PARTS[1]) - turns * TAU_PARTS[2]
-    wide = torch.where(angles.abs() < 2.0**53, angles - turns * math.tau, 0.0)
-    reduced = torch.where(turns.abs() < 2.0**32, exact, wide)
-    near = reduced.to(dtype)
-    rest = (reduced - near.double()).to(dtype)
-    cos, sin = near.cos(), near.sin()
-    return cos - sin * rest, sin + cos * rest
-
-
 @lazy_compile
 def rotation(pos: Tensor, keep: Tensor, thetas: Tensor, div: Tensor, dtype: torch.dtype) -> Tensor:
     """(N, 1, L, D/2, 2) cos and sin, in ``dtype`` (float32 or float64), of the angles
-    ``pos / div * theta`` formed in float64 (one compiled kernel; see :func:`cos_sin`).
+    ``pos / div * theta`` formed in float64 (one compiled kernel; see :func:`flexpos._trig.cos_sin`).
 
     pos (N, L); keep (L,): tokens without a position get angle 0 (identity).
     """
@@ -175,7 +137,7 @@ class Rotary(Positional):
     per-sequence offset when every token has one and Rotary is the last q/k transform: same
     scores). Tokens without a position are
     left unrotated. Angles of 2**53 radians or more, where float64 keeps no phase, rotate by 0
-    in float32 and half-precision models (see :func:`cos_sin`).
+    in float32 and half-precision models (see :func:`flexpos._trig.cos_sin`).
 
     Example::
 

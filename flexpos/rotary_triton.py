@@ -1,7 +1,7 @@
 """Rotary's rotation on CUDA as one Triton kernel that forms the angles itself.
 
 Each program takes a tile of positions of one sequence, forms the tile's cos and sin once (as
-:func:`flexpos.rotary.cos_sin`: float64 angles reduced to [-pi, pi], float32 trig with a
+:func:`flexpos._trig.cos_sin`: float64 angles reduced to [-pi, pi], float32 trig with a
 first-order correction for the reduction's rounding) and rotates that tile of q and k for every
 head. q and k are read and written once and no cos/sin table goes through memory: on an H200,
 q and k of (4, 16, 131072, 64) bf16 moved 3.8 TB/s (79% of peak) against 2.1 TB/s for the
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .rotary import TAU_PARTS
+from ._trig import TAU_PARTS
 
 
 @triton.jit  # type: ignore[misc]

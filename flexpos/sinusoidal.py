@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ._checks import check_even
 from ._compile import lazy_compile
+from ._trig import cos_sin
 from .inputs import InputTransform
 
 
@@ -15,17 +16,14 @@ def inverse_frequencies(dim: int) -> Tensor:
     return 1 / (10000 ** (torch.arange(0.0, dim, 2) / dim))
 
 
-def sinusoid(angles: Tensor) -> Tensor:
-    """(..., n) angles -> (..., 2n) interleaved ``[sin a0, cos a0, sin a1, cos a1, ...]``."""
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
-
-
 @lazy_compile
-def _sinusoidal_add(x: Tensor, pos: Tensor, keep: Tensor, inv_freq: Tensor, div: Tensor) -> Tensor:
-    """x (N, L, dim) + keep (N, L) * sinusoid(pos (N, L) / div * inv_freq (dim/2,)) -> (N, L, dim)."""
+def _sinusoidal_add(x: Tensor, pos: Tensor, keep: Tensor, inv_freq: Tensor, div: Tensor, dtype: torch.dtype) -> Tensor:
+    """x (N, L, dim) + keep (N, L) * enc -> (N, L, dim), enc interleaving ``[sin a0, cos a0, sin
+    a1, ...]`` of the angles ``pos (N, L) / div * inv_freq (dim/2,)``, computed in ``dtype``
+    (float32, or float64 for float64 x; see :func:`flexpos._trig.cos_sin`)."""
     # Angles in float64: absolute positions near 1e9 would be meaningless in float32.
-    angles = (pos / div)[..., None] * inv_freq.double()
-    enc = sinusoid(angles) * keep[..., None]
+    cos, sin = cos_sin((pos / div)[..., None] * inv_freq.double(), dtype)
+    enc = torch.stack((sin, cos), dim=-1).flatten(-2) * keep[..., None]
     return x + enc.to(x.dtype)
 
 
@@ -51,4 +49,5 @@ class Sinusoidal(InputTransform):
 
     def encode_add(self, x: Tensor, pos: Tensor, keep: Tensor) -> Tensor:
         # pos cast here: one compiled variant for int and float positions
-        return _sinusoidal_add(x, pos.double(), keep, self.inv_freq, self.divisor(torch.float64))
+        work = torch.promote_types(x.dtype, torch.float32)
+        return _sinusoidal_add(x, pos.double(), keep, self.inv_freq, self.divisor(torch.float64), work)

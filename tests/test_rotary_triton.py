@@ -88,7 +88,7 @@ def test_grouped_keys_one_tensor_and_shared_positions():
 def test_far_positions_match_flexpos_rotation(base):
     """Angles past 2**32 turns (reduced in one step, within about an ulp of the float64 angle,
     whose rounding is then all the phase there is) and past 2**53 radians (no phase: angle 0,
-    exactly as flexpos.rotary.cos_sin) for the largest frequencies."""
+    exactly as flexpos._trig.cos_sin) for the largest frequencies."""
     q, k, p, has, rot, inputs, table = case(torch.float32, 16, base=base)
     angles = p.double()[:, None, :, None] / 7.0 * rot.thetas.double()  # (B, 1, L, D/2)
     ulp = torch.where(angles < 2.0**53, torch.nextafter(angles, angles + 1) - angles, 0.0)

@@ -126,6 +126,16 @@ def test_sinusoidal_mask_and_missing_positions():
     assert torch.equal(out[..., :2, :], x[..., :2, :])
 
 
+def test_sinusoidal_in_float32_at_genomic_positions():
+    """float32 x: angles up to 1.2e9 radians, reduced in float64 before float32 trig
+    (flexpos._trig.cos_sin), within float32's rounding of a float64 reference."""
+    x = torch.randn(2, 50, 16)
+    pos = 1_200_000_000 + torch.randint(0, 10**6, (2, 50))
+    enc = Sinusoidal(16, divide=0.7)
+    expected = x.double() + R.sinusoid64(pos.double() / 0.7, enc.inv_freq)
+    assert (enc(x, pos=pos).double() - expected).abs().max() <= TOLERANCE[torch.float32]
+
+
 def test_learned_vocab_and_continuous():
     x = torch.randn(2, 12, 8, dtype=F64)
     pos = torch.randint(0, 30, (2, 10))
