@@ -1,5 +1,9 @@
 """CPU, float32, forward, B=1 H=8 D=64: flexpos vs the dense path vs plain SDPA (the floor).
 
+Every scheme: the four that act in attention, and the three input encodings (Sinusoidal,
+LearnedVocab, LearnedContinuous: x + encoding, then the same projection and SDPA on every
+path; see flexpos.bench.cases).
+
 ``pytest benchmarks/test_cpu.py --benchmark-only``. Each group of the report is one
 (scheme, L); the closing section prints dense/flexpos and flexpos/floor ratios. Dense cases
 that would not fit in memory are skipped with the memory they would need.
@@ -8,9 +12,9 @@ that would not fit in memory are skipped with the memory they would need.
 import pytest
 from _harness import PATHS, lengths, run
 
-from flexpos.bench import Setup
+from flexpos.bench import INPUT_SCHEMES, Setup
 
-SCHEMES = ("alibi", "dpb", "xl", "rotary")
+SCHEMES = ("alibi", "dpb", "xl", "rotary", *INPUT_SCHEMES)
 LENGTHS = lengths((1024, 2048, 4096, 8192, 16384))
 CASES = [(scheme, length, path) for scheme in SCHEMES for length in LENGTHS for path in PATHS]
 

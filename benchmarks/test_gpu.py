@@ -2,22 +2,30 @@
 
 Paths: flexpos, the dense path (the bias formulas of ``flexpos.bench``, so bio-attention is not
 needed on the GPU machine), plain SDPA, and flex with no score_mod (``flex_floor``, the
-reference for the score_mods' throughput target). Skipped without CUDA.
+reference for the score_mods' throughput target; not for the input encodings, which attend
+with SDPA on every path). Skipped without CUDA.
 """
 
 import pytest
 import torch
 from _harness import PATHS, lengths, run
 
-from flexpos.bench import Setup
+from flexpos.bench import INPUT_SCHEMES, Setup
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-SCHEMES = ("alibi", "dpb", "xl", "rotary")
+SCHEMES = ("alibi", "dpb", "xl", "rotary", *INPUT_SCHEMES)
 LENGTHS = lengths((1024, 4096, 16384, 65536))
 MODES = ("fwd", "fwdbwd")
 GPU_PATHS = (*PATHS, "flex_floor")
-CASES = [(s, n, m, p) for m in MODES for s in SCHEMES for n in LENGTHS for p in GPU_PATHS]
+
+
+def paths(scheme):
+    """The input encodings attend with SDPA on every path: no flex floor to compare with."""
+    return PATHS if scheme in INPUT_SCHEMES else GPU_PATHS
+
+
+CASES = [(s, n, m, p) for m in MODES for s in SCHEMES for n in LENGTHS for p in paths(s)]
 WINDOW_LENGTH = max(LENGTHS) if len(LENGTHS) == 1 else 16384
 WINDOWS = [2 * WINDOW_LENGTH // d for d in (64, 16, 4, 1)]
 WINDOW_CASES = [(m, w, p) for m in MODES for w in WINDOWS for p in ("flexpos", "dense")]

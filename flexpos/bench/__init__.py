@@ -4,16 +4,19 @@ The dense path is what a bio-attention user runs today: every positional bias is
 as a (B, NH, L, L) float tensor (DPB and XL first build (B, L, L, dim) activations) and handed
 to ``torch.nn.functional.scaled_dot_product_attention`` as ``attn_mask``. flexpos evaluates the
 same bias inside FlexAttention's kernel one tile at a time (CUDA), or one chunk of queries at a
-time in front of SDPA (CPU, see ``flexpos.chunked``). For every scheme and length the
-bench runs both on the same inputs in one process and prints time, peak memory growth and the
-largest difference of their outputs, with plain SDPA (no positional effect) as the floor.
+time in front of SDPA (CPU, see ``flexpos.chunked``). The input encodings (``sinusoidal``,
+``learned_vocab``, ``learned_continuous``) build no bias on either path: bio-attention's
+``mod_x`` against flexpos' compiled transform, each adding the encoding to x (B, L, H*D) before
+the same normalisation, projection and SDPA. For every scheme and length the bench runs both on
+the same inputs in one process and prints time, peak memory growth and the largest difference
+of their outputs, with plain SDPA (no positional effect) as the floor.
 
 Dense baselines (``--dense``):
 
-- ``bio``: bio-attention's own plugins (``mod_qkv`` / ``mod_mask``, bio-attention's (B, L, NH, H)
-  layout), with parameters copied from the flexpos modules so the outputs must agree;
-- ``formula``: the same biases written out densely from their definitions (``dense.py``),
-  for machines without bio-attention (a GPU box, say);
+- ``bio``: bio-attention's own plugins (``mod_qkv`` / ``mod_mask`` / ``mod_x``, bio-attention's
+  (B, L, NH, H) layout), with parameters copied from the flexpos modules so the outputs must agree;
+- ``formula``: the same biases written out densely from their definitions, the encodings
+  computed eagerly (``dense.py``), for machines without bio-attention (a GPU box, say);
 - ``auto`` (default): ``bio`` when bio-attention is importable, else ``formula``.
 
 Memory is the peak growth during one warm call: CUDA allocator statistics on GPU; on Linux CPUs
@@ -36,6 +39,7 @@ from .cases import (
     DPB_DEPTH,
     DPB_DIM,
     DTYPES,
+    INPUT_SCHEMES,
     SCHEMES,
     Case,
     Setup,
@@ -49,6 +53,7 @@ from .cli import DEFAULT_LENGTHS, foresee, main, parse_args
 from .dense import (
     dense_alibi_bias,
     dense_dpb_bias,
+    dense_encoding,
     dense_rotate,
     dense_xl_bias,
     distances,
@@ -64,6 +69,7 @@ __all__ = [
     "DPB_DIM",
     "DTYPES",
     "GIB",
+    "INPUT_SCHEMES",
     "MIB",
     "SCHEMES",
     "Case",
@@ -76,6 +82,7 @@ __all__ = [
     "build_case",
     "dense_alibi_bias",
     "dense_dpb_bias",
+    "dense_encoding",
     "dense_rotate",
     "dense_xl_bias",
     "distances",

@@ -1,5 +1,12 @@
-"""One benchmark case: the same q, k, v and positions handed to flexpos, to the dense path and
-to plain SDPA (the floor), as zero-argument callables returning (B, H, L, D)."""
+"""One benchmark case: the same inputs and positions handed to flexpos, to the dense path and
+to plain SDPA (the floor), as zero-argument callables returning (B, H, L, D).
+
+Attention schemes (ALiBi, DPB, XL, Rotary, and ALiBi under a position window) act on q, k and
+v; the dense path materialises their bias. Input encodings (Sinusoidal, LearnedVocab,
+LearnedContinuous) act on x (B, L, H*D) before attention; their three paths differ only in
+the encoding added to x (none for the floor), then normalise x, project it to q, k and v and
+run SDPA.
+"""
 
 from __future__ import annotations
 
@@ -17,15 +24,21 @@ from flexpos.backends import Backend
 from .dense import (
     dense_alibi_bias,
     dense_dpb_bias,
+    dense_encoding,
     dense_rotate,
     dense_xl_bias,
     window_keep,
 )
 from .memory import MIB
 
-SCHEMES = ("alibi", "dpb", "xl", "rotary", "window")
+ATTENTION_SCHEMES = ("alibi", "dpb", "xl", "rotary", "window")
+INPUT_SCHEMES = ("sinusoidal", "learned_vocab", "learned_continuous")
+SCHEMES = ATTENTION_SCHEMES + INPUT_SCHEMES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DPB_DIM, DPB_DEPTH = 32, 2
+# LearnedContinuous: a nonlinear MLP (bio-attention's default depth 1 is affine), on p / 1000,
+# inputs of order 1 for these positions (up to 3 L).
+CONTINUOUS_DEPTH, CONTINUOUS_DIVIDE = 2, 1000.0
 BIO_NEEDS = "--dense bio needs bio-attention (pip install bio-attention==0.1.15)"
 
 
@@ -82,6 +95,11 @@ def irregular_positions(batch: int, length: int, generator: torch.Generator) -> 
     return torch.randint(1, 4, (batch, length), generator=generator).cumsum(-1)
 
 
+def vocab_size(length: int) -> int:
+    """LearnedVocab's ``max_seq_len`` for :func:`irregular_positions` of ``length``: up to 3 L."""
+    return 3 * length + 1
+
+
 def estimate_dense_bytes(s: Setup) -> int:
     """Upper estimate of the dense path's peak extra memory (calibrated on CPU, float32)."""
     n = s.batch * s.length * s.length  # elements of one (B, L, L) tensor
@@ -93,6 +111,8 @@ def estimate_dense_bytes(s: Setup) -> int:
     elif s.scheme == "xl":
         dim = s.heads * s.head_dim
         extra = n * 12 + 4 * n * dim * 4 + 2 * per_head
+    elif s.scheme in INPUT_SCHEMES:  # no L x L tensor: the encoding, the MLP's activations
+        extra = 4 * s.batch * s.length * s.heads * s.head_dim * 4
     else:  # rotary: no L x L tensor
         extra = 0
     activations = 8 * s.batch * s.heads * s.length * s.head_dim * 4  # q, k, v copies, output, SDPA
@@ -209,6 +229,8 @@ def formula_dense(s: Setup, fx: Any, q: Tensor, k: Tensor, v: Tensor, pos: Tenso
 
 def build_case(s: Setup) -> Case:
     """Inputs drawn from ``s.seed``; the dense path per ``s.dense`` (see :func:`resolve_dense`)."""
+    if s.scheme in INPUT_SCHEMES:
+        return build_input_case(s)
     device, dtype = torch.device(s.device), DTYPES[s.dtype]
     gen = torch.Generator().manual_seed(s.seed)
     torch.manual_seed(s.seed)
@@ -237,3 +259,61 @@ def build_case(s: Setup) -> Case:
         return flexpos.attention(q, k, v, backend=s.backend)
 
     return Case(run_flexpos, dense, floor, estimate_dense_bytes(s), [q, k, v], label, modules, flex_floor, pos)
+
+
+def input_module(scheme: str, dim: int, length: int) -> flexpos.Positional:
+    """The flexpos input encoding of ``scheme`` for x (B, L, dim)."""
+    if scheme == "sinusoidal":
+        return flexpos.Sinusoidal(dim)
+    if scheme == "learned_vocab":
+        return flexpos.LearnedVocab(dim, vocab_size(length))
+    if scheme == "learned_continuous":
+        return flexpos.LearnedContinuous(dim, depth=CONTINUOUS_DEPTH, divide=CONTINUOUS_DIVIDE)
+    raise ValueError(f"unknown input scheme {scheme!r}; choose from {', '.join(INPUT_SCHEMES)}")
+
+
+def bio_input_module(scheme: str, fx: flexpos.Positional) -> torch.nn.Module:
+    """bio-attention's plugin for the input ``scheme``, with ``fx``'s parameters and buffers."""
+    from bio_attention import positional as bio
+
+    bm: torch.nn.Module
+    if scheme == "sinusoidal":
+        bm = bio.Sinusoidal(cast(flexpos.Sinusoidal, fx).dim)
+    elif scheme == "learned_vocab":
+        emb = cast(flexpos.LearnedVocab, fx).emb
+        bm = bio.LearnedVocab(emb.embedding_dim, emb.num_embeddings)
+    else:
+        bm = bio.LearnedContinuous(cast(flexpos.LearnedContinuous, fx).dim, depth=CONTINUOUS_DEPTH,
+                                   divide=CONTINUOUS_DIVIDE)
+    bm.load_state_dict(fx.state_dict())
+    return bm
+
+
+def build_input_case(s: Setup) -> Case:
+    """x (B, L, H*D) drawn from ``s.seed``, encoded by flexpos (its compiled transform), by the
+    dense path (bio-attention's ``mod_x``, or the eager formula of :func:`dense_encoding`) or
+    not at all (the floor), then, as in a pre-norm layer, normalised, projected to q, k and v
+    (B, H, L, D) by one fixed random weight, the same in every path, and attended with SDPA."""
+    device, dtype = torch.device(s.device), DTYPES[s.dtype]
+    gen = torch.Generator().manual_seed(s.seed)
+    torch.manual_seed(s.seed)
+    dim = s.heads * s.head_dim
+    x = torch.randn(s.batch, s.length, dim, generator=gen).to(device, dtype).requires_grad_(s.backward)
+    pos = irregular_positions(s.batch, s.length, gen).to(device)
+    weight = (torch.randn(dim, 3 * dim, generator=gen) * dim**-0.5).to(device, dtype)
+    fx = input_module(s.scheme, dim, s.length).to(device)
+    modules: dict[str, torch.nn.Module] = {"flexpos": fx}
+
+    def attend(encoded: Tensor) -> Tensor:
+        # bio-attention's float32 encodings promote a bfloat16 x to float32: project in x's dtype
+        normed = F.layer_norm(encoded.to(dtype), (dim,))
+        q, k, v = (normed @ weight).unflatten(-1, (3, s.heads, s.head_dim)).permute(2, 0, 3, 1, 4)
+        return sdpa(q, k, v)
+
+    if resolve_dense(s.dense) == "bio":
+        bm = modules["dense"] = bio_input_module(s.scheme, fx).to(device)
+        dense, label = (lambda: attend(bm(x, pos=pos))), "bio-attention mod_x + SDPA"
+    else:
+        dense, label = (lambda: attend(dense_encoding(fx, x, pos))), "eager formula (flexpos.bench) + SDPA"
+    return Case(lambda: attend(fx(x, pos=pos)), dense, lambda: attend(x), estimate_dense_bytes(s), [x], label,
+                modules, None, pos)

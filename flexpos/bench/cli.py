@@ -17,7 +17,20 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 
-from .cases import BIO_NEEDS, DPB_DEPTH, DPB_DIM, DTYPES, SCHEMES, Setup, bio_available, resolve_dense
+from .cases import (
+    BIO_NEEDS,
+    CONTINUOUS_DEPTH,
+    CONTINUOUS_DIVIDE,
+    DPB_DEPTH,
+    DPB_DIM,
+    DTYPES,
+    INPUT_SCHEMES,
+    SCHEMES,
+    Setup,
+    bio_available,
+    resolve_dense,
+    vocab_size,
+)
 from .memory import GIB, MIB, PeakMemory, available_bytes
 from .report import PLOT_FORMATS, PLOT_NEEDS, cell, format_table, machine_facts, plot_results
 from .run import Log, Row, run_case
@@ -159,18 +172,23 @@ def _check_device(p: argparse.ArgumentParser, device: str) -> None:
 
 
 def _least_bytes(args: argparse.Namespace) -> int:
-    """Bytes the longest case needs at the least: q, k and v, and XL's dim x dim weight."""
-    itemsize = DTYPES[args.dtype].itemsize
-    inputs = 3 * args.batch * args.heads * max(args.lengths) * args.head_dim * itemsize
-    return inputs + ((args.heads * args.head_dim) ** 2 * 4 if "xl" in args.schemes else 0)
+    """Bytes the longest case needs at the least: q, k and v, XL's dim x dim weight and
+    LearnedVocab's (3 L + 1, dim) table."""
+    itemsize, dim, length = DTYPES[args.dtype].itemsize, args.heads * args.head_dim, max(args.lengths)
+    inputs = 3 * args.batch * length * dim * itemsize
+    xl = dim**2 * 4 if "xl" in args.schemes else 0
+    vocab = vocab_size(length) * dim * 4 if "learned_vocab" in args.schemes else 0
+    return inputs + xl + vocab
 
 
 def _check_sizes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What the schemes need of the head dim, and that the longest case fits the memory."""
     if "rotary" in args.schemes and args.head_dim % 2:
         p.error(f"--head-dim must be even for the rotary scheme (sin/cos pairs), got {args.head_dim}")
-    if "xl" in args.schemes and args.heads * args.head_dim % 2:
-        p.error(f"--heads x --head-dim must be even for the xl scheme (sin/cos pairs), got {args.heads} x {args.head_dim}")
+    for scheme in ("xl", "sinusoidal"):
+        if scheme in args.schemes and args.heads * args.head_dim % 2:
+            p.error(f"--heads x --head-dim must be even for the {scheme} scheme (sin/cos pairs), "
+                    f"got {args.heads} x {args.head_dim}")
     free, need = available_bytes(torch.device(args.device)), _least_bytes(args)
     if free is not None and need > free:
         p.error(f"--lengths {max(args.lengths)} --batch {args.batch} --heads {args.heads} --head-dim {args.head_dim} "
@@ -214,6 +232,11 @@ def _header(args: argparse.Namespace, device: torch.device, dense_kind: str, mem
         f"dense = {dense} -> (B, NH, L, L) float bias -> SDPA; floor = SDPA with no positional effect",
         f"positions: sorted irregular integers (gaps 1-3); memory: {memory.method}",
     ]
+    chosen = [scheme for scheme in args.schemes if scheme in INPUT_SCHEMES]
+    if chosen:
+        encode = "bio-attention mod_x" if dense_kind == "bio" else "eager formulas in flexpos.bench"
+        header.append(f"{', '.join(chosen)}: x (B, L, H*D) + encoding (dense = {encode}; flexpos: compiled; "
+                      "floor: none) -> LayerNorm -> q, k, v (one fixed projection) -> SDPA; no L x L tensor on any path")
     if device.type == "cpu" and args.backend == "auto":
         header.append("CPU: flexpos runs its chunked backend (compiled bias per query chunk -> SDPA)")
     return header
@@ -256,6 +279,7 @@ def _save_json(path: str, argv: Optional[Sequence[str]], args: argparse.Namespac
             "heads": args.heads, "head_dim": args.head_dim, "dense": dense_kind, "backend": args.backend,
             "repeat": args.repeat, "window": args.window, "memory_method": memory.method,
             "dpb": {"dim": DPB_DIM, "depth": DPB_DEPTH},
+            "learned_continuous": {"depth": CONTINUOUS_DEPTH, "divide": CONTINUOUS_DIVIDE},
         },
         "results": [asdict(r) for r in rows],
         "elapsed_s": round(elapsed, 1),

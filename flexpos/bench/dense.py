@@ -1,5 +1,6 @@
 """The dense baselines written out from their definitions, for machines without bio-attention:
-every bias materialised as a (B, H, L, L) float32 tensor, as bio-attention does."""
+every bias materialised as a (B, H, L, L) float32 tensor, as bio-attention does; the input
+encodings computed eagerly in float32, as bio-attention computes them."""
 
 from __future__ import annotations
 
@@ -43,6 +44,24 @@ def dense_rotate(rot: flexpos.Rotary, x: Tensor, pos: Tensor) -> Tensor:
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x0, x1 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+
+
+def dense_encoding(fx: flexpos.Positional, x: Tensor, pos: Tensor) -> Tensor:
+    """x (B, L, dim) plus the encoding of ``fx`` (Sinusoidal, LearnedVocab or LearnedContinuous)
+    at positions (B, L), eager and in float32; the sum in x's dtype."""
+    if isinstance(fx, flexpos.LearnedVocab):
+        return (x + fx.emb(pos)).to(x.dtype)
+    scaled = (pos.to(torch.float32) / fx.divisor(torch.float32))[..., None]
+    if isinstance(fx, flexpos.Sinusoidal):
+        angles = scaled * fx.inv_freq
+        enc = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
+    elif isinstance(fx, flexpos.LearnedContinuous):
+        enc = scaled
+        for layer in fx.mlp:
+            enc = layer(enc)
+    else:
+        raise TypeError(f"fx must be Sinusoidal, LearnedVocab or LearnedContinuous, got {type(fx).__name__}")
+    return (x + enc).to(x.dtype)
 
 
 def window_keep(pos: Tensor, window: float) -> Tensor:
