@@ -88,6 +88,20 @@ def _vocab_add(emb: nn.Embedding, x: Tensor, pos: Tensor, keep: Tensor) -> Tenso
     return x + (emb(pos) * keep[..., None]).to(x.dtype)
 
 
+@lazy_compile
+def _masked_add(x: Tensor, enc: Tensor, keep: Tensor) -> Tensor:
+    """x (N, L, dim) + keep (N, L) * enc (N, L, dim) -> (N, L, dim), one compiled kernel."""
+    return x + (enc * keep[..., None]).to(x.dtype)
+
+
+def _trains_on_cpu(emb: nn.Embedding) -> bool:
+    """Whether a CPU call will backpropagate into the table. Inductor's CPU backward of the
+    lookup, a scatter-add, took 1.4-1.6x ATen's (embedding into x (1, L, 512), L=2048-8192,
+    forward + backward: 8.5 and 43.5 ms against 5.3 and 31.4 looking up eagerly; forward alone
+    the compiled lookup is the faster, 2.0 against 4.0 ms at L=8192)."""
+    return emb.weight.device.type == "cpu" and torch.is_grad_enabled() and emb.weight.requires_grad
+
+
 class LearnedVocab(InputTransform):
     """Adds a learned embedding of integer positions ``0 <= p < max_seq_len``: x (B, *, L, dim)
     and pos (B, *, L') -> (B, *, L, dim); the first L - L' tokens get nothing added.
@@ -112,6 +126,8 @@ class LearnedVocab(InputTransform):
                 f"pos must lie in [0, {n - 1}] for LearnedVocab(max_seq_len={n}), "
                 f"got range [{int(pos.min())}, {int(pos.max())}]"
             )
+        if _trains_on_cpu(self.emb):
+            return _masked_add(x, self.emb(pos.long()), keep)
         return _vocab_add(self.emb, x, pos.long(), keep)
 
 

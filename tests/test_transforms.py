@@ -186,16 +186,26 @@ def test_default_positions_are_indices():
 
 
 def test_compiled_transforms_match_eager(compiled):
-    """One compiled call per transform, float32, against the eager numbers."""
+    """One compiled call per transform, float32, against the eager numbers. LearnedVocab: its
+    compiled lookup without gradients, and in training (an eager lookup on CPU, then the
+    compiled add) its table's gradient too."""
     q, k = torch.randn(2, 4, 70, 16), torch.randn(2, 4, 70, 16)
     pos = torch.rand(2, 70) * 500
     x = torch.randn(2, 70, 16)
     rot, sin, cont = Rotary(16), Sinusoidal(16), LearnedContinuous(16, depth=2)
     vocab = LearnedVocab(16, 100)
     ipos = torch.randint(0, 100, (2, 70))
-    got = [*rot(q, k, pos=pos), sin(x, pos=pos), cont(x, pos=pos), vocab(x, pos=ipos)]
+
+    def outputs():
+        with torch.no_grad():
+            inference = vocab(x, pos=ipos)
+        vocab.emb.weight.grad = None
+        vocab(x, pos=ipos).square().sum().backward()
+        return [*rot(q, k, pos=pos), sin(x, pos=pos), cont(x, pos=pos), inference, vocab.emb.weight.grad]
+
+    got = outputs()
     flexpos.set_compile(False)
-    want = [*rot(q, k, pos=pos), sin(x, pos=pos), cont(x, pos=pos), vocab(x, pos=ipos)]
+    want = outputs()
     for a, b in zip(got, want):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
