@@ -138,7 +138,10 @@ def lazy_compile(
 
 def joins_callers_graph(device: torch.device, grad_enabled: bool, backend: str) -> bool:
     """Whether :func:`flexpos.attention` joins a caller's torch.compile graph: on devices other
-    than the CPU always; on the CPU in inference (grad mode off) on the chunked backend.
+    than the CPU always; on the CPU in inference (grad mode off) on the chunked backend, unless
+    the caller compiles with ``dynamic=True`` (``assume_static_by_default`` off while Dynamo
+    traces): there the chunks' bounds are symbolic from the first call, and Inductor (torch
+    2.13) failed to lower their slices ("Exponent must be non-negative").
 
     Elsewhere on the CPU it runs as in eager calls (a graph break), with flexpos' own compiled
     kernels (benchmarks/results/cpu-2026-11-29-g.txt). Traced into the caller's graph, the
@@ -150,7 +153,9 @@ def joins_callers_graph(device: torch.device, grad_enabled: bool, backend: str) 
     flex there: a score_mod reading tables computed in the graph
     (``NoValidChoicesError``), q from a view of a tensor of another rank (from a projection or
     Rotary), and, once lengths are dynamic, tables sized by them (C++ errors)."""
-    return device.type != "cpu" or (not grad_enabled and backend != "flex")
+    if device.type != "cpu":
+        return True
+    return not grad_enabled and backend != "flex" and dynamo_config.assume_static_by_default
 
 
 def eager_unless_joining(run: Run) -> Run:

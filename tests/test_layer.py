@@ -177,6 +177,19 @@ def test_modules_built_inside_the_callers_torch_compile(backend):
     assert (got - want).abs().max() <= TOLERANCE[torch.float32]
 
 
+def test_inference_inside_the_callers_dynamic_torch_compile():
+    """torch.compile(dynamic=True): symbolic sizes from the first call. Traced into the caller's
+    graph, CPU inference failed in Inductor ("Exponent must be non-negative", on the chunks'
+    symbolic bounds); flexpos.attention runs outside that graph there, as in training."""
+    layer = AttentionLayer(DIM, H, positional=[Rotary(DIM // H), ALiBi(H)])
+    compiled = torch.compile(layer, dynamic=True)
+    with torch.no_grad():
+        for length in (150, 90):
+            x, pos = torch.randn(2, length, DIM), torch.rand(2, length).cumsum(-1) * 10
+            got, want = compiled(x, pos=pos), layer(x, pos=pos)
+            assert (got - want).abs().max() <= TOLERANCE[torch.float32]
+
+
 def test_the_callers_torch_compile_does_not_recompile_for_new_lengths():
     """After Dynamo marks the length dynamic (its second call), new lengths reuse the graphs:
     no check pins a symbolic length to its value. Lengths stay above one 128-block (a single
