@@ -447,7 +447,9 @@ def _concatenate(zeros: Tensor, pieces: list[tuple[int, int, Tensor]]) -> Tensor
 
 
 def _all_full(states: Tensor) -> bool:
-    return bool(states.eq(FULL).all())
+    # tolist, not bool: inside a caller's torch.compile both break the graph here, as
+    # :func:`_plan`'s read does, but bool() made Dynamo warn about Tensor.item() at every call.
+    return bool(states.eq(FULL).all().tolist())
 
 
 class _ForwardSettings(contextlib.AbstractContextManager[None]):

@@ -143,6 +143,18 @@ def test_a_layer_inside_the_callers_torch_compile(joins, monkeypatch):
     assert _item_graph_breaks() == item_breaks
 
 
+def test_no_item_graph_break_without_a_score_mod_inside_the_callers_torch_compile():
+    """CPU inference, Rotary alone (no score_mod): the read of whether every tile is full
+    breaks the graph as the chunk plan's read does, without Dynamo's Tensor.item() warning."""
+    layer = AttentionLayer(DIM, H, positional=[Rotary(DIM // H)])
+    compiled = torch.compile(layer, backend="eager")
+    item_breaks = _item_graph_breaks()
+    with torch.no_grad():
+        x, pos = torch.randn(2, 60, DIM), torch.rand(2, 60).cumsum(-1)
+        assert (compiled(x, pos=pos) - layer(x, pos=pos)).abs().max() <= TOLERANCE[torch.float32]
+    assert _item_graph_breaks() == item_breaks
+
+
 def _item_graph_breaks() -> int:
     """Graph breaks Dynamo has counted at ``Tensor.item()`` (``bool(t)`` included) so far."""
     return sum(n for reason, n in counters["graph_break"].items() if "Tensor.item()" in reason)
