@@ -53,6 +53,12 @@ class InputTransform(Positional):
         raise NotImplementedError
 
 
+def masked_add(x: Tensor, enc: Tensor, keep: Tensor) -> Tensor:
+    """x (N, L, dim) + keep (N, L) * enc (N, L, dim) -> (N, L, dim) in x's dtype: the last step
+    of every input transform, inside its compiled kernel."""
+    return x + (enc * keep[..., None]).to(x.dtype)
+
+
 def _align_mask(mask: Tensor, batch: tuple[int, ...], length: int) -> Tensor:
     """A checked (*batch, L) or (*batch, L') mask -> (N, L), True before the last L'."""
     flat = mask.reshape(math.prod(batch), mask.shape[-1])  # -1 is ambiguous when L' = 0

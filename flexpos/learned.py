@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ._checks import check_bool, check_positive_int
 from ._compile import lazy_compile
 from ._host import functorch_active, host_reads, tracing
-from .inputs import InputTransform
+from .inputs import InputTransform, masked_add
 
 
 def position_mlp(dim: int, depth: int, norm: bool, out: int | None = None) -> nn.ModuleList:
@@ -78,20 +78,16 @@ def _warn_if_autocast(device: str, grad: Tensor) -> None:
 @lazy_compile
 def _mlp_add(mlp: nn.ModuleList, x: Tensor, pos: Tensor, keep: Tensor, div: Tensor) -> Tensor:
     """x (N, L, dim) + keep (N, L) * mlp(pos (N, L) / div) -> (N, L, dim), one compiled kernel."""
-    enc = run_mlp(mlp, (pos / div)[..., None], mlp_dtype(x.dtype))
-    return x + (enc * keep[..., None]).to(x.dtype)
+    return masked_add(x, run_mlp(mlp, (pos / div)[..., None], mlp_dtype(x.dtype)), keep)
 
 
 @lazy_compile
 def _vocab_add(emb: nn.Embedding, x: Tensor, pos: Tensor, keep: Tensor) -> Tensor:
     """x (N, L, dim) + keep (N, L) * emb(pos (N, L)) -> (N, L, dim), one compiled kernel."""
-    return x + (emb(pos) * keep[..., None]).to(x.dtype)
+    return masked_add(x, emb(pos), keep)
 
 
-@lazy_compile
-def _masked_add(x: Tensor, enc: Tensor, keep: Tensor) -> Tensor:
-    """x (N, L, dim) + keep (N, L) * enc (N, L, dim) -> (N, L, dim), one compiled kernel."""
-    return x + (enc * keep[..., None]).to(x.dtype)
+_masked_add = lazy_compile(masked_add)  # the add alone, after an eager lookup (see _trains_on_cpu)
 
 
 def _trains_on_cpu(emb: nn.Embedding) -> bool:

@@ -8,7 +8,7 @@ from torch import Tensor
 from ._checks import check_even
 from ._compile import lazy_compile
 from ._trig import cos_sin
-from .inputs import InputTransform
+from .inputs import InputTransform, masked_add
 
 
 def inverse_frequencies(dim: int) -> Tensor:
@@ -23,8 +23,7 @@ def _sinusoidal_add(x: Tensor, pos: Tensor, keep: Tensor, inv_freq: Tensor, div:
     (float32, or float64 for float64 x; see :func:`flexpos._trig.cos_sin`)."""
     # Angles in float64: absolute positions near 1e9 would be meaningless in float32.
     cos, sin = cos_sin((pos / div)[..., None] * inv_freq.double(), dtype)
-    enc = torch.stack((sin, cos), dim=-1).flatten(-2) * keep[..., None]
-    return x + enc.to(x.dtype)
+    return masked_add(x, torch.stack((sin, cos), dim=-1).flatten(-2), keep)
 
 
 class Sinusoidal(InputTransform):
