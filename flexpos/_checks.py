@@ -9,6 +9,10 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import os
+import sys
+import warnings
+from types import FrameType
 from typing import Optional, Sequence
 
 import torch
@@ -176,7 +180,7 @@ def check_positions(
     # torch.compile traces would pin it to its value (a recompile for every new length).
     expected = lambda: shape_text(*batch, "L'") + f" with L' <= {length}"  # noqa: E731
     if pos.ndim != len(batch) + 1 or tuple(pos.shape[:-1]) != tuple(batch):
-        raise ValueError(f"{name} must have shape {expected()}, got {tuple(pos.shape)}")
+        raise ValueError(f"{name} must have shape {expected()}, got {tuple(pos.shape)}{_expand_hint(name, pos, batch)}")
     if pos.shape[-1] > length:
         raise ValueError(
             f"{name} has {pos.shape[-1]} positions but the sequence has only {length} tokens{tokens}; "
@@ -227,7 +231,48 @@ def _read_rows(name: str, rows: Tensor) -> Extents:
         if rows.is_floating_point():
             raise ValueError(f"{name} must be finite, found NaN or inf")
         raise ValueError(f"{name} (uint64) must hold values below 2**63 (int64's range), got larger ones")
+    _warn_if_rounded(name, rows.dtype, lows + highs)
     return lows, highs
+
+
+_warned_rounded = False
+
+
+def _warn_if_rounded(name: str, dtype: torch.dtype, extremes: list) -> None:
+    """Warn once per process where float16/bfloat16/float32 positions reach past the integers
+    their dtype holds exactly (2**24 in float32): finer positions were rounded before flexpos
+    received them (genomic coordinates near 1.2e9 in float32: to multiples of 128)."""
+    global _warned_rounded
+    if _warned_rounded or not extremes or dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return
+    eps = torch.finfo(dtype).eps
+    largest = max(abs(x) for x in extremes)
+    if largest <= 2 / eps:
+        return
+    _warned_rounded = True
+    spacing = 2.0 ** math.floor(math.log2(largest)) * eps
+    warn_caller(
+        f"{name} is {dtype} with values up to {largest:.4g}, where {dtype} holds only multiples of "
+        f"{spacing:g}: finer positions (genomic coordinates, say) were rounded before flexpos received "
+        "them. Pass int64 or float64 positions, and keep them out of .to(dtype) casts."
+    )
+
+
+_FLEXPOS_DIR = os.path.dirname(os.path.abspath(__file__))
+_LIBRARY_DIRS = tuple(
+    d + os.sep
+    for d in (_FLEXPOS_DIR, os.path.join(os.path.dirname(_FLEXPOS_DIR), "legacy"), os.path.dirname(torch.__file__))
+)
+
+
+def warn_caller(message: str) -> None:
+    """``warnings.warn(message)`` (a UserWarning) attributed to the first frame outside flexpos,
+    legacy and torch, the user's line, however deep the call that warns."""
+    frame: Optional[FrameType] = sys._getframe(1)
+    level = 2  # stacklevel 2: the caller of warn_caller
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
 
 
 def check_position_span(named: Sequence[tuple[str, Tensor, Optional[Extents]]]) -> None:
@@ -255,6 +300,14 @@ def check_device(name: str, t: Tensor, device: torch.device, beside: str) -> Non
         raise ValueError(f"{name} is on {t.device}, {beside} on {device}")
 
 
+def _expand_hint(name: str, pos: Tensor, batch: Sequence[int]) -> str:
+    """For positions of size 1 where the batch has more: how to share them (they are not
+    broadcast, so that a wrong batch dim is not taken for a shared one)."""
+    if pos.ndim != len(batch) + 1 or any(p not in (1, b) for p, b in zip(pos.shape[:-1], batch)):
+        return ""
+    return f"; positions are not broadcast: to share them, pass {name}.expand({', '.join(map(str, batch))}, -1)"
+
+
 def check_bool_mask(
     name: str,
     mask: Tensor,
@@ -268,7 +321,8 @@ def check_bool_mask(
     ``shared_doc`` instead), on ``device``, the device of the tensor ``beside``."""
     check_tensor(name, mask)
     if mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor (True = keep), got dtype {mask.dtype}")
+        additive = f" (for an additive mask of 0 and -inf, pass {name} == 0)" if mask.is_floating_point() else ""
+        raise TypeError(f"{name} must be a bool tensor (True = keep), got dtype {mask.dtype}{additive}")
     if tuple(mask.shape) not in [tuple(s) for s in (*shapes, *shared)]:
         # Distinct shapes, in order. Only here: hashing a traced symbolic length would pin it.
         options = list(dict.fromkeys(tuple(s) for s in shapes))

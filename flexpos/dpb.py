@@ -55,8 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_positive_int
-from ._host import host_reads, tracing
+from ._checks import check_positive_int, warn_caller
+from ._host import functorch_active, host_reads, tracing
 from .base import Positional, ScoreMod, index_grids
 from .learned import mlp_dtype, position_mlp, run_mlp, watch_autocast
 from .positions import Positions, two_rows
@@ -109,6 +109,19 @@ class DistanceGrid:
         neighbour's offset within its cell off by up to ``span * 2**-24``."""
         index = (self.size - 1) // 2
         return index, self.start + index * self.step
+
+
+COARSE_GRID_ERROR = 1e-3
+"""Estimated interpolation error of DPB's grid, in score units, from which an eager call warns
+(once per module) that the grid is too coarse for its MLP."""
+
+
+def interpolation_error(slopes: Tensor, step: Tensor) -> Tensor:
+    """0-d float64 estimate of the largest error of linear interpolation on a grid of ``step``
+    (0-d) with (H, N) ``slopes`` per cell: an eighth of the largest second difference of the
+    node values, ``step * |slope change|`` (``step^2 / 8 * |MLP''|`` where the MLP is smooth
+    at the step's scale; where it is not, the same order of magnitude)."""
+    return torch.diff(slopes, dim=-1).abs().amax().double() * step / 8
 
 
 def shrinks_grid(device: torch.device) -> bool:
@@ -177,6 +190,7 @@ class DPB(Positional):
             raise ValueError(f"table_size must be >= 2, got {table_size}")
         self._init_divisor(divide, learned_div)
         self.mlp = position_mlp(dim, depth, norm, out=n_heads)
+        self._warned_coarse = False
 
     @property
     def affine(self) -> bool:
@@ -244,6 +258,8 @@ class DPB(Positional):
         """The score_mod reading the MLP's (n_heads, nodes) table on ``grid``: at the node of each
         distance on an exact grid, else interpolated between the two nodes around it."""
         values, slopes = self.tables(grid, dtype, positions.q.requires_grad or positions.k.requires_grad)
+        if not grid.exact:
+            self._warn_if_coarse(slopes, grid)
         values, slopes = two_rows(values), two_rows(slopes)
         rel = positions.relative(dtype)
         start, step = grid.start.to(dtype), grid.step.to(dtype)
@@ -272,6 +288,24 @@ class DPB(Positional):
 
         # On an exact grid every offset is 0: the slope would be read for nothing.
         return dpb_exact if grid.exact else dpb
+
+    def _warn_if_coarse(self, slopes: Tensor, grid: DistanceGrid) -> None:
+        """Warn once where interpolating on ``grid`` with ``slopes`` (H, N) may be off by more
+        than :data:`COARSE_GRID_ERROR` (eager calls only: the estimate is read back to the
+        host; on a 2-core CPU 2-3% of the time the grid's MLP takes)."""
+        if getattr(self, "_warned_coarse", False) or not host_reads() or functorch_active():
+            return
+        error, step = torch.stack((interpolation_error(slopes.detach(), grid.step), grid.step)).tolist()
+        if error <= COARSE_GRID_ERROR:
+            return
+        self._warned_coarse = True
+        warn_caller(
+            f"DPB interpolates its MLP on a grid of {grid.size} distances {step:.3g} position units apart "
+            f"(covering the batch's largest distance, {step * (grid.size - 1) / 2:.3g}), which may put "
+            f"biases off by up to about {error:.2g}. If padded tokens carry placeholder positions "
+            "(0, -1), pad with a real position instead (repeat each sequence's last one); otherwise "
+            f"raise table_size (now {self.table_size}) or split batches of very different spans."
+        )
 
     def rate_and_shift(self) -> tuple[Tensor, Tensor]:
         """An affine MLP's bias ``rate_h * Delta + shift_h`` as two (n_heads,) float64 tensors:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_bool, check_positive_int
+from ._checks import check_bool, check_positive_int, warn_caller
 from ._compile import lazy_compile
 from ._host import functorch_active, host_reads, tracing
 from .inputs import InputTransform, masked_add
@@ -67,11 +66,10 @@ def _warn_if_autocast(device: str, grad: Tensor) -> None:
     backward, whose matmuls then run in bfloat16 or float16 where backward runs inside the
     autocast block (measured: DPB's parameter gradients 35-44% off, which cancel over rows)."""
     if torch.is_autocast_enabled(device):
-        warnings.warn(
+        warn_caller(
             "backward() runs inside a torch.autocast block: the gradients of flexpos' position MLPs "
             "(DPB, LearnedContinuous) are then computed in low precision. Run backward() after the "
-            "autocast block, as PyTorch recommends.",
-            stacklevel=2,
+            "autocast block, as PyTorch recommends."
         )
 
 
@@ -91,10 +89,10 @@ _masked_add = lazy_compile(masked_add)  # the add alone, after an eager lookup (
 
 
 def _trains_on_cpu(emb: nn.Embedding) -> bool:
-    """Whether a CPU call will backpropagate into the table. Inductor's CPU backward of the
-    lookup, a scatter-add, took 1.4-1.6x ATen's (embedding into x (1, L, 512), L=2048-8192,
-    forward + backward: 8.5 and 43.5 ms against 5.3 and 31.4 looking up eagerly; forward alone
-    the compiled lookup is the faster, 2.0 against 4.0 ms at L=8192)."""
+    """Whether a CPU call will backpropagate into the table. With Inductor's CPU backward of
+    the lookup, a scatter-add, forward + backward took 1.3-1.7x as long as looking up eagerly
+    (x (1, L, 512), L=512-8192; benchmarks/results/cpu-2026-11-30.txt). Forward alone the
+    compiled lookup is the faster at L=8192."""
     return emb.weight.device.type == "cpu" and torch.is_grad_enabled() and emb.weight.requires_grad
 
 

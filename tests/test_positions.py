@@ -1,5 +1,7 @@
 """Relative distances: exact for large integer coordinates, float32-accurate for floats."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -82,6 +84,38 @@ def test_narrow_dtypes_give_the_distances_of_their_values(pos):
     wide = pos.long() if not pos.is_floating_point() else pos.double()
     delta, _ = _grid_delta(Positions.resolve((1,), 3, 3, "cpu", pos=pos), torch.float64)
     assert torch.equal(delta, (wide[:, :, None] - wide[:, None, :]).double())
+
+
+@pytest.mark.parametrize(
+    "dtype, value, spacing", [(torch.float32, 1.2e9, "128"), (torch.float16, 4000.0, "2"), (torch.bfloat16, 1000.0, "4")]
+)
+def test_narrow_float_positions_past_their_exact_integers_warn_once(dtype, value, spacing, monkeypatch):
+    """float32 genomic coordinates were rounded before flexpos got them (to multiples of 128 near
+    1.2e9): the first such call in a process says so, naming the dtype's spacing there."""
+    monkeypatch.setattr(flexpos._checks, "_warned_rounded", False)
+    pos = torch.tensor([[value, value * 1.01]], dtype=dtype)
+    with pytest.warns(UserWarning, match=f"pos is {dtype} .* multiples of {spacing}: .* int64 or float64") as record:
+        Positions.resolve((1,), 2, 2, "cpu", pos=pos)
+    assert record[0].filename == __file__  # the caller's line, not flexpos'
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Positions.resolve((1,), 2, 2, "cpu", pos=pos)
+
+
+@pytest.mark.parametrize(
+    "pos",
+    [
+        torch.tensor([[-(2.0**24), 2.0**24]]),  # every float32 integer up to 2**24
+        torch.tensor([[1.2e9, 1.3e9]], dtype=torch.float64),
+        torch.tensor([[1_200_000_000, 1_300_000_000]]),
+    ],
+    ids=["float32 within 2**24", "float64", "int64"],
+)
+def test_positions_their_dtype_holds_exactly_do_not_warn(pos, monkeypatch):
+    monkeypatch.setattr(flexpos._checks, "_warned_rounded", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Positions.resolve((1,), 2, 2, "cpu", pos=pos)
 
 
 @pytest.fixture

@@ -370,12 +370,20 @@ def test_dpb_padding_positions_decide_its_table(dpb_grid):
     pq, hq = R.padded_positions(pos, B, L)
     ref = R.attend(q, k, v, R.dpb_bias(dpb, pq, pq, hq, hq, 1000.0), valid[:, None, None, :])
     real = slice(0, L - 10)  # rows of padded queries differ with their positions, as they should
-    assert_close(flexpos.attention(q, k, v, dpb, pos=repeated, mask=valid)[..., real, :], ref[..., real, :])
-    coarse = flexpos.attention(q, k, v, dpb, pos=zeros, mask=valid)[..., real, :]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_close(flexpos.attention(q, k, v, dpb, pos=repeated, mask=valid)[..., real, :], ref[..., real, :])
+        assert not caught
+        coarse = flexpos.attention(q, k, v, dpb, pos=zeros, mask=valid)[..., real, :]
+        flexpos.attention(q, k, v, dpb, pos=zeros, mask=valid)  # warned once per module
     if dpb_grid == "every pair":
         assert_close(coarse, ref[..., real, :])
     else:
         assert (coarse - ref[..., real, :]).abs().max() > 100 * TOLERANCE[F64]
+    # Where the grid's coarseness is read on the host, the call says so and names the remedy.
+    warned = [str(w.message) for w in caught]
+    assert len(warned) == (1 if dpb_grid.startswith("span on host") else 0), warned
+    assert all("placeholder positions" in w and "table_size (now 65537)" in w for w in warned)
 
 
 def test_dpb_runs_its_mlp_at_every_pair_where_pairs_are_fewer_than_grid_nodes(dpb_mlp_rows, monkeypatch):
@@ -458,6 +466,22 @@ def test_dpb_continuous_positions_within_stated_bound(dpb_grid):
         assert error <= 1e-12
     else:
         assert 0 < error <= bound * 1.01 + 1e-12
+    # The estimate behind DPB's coarse-grid warning, from the table's second differences: the
+    # bound read off the grid itself (the second difference averages |MLP''| over two cells,
+    # so it may fall a little short of the largest error).
+    grid = DistanceGrid.covering(positions.span_tensor(), False, dpb.table_size)
+    estimate = flexpos.dpb.interpolation_error(dpb.tables(grid, F64)[1], grid.step).item()
+    assert error / 1.2 <= estimate <= bound * 1.01
+
+
+def test_dpb_on_a_fine_enough_grid_does_not_warn():
+    """Float positions a few thousand units apart, an MLP of distance / 100: the grid's
+    interpolation error is far below COARSE_GRID_ERROR, and nothing is said."""
+    q, k, v = qkv()
+    dpb = DPB(16, H, depth=2, divide=100.0).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flexpos.attention(q, k, v, dpb, pos=irregular(B, L, integer=False) * 30)
 
 
 @pytest.mark.parametrize("divide", [1.0, 3.0])
