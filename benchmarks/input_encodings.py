@@ -6,24 +6,60 @@ Sinusoidal, LearnedVocab and LearnedContinuous (the cases of ``flexpos.bench``: 
 sorted irregular integer positions) on x (1, L, 512), float32. Against bio-attention's
 ``mod_x`` where it is installed, else the eager formula of ``flexpos.bench.dense_encoding``,
 with the same weights. Each line: median milliseconds of interleaved calls, compile excluded,
-and eager / flexpos. ``--backward`` times forward + backward into x.
+and eager / flexpos. ``--backward`` times forward + backward into x (and LearnedVocab's table).
+
+``--rejected`` adds the alternative each design choice replaced, timed in the same rounds:
+Sinusoidal with float64 cos and sin (before ``flexpos._trig.cos_sin``), and LearnedVocab's
+compiled lookup in CPU training (before ``flexpos.learned._trains_on_cpu`` sent training to an
+eager lookup; forward alone it is what flexpos runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from typing import Any, Callable, Optional
 
 import torch
 from targets import interleaved  # also makes flexpos importable from a checkout
 
+import flexpos.learned
+import flexpos.sinusoidal
+from flexpos._compile import lazy_compile
 from flexpos.bench import INPUT_SCHEMES, bio_available, dense_encoding, irregular_positions
 from flexpos.bench.cases import bio_input_module, input_module
+from flexpos.inputs import masked_add
 
 DIM = 512
 
 
-def paths(scheme: str, length: int, backward: bool) -> dict[str, object]:
+def _float64_trig_add(x: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, inv_freq: torch.Tensor,
+                      div: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Sinusoidal's compiled add with float64 cos and sin, cast to ``dtype`` afterwards."""
+    angles = (pos / div)[..., None] * inv_freq.double()
+    enc = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2).to(dtype)
+    return masked_add(x, enc, keep)
+
+
+REJECTED: dict[str, tuple[Any, str, Any]] = {  # scheme: (module, attribute, replacement)
+    "sinusoidal": (flexpos.sinusoidal, "_sinusoidal_add", lazy_compile(_float64_trig_add)),
+    "learned_vocab": (flexpos.learned, "_trains_on_cpu", lambda emb: False),
+}
+
+
+def swapped(module: Any, name: str, value: Any, fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` run with ``module.name`` set to ``value``, restored after each call."""
+    def call() -> None:
+        previous = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            fn()
+        finally:
+            setattr(module, name, previous)
+    return call
+
+
+def paths(scheme: str, length: int, backward: bool, rejected: bool = False) -> dict[str, Callable[[], None]]:
     """flexpos' and the eager encoding of one (1, L, DIM) x, as zero-argument callables."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, length, DIM, generator=gen).requires_grad_(backward)
@@ -44,7 +80,10 @@ def paths(scheme: str, length: int, backward: bool) -> dict[str, object]:
                 out.backward(grad)
         return call
 
-    return {"flexpos": run(lambda: fx(x, pos=pos)), "eager": run(eager)}
+    calls = {"flexpos": run(lambda: fx(x, pos=pos)), "eager": run(eager)}
+    if rejected and scheme in REJECTED:
+        calls["rejected"] = swapped(*REJECTED[scheme], calls["flexpos"])
+    return calls
 
 
 def main() -> None:
@@ -52,18 +91,25 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--repeat", type=int, default=21, help="timed calls per path (default 21)")
     parser.add_argument("--backward", action="store_true", help="forward + backward into x")
+    parser.add_argument("--rejected", action="store_true", help="also time the alternatives the design replaced")
     args = parser.parse_args()
     eager = "bio-attention mod_x" if bio_available() else "eager formula"
-    print(f"{'scheme':<20} {'L':>5}  {'flexpos ms':>10}  {eager + ' ms':>24}  eager / flexpos")
+    extra = "  rejected ms  rejected / flexpos" if args.rejected else ""
+    print(f"{'scheme':<20} {'L':>5}  {'flexpos ms':>10}  {eager + ' ms':>24}  eager / flexpos{extra}")
     for scheme in INPUT_SCHEMES:
         for length in args.lengths:
-            fns = paths(scheme, length, args.backward)
+            fns = paths(scheme, length, args.backward, args.rejected)
             with torch.set_grad_enabled(args.backward):
                 for fn in fns.values():
                     fn(), fn()  # compile and warm up
                 times = interleaved(fns, lambda: None, args.repeat)
             ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
-            print(f"{scheme:<20} {length:>5}  {ms['flexpos']:10.2f}  {ms['eager']:24.2f}  {ms['eager'] / ms['flexpos']:.2f}x")
+            line = f"{scheme:<20} {length:>5}  {ms['flexpos']:10.2f}  {ms['eager']:24.2f}  {ms['eager'] / ms['flexpos']:14.2f}x"
+            print(line + _rejected_columns(ms.get("rejected"), ms["flexpos"]))
+
+
+def _rejected_columns(rejected: Optional[float], flexpos_ms: float) -> str:
+    return "" if rejected is None else f"  {rejected:11.2f}  {rejected / flexpos_ms:17.2f}x"
 
 
 if __name__ == "__main__":
