@@ -417,12 +417,23 @@ class _Chunk(NamedTuple):
     partial: bool
 
 
+def chunk_bounds(len_q: int, rows: int) -> list[tuple[int, int]]:
+    """(start, stop) of each chunk of ``rows`` queries; a last chunk of one row joins the one
+    before it. Compiled with symbolic sizes, the bias kernel assumes at least two rows (Dynamo
+    specialises sizes 0 and 1): a chunk of one would compile it again (0.7-4 s on CPU, once per
+    process, at lengths such as 513)."""
+    starts = list(range(0, len_q, rows))
+    if len(starts) > 1 and len_q - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], len_q]))
+
+
 def _plan(states: Tensor, len_q: int, len_k: int, rows: int) -> list[_Chunk]:
-    """The chunks of ``rows`` queries that the tile ``states`` (B, H, Lq blocks, Lk blocks)
-    leave any key: each spans its keys from its first to its last non-EMPTY tile."""
+    """The chunks of ``rows`` queries (:func:`chunk_bounds`) that the tile ``states`` (B, H, Lq
+    blocks, Lk blocks) leave any key: each spans its keys from its first to its last non-EMPTY
+    tile."""
     plan = []
-    for start in range(0, len_q, rows):
-        stop = min(start + rows, len_q)
+    for start, stop in chunk_bounds(len_q, rows):
         tiles = states[:, :, start // BLOCK : n_blocks(stop)]
         used = tiles.ne(EMPTY).flatten(0, 2).any(0).nonzero().flatten().tolist()
         if used:
@@ -434,7 +445,7 @@ def _plan(states: Tensor, len_q: int, len_k: int, rows: int) -> list[_Chunk]:
 
 def _blind_plan(len_q: int, len_k: int, rows: int) -> list[_Chunk]:
     """The chunks of ``rows`` queries without reading tile states: every key, mask_mod evaluated."""
-    return [_Chunk(start, min(start + rows, len_q), 0, len_k, True) for start in range(0, len_q, rows)]
+    return [_Chunk(start, stop, 0, len_k, True) for start, stop in chunk_bounds(len_q, rows)]
 
 
 def _concatenate(zeros: Tensor, pieces: list[tuple[int, int, Tensor]]) -> Tensor:

@@ -502,6 +502,31 @@ def test_chunk_rows_keep_the_bias_within_budget():
             assert rows == 1024 or 4 * batch_heads * len_k * rows * 2 > budget  # the largest that fits
 
 
+def test_a_last_chunk_of_one_query_joins_the_one_before(monkeypatch):
+    """A chunk of one row would compile the bias kernel again (sizes 0 and 1 are specialised):
+    513 queries in chunks of 128 end with 129 rows; the numbers are the reference's."""
+    assert chunked.chunk_bounds(513, 128) == [(0, 128), (128, 256), (256, 384), (384, 513)]
+    assert chunked.chunk_bounds(514, 128)[-1] == (512, 514)
+    assert chunked.chunk_bounds(128, 128) == [(0, 128)]
+    assert chunked.chunk_bounds(1, 128) == [(0, 1)]  # a call of one query keeps its one row
+    monkeypatch.setattr(chunked, "chunk_rows", lambda *args: 16)
+    rows = []
+    attend = chunked._attend_chunk
+    monkeypatch.setattr(chunked, "_attend_chunk", lambda q, *rest: rows.append(q.shape[-2]) or attend(q, *rest))
+    q, k, v = inputs(2, 33, torch.float64)
+    pos = positions(2, 33)
+    keep = torch.rand(2, 33) > 0.2
+    p, has = R.padded_positions(pos, 2, 33)
+    ref = R.attend(q, k, v, R.alibi_bias(H, p, p, has, has), keep[:, None, None, :])
+    for mask in (None, keep):  # the plan from tile states, and every key
+        rows.clear()
+        with torch.no_grad():
+            out = flexpos.attention(q, k, v, ALiBi(H), pos=pos, mask=mask)
+        assert rows == [16, 17]
+        want = ref if mask is not None else R.attend(q, k, v, R.alibi_bias(H, p, p, has, has))
+        assert (out - want).abs().max() <= TOLERANCE[torch.float64]
+
+
 def test_chunked_attends_only_to_the_key_span_the_mask_leaves(monkeypatch):
     """A 100-token sliding window over 2000 tokens: each chunk's SDPA sees at most the tiles
     its window touches, and the output still matches the dense reference."""
