@@ -249,13 +249,13 @@ def _warn_if_rounded(name: str, dtype: torch.dtype, extremes: list) -> None:
     largest = max(abs(x) for x in extremes)
     if largest <= 2 / eps:
         return
-    _warned_rounded = True
     spacing = 2.0 ** math.floor(math.log2(largest)) * eps
     warn_caller(
         f"{name} is {dtype} with values up to {largest:.4g}, where {dtype} holds only multiples of "
         f"{spacing:g}: finer positions (genomic coordinates, say) were rounded before flexpos received "
         "them. Pass int64 or float64 positions, and keep them out of .to(dtype) casts."
     )
+    _warned_rounded = True  # after the warning: under -W error every call raises
 
 
 _FLEXPOS_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -293,19 +293,22 @@ class DPB(Positional):
         """Warn once where interpolating on ``grid`` with ``slopes`` (H, N) may be off by more
         than :data:`COARSE_GRID_ERROR` (eager calls only: the estimate is read back to the
         host; on a 2-core CPU 2-3% of the time the grid's MLP takes)."""
-        if getattr(self, "_warned_coarse", False) or not host_reads() or functorch_active():
+        # host_reads() first: inside a caller's graph the flag is not read (no guard on it).
+        if not host_reads() or functorch_active() or getattr(self, "_warned_coarse", False):
             return
         error, step = torch.stack((interpolation_error(slopes.detach(), grid.step), grid.step)).tolist()
         if error <= COARSE_GRID_ERROR:
             return
-        self._warned_coarse = True
         warn_caller(
             f"DPB interpolates its MLP on a grid of {grid.size} distances {step:.3g} position units apart "
             f"(covering the batch's largest distance, {step * (grid.size - 1) / 2:.3g}), which may put "
-            f"biases off by up to about {error:.2g}. If padded tokens carry placeholder positions "
-            "(0, -1), pad with a real position instead (repeat each sequence's last one); otherwise "
-            f"raise table_size (now {self.table_size}) or split batches of very different spans."
+            f"biases off by up to about {error:.2g} (estimated from the MLP's curvature anywhere on the "
+            "grid, where pairs of tokens may or may not fall). If padded tokens carry placeholder "
+            "positions (0, -1), pad with a real position instead (repeat each sequence's last one); "
+            f"otherwise raise table_size (now {self.table_size}) or divide, or split batches of very "
+            "different spans."
         )
+        self._warned_coarse = True  # after the warning: under -W error every call raises
 
     def rate_and_shift(self) -> tuple[Tensor, Tensor]:
         """An affine MLP's bias ``rate_h * Delta + shift_h`` as two (n_heads,) float64 tensors:

@@ -373,7 +373,7 @@ def test_dpb_padding_positions_decide_its_table(dpb_grid):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert_close(flexpos.attention(q, k, v, dpb, pos=repeated, mask=valid)[..., real, :], ref[..., real, :])
-        assert not caught
+        assert not _coarse_grid_warnings(caught)
         coarse = flexpos.attention(q, k, v, dpb, pos=zeros, mask=valid)[..., real, :]
         flexpos.attention(q, k, v, dpb, pos=zeros, mask=valid)  # warned once per module
     if dpb_grid == "every pair":
@@ -381,9 +381,36 @@ def test_dpb_padding_positions_decide_its_table(dpb_grid):
     else:
         assert (coarse - ref[..., real, :]).abs().max() > 100 * TOLERANCE[F64]
     # Where the grid's coarseness is read on the host, the call says so and names the remedy.
-    warned = [str(w.message) for w in caught]
+    warned = _coarse_grid_warnings(caught)
     assert len(warned) == (1 if dpb_grid.startswith("span on host") else 0), warned
     assert all("placeholder positions" in w and "table_size (now 65537)" in w for w in warned)
+
+
+def test_dpb_reads_no_warning_state_where_nothing_is_read_back(monkeypatch):
+    """Inside a caller's torch.compile (no host reads) the once-per-module flag is not read:
+    Dynamo would guard on it, and the first warning of an eager call would recompile the graph."""
+
+    class Watched(DPB):
+        @property
+        def _warned_coarse(self):
+            raise AssertionError("read")
+
+        @_warned_coarse.setter
+        def _warned_coarse(self, value):
+            pass
+
+    dpb = Watched(16, H, depth=2)
+    grid = DistanceGrid.covering(torch.tensor(1e9, dtype=F64), True, dpb.table_size)
+    slopes = dpb.tables(grid, torch.float32)[1]
+    monkeypatch.setattr(flexpos.dpb, "host_reads", lambda: False)
+    dpb._warn_if_coarse(slopes, grid)
+    monkeypatch.setattr(flexpos.dpb, "host_reads", lambda: True)
+    with pytest.raises(AssertionError, match="read"):
+        dpb._warn_if_coarse(slopes, grid)
+
+
+def _coarse_grid_warnings(caught):
+    return [str(w.message) for w in caught if str(w.message).startswith("DPB interpolates its MLP")]
 
 
 def test_dpb_runs_its_mlp_at_every_pair_where_pairs_are_fewer_than_grid_nodes(dpb_mlp_rows, monkeypatch):
@@ -474,14 +501,20 @@ def test_dpb_continuous_positions_within_stated_bound(dpb_grid):
     assert error / 1.2 <= estimate <= bound * 1.01
 
 
-def test_dpb_on_a_fine_enough_grid_does_not_warn():
+def test_dpb_on_a_fine_enough_grid_does_not_warn(monkeypatch):
     """Float positions a few thousand units apart, an MLP of distance / 100: the grid's
-    interpolation error is far below COARSE_GRID_ERROR, and nothing is said."""
+    interpolation error is estimated, far below COARSE_GRID_ERROR, and nothing is said."""
+    monkeypatch.setattr(flexpos.dpb, "evaluates_pairs", lambda device, n_pairs, nodes: False)  # the grid
+    estimates = []
+    estimate = flexpos.dpb.interpolation_error
+    monkeypatch.setattr(flexpos.dpb, "interpolation_error", lambda *args: estimates.append(estimate(*args)) or estimates[-1])
     q, k, v = qkv()
     dpb = DPB(16, H, depth=2, divide=100.0).double()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         flexpos.attention(q, k, v, dpb, pos=irregular(B, L, integer=False) * 30)
+    assert len(estimates) == 1 and 0 < estimates[0] < flexpos.dpb.COARSE_GRID_ERROR / 100
+    assert not _coarse_grid_warnings(caught)
 
 
 @pytest.mark.parametrize("divide", [1.0, 3.0])
