@@ -185,10 +185,13 @@ def test_default_positions_are_indices():
     assert torch.equal(enc(x), enc(x, pos=torch.arange(6)[None]))
 
 
-def test_compiled_transforms_match_eager(compiled):
+@pytest.mark.parametrize("vocab_lookup", ["as on CPU", "compiled, as on GPUs"])
+def test_compiled_transforms_match_eager(compiled, vocab_lookup, monkeypatch):
     """One compiled call per transform, float32, against the eager numbers. LearnedVocab: its
-    compiled lookup without gradients, and in training (an eager lookup on CPU, then the
-    compiled add) its table's gradient too."""
+    compiled lookup without gradients, and in training its table's gradient too: an eager
+    lookup then the compiled add on CPU, the lookup compiled with the add on GPUs."""
+    if vocab_lookup != "as on CPU":
+        monkeypatch.setattr(flexpos.learned, "_trains_on_cpu", lambda emb: False)
     q, k = torch.randn(2, 4, 70, 16), torch.randn(2, 4, 70, 16)
     pos = torch.rand(2, 70) * 500
     x = torch.randn(2, 70, 16)
