@@ -25,24 +25,24 @@ from targets import interleaved  # also makes flexpos importable from a checkout
 
 import flexpos.learned
 import flexpos.sinusoidal
-from flexpos._compile import lazy_compile
 from flexpos.bench import INPUT_SCHEMES, bio_available, dense_encoding, irregular_positions
 from flexpos.bench.cases import bio_input_module, input_module
-from flexpos.inputs import masked_add
 
 DIM = 512
 
 
+_sinusoidal_add = flexpos.sinusoidal._sinusoidal_add
+
+
 def _float64_trig_add(x: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, inv_freq: torch.Tensor,
                       div: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Sinusoidal's compiled add with float64 cos and sin, cast to ``dtype`` afterwards."""
-    angles = (pos / div)[..., None] * inv_freq.double()
-    enc = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2).to(dtype)
-    return masked_add(x, enc, keep)
+    """Sinusoidal's compiled add with float64 cos and sin (its path for float64 x), whatever
+    ``dtype``; the encoding is cast to x's dtype in the add."""
+    return _sinusoidal_add(x, pos, keep, inv_freq, div, torch.float64)
 
 
 REJECTED: dict[str, tuple[Any, str, Any]] = {  # scheme: (module, attribute, replacement)
-    "sinusoidal": (flexpos.sinusoidal, "_sinusoidal_add", lazy_compile(_float64_trig_add)),
+    "sinusoidal": (flexpos.sinusoidal, "_sinusoidal_add", _float64_trig_add),
     "learned_vocab": (flexpos.learned, "_trains_on_cpu", lambda emb: False),
 }
 

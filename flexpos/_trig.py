@@ -3,7 +3,8 @@
 Rotary and Sinusoidal form their angles ``p * w / divide`` in float64: at positions near 1e9
 float32 angles hold no phase. Float64 trig is slow (on an H200 it made Rotary's table kernel
 take half as long as rotating q and k; on a 2-core CPU Sinusoidal's compiled encoding of
-(1, L, 512) took 1.2-1.5x as long with it, L=512-32768), so :func:`cos_sin` reduces each angle
+(1, L, 512) took 1.2-1.8x as long with it, L=512-8192, benchmarks/results/cpu-2026-11-30.txt),
+so :func:`cos_sin` reduces each angle
 to [-pi, pi] in float64 and evaluates float32 trig there.
 """
 
