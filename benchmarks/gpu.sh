@@ -7,8 +7,8 @@
 #
 # STEPs (default: tests targets table): tests, targets, targets-8k (the targets without
 # L=32768), variants (benchmarks/gpu_variants.py: where the score_mods' and Rotary's time goes,
-# about 3 minutes; fewer rows with VARIANTS_ARGS), tiles (benchmarks/flex_tiles.py: ALiBi and DPB under other flex tiles, about
-# 3-4 minutes estimated, not yet run), table.
+# about 3 minutes; fewer rows with VARIANTS_ARGS), tiles (benchmarks/flex_tiles.py: ALiBi and DPB under
+# other flex tiles, about 3-4 minutes estimated; fewer with TILES_ARGS), table.
 #
 # Needs torch with CUDA (+ triton), einops, pytest; bio-attention is not needed (the dense
 # baseline is flexpos.bench's own dense formulas, `--dense formula`). Everything printed goes
@@ -45,7 +45,7 @@ commit="${FLEXPOS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unkno
 
 preamble() {  # machine facts; fails (and the run stops) without a GPU that compiles
     echo "# flexpos GPU run, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "# command: GPU_DEADLINE=${GPU_DEADLINE:-} VARIANTS_ARGS='${VARIANTS_ARGS:-}' PYTHONPATH=$PYTHONPATH bash benchmarks/gpu.sh $* (cwd $(pwd), commit $commit, python $PY)"
+    echo "# command: GPU_DEADLINE=${GPU_DEADLINE:-} VARIANTS_ARGS='${VARIANTS_ARGS:-}' TILES_ARGS='${TILES_ARGS:-}' PYTHONPATH=$PYTHONPATH bash benchmarks/gpu.sh $* (cwd $(pwd), commit $commit, python $PY)"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv 2>/dev/null \
         || echo "nvidia-smi: not available"
     local cc_path
@@ -110,7 +110,11 @@ run_step() {
             eval "extra=(${VARIANTS_ARGS:-})"
             step "GPU variants" 180 "$PY" benchmarks/gpu_variants.py --repeat 5 "${extra[@]}" ;;
         # flex tile configurations for DPB and ALiBi (kernel_options), a worker process per failure
-        tiles) step "flex tiles" 300 "$PY" benchmarks/flex_tiles.py --repeat 3 ;;
+        # TILES_ARGS: more options, shell-quoted, e.g. '--schemes alibi'
+        tiles)
+            local extra=()
+            eval "extra=(${TILES_ARGS:-})"
+            step "flex tiles" 300 "$PY" benchmarks/flex_tiles.py --repeat 3 "${extra[@]}" ;;
         # the side-by-side table at L=8192; its kernels are in Inductor's cache by now
         table) step "bench table" 80 "$PY" -m flexpos.bench --device cuda --dtype bfloat16 --mode fwdbwd \
             --batch 4 --heads 16 --head-dim 64 --schemes alibi dpb --lengths 8192 \

@@ -14,10 +14,11 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
                           apart, so one float32 table per side is read
   ALiBi, hi + lo parts    the same score_mod reading both parts per side, as for float positions,
                           wider spans and inside a caller's torch.compile
-  ALiBi, rate * |distance|
-                          the shipped score_mod as score - rate_h * |p_q - p_k| (one fused
-                          multiply-add with an absolute-value operand) instead of
-                          score - |rate_h * (p_q - p_k)|: the same numbers for rates >= 0
+  ALiBi, |rate * distance|
+                          the score_mod as shipped until 2026-11-30: score - |rate_h * (p_q - p_k)|
+                          (a multiply, then a subtraction) where ALiBi now forms
+                          score - |rate_h| * |p_q - p_k| (one fused multiply-add with
+                          absolute-value operands): the same numbers
   ALiBi, default positions
                           no positions given: distances from token indices, no tables
   ALiBi, learned divisor  flexpos.ALiBi(learned_div=True), shipped: flex's backward adds each
@@ -37,6 +38,13 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
                           numbers: timing only)
   DPB frozen, grid chosen on the device
                           as inside a caller's torch.compile: a value and a slope per score
+  DPB frozen, float positions
+                          shipped, on the positions times 1.1 (no exact grid: a value and a slope
+                          per score), its check of the grid's interpolation error run every call
+                          (it stops after its first warning): the check reads its estimate back
+                          to the host
+  DPB frozen, float positions, no grid check
+                          the same without that check: what the check and its read cost
   DPB affine frozen       bio-attention's default DPB (depth 1), shipped without parameter
                           gradients: a rate and a shift per head, no table
   DPB affine trained      the same with gradients into its MLP, shipped: its table, whose cells
@@ -65,6 +73,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 from unittest import mock
@@ -110,17 +119,17 @@ def on_device_only(module: flexpos.Positional, pos: Tensor, length: int) -> Call
         return module.score_mod(positions)
 
 
-def rate_times_abs(alibi: flexpos.ALiBi, pos: Tensor, length: int) -> Callable[..., Tensor]:
-    """Symmetric ALiBi's score_mod (no CLS tokens) as ``score - rate_h * |distance|``."""
+def abs_of_product(alibi: flexpos.ALiBi, pos: Tensor, length: int) -> Callable[..., Tensor]:
+    """Symmetric ALiBi's score_mod (no CLS tokens) as ``score - |rate_h * distance|``."""
     with torch.no_grad():
         rel = self_attention(pos, length).relative()
         rates = alibi.rates()
 
-    def alibi_fma(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    def alibi_mul_sub(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         delta, _ = rel.distance(b, q_idx, kv_idx)
-        return score - rates[h] * delta.abs()
+        return score - (rates[h] * delta).abs().to(score.dtype)
 
-    return alibi_fma
+    return alibi_mul_sub
 
 
 def spread_rates(alibi: flexpos.ALiBi, pos: Tensor, length: int, copies: int = 128) -> Callable[[], Callable[..., Tensor]]:
@@ -191,12 +200,25 @@ def with_bf16_tables(dpb: flexpos.DPB, fn: ScoreFn) -> Tensor:
         return fn()
 
 
+def grid_check(dpb: flexpos.DPB, run: bool, fn: ScoreFn) -> Tensor:
+    """``fn()`` with ``dpb``'s check of its grid's interpolation error run (as if it had never
+    warned; a warning is ignored) or skipped."""
+    if not run:
+        with mock.patch.object(dpb, "_warn_if_coarse", lambda *args: None):
+            return fn()
+    dpb._warned_coarse = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn()
+
+
 def score_rows(s: Setup, repeat: int, chosen: Sequence[str] = ()) -> None:
     """The score_mod rows (all, or the first and those whose names start with one of ``chosen``)."""
     device = torch.device(s.device)
     case = build_case(s)
     q, k, v = case.leaves
     pos, length = case.pos, s.length
+    fpos = pos.double() * 1.1
     runner = Runner(device, s.backward, case.leaves)
     mask = flexpos.full_mask(length, length, device)
     alibi = case.modules["flexpos"]
@@ -220,7 +242,7 @@ def score_rows(s: Setup, repeat: int, chosen: Sequence[str] = ()) -> None:
         ("per-head constant", direct(per_head_constant(alibi), None)),
         ("ALiBi", case.flexpos),
         ("ALiBi, hi + lo parts", direct(on_device_only(alibi, pos, length), None)),
-        ("ALiBi, rate * |distance|", direct(rate_times_abs(alibi, pos, length), None)),
+        ("ALiBi, |rate * distance|", direct(abs_of_product(alibi, pos, length), None)),
         ("ALiBi, default positions", lambda: flexpos.attention(q, k, v, alibi)),
         ("ALiBi, learned divisor", lambda: flexpos.attention(q, k, v, learned, pos=pos)),
         ("ALiBi, learned divisor, rates spread",
@@ -229,6 +251,9 @@ def score_rows(s: Setup, repeat: int, chosen: Sequence[str] = ()) -> None:
         ("DPB frozen, int32 index", direct(int32_index(dpb, pos, length), tiles)),
         ("DPB frozen, bfloat16 table", lambda: with_bf16_tables(dpb, lambda: flexpos.attention(q, k, v, dpb, pos=pos))),
         ("DPB frozen, grid chosen on the device", direct(on_device_only(dpb, pos, length), tiles)),
+        ("DPB frozen, float positions", lambda: grid_check(dpb, True, lambda: flexpos.attention(q, k, v, dpb, pos=fpos))),
+        ("DPB frozen, float positions, no grid check",
+         lambda: grid_check(dpb, False, lambda: flexpos.attention(q, k, v, dpb, pos=fpos))),
         ("DPB affine frozen", lambda: flexpos.attention(q, k, v, frozen_affine, pos=pos)),
         ("DPB affine trained", lambda: flexpos.attention(q, k, v, affine, pos=pos)),
         ("DPB affine trained, rate and shift",
@@ -262,10 +287,10 @@ def time_rows(rows: Sequence[tuple[str, ScoreFn]], runner: Runner, repeat: int) 
             fns[name] = lambda fn=fn: runner.call(fn)
     times = interleaved(fns, runner.sync, repeat)
     ref = times.get(rows[0][0])
-    say(f"\n  {'row':38s} {'time':>24s}  ratio to {rows[0][0]}")
+    say(f"\n  {'row':44s} {'time':>24s}  ratio to {rows[0][0]}")
     for name, t in times.items():
         ratio = f"{statistics.median(ref) / statistics.median(t):.2f}x" if ref else "-"
-        say(f"  {name:38s} {fmt(t):>24s}  {ratio}")
+        say(f"  {name:44s} {fmt(t):>24s}  {ratio}")
     say()
 
 
