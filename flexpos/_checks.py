@@ -12,6 +12,8 @@ import numbers
 import os
 import sys
 import warnings
+import weakref
+from collections import OrderedDict
 from types import FrameType
 from typing import Optional, Sequence
 
@@ -205,29 +207,56 @@ for integer positions, exact; floats otherwise)."""
 def read_positions(name: str, pos: Tensor) -> Optional[Extents]:
     """Check the values of positions ``pos`` (*, L'), reading them back once: floats must be
     finite, uint64 values must fit int64. Returns their :data:`Extents`, or None where nothing
-    is read (:func:`host_reads` says no, or the meta device)."""
+    is read (:func:`host_reads` says no, or the meta device).
+
+    What was read is kept for the last :data:`READS_KEPT` tensors: a later call with the same
+    tensor, unchanged since (its version counter), reads nothing, so the layers of a model that
+    share one positions tensor wait for the GPU once, not once per layer. Not kept: inference
+    tensors (which have no version counter) and inside torch.func transforms.
+    """
     if pos.shape[-1] == 0:
         return [], []
     if pos.is_meta or not host_reads():
         return None
-    functional = functorch_active()
-    plain = without_grad_wrappers(pos) if functional else pos
-    return on_host(functional, _read_rows, name, plain.detach().reshape(-1, pos.shape[-1]))
+    if functorch_active():
+        plain = without_grad_wrappers(pos)
+        return on_host(True, _read_rows, name, plain.detach().reshape(-1, pos.shape[-1]))
+    if pos.is_inference():
+        return _read_rows(name, pos.detach().reshape(-1, pos.shape[-1]))
+    key, version = id(pos), pos._version
+    kept = _reads_kept.get(key)
+    if kept is not None and kept[0]() is pos and kept[1] == version:
+        _reads_kept.move_to_end(key)
+        return kept[2]
+    extents = _read_rows(name, pos.detach().reshape(-1, pos.shape[-1]))
+    _reads_kept[key] = (weakref.ref(pos), version, extents)
+    _reads_kept.move_to_end(key)
+    while len(_reads_kept) > READS_KEPT:
+        _reads_kept.popitem(last=False)
+    return extents
+
+
+READS_KEPT = 8
+"""Positions tensors whose reads :func:`read_positions` keeps (a few numbers per sequence each)."""
+
+_reads_kept: OrderedDict[int, tuple[weakref.ref[Tensor], int, Extents]] = OrderedDict()
+"""By ``id`` of the tensor: a weak reference to it (an ``id`` can be reused after it is freed),
+its version counter when read, and what was read."""
 
 
 def _read_rows(name: str, rows: Tensor) -> Extents:
     """:func:`read_positions` on (rows, L') positions."""
     if rows.is_floating_point():
         wide = rows.double()
-        ok = torch.isfinite(wide).all(-1)
+        ok: Optional[Tensor] = torch.isfinite(wide).all(-1)
     elif rows.dtype == torch.uint64:
         wide = rows.view(torch.int64)  # values from 2**63 on turn negative
         ok = (wide >= 0).all(-1)
     else:
-        wide = rows.long()  # amin/amax have no kernels for every int dtype
-        ok = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
-    fine, lows, highs = torch.stack((ok.to(wide.dtype), wide.amin(-1), wide.amax(-1))).tolist()  # one read
-    if not all(fine):
+        wide, ok = rows.long(), None  # amin/amax have no kernels for every int dtype
+    read = (wide.amin(-1), wide.amax(-1)) if ok is None else (ok.to(wide.dtype), wide.amin(-1), wide.amax(-1))
+    *fine, lows, highs = torch.stack(read).tolist()  # one read
+    if fine and not all(fine[0]):
         if rows.is_floating_point():
             raise ValueError(f"{name} must be finite, found NaN or inf")
         raise ValueError(f"{name} (uint64) must hold values below 2**63 (int64's range), got larger ones")

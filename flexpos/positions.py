@@ -72,14 +72,13 @@ class Relative:
     ``dtype``; q_lo, k_lo: what rounding to ``dtype`` left, or None where it is known to be 0
     (integer positions within 2**24 of each other; always in float64). All four are None for the
     default positions ``0 .. L-1`` on both sides, whose distance is ``q_idx - kv_idx``.
-    off_q, off_k: 0-d int64 tensors, the number of leading tokens without a position;
-    ``complete`` when both are zero.
+    off_q, off_k: 0-d int64 tensors, the number of leading tokens without a position, or None
+    where both are zero.
     """
 
     dtype: torch.dtype
-    off_q: Tensor
-    off_k: Tensor
-    complete: bool = False
+    off_q: Optional[Tensor]
+    off_k: Optional[Tensor]
     q_hi: Optional[Tensor] = None
     k_hi: Optional[Tensor] = None
     q_lo: Optional[Tensor] = None
@@ -98,7 +97,7 @@ class Relative:
             delta = self.q_hi[b, q_idx] - self.k_hi[b, kv_idx]
             if self.q_lo is not None and self.k_lo is not None:
                 delta = delta + (self.q_lo[b, q_idx] - self.k_lo[b, kv_idx])
-        if self.complete:  # a constant, which the compiled kernel folds away
+        if self.off_q is None or self.off_k is None:  # a constant, which the kernel folds away
             return delta, torch.ones((), dtype=torch.bool, device=delta.device)
         return delta, (q_idx >= self.off_q) & (kv_idx >= self.off_k)
 
@@ -198,6 +197,11 @@ class Positions:
         return not (self.q.is_floating_point() or self.k.is_floating_point())
 
     @property
+    def shared(self) -> bool:
+        """Self-attention with one tensor of positions for queries and keys."""
+        return self.k is self.q and self.len_q == self.len_k
+
+    @property
     def indices(self) -> bool:
         """Both sides hold the default positions ``0 .. L-1``."""
         return self._given[0] is None and self._given[1] is None
@@ -268,6 +272,8 @@ class Positions:
     def _smallest(self) -> Tensor:
         # "> 0", not truthiness: torch 2.6 pins a symbolic length to its value on bool().
         lo_q = self.q.amin(-1, keepdim=True) if self.q.shape[-1] > 0 else None
+        if self.shared:
+            return torch.zeros(self.batch, 1, dtype=self.q.dtype, device=self.q.device) if lo_q is None else lo_q
         lo_k = self.k.amin(-1, keepdim=True) if self.k.shape[-1] > 0 else None
         if lo_q is None or lo_k is None:
             ref = lo_q if lo_k is None else lo_k
@@ -299,20 +305,20 @@ class Positions:
         device = self.q.device
         # Filled on the device: torch.tensor would copy from host memory, which blocks on
         # accelerators and which a CUDA graph capture refuses.
-        off_q = torch.full((), self.off_q, dtype=torch.int64, device=device)
-        off_k = torch.full((), self.off_k, dtype=torch.int64, device=device)
-        complete = self.off_q == 0 and self.off_k == 0
+        off_q, off_k = (None, None) if self.off_q == self.off_k == 0 else (
+            torch.full((), off, dtype=torch.int64, device=device) for off in (self.off_q, self.off_k)
+        )
         exact = EXACT_INTEGERS[dtype]
         fewer = fewer_tables(device)
         if fewer and self.indices and max(self.len_q, self.len_k) <= exact:
-            return Relative(dtype, off_q, off_k, complete)
+            return Relative(dtype, off_q, off_k)
         ref = self.offset()
         remainder = not (fewer and self._no_remainder(dtype))
         q_hi, q_lo = _split(self.q, ref, self.len_q, dtype, remainder)
         k_hi, k_lo = _split(self.k, ref, self.len_k, dtype, remainder)
         tables: tuple[Optional[Tensor], ...] = (q_hi, k_hi, q_lo, k_lo)
         tables = tuple(None if t is None else two_rows(t) for t in tables)
-        return Relative(dtype, off_q, off_k, complete, *tables)
+        return Relative(dtype, off_q, off_k, *tables)
 
     def _no_remainder(self, dtype: torch.dtype) -> bool:
         """Whether the ``lo`` parts are known to be 0: in float64 (``hi`` is the float64
@@ -357,8 +363,11 @@ def _split(
 ) -> tuple[Tensor, Optional[Tensor]]:
     """(B, L') positions -> hi/lo parts of ``p - ref`` in ``dtype``, padded to (B, pad(L));
     lo is None without ``remainder`` (known to be 0)."""
+    pad = (length - p.shape[-1], table_len(length) - length)
+    if not remainder and not p.is_floating_point():
+        # integers p - ref below 2**24 (no remainder): exact in float32 straight from int64
+        return F.pad((p - ref).to(dtype), pad), None
     rel = _minus(p, ref)
     hi = rel.to(dtype)
-    pad = (length - p.shape[-1], table_len(length) - length)
     lo = F.pad((rel - hi.double()).to(dtype), pad) if remainder else None
     return F.pad(hi, pad), lo

@@ -218,3 +218,66 @@ def test_integer_positions_off_cpu_are_read_only_when_needed(monkeypatch):
     assert calls == ["pos"]
     Positions.resolve((1,), 3, 4, meta, pos_q=torch.zeros(1, 3, device="meta"), pos_k=torch.zeros(1, 4, device="meta"))
     assert calls == ["pos", "pos_q", "pos_k"]
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """A list that gets the positions of each read back (:func:`flexpos._checks._read_rows`)."""
+    rows = []
+    read = flexpos._checks._read_rows
+    monkeypatch.setattr(flexpos._checks, "_read_rows", lambda name, p: rows.append(p) or read(name, p))
+    return rows
+
+
+def test_a_positions_tensor_is_read_again_only_once_changed(reads):
+    """Calls with one positions tensor (a model's layers) read it back once; an in-place change
+    (its version counter) or another tensor with the same values is read afresh."""
+    pos = torch.tensor([[3, 9, 20]])
+    for _ in range(3):
+        assert Positions.resolve((1,), 3, 3, "cpu", pos=pos).integer_span() == 17
+    assert len(reads) == 1
+    pos[0, 0] = -30
+    assert Positions.resolve((1,), 3, 3, "cpu", pos=pos).integer_span() == 50
+    assert Positions.resolve((1,), 3, 3, "cpu", pos=pos.clone()).integer_span() == 50
+    assert len(reads) == 3
+    floats = torch.tensor([[0.5, 1.5]])
+    Positions.resolve((1,), 2, 2, "cpu", pos=floats)
+    floats[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="pos must be finite"):
+        Positions.resolve((1,), 2, 2, "cpu", pos=floats)
+
+
+def test_inference_tensors_are_read_every_call(reads):
+    """Inference tensors have no version counter: nothing is kept for them."""
+    with torch.inference_mode():
+        pos = torch.tensor([[1, 4]])
+        for _ in range(2):
+            assert Positions.resolve((1,), 2, 2, "cpu", pos=pos).integer_span() == 3
+    assert len(reads) == 2
+
+
+def test_reads_are_kept_for_a_few_tensors(reads):
+    tensors = [torch.tensor([[0, i]]) for i in range(flexpos._checks.READS_KEPT + 3)]
+    for pos in tensors:
+        Positions.resolve((1,), 2, 2, "cpu", pos=pos)
+    assert len(flexpos._checks._reads_kept) <= flexpos._checks.READS_KEPT
+    Positions.resolve((1,), 2, 2, "cpu", pos=tensors[-1])  # kept
+    Positions.resolve((1,), 2, 2, "cpu", pos=tensors[0])  # dropped: read again
+    assert len(reads) == len(tensors) + 1
+
+
+def test_dpb_after_an_in_place_change_of_positions():
+    """DPB's exact grid is sized from the extents read: widening the positions in place must
+    not reuse the narrower span (its table would end before the new distances)."""
+    import reference as R
+    from support import TOLERANCE
+
+    dpb = flexpos.DPB(8, 2, depth=2).double()
+    q, k, v = (torch.randn(1, 2, 4, 8, dtype=torch.float64) for _ in range(3))
+    pos = torch.tensor([[0, 1, 2, 3]])
+    flexpos.attention(q, k, v, dpb, pos=pos)
+    pos[0, 3] = 500
+    out = flexpos.attention(q, k, v, dpb, pos=pos)
+    p, has = R.padded_positions(pos, 1, 4)
+    ref = R.attend(q, k, v, R.dpb_bias(dpb, p, p, has, has, 1.0))
+    assert (out - ref).abs().max() <= TOLERANCE[torch.float64]
