@@ -7,7 +7,8 @@
 #
 # STEPs (default: tests targets table): tests, targets, targets-8k (the targets without
 # L=32768), variants (benchmarks/gpu_variants.py: where the score_mods' and Rotary's time goes,
-# about 3 minutes; fewer rows with VARIANTS_ARGS), tiles (benchmarks/flex_tiles.py: ALiBi and DPB under
+# over 3 minutes for every row (2026-11-30: compiling fifteen score_mod rows took 2); fewer rows with
+# VARIANTS_ARGS), tiles (benchmarks/flex_tiles.py: ALiBi and DPB under
 # other flex tiles, about 3-4 minutes estimated; fewer with TILES_ARGS), table.
 #
 # Needs torch with CUDA (+ triton), einops, pytest; bio-attention is not needed (the dense
@@ -108,7 +109,7 @@ run_step() {
         variants)
             local extra=()
             eval "extra=(${VARIANTS_ARGS:-})"
-            step "GPU variants" 180 "$PY" benchmarks/gpu_variants.py --repeat 5 "${extra[@]}" ;;
+            step "GPU variants" 300 "$PY" benchmarks/gpu_variants.py --repeat 5 "${extra[@]}" ;;
         # flex tile configurations for DPB and ALiBi (kernel_options), a worker process per failure
         # TILES_ARGS: more options, shell-quoted, e.g. '--schemes alibi'
         tiles)

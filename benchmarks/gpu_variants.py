@@ -278,16 +278,31 @@ def divisor_grads(alibi: flexpos.ALiBi, rows: Sequence[tuple[str, ScoreFn]], run
 
 
 def time_rows(rows: Sequence[tuple[str, ScoreFn]], runner: Runner, repeat: int) -> None:
-    """First calls, then interleaved timed runs; the ratio is to the first row."""
+    """First calls, then interleaved timed rounds; the ratio is to the first row. Interrupted
+    (a step's time limit) after a round, it prints the rounds done, then stops."""
     fns: dict[str, ScoreFn] = {}
     for name, fn in rows:
         seconds = targets.first_call(name, runner, fn)
         if seconds is not None:
             say(f"  {name}: first call (compile + run) {seconds:.1f} s")
             fns[name] = lambda fn=fn: runner.call(fn)
-    times = interleaved(fns, runner.sync, repeat)
-    ref = times.get(rows[0][0])
-    say(f"\n  {'row':44s} {'time':>24s}  ratio to {rows[0][0]}")
+    times: dict[str, list[float]] = {}
+    try:
+        for _ in range(repeat):
+            done = interleaved(fns, runner.sync, 1)
+            fns = {name: fn for name, fn in fns.items() if name in done}  # a row that failed is dropped
+            for name, t in done.items():
+                times.setdefault(name, []).extend(t)
+    except KeyboardInterrupt:
+        if times:
+            print_rows(times, rows[0][0])
+        raise
+    print_rows(times, rows[0][0])
+
+
+def print_rows(times: dict[str, list[float]], reference: str) -> None:
+    ref = times.get(reference)
+    say(f"\n  {'row':44s} {'time':>24s}  ratio to {reference}")
     for name, t in times.items():
         ratio = f"{statistics.median(ref) / statistics.median(t):.2f}x" if ref else "-"
         say(f"  {name:44s} {fmt(t):>24s}  {ratio}")
