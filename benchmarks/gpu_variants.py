@@ -1,6 +1,9 @@
 """Where the GPU targets' time goes: variants of flexpos' paths, timed side by side in one process.
 
     PYTHONPATH=. python benchmarks/gpu_variants.py            # bf16, B=4 H=16 D=64, L=8192, fwd+bwd
+    ... --skip-rotary --score-rows ALiBi --profile "ALiBi" "ALiBi, |rate * distance|"
+                                         # ALiBi's rows; then the shipped call and the kernel
+                                         # alone under torch.profiler: where a call's time goes
 
 Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in the targets):
   flex no score_mod       flexpos.attention(q, k, v): the reference (static sizes on CUDA)
@@ -212,8 +215,9 @@ def grid_check(dpb: flexpos.DPB, run: bool, fn: ScoreFn) -> Tensor:
         return fn()
 
 
-def score_rows(s: Setup, repeat: int, chosen: Sequence[str] = ()) -> None:
-    """The score_mod rows (all, or the first and those whose names start with one of ``chosen``)."""
+def score_rows(s: Setup, repeat: int, chosen: Sequence[str] = (), profiled: Sequence[str] = ()) -> None:
+    """The score_mod rows (all, or the first and those whose names start with one of ``chosen``);
+    then the rows named in ``profiled`` under torch.profiler (:func:`profile_row`)."""
     device = torch.device(s.device)
     case = build_case(s)
     q, k, v = case.leaves
@@ -262,6 +266,9 @@ def score_rows(s: Setup, repeat: int, chosen: Sequence[str] = ()) -> None:
     if chosen:
         rows = rows[:1] + [row for row in rows[1:] if row[0].startswith(tuple(chosen))]
     time_rows(rows, runner, repeat)
+    for name, fn in rows:
+        if name in profiled:
+            profile_row(name, fn, runner)
     if s.backward and any(name.startswith("ALiBi, learned divisor") for name, _ in rows):
         say(f"  learned divisor's gradient, shipped and spread: {divisor_grads(learned, rows, runner)}")
 
@@ -298,6 +305,21 @@ def time_rows(rows: Sequence[tuple[str, ScoreFn]], runner: Runner, repeat: int) 
             print_rows(times, rows[0][0])
         raise
     print_rows(times, rows[0][0])
+
+
+def profile_row(name: str, fn: ScoreFn, runner: Runner, calls: int = 3) -> None:
+    """``calls`` calls of a row under torch.profiler, each from a synced device as timed: the ops
+    by host time spent in them (launches, reads back, syncs), and the host time per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            runner.sync()
+            runner.call(fn)
+            runner.sync()
+    say(f"\n  [profile] {name}: {calls} calls")
+    say(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
 def print_rows(times: dict[str, list[float]], reference: str) -> None:
@@ -392,6 +414,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--score-rows", nargs="*", default=(), metavar="PREFIX",
                    help="time only the score_mod rows whose names start with one of these (and the first)")
     p.add_argument("--skip-rotary", action="store_true")
+    p.add_argument("--profile", nargs="*", default=(), metavar="ROW",
+                   help="after timing, run these score_mod rows (full names) under torch.profiler")
     args = p.parse_args(argv)
     s = Setup("alibi", args.length, batch=args.batch, heads=args.heads, head_dim=64, dtype=args.dtype,
               device=args.device, backward=not args.forward_only, dense="formula")
@@ -403,7 +427,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         targets.guarded("rotary variants", rotary_rows, s, args.rotary_length, args.repeat)
         release()
     say(f"\n[score_mods] L={args.length}, {'forward' if args.forward_only else 'forward+backward'}")
-    targets.guarded("score_mod variants", score_rows, s, args.repeat, args.score_rows)
+    targets.guarded("score_mod variants", score_rows, s, args.repeat, args.score_rows, args.profile)
     for name, measured, mark in targets.RESULTS:
         say(f"  {mark:6s}  {name}: {measured}")
     return 0
