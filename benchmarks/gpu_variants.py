@@ -20,8 +20,9 @@ Score_mod rows (ratio = time of flex with no score_mod / time of the row, as in 
   ALiBi, |rate * distance|
                           the score_mod as shipped until 2026-11-30: score - |rate_h * (p_q - p_k)|
                           (a multiply, then a subtraction) where ALiBi now forms
-                          score - |rate_h| * |p_q - p_k| (one fused multiply-add with
-                          absolute-value operands): the same numbers
+                          score - rate_h * |p_q - p_k| (one fused multiply-add with an
+                          absolute-value operand): equal for rates >= 0, up to the rounding
+                          that the fused form leaves out
   ALiBi, default positions
                           no positions given: distances from token indices, no tables
   ALiBi, learned divisor  flexpos.ALiBi(learned_div=True), shipped: flex's backward adds each

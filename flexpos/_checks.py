@@ -12,8 +12,6 @@ import numbers
 import os
 import sys
 import warnings
-import weakref
-from collections import OrderedDict
 from types import FrameType
 from typing import Optional, Sequence
 
@@ -209,39 +207,18 @@ def read_positions(name: str, pos: Tensor) -> Optional[Extents]:
     finite, uint64 values must fit int64. Returns their :data:`Extents`, or None where nothing
     is read (:func:`host_reads` says no, or the meta device).
 
-    What was read is kept for the last :data:`READS_KEPT` tensors: a later call with the same
-    tensor, unchanged since (its version counter), reads nothing, so the layers of a model that
-    share one positions tensor wait for the GPU once, not once per layer. Not kept: inference
-    tensors (which have no version counter) and inside torch.func transforms.
+    Read afresh in every call: a positions tensor can change without a trace that could be
+    checked without reading it (a ``torch.distributed`` broadcast into it, writes through
+    ``.data`` or a NumPy view leave its version counter as it was), and extents read earlier
+    would size DPB's grid or drop ALiBi's ``lo`` tables wrongly.
     """
     if pos.shape[-1] == 0:
         return [], []
     if pos.is_meta or not host_reads():
         return None
-    if functorch_active():
-        plain = without_grad_wrappers(pos)
-        return on_host(True, _read_rows, name, plain.detach().reshape(-1, pos.shape[-1]))
-    if pos.is_inference():
-        return _read_rows(name, pos.detach().reshape(-1, pos.shape[-1]))
-    key, version = id(pos), pos._version
-    kept = _reads_kept.get(key)
-    if kept is not None and kept[0]() is pos and kept[1] == version:
-        _reads_kept.move_to_end(key)
-        return kept[2]
-    extents = _read_rows(name, pos.detach().reshape(-1, pos.shape[-1]))
-    _reads_kept[key] = (weakref.ref(pos), version, extents)
-    _reads_kept.move_to_end(key)
-    while len(_reads_kept) > READS_KEPT:
-        _reads_kept.popitem(last=False)
-    return extents
-
-
-READS_KEPT = 8
-"""Positions tensors whose reads :func:`read_positions` keeps (a few numbers per sequence each)."""
-
-_reads_kept: OrderedDict[int, tuple[weakref.ref[Tensor], int, Extents]] = OrderedDict()
-"""By ``id`` of the tensor: a weak reference to it (an ``id`` can be reused after it is freed),
-its version counter when read, and what was read."""
+    functional = functorch_active()
+    plain = without_grad_wrappers(pos) if functional else pos
+    return on_host(functional, _read_rows, name, plain.detach().reshape(-1, pos.shape[-1]))
 
 
 def _read_rows(name: str, rows: Tensor) -> Extents:

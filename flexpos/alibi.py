@@ -104,8 +104,8 @@ class ALiBi(Positional):
         def alibi(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             delta, valid = rel.distance(b, q_idx, kv_idx)
             rate = rates[h]  # read once: flex's GPU backward allows one read of a learned tensor
-            # rate * |distance|, not |rate * distance| (the same number): a GPU subtracts it in
-            # one fused multiply-add
+            # rate * |distance|, not |rate * distance| (equal for rates >= 0): a GPU subtracts it
+            # in one fused multiply-add (one rounding fewer)
             out = score - (rate * torch.where(valid, delta, 0.0).abs()).to(score.dtype)
             if asymmetric:
                 bias = rate * delta

@@ -198,8 +198,8 @@ class Positions:
 
     @property
     def shared(self) -> bool:
-        """Self-attention with one tensor of positions for queries and keys."""
-        return self.k is self.q and self.len_q == self.len_k
+        """Self-attention with one tensor of positions for queries and keys (see :meth:`resolve`)."""
+        return self.k is self.q
 
     @property
     def indices(self) -> bool:
