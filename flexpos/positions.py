@@ -315,7 +315,10 @@ class Positions:
         ref = self.offset()
         remainder = not (fewer and self._no_remainder(dtype))
         q_hi, q_lo = _split(self.q, ref, self.len_q, dtype, remainder)
-        k_hi, k_lo = _split(self.k, ref, self.len_k, dtype, remainder)
+        if self.shared:  # copies, not the same tensors: see fewer_tables
+            k_hi, k_lo = q_hi.clone(), None if q_lo is None else q_lo.clone()
+        else:
+            k_hi, k_lo = _split(self.k, ref, self.len_k, dtype, remainder)
         tables: tuple[Optional[Tensor], ...] = (q_hi, k_hi, q_lo, k_lo)
         tables = tuple(None if t is None else two_rows(t) for t in tables)
         return Relative(dtype, off_q, off_k, *tables)
@@ -339,7 +342,8 @@ def _flat_or_default(p: Optional[Tensor], flat: int, length: int, device: torch.
 def fewer_tables(device: torch.device) -> bool:
     """Whether score_mods on ``device`` skip the tables they need not read (see the module
     docstring). Not on CPU: Inductor's CPU flex kernel (torch 2.13) fails to build ALiBi and DPB
-    from one table per side or from none (C++ error: 'cur_kvSplitSize4' was not declared)."""
+    from one table per side or from none (C++ error: 'cur_kvSplitSize4' was not declared), and
+    from one tensor read as both sides' table, so self-attention's key tables are copies."""
     return device.type != "cpu"
 
 
