@@ -77,12 +77,21 @@ def _settings() -> Iterator[tuple[Any, str, Any]]:
     - guards on the hooks of modules passed in (an MLP, an embedding), which Dynamo skips by
       default: a hook registered after the first call, or on another instance, would not run.
     """
-    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    limit, duck, hooks = _SETTING_NAMES
     yield dynamo_config, limit, max(getattr(dynamo_config, limit), RECOMPILE_LIMIT)
-    if hasattr(fx_config, "use_duck_shape"):  # private, in every torch from 2.6 to 2.15
+    if duck:
         yield fx_config, "use_duck_shape", False
-    if hasattr(dynamo_config, "skip_nnmodule_hook_guards"):
+    if hooks:
         yield dynamo_config, "skip_nnmodule_hook_guards", False
+
+
+_SETTING_NAMES = (
+    "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit",
+    hasattr(fx_config, "use_duck_shape"),  # private, in every torch from 2.6 to 2.15
+    hasattr(dynamo_config, "skip_nnmodule_hook_guards"),
+)
+"""Which of :func:`_settings`' names this torch has, asked once: each ``hasattr`` on a config
+module costs microseconds, and settings are entered in every call."""
 
 
 @contextlib.contextmanager
