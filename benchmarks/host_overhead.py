@@ -12,12 +12,15 @@ microseconds and the extra over the row without a positional module; ``ops``: te
 call (each one a kernel launch, or a read back, on a GPU).
 
 Positions: sorted integers with gaps 1-3 from 10**6 (or half of them, as float64), one tensor
-for every call (read back in every call all the same: :func:`flexpos._checks.read_positions`).
+for every call: read back in every call all the same (:func:`flexpos._checks.read_positions`),
+except in the row "in reuse_position_reads", whose calls run inside one
+:func:`flexpos.reuse_position_reads` block, as the later layers of a model do there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import statistics
 import time
 from typing import Callable
@@ -69,9 +72,23 @@ def rows(length: int) -> dict[str, Callable[[], object]]:
         "no positional module": lambda: flexpos.attention(q, k, v, backend="flex"),
         "ALiBi, default positions": lambda: flexpos.attention(q, k, v, alibi, backend="flex"),
         "ALiBi, int positions": lambda: flexpos.attention(q, k, v, alibi, pos=pos, backend="flex"),
+        "ALiBi, int positions, in reuse_position_reads":
+            in_one_block(lambda: flexpos.attention(q, k, v, alibi, pos=pos, backend="flex")),
         "ALiBi, float positions": lambda: flexpos.attention(q, k, v, alibi, pos=floats, backend="flex"),
         "DPB frozen, int positions": lambda: flexpos.attention(q, k, v, dpb, pos=pos, backend="flex"),
     }
+
+
+_open_blocks: list[Callable[[], object]] = []  # closers, for the end of main
+
+
+def in_one_block(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run in a context where one :func:`flexpos.reuse_position_reads` block stays open
+    across calls (the other rows run outside it)."""
+    context, block = contextvars.copy_context(), flexpos.reuse_position_reads()
+    context.run(block.__enter__)
+    _open_blocks.append(lambda: context.run(block.__exit__, None, None, None))
+    return lambda: context.run(fn)
 
 
 def main() -> None:
@@ -98,10 +115,12 @@ def main() -> None:
     print(f"flexpos {flexpos.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"host work per call, flex kernel stubbed; B=4 H=16 L={args.length} D=64")
     base = statistics.median(times["no positional module"])
-    print(f"{'row':40s} {'us':>6s} {'extra us':>9s} {'ops':>4s}")
+    print(f"{'row':46s} {'us':>6s} {'extra us':>9s} {'ops':>4s}")
     for name, t in times.items():
         median = statistics.median(t)
-        print(f"{name:40s} {1e6 * median:6.0f} {1e6 * (median - base):9.0f} {ops[name]:4d}")
+        print(f"{name:46s} {1e6 * median:6.0f} {1e6 * (median - base):9.0f} {ops[name]:4d}")
+    for close in _open_blocks:
+        close()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from :mod:`flexpos.masks`.
 __version__ = "0.1.0"
 
 from ._compile import set_compile
-from ._host import no_host_reads
+from ._host import no_host_reads, reuse_position_reads
 from .alibi import ALiBi
 from .attention import attention
 from .base import Positional
@@ -50,6 +50,7 @@ __all__ = [
     "full_mask",
     "no_host_reads",
     "padding_mask",
+    "reuse_position_reads",
     "segment_mask",
     "set_compile",
     "sliding_window_mask",

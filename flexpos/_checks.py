@@ -12,13 +12,14 @@ import numbers
 import os
 import sys
 import warnings
+import weakref
 from types import FrameType
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ._host import functorch_active, host_reads, on_host, without_grad_wrappers
+from ._host import functorch_active, host_reads, kept_reads, on_host, without_grad_wrappers
 
 # Largest distance between two positions of one sequence: int64 holds every difference of
 # integers below it; float32 (the distance tables' dtype) holds float differences below it.
@@ -210,7 +211,8 @@ def read_positions(name: str, pos: Tensor) -> Optional[Extents]:
     Read afresh in every call: a positions tensor can change without a trace that could be
     checked without reading it (a ``torch.distributed`` broadcast into it, writes through
     ``.data`` or a NumPy view leave its version counter as it was), and extents read earlier
-    would size DPB's grid or drop ALiBi's ``lo`` tables wrongly.
+    would size DPB's grid or drop ALiBi's ``lo`` tables wrongly. Except inside
+    :func:`flexpos.reuse_position_reads`, where the caller promises they do not change.
     """
     if pos.shape[-1] == 0:
         return [], []
@@ -218,7 +220,16 @@ def read_positions(name: str, pos: Tensor) -> Optional[Extents]:
         return None
     functional = functorch_active()
     plain = without_grad_wrappers(pos) if functional else pos
-    return on_host(functional, _read_rows, name, plain.detach().reshape(-1, pos.shape[-1]))
+    kept = None if functional else kept_reads()
+    if kept is None:
+        return on_host(functional, _read_rows, name, plain.detach().reshape(-1, pos.shape[-1]))
+    version = None if pos.is_inference() else pos._version  # inference tensors have no counter
+    entry = kept.get(id(pos))
+    if entry is not None and entry[0]() is pos and entry[1] == version:
+        return entry[2]
+    extents = _read_rows(name, pos.detach().reshape(-1, pos.shape[-1]))
+    kept[id(pos)] = (weakref.ref(pos), version, extents)
+    return extents
 
 
 def _read_rows(name: str, rows: Tensor) -> Extents:

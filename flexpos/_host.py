@@ -2,8 +2,9 @@
 the extents of integer positions (which pick cheaper score_mods and DPB's exact grid) and the
 chunked backend's plan of which keys each query chunk needs.
 
-In eager calls it does; inside a caller's torch.compile it does not (each read would be a graph
-break); in :func:`no_host_reads` and while a CUDA graph is captured it reads nothing at all.
+In eager calls it does, once per call, or once per positions tensor inside
+:func:`reuse_position_reads`; inside a caller's torch.compile it does not (each read would be a
+graph break); in :func:`no_host_reads` and while a CUDA graph is captured it reads nothing at all.
 Also here: which tracer or transform runs flexpos' code (a caller's torch.compile, torch.func,
 forward-mode AD), which these decisions and the backend choice depend on.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -44,6 +45,45 @@ def no_host_reads() -> Iterator[None]:
         yield
     finally:
         _reads_allowed.reset(token)
+
+
+_kept_reads: contextvars.ContextVar[Optional[dict[int, tuple[Any, Any, Any]]]] = contextvars.ContextVar(
+    "flexpos_kept_reads", default=None
+)
+
+
+@contextlib.contextmanager
+def reuse_position_reads() -> Iterator[None]:
+    """Within this block each positions tensor is read back to the host once: later calls with
+    the same tensor reuse what was read (each sequence's extremes). On GPUs every read waits for
+    the work queued before it, so a model whose layers share one ``pos`` waits once per forward
+    instead of once per layer.
+
+    The promise is yours: positions passed in the block do not change in it. An in-place change
+    that bumps the tensor's version counter is read again; one that does not (a
+    ``torch.distributed`` broadcast into it, writes through ``.data`` or a NumPy view) would go
+    unseen, and extents read before it would size DPB's grid, or drop ALiBi's ``lo`` tables,
+    wrongly. What was read is dropped when the block ends; nested blocks share the outer one's.
+
+    Example::
+
+        with flexpos.reuse_position_reads():
+            out = model(x, pos=pos)  # every layer's attention reads pos once in all
+    """
+    if _kept_reads.get() is not None:
+        yield
+        return
+    token = _kept_reads.set({})
+    try:
+        yield
+    finally:
+        _kept_reads.reset(token)
+
+
+def kept_reads() -> Optional[dict[int, tuple[Any, Any, Any]]]:
+    """The reads kept by :func:`reuse_position_reads` (by ``id`` of the tensor: a weak reference
+    to it, its version counter, what was read), or None outside such a block."""
+    return _kept_reads.get()
 
 
 _is_exporting: Callable[[], bool] = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.7

@@ -250,3 +250,58 @@ def test_dpb_after_an_in_place_change_of_positions():
     p, has = R.padded_positions(pos, 1, 4)
     ref = R.attend(q, k, v, R.dpb_bias(dpb, p, p, has, has, 1.0))
     assert (out - ref).abs().max() <= TOLERANCE[torch.float64]
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """A list that gets the positions of each read back (:func:`flexpos._checks._read_rows`)."""
+    rows = []
+    read = flexpos._checks._read_rows
+    monkeypatch.setattr(flexpos._checks, "_read_rows", lambda name, p: rows.append(p) or read(name, p))
+    return rows
+
+
+def test_reuse_position_reads_reads_each_tensor_once_in_the_block(reads):
+    pos = torch.tensor([[3, 9, 20]])
+    with flexpos.reuse_position_reads():
+        for _ in range(3):
+            assert Positions.resolve((1,), 3, 3, "cpu", pos=pos).integer_span() == 17
+        assert len(reads) == 1
+        pos[0, 0] = -30  # in place: the version counter changes, so it is read again
+        with flexpos.reuse_position_reads():  # nested: the outer block's reads
+            assert Positions.resolve((1,), 3, 3, "cpu", pos=pos).integer_span() == 50
+        assert Positions.resolve((1,), 3, 3, "cpu", pos=pos.clone()).integer_span() == 50
+        assert len(reads) == 3
+        with torch.inference_mode():  # no version counter: kept all the same
+            frozen = torch.tensor([[1, 4]])
+        for _ in range(2):
+            Positions.resolve((1,), 2, 2, "cpu", pos=frozen)
+        assert len(reads) == 4
+    assert flexpos._host.kept_reads() is None
+    Positions.resolve((1,), 3, 3, "cpu", pos=pos)
+    assert len(reads) == 5  # after the block: read again
+
+
+def test_layers_sharing_positions_read_them_once_in_the_block(reads):
+    """The same outputs, with one read for a stack of layers instead of one per layer."""
+    torch.manual_seed(0)
+    dim, heads = 16, 2
+    layers = torch.nn.ModuleList(
+        flexpos.AttentionLayer(dim, heads, positional=[flexpos.ALiBi(heads), flexpos.DPB(8, heads, depth=2)])
+        for _ in range(3)
+    ).double()
+    x, pos = torch.randn(2, 20, dim, dtype=torch.float64), torch.randint(0, 500, (2, 20)).sort(-1).values
+
+    def model():
+        h = x
+        for layer in layers:
+            h = h + layer(h, pos=pos)
+        return h
+
+    with torch.no_grad():
+        plain = model()
+        assert len(reads) == 3
+        with flexpos.reuse_position_reads():
+            reused = model()
+    assert len(reads) == 4
+    assert torch.equal(plain, reused)
