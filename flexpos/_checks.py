@@ -12,7 +12,6 @@ import numbers
 import os
 import sys
 import warnings
-import weakref
 from types import FrameType
 from typing import Optional, Sequence
 
@@ -220,16 +219,24 @@ def read_positions(name: str, pos: Tensor) -> Optional[Extents]:
         return None
     functional = functorch_active()
     plain = without_grad_wrappers(pos) if functional else pos
-    kept = None if functional else kept_reads()
+    kept = None if functional or pos.is_inference() else kept_reads()  # inference: no version counter
     if kept is None:
         return on_host(functional, _read_rows, name, plain.detach().reshape(-1, pos.shape[-1]))
-    version = None if pos.is_inference() else pos._version  # inference tensors have no counter
     entry = kept.get(id(pos))
-    if entry is not None and entry[0]() is pos and entry[1] == version:
+    if entry is not None and entry[0] is pos and entry[1] == pos._version:
+        kept.move_to_end(id(pos))
         return entry[2]
     extents = _read_rows(name, pos.detach().reshape(-1, pos.shape[-1]))
-    kept[id(pos)] = (weakref.ref(pos), version, extents)
+    # The tensor itself is held, so that its id is not reused while kept; the oldest go first.
+    kept[id(pos)] = (pos, pos._version, extents)
+    kept.move_to_end(id(pos))
+    while len(kept) > READS_KEPT:
+        kept.popitem(last=False)
     return extents
+
+
+READS_KEPT = 16
+"""Positions tensors whose reads a :func:`flexpos.reuse_position_reads` block keeps at a time."""
 
 
 def _read_rows(name: str, rows: Tensor) -> Extents:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections import OrderedDict
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
@@ -47,7 +48,7 @@ def no_host_reads() -> Iterator[None]:
         _reads_allowed.reset(token)
 
 
-_kept_reads: contextvars.ContextVar[Optional[dict[int, tuple[Any, Any, Any]]]] = contextvars.ContextVar(
+_kept_reads: contextvars.ContextVar[Optional[OrderedDict[int, tuple[Any, int, Any]]]] = contextvars.ContextVar(
     "flexpos_kept_reads", default=None
 )
 
@@ -55,9 +56,13 @@ _kept_reads: contextvars.ContextVar[Optional[dict[int, tuple[Any, Any, Any]]]] =
 @contextlib.contextmanager
 def reuse_position_reads() -> Iterator[None]:
     """Within this block each positions tensor is read back to the host once: later calls with
-    the same tensor reuse what was read (each sequence's extremes). On GPUs every read waits for
-    the work queued before it, so a model whose layers share one ``pos`` waits once per forward
-    instead of once per layer.
+    the same tensor object reuse what was read (each sequence's extremes; the last
+    :data:`flexpos._checks.READS_KEPT` tensors, held until the block ends or they are dropped).
+    On GPUs every read waits for the work queued before it, so the layers of a model that
+    share one ``pos`` wait for it once per forward instead of once per layer. Other reads
+    stay: DPB's check of an interpolated grid (until it warns), the chunked backend's plan,
+    LearnedVocab's range check; a new view or slice of ``pos`` is another tensor; inference
+    tensors (no version counter) are read in every call.
 
     The promise is yours: positions passed in the block do not change in it. An in-place change
     that bumps the tensor's version counter is read again; one that does not (a
@@ -73,16 +78,16 @@ def reuse_position_reads() -> Iterator[None]:
     if _kept_reads.get() is not None:
         yield
         return
-    token = _kept_reads.set({})
+    token = _kept_reads.set(OrderedDict())
     try:
         yield
     finally:
         _kept_reads.reset(token)
 
 
-def kept_reads() -> Optional[dict[int, tuple[Any, Any, Any]]]:
-    """The reads kept by :func:`reuse_position_reads` (by ``id`` of the tensor: a weak reference
-    to it, its version counter, what was read), or None outside such a block."""
+def kept_reads() -> Optional[OrderedDict[int, tuple[Any, int, Any]]]:
+    """The reads kept by :func:`reuse_position_reads` (by ``id`` of the tensor, oldest first:
+    the tensor, its version counter, what was read), or None outside such a block."""
     return _kept_reads.get()
 
 

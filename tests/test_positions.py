@@ -270,16 +270,38 @@ def test_reuse_position_reads_reads_each_tensor_once_in_the_block(reads):
         pos[0, 0] = -30  # in place: the version counter changes, so it is read again
         with flexpos.reuse_position_reads():  # nested: the outer block's reads
             assert Positions.resolve((1,), 3, 3, "cpu", pos=pos).integer_span() == 50
+            assert Positions.resolve((1,), 3, 3, "cpu", pos=pos).integer_span() == 50
+        assert Positions.resolve((1,), 3, 3, "cpu", pos=pos).integer_span() == 50
+        assert len(reads) == 2
         assert Positions.resolve((1,), 3, 3, "cpu", pos=pos.clone()).integer_span() == 50
         assert len(reads) == 3
-        with torch.inference_mode():  # no version counter: kept all the same
+        with torch.inference_mode():  # no version counter: read in every call
             frozen = torch.tensor([[1, 4]])
         for _ in range(2):
             Positions.resolve((1,), 2, 2, "cpu", pos=frozen)
-        assert len(reads) == 4
+        assert len(reads) == 5
     assert flexpos._host.kept_reads() is None
     Positions.resolve((1,), 3, 3, "cpu", pos=pos)
-    assert len(reads) == 5  # after the block: read again
+    assert len(reads) == 6  # after the block: read again
+
+
+def test_reuse_position_reads_tells_new_tensors_apart_and_keeps_a_few():
+    """Tensors freed in the block and new ones (whose ids may repeat) each get their own
+    extents; only the last READS_KEPT tensors are held."""
+    with flexpos.reuse_position_reads():
+        for i in range(3 * flexpos._checks.READS_KEPT):
+            pos = torch.tensor([[0, i + 1]])
+            assert Positions.resolve((1,), 2, 2, "cpu", pos=pos).integer_span() == i + 1
+            del pos
+        assert len(flexpos._host.kept_reads()) == flexpos._checks.READS_KEPT
+
+
+def test_reuse_position_reads_ends_with_an_error_in_the_block():
+    with pytest.raises(RuntimeError, match="inside"):
+        with flexpos.reuse_position_reads():
+            Positions.resolve((1,), 2, 2, "cpu", pos=torch.tensor([[0, 1]]))
+            raise RuntimeError("inside")
+    assert flexpos._host.kept_reads() is None
 
 
 def test_layers_sharing_positions_read_them_once_in_the_block(reads):
