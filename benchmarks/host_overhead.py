@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import contextvars
 import statistics
-import time
 from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import breakdown  # noqa: F401  (makes flexpos importable from a checkout)
+from targets import interleaved  # also makes flexpos importable from a checkout
+
 import flexpos
 from flexpos import flex, positions
 
@@ -99,7 +99,6 @@ def main() -> None:
     torch.manual_seed(0)
     stub_the_kernel()
     fns = rows(args.length)
-    times: dict[str, list[float]] = {name: [] for name in fns}
     ops = {}
     with torch.no_grad():
         for name, fn in fns.items():
@@ -107,11 +106,7 @@ def main() -> None:
             with CountOps() as counted:
                 fn()
             ops[name] = counted.count
-        for _ in range(args.repeat):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        times = interleaved(fns, lambda: None, args.repeat)  # nothing to sync on the CPU
     print(f"flexpos {flexpos.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"host work per call, flex kernel stubbed; B=4 H=16 L={args.length} D=64")
     base = statistics.median(times["no positional module"])
